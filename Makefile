@@ -1,0 +1,40 @@
+# Two set-up commands: `make run` and `make test`. Everything else builds on them.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA_DIR ?= ./filedock-data
+API_LISTEN ?= tcp:7480:interface=127.0.0.1
+DATA_LISTEN ?= tcp:7481:interface=127.0.0.1
+
+.PHONY: run test soak bench install clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+$(VENV)/.installed-bench: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[bench]'
+	touch $@
+
+install: $(VENV)/.installed
+
+run: $(VENV)/.installed
+	$(VENV)/bin/filedock serve --data-dir $(DATA_DIR) --api-listen '$(API_LISTEN)' --data-listen '$(DATA_LISTEN)' --issue-admin-token
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -q -m 'not soak'
+
+soak: $(VENV)/.installed-test
+	$(PY) -m pytest -q -m soak
+
+bench: $(VENV)/.installed-bench
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

@@ -1,0 +1,64 @@
+"""Stable error codes shared by the data port, the control API, the clients and the CLI.
+
+One concept, one name: the code a client sees on the wire (``ERR <code> <message>``),
+in a JSON error body (``{"error": {"code": ..., "message": ...}}``) and in the CLI's
+output is the same string.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorCode(str, enum.Enum):
+    """Every error a client can be told about. The values never change."""
+
+    MALFORMED_HEADER = "malformed-header"
+    HEADER_TOO_LONG = "header-too-long"
+    UNKNOWN_SESSION = "unknown-session"
+    SESSION_EXPIRED = "session-expired"
+    SESSION_CLOSED = "session-closed"
+    UNKNOWN_FILE = "unknown-file"
+    SIZE_MISMATCH = "size-mismatch"
+    EXCESS_DATA = "excess-data"
+    SHORT_UPLOAD = "short-upload"
+    ALREADY_COMPLETE = "already-complete"
+    NOT_COMPLETE = "not-complete"
+    BAD_OFFSET = "bad-offset"
+    TOO_LARGE = "too-large"
+    QUOTA_EXCEEDED = "quota-exceeded"
+    NO_SPACE = "no-space"
+    DIGEST_MISMATCH = "digest-mismatch"
+    IDLE_TIMEOUT = "idle-timeout"
+    TAKEN_OVER = "taken-over"
+    TOO_MANY_CONNECTIONS = "too-many-connections"
+    INTERNAL_ERROR = "internal-error"
+    # control API only
+    BAD_REQUEST = "bad-request"
+    UNAUTHORIZED = "unauthorized"
+    NOT_FOUND = "not-found"
+    METHOD_NOT_ALLOWED = "method-not-allowed"
+    CONFLICT = "conflict"
+    BODY_TOO_LARGE = "body-too-large"
+
+
+class FiledockError(Exception):
+    """An error with a stable code and a message fit to show a user."""
+
+    def __init__(self, code: ErrorCode | str, message: str) -> None:
+        try:
+            self.code: ErrorCode | str = ErrorCode(code)
+        except ValueError:  # a newer peer's code: keep it as the peer said it
+            self.code = str(code)
+        self.message = message
+        super().__init__(f"{self.code_str}: {message}")
+
+    @property
+    def code_str(self) -> str:
+        """The code as it appears on the wire."""
+        return self.code.value if isinstance(self.code, ErrorCode) else self.code
+
+
+def short_key(key: str) -> str:
+    """A key shortened for logs and messages: enough to correlate, not enough to use."""
+    return key[:8] + "…" if len(key) > 8 else key

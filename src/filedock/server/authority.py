@@ -1,0 +1,134 @@
+"""The session authority: the data port's one question to the outside world.
+
+The data port asks "may this session write (or read) this file, and from where?"
+and reports what became durable. ``StoreAuthority`` answers from filedock's own
+job store; a Twisted application with sessions of its own (the 2007 design kept them
+in a Perspective Broker server) implements ``ISessionAuthority`` instead and mounts
+``DataPortFactory`` with it (see examples/embed_dataport.py).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from twisted.internet import defer
+from zope.interface import Interface, implementer
+
+from filedock.config import Limits
+from filedock.errors import ErrorCode, FiledockError
+from filedock.store.metadata import DeferredStore
+from filedock.store.model import FILE_COMPLETE, FileRecord, Session
+
+
+@dataclass(frozen=True)
+class UploadTarget:
+    """A file the data port may write: where it lives and what is already durable."""
+
+    job_id: str
+    file_key: str
+    size: int
+    received: int
+    crc32: int
+    stamp: str | None
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class DownloadSource:
+    """A complete file the data port may read."""
+
+    job_id: str
+    file_key: str
+    size: int
+    crc32: int
+    digest: str
+    name: str = ""
+
+
+class ISessionAuthority(Interface):
+    """What the data port needs from whoever owns sessions and file records.
+
+    Every method returns a Deferred. Refusals fail it with ``FiledockError``
+    carrying one of the protocol's error codes.
+    """
+
+    def authorize_upload(session_key: str, file_key: str, size: int | None) -> defer.Deferred:
+        """-> UploadTarget, or fail (unknown-session, session-expired, unknown-file, ...).
+
+        ``size`` is what the client announced; None for an abort, which announces none.
+        """
+
+    def authorize_download(session_key: str, file_key: str) -> defer.Deferred:
+        """-> DownloadSource for a complete file."""
+
+    def record_progress(target: UploadTarget, offset: int, crc32: int, stamp: str) -> defer.Deferred:
+        """``offset`` bytes of the target are fsync'd; remember it for a resume."""
+
+    def record_complete(target: UploadTarget, crc32: int, digest: str) -> defer.Deferred:
+        """The file is fsync'd and renamed into place: record it complete."""
+
+    def record_discard(target: UploadTarget) -> defer.Deferred:
+        """The partial was deleted: the file starts again from 0."""
+
+
+@implementer(ISessionAuthority)
+class StoreAuthority:
+    """``ISessionAuthority`` backed by filedock's metadata store."""
+
+    def __init__(self, store: DeferredStore, limits: Limits = Limits(),
+                 clock: Callable[[], float] = time.time,
+                 on_complete: Callable[[FileRecord, bool], None] | None = None) -> None:
+        self.store = store
+        self.limits = limits
+        self.clock = clock
+        self.on_complete = on_complete
+
+    @defer.inlineCallbacks
+    def _session_and_file(self, session_key: str, file_key: str):
+        session: Session | None = yield self.store.get_session(session_key)
+        if session is None:
+            raise FiledockError(ErrorCode.UNKNOWN_SESSION, "no such session")
+        if session.closed is not None:
+            raise FiledockError(ErrorCode.SESSION_CLOSED, "the session was closed")
+        if session.expires <= self.clock():
+            raise FiledockError(ErrorCode.SESSION_EXPIRED, "the session has expired")
+        record: FileRecord | None = yield self.store.get_file(file_key)
+        if record is None or record.job_id != session.job_id:
+            raise FiledockError(ErrorCode.UNKNOWN_FILE, "no such file in the session's job")
+        return record
+
+    @defer.inlineCallbacks
+    def authorize_upload(self, session_key: str, file_key: str, size: int):
+        record = yield self._session_and_file(session_key, file_key)
+        if size is not None and size != record.size:
+            raise FiledockError(ErrorCode.SIZE_MISMATCH,
+                                f"the file was declared with {record.size} bytes, not {size}")
+        if record.size > self.limits.max_file_size:
+            raise FiledockError(ErrorCode.TOO_LARGE, f"files may be at most {self.limits.max_file_size} bytes")
+        if record.state == FILE_COMPLETE:
+            raise FiledockError(ErrorCode.ALREADY_COMPLETE, "the file is complete already")
+        return UploadTarget(record.job_id, record.key, record.size, record.received, record.crc32,
+                            record.part_stamp, record.name)
+
+    @defer.inlineCallbacks
+    def authorize_download(self, session_key: str, file_key: str):
+        record = yield self._session_and_file(session_key, file_key)
+        if record.state != FILE_COMPLETE:
+            raise FiledockError(ErrorCode.NOT_COMPLETE, "the file is not complete yet")
+        return DownloadSource(record.job_id, record.key, record.size, record.crc32, record.digest, record.name)
+
+    def record_progress(self, target: UploadTarget, offset: int, crc32: int, stamp: str):
+        return self.store.record_progress(target.file_key, offset, crc32, stamp)
+
+    @defer.inlineCallbacks
+    def record_complete(self, target: UploadTarget, crc32: int, digest: str):
+        job_complete = yield self.store.record_complete(target.file_key, crc32, digest)
+        if self.on_complete is not None:
+            record = yield self.store.get_file(target.file_key)
+            self.on_complete(record, job_complete)
+        return job_complete
+
+    def record_discard(self, target: UploadTarget):
+        return self.store.reset_file(target.file_key)

@@ -1,0 +1,470 @@
+"""The data port: a thin Twisted adapter around ``filedock.wire.ServerConnection``.
+
+The sans-IO core says what the client asked; this module does the I/O: asks the
+session authority, claims the file (taking over an older connection), appends to
+the partial, checkpoints it, makes it durable and answers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import defer, interfaces, threads
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from filedock import wire
+from filedock.config import Limits
+from filedock.errors import ErrorCode, FiledockError, short_key
+from filedock.server.authority import DownloadSource, ISessionAuthority, UploadTarget
+from filedock.store.blobs import BlobStore, PartialWriter
+
+log = Logger(namespace="filedock.dataport")
+
+
+@dataclass
+class DataPortStats:
+    """Counters for metrics; monotonically increasing except ``active``."""
+
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    uploads_started: int = 0
+    uploads_completed: int = 0
+    uploads_failed: Counter = field(default_factory=Counter)
+    resumes: int = 0
+    takeovers: int = 0
+    downloads: int = 0
+    active: int = 0
+    durable_seconds: list[float] = field(default_factory=list)
+
+
+class DataPortFactory(Factory):
+    """Builds data-port connections.
+
+    ``authority`` is any ``ISessionAuthority``; ``blobs`` is where bytes go.
+    """
+
+    def __init__(self, authority: ISessionAuthority, blobs: BlobStore, limits: Limits = Limits(),
+                 reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.authority = ISessionAuthority(authority)
+        self.blobs = blobs
+        self.limits = limits
+        self.reactor = reactor
+        self.uploads: dict[str, DataPortProtocol] = {}
+        self.session_connections: Counter[str] = Counter()
+        self.stats = DataPortStats()
+
+    def buildProtocol(self, addr: Any) -> "DataPortProtocol":
+        proto = DataPortProtocol()
+        proto.factory = self
+        return proto
+
+    def active_uploads(self) -> list[dict[str, Any]]:
+        """What is being uploaded now (for status and the dashboard)."""
+        return [p.describe() for p in self.uploads.values() if p.target is not None]
+
+    def in_thread(self, fn, *args) -> defer.Deferred:
+        """Run blocking disk work off the reactor thread."""
+        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), fn, *args)
+
+
+@implementer(interfaces.IPullProducer)
+class _FileProducer:
+    """Streams a file from an offset in 1 MiB reads; the transport pulls."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, proto: "DataPortProtocol", f: Any, remaining: int) -> None:
+        self.proto, self.f, self.remaining = proto, f, remaining
+        self.done = defer.Deferred()
+
+    def resumeProducing(self) -> None:
+        data = self.f.read(min(self.CHUNK, self.remaining)) if self.remaining else b""
+        if not data:
+            self.stopProducing()
+            return
+        self.remaining -= len(data)
+        self.proto.factory.stats.bytes_sent += len(data)
+        self.proto.touch()
+        self.proto.transport.write(data)
+
+    def stopProducing(self) -> None:
+        if not self.done.called:
+            self.f.close()
+            self.done.callback(self.remaining)
+
+
+class DataPortProtocol(Protocol):
+    """One data-port connection."""
+
+    factory: DataPortFactory
+
+    def __init__(self) -> None:
+        self.conn: wire.ServerConnection | None = None
+        self.target: UploadTarget | None = None
+        self.writer: PartialWriter | None = None
+        self.session_key: str | None = None
+        self.released = defer.Deferred()
+        self.started = 0.0
+        self.resumed_from = 0
+        self._busy = False
+        self._lost = False
+        self._finishing = False
+        self._discard = False
+        self._outcome: str | None = None
+        self._checkpointing: defer.Deferred | None = None
+        self._since_checkpoint = 0
+        self._last_checkpoint = 0.0
+        self._last_activity = 0.0
+        self._timer: Any = None
+
+    # ------------------------------------------------------------ Twisted callbacks
+
+    def connectionMade(self) -> None:
+        f = self.factory
+        f.stats.active += 1
+        self.conn = wire.ServerConnection(max_line=f.limits.max_header)
+        if f.stats.active > f.limits.max_connections:
+            self._send_error(ErrorCode.TOO_MANY_CONNECTIONS, "the server holds too many connections")
+            return
+        self.touch()
+        self._timer = f.reactor.callLater(f.limits.header_timeout, self._check_idle)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._last_activity = self.factory.reactor.seconds()
+        self.conn.receive_data(data)
+        self._pump()
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self._lost = True
+        self.factory.stats.active -= 1
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        if self.conn is not None and not self.conn._input.eof:
+            self.conn.receive_data(b"")
+            self._pump()
+        if not self._busy:  # otherwise the running step cleans up when it ends
+            self._cleanup()
+
+    # ------------------------------------------------------------ event loop
+
+    def touch(self) -> None:
+        """Note progress, for the idle timeout."""
+        self._last_activity = self.factory.reactor.seconds()
+
+    def _pump(self) -> None:
+        while not self._busy and self.conn is not None:
+            event = self.conn.next_event()
+            if event is wire.NEED_DATA or event is wire.PAUSED:
+                return
+            if isinstance(event, wire.Data):
+                self._on_data(event.data)
+            elif isinstance(event, wire.UploadRequest):
+                self._run(self._on_upload(event))
+            elif isinstance(event, wire.DownloadRequest):
+                self._run(self._on_download(event))
+            elif isinstance(event, wire.AbortRequest):
+                self._run(self._on_abort(event))
+            elif isinstance(event, wire.Done):
+                self._run(self._finish(event.digest))
+            elif isinstance(event, wire.BodyComplete):
+                continue
+            elif isinstance(event, wire.EndOfStream):
+                self._on_eof()
+                return
+            elif isinstance(event, wire.ProtocolError):
+                if event.code is ErrorCode.EXCESS_DATA:
+                    self._discard = True
+                self._send_error(event.code, event.message)
+                return
+
+    def _run(self, d: defer.Deferred) -> None:
+        """Pause reading while an asynchronous step runs; errors become one error line."""
+        if d.called and not isinstance(d.result, Failure):
+            return
+        self._busy = True
+        self._pause()
+
+        def done(_: Any) -> None:
+            self._busy = False
+            if not self._lost and self.conn.state is not wire.ServerState.CLOSED:
+                self._resume()
+                self._pump()
+
+        def failed(failure: Failure) -> None:
+            self._busy = False
+            if failure.check(FiledockError):
+                err = failure.value
+                self._send_error(err.code, err.message)
+            else:
+                log.failure("data port step failed", failure)
+                self._send_error(ErrorCode.INTERNAL_ERROR, "internal error; the partial is kept")
+
+        d.addCallbacks(done, failed)
+        d.addBoth(lambda _: self._cleanup() if self._lost else None)
+
+    def _pause(self) -> None:
+        if self.transport is not None and not self._lost:
+            self.transport.pauseProducing()
+
+    def _resume(self) -> None:
+        if self.transport is not None and not self._lost:
+            self.transport.resumeProducing()
+
+    # ------------------------------------------------------------ uploads
+
+    @defer.inlineCallbacks
+    def _on_upload(self, req: wire.UploadRequest):
+        f = self.factory
+        yield f.authority.authorize_upload(req.session_key, req.file_key, req.size)
+        yield self._claim(req.session_key, req.file_key)
+        target: UploadTarget = yield f.authority.authorize_upload(req.session_key, req.file_key, req.size)
+        if req.legacy and target.received:
+            # a 2007 client always starts at byte 0: whatever partial we held is replaced
+            target = UploadTarget(target.job_id, target.file_key, target.size, 0, 0, None, target.name)
+        need = target.size - target.received
+        if need > f.blobs.free_bytes() - f.limits.disk_reserve:
+            raise FiledockError(ErrorCode.NO_SPACE, f"the server cannot hold {need} more bytes")
+        self.writer = yield f.in_thread(f.blobs.open_partial, target.job_id, target.file_key,
+                                        target.received, target.crc32, target.stamp)
+        self.target = target
+        self.resumed_from = self.writer.offset
+        self.started = time.monotonic()
+        self._last_checkpoint = self.started
+        f.stats.uploads_started += 1
+        if self.resumed_from:
+            f.stats.resumes += 1
+        self.transport.write(self.conn.accept_upload(self.writer.offset))
+        self._schedule_idle(f.limits.idle_timeout)
+
+    def _claim(self, session_key: str, file_key: str) -> defer.Deferred:
+        """Become the one connection writing ``file_key``; an older one is taken over."""
+        f = self.factory
+        if f.session_connections[session_key] >= f.limits.max_connections_per_session:
+            raise FiledockError(ErrorCode.TOO_MANY_CONNECTIONS, "too many connections for this session")
+        self.session_key = session_key
+        f.session_connections[session_key] += 1
+        old = f.uploads.get(file_key)
+        f.uploads[file_key] = self
+        if old is None:
+            return defer.succeed(None)
+        f.stats.takeovers += 1
+        log.info("upload of {key} taken over by a new connection", key=short_key(file_key))
+        old.take_over()
+        return old.released
+
+    def take_over(self) -> None:
+        """A newer connection wants this file: stop, keep what is durable, let go."""
+        if self._finishing or self._lost:
+            return  # it ends by itself; the newer connection waits for ``released``
+        self._send_error(ErrorCode.TAKEN_OVER, "a newer connection took over this upload")
+
+    def _on_data(self, data: bytes | memoryview) -> None:
+        try:
+            self.writer.write(data)
+        except FiledockError as exc:
+            self._send_error(exc.code, exc.message)
+            return
+        n = len(data)
+        self.factory.stats.bytes_received += n
+        self._since_checkpoint += n
+        if self._since_checkpoint >= self.factory.limits.checkpoint_bytes and self._checkpointing is None:
+            self._checkpoint()
+
+    def _checkpoint(self) -> defer.Deferred:
+        """Make the bytes written so far durable and record the offset."""
+        f, writer, target = self.factory, self.writer, self.target
+        self._since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
+        snapshot = writer.snapshot()
+
+        def record(cp):
+            return f.authority.record_progress(target, cp.offset, cp.crc32, cp.stamp)
+
+        def clear(result):
+            self._checkpointing = None
+            return result
+
+        d = f.in_thread(writer.checkpoint, snapshot).addCallback(record).addBoth(clear)
+        self._checkpointing = d
+        d.addErrback(lambda fl: log.failure("checkpoint failed", fl))
+        return d
+
+    @defer.inlineCallbacks
+    def _finish(self, client_digest: str | None):
+        """The whole body is here: seal, verify, publish, record; then answer."""
+        f, writer, target = self.factory, self.writer, self.target
+        self._finishing = True
+        try:
+            if self._checkpointing is not None:
+                yield self._checkpointing
+            sealed_at = time.monotonic()
+            crc, digest = yield f.in_thread(writer.seal)
+            if client_digest is not None and client_digest != digest:
+                self._discard = True
+                self._outcome = ErrorCode.DIGEST_MISMATCH.value
+                raise FiledockError(ErrorCode.DIGEST_MISMATCH,
+                                    f"the server computed {digest}; the partial was deleted, upload again")
+            yield f.in_thread(writer.publish)
+            yield f.authority.record_complete(target, crc, digest)
+            f.stats.durable_seconds.append(time.monotonic() - sealed_at)
+            del f.stats.durable_seconds[:-1000]
+            f.stats.uploads_completed += 1
+            self._outcome = "complete"
+            self._log_outcome(crc, digest)
+            if not self._lost:
+                self.transport.write(self.conn.stored(target.size, crc, digest))
+                self.transport.loseConnection()
+        finally:
+            self._finishing = False
+
+    def _on_eof(self) -> None:
+        state = self.conn.state
+        if state is wire.ServerState.LEGACY_END:
+            self._run(self._finish(None))
+        elif state is wire.ServerState.BODY and isinstance(self.conn.request, wire.UploadRequest):
+            self._outcome = ErrorCode.SHORT_UPLOAD.value
+            self.transport.loseConnection()
+        else:
+            self.transport.loseConnection()
+
+    # ------------------------------------------------------------ downloads and aborts
+
+    @defer.inlineCallbacks
+    def _on_download(self, req: wire.DownloadRequest):
+        f = self.factory
+        source: DownloadSource = yield f.authority.authorize_download(req.session_key, req.file_key)
+        if req.offset > source.size:
+            raise FiledockError(ErrorCode.BAD_OFFSET, f"offset is past the end ({source.size} bytes)")
+        fh = yield f.in_thread(f.blobs.open_complete, source.job_id, source.file_key)
+        fh.seek(req.offset)
+        f.stats.downloads += 1
+        self.transport.write(self.conn.accept_download(source.size, source.crc32, source.digest))
+        producer = _FileProducer(self, fh, source.size - req.offset)
+        self.transport.registerProducer(producer, False)
+        self._schedule_idle(f.limits.idle_timeout)
+        remaining = yield producer.done
+        if not self._lost:
+            self.transport.unregisterProducer()
+            self.transport.loseConnection()
+        log.info("download of {key}: {result}", key=short_key(req.file_key),
+                 result="complete" if remaining == 0 else f"stopped with {remaining} bytes left")
+
+    @defer.inlineCallbacks
+    def _on_abort(self, req: wire.AbortRequest):
+        f = self.factory
+        yield f.authority.authorize_upload(req.session_key, req.file_key, None)
+        yield self._claim(req.session_key, req.file_key)
+        target = yield f.authority.authorize_upload(req.session_key, req.file_key, None)
+        yield f.in_thread(f.blobs.discard, target.job_id, target.file_key)
+        yield f.authority.record_discard(target)
+        self.transport.write(self.conn.accept_abort())
+        self.transport.loseConnection()
+
+    # ------------------------------------------------------------ ending
+
+    def _send_error(self, code: ErrorCode, message: str) -> None:
+        if self._outcome is None:
+            self._outcome = code.value if isinstance(code, ErrorCode) else str(code)
+        if self._lost:
+            return
+        line = self.conn.refuse(code, message) if self.conn else wire.format_error(code, message)
+        if line:
+            self.transport.write(line)
+        self.transport.loseConnection()
+        if code in (ErrorCode.IDLE_TIMEOUT, ErrorCode.TAKEN_OVER):
+            self.transport.abortConnection()
+
+    def _cleanup(self) -> None:
+        """Once per connection: keep or discard the partial, record it, let go of the file."""
+        if getattr(self, "_cleaned", False):
+            return
+        self._cleaned = True
+        d = self._settle_partial()
+        d.addErrback(lambda fl: log.failure("could not record the partial", fl))
+        d.addBoth(lambda _: self._release())
+
+    @defer.inlineCallbacks
+    def _settle_partial(self):
+        f, writer, target = self.factory, self.writer, self.target
+        if writer is None or target is None:
+            return
+        if self._checkpointing is not None:
+            yield self._checkpointing
+        if self._discard:
+            writer.close()
+            yield f.in_thread(f.blobs.discard, target.job_id, target.file_key)
+            yield f.authority.record_discard(target)
+        elif not writer.closed:
+            cp = yield f.in_thread(writer.checkpoint)
+            writer.close()
+            yield f.authority.record_progress(target, cp.offset, cp.crc32, cp.stamp)
+        if self._outcome != "complete":
+            f.stats.uploads_failed[self._outcome or "disconnected"] += 1
+            self._log_outcome(None, None)
+
+    def _release(self) -> None:
+        f = self.factory
+        if self.target is not None and f.uploads.get(self.target.file_key) is self:
+            del f.uploads[self.target.file_key]
+        elif self.conn is not None and isinstance(self.conn.request, (wire.UploadRequest, wire.AbortRequest)):
+            key = self.conn.request.file_key
+            if f.uploads.get(key) is self:
+                del f.uploads[key]
+        if self.session_key is not None:
+            f.session_connections[self.session_key] -= 1
+            if f.session_connections[self.session_key] <= 0:
+                del f.session_connections[self.session_key]
+        self.released.callback(None)
+
+    def _log_outcome(self, crc: int | None, digest: str | None) -> None:
+        target = self.target
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        sent = (self.writer.offset if self.writer else 0) - self.resumed_from
+        log.info("upload {result}: job={job} file={name!r} key={key} size={size} from={start} "
+                 "bytes={sent} seconds={secs:.3f} rate={rate:.1f}MB/s",
+                 result=self._outcome or "disconnected", job=short_key(target.job_id), name=target.name,
+                 key=short_key(target.file_key), size=target.size, start=self.resumed_from, sent=sent,
+                 secs=elapsed, rate=sent / elapsed / 1e6, crc32=crc, digest=digest,
+                 event="upload-outcome")
+
+    # ------------------------------------------------------------ timeouts
+
+    def _schedule_idle(self, seconds: float) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = self.factory.reactor.callLater(seconds, self._check_idle)
+
+    def _check_idle(self) -> None:
+        limits = self.factory.limits
+        waiting_header = self.conn.state is wire.ServerState.REQUEST
+        limit = limits.header_timeout if waiting_header else limits.idle_timeout
+        idle = self.factory.reactor.seconds() - self._last_activity
+        if self._busy or self._finishing:
+            idle = 0.0  # we are the slow one; the client is waiting for us
+        if idle >= limit:
+            self._send_error(ErrorCode.IDLE_TIMEOUT, f"nothing received for {limit:g} seconds")
+            return
+        if self.target is not None and time.monotonic() - self._last_checkpoint > limits.checkpoint_seconds \
+                and self._checkpointing is None and self.writer and not self.writer.closed \
+                and self.conn.state is wire.ServerState.BODY:
+            self._checkpoint()
+        self._timer = self.factory.reactor.callLater(min(limit - idle, limits.checkpoint_seconds) or limit,
+                                                     self._check_idle)
+
+    def describe(self) -> dict[str, Any]:
+        """This upload, for status: no keys in full."""
+        t = self.target
+        return {"job": t.job_id, "name": t.name, "key": short_key(t.file_key), "size": t.size,
+                "received": self.writer.offset if self.writer else t.received,
+                "resumed_from": self.resumed_from,
+                "seconds": round(time.monotonic() - self.started, 3)}

@@ -1,0 +1,241 @@
+"""File bytes in the data dir: partials being written, complete files, nothing else.
+
+Layout (client-supplied names never become paths; only server-made keys do)::
+
+    <root>/jobs/<job-id>/<file-key>          complete file
+    <root>/jobs/<job-id>/<file-key>.part     bytes received so far
+    <root>/jobs/<job-id>/<file-key>.blocks   BLAKE3 hashes of the partial's whole 4 MiB blocks
+
+A partial's durable state is the triple the metadata store records: offset, CRC-32
+of the bytes before it, and a stamp of the ``.part`` file (inode, size, mtime). If
+the stamp still matches when an upload resumes, the recorded state is trusted and
+only the last unfinished block (< 4 MiB) is read again; otherwise the whole prefix is
+hashed again from disk, so a partial changed behind the server's back ends in a
+digest mismatch rather than a file recorded complete with wrong bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from filedock.digest import BLOCK_HASH_SIZE, BLOCK_SIZE, ContentHasher, hash_stream
+from filedock.errors import ErrorCode, FiledockError
+
+_KEY_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def _check_key(key: str) -> str:
+    if not _KEY_RE.fullmatch(key):  # defence in depth: keys are ours, never paths
+        raise ValueError(f"not a key: {key[:40]!r}")
+    return key
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or create in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _stamp(st: os.stat_result) -> str:
+    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _no_space(exc: OSError) -> FiledockError | OSError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return FiledockError(ErrorCode.NO_SPACE, "the server's disk is full; the partial is kept")
+    return exc
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A durable partial: ``offset`` bytes fsync'd, their CRC-32, and the file's stamp."""
+
+    offset: int
+    crc32: int
+    stamp: str
+
+
+class PartialWriter:
+    """Appends to one ``.part`` file while hashing; made by ``BlobStore.open_partial``.
+
+    ``write`` is cheap and runs on the caller's thread; ``checkpoint``, ``seal`` and
+    ``publish`` fsync and may block, so servers call them off the reactor thread
+    (never concurrently with ``write`` for ``seal``).
+    """
+
+    def __init__(self, part: Path, blocks: Path, final: Path, fd: int, blocks_fd: int,
+                 hasher: ContentHasher) -> None:
+        self.part, self.blocks, self.final = part, blocks, final
+        self._fd, self._blocks_fd = fd, blocks_fd
+        self.hasher = hasher
+        self.closed = False
+
+    @property
+    def offset(self) -> int:
+        """Bytes written so far (durable or not)."""
+        return self.hasher.offset
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append bytes; raises ``FiledockError(no-space)`` when the disk is full."""
+        view = memoryview(data)
+        try:
+            while len(view):
+                n = os.write(self._fd, view)
+                self.hasher.update(view[:n])
+                view = view[n:]
+            finished = self.hasher.take_finished_blocks()
+            if finished:
+                os.write(self._blocks_fd, finished)
+        except OSError as exc:
+            raise _no_space(exc) from exc
+
+    def snapshot(self) -> tuple[int, int]:
+        """(offset, crc32) now; bytes up to ``offset`` are durable after ``checkpoint``."""
+        return self.hasher.offset, self.hasher.crc32
+
+    def checkpoint(self, snapshot: tuple[int, int] | None = None) -> Checkpoint:
+        """fsync what is written; returns what may be recorded as durable."""
+        offset, crc = snapshot or self.snapshot()
+        try:
+            os.fsync(self._blocks_fd)
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise _no_space(exc) from exc
+        return Checkpoint(offset, crc, _stamp(os.fstat(self._fd)))
+
+    def seal(self) -> tuple[int, str]:
+        """fsync and close; returns (crc32, digest) of everything written."""
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise _no_space(exc) from exc
+        self.close()
+        return self.hasher.crc32, self.hasher.hexdigest()
+
+    def publish(self) -> None:
+        """Rename the sealed partial into place and make the rename durable."""
+        os.replace(self.part, self.final)
+        fsync_dir(self.final.parent)
+        self.blocks.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Close the files; the partial stays for a later resume."""
+        if not self.closed:
+            self.closed = True
+            os.close(self._fd)
+            os.close(self._blocks_fd)
+
+
+class BlobStore:
+    """The data dir's file bytes. Methods may block on disk: call them off the reactor."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        (self.root / "jobs").mkdir(parents=True, exist_ok=True)
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.root / "jobs" / _check_key(job_id)
+
+    def final_path(self, job_id: str, key: str) -> Path:
+        return self.job_dir(job_id) / _check_key(key)
+
+    def part_path(self, job_id: str, key: str) -> Path:
+        return self.job_dir(job_id) / f"{_check_key(key)}.part"
+
+    def blocks_path(self, job_id: str, key: str) -> Path:
+        return self.job_dir(job_id) / f"{_check_key(key)}.blocks"
+
+    def free_bytes(self) -> int:
+        """Bytes available to us on the data dir's filesystem."""
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
+    def open_partial(self, job_id: str, key: str, offset: int, crc32: int,
+                     stamp: str | None) -> PartialWriter:
+        """Open ``key``'s partial to append from the durable ``offset``.
+
+        Bytes past ``offset`` (written but never recorded durable) are cut off.
+        """
+        directory = self.job_dir(job_id)
+        directory.mkdir(parents=True, exist_ok=True)
+        part, blocks = self.part_path(job_id, key), self.blocks_path(job_id, key)
+        final = self.final_path(job_id, key)
+        if offset and final.exists() and not part.exists():
+            # renamed into place but never recorded complete (a crash in between):
+            # its recorded prefix is still good; the stamp will not match, so it is re-hashed
+            os.replace(final, part)
+        fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o640)
+        blocks_fd = -1
+        try:
+            st = os.fstat(fd)
+            if st.st_size < offset:  # the recorded prefix is gone: start again
+                offset, crc32, stamp = 0, 0, None
+            trusted = offset == 0 or stamp == _stamp(st)
+            os.ftruncate(fd, offset)
+            blocks_fd = os.open(blocks, os.O_RDWR | os.O_CREAT, 0o640)
+            whole = offset // BLOCK_SIZE
+            hasher = self._resume_hasher(fd, blocks_fd, offset, crc32, whole, trusted)
+            os.ftruncate(blocks_fd, whole * BLOCK_HASH_SIZE)
+            os.lseek(blocks_fd, 0, os.SEEK_END)
+            os.lseek(fd, offset, os.SEEK_SET)
+            if offset == 0:
+                fsync_dir(directory)
+        except BaseException:
+            os.close(fd)
+            if blocks_fd >= 0:
+                os.close(blocks_fd)
+            raise
+        return PartialWriter(part, blocks, self.final_path(job_id, key), fd, blocks_fd, hasher)
+
+    @staticmethod
+    def _resume_hasher(fd: int, blocks_fd: int, offset: int, crc32: int, whole: int,
+                       trusted: bool) -> ContentHasher:
+        with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+            if trusted:
+                hashes = os.pread(blocks_fd, whole * BLOCK_HASH_SIZE, 0)
+                if len(hashes) == whole * BLOCK_HASH_SIZE:
+                    hasher = ContentHasher(crc32, hashes)
+                    f.seek(whole * BLOCK_SIZE)
+                    return hash_stream(f, offset - whole * BLOCK_SIZE, hasher=_NoCrc(hasher))._inner
+            # the stamp or the block list does not match: hash the whole prefix from disk
+            f.seek(0)
+            hasher = hash_stream(f, offset)
+            os.ftruncate(blocks_fd, 0)
+            os.pwrite(blocks_fd, hasher.take_finished_blocks(), 0)
+            return hasher
+
+    def discard(self, job_id: str, key: str) -> None:
+        """Delete a partial and its block list."""
+        self.part_path(job_id, key).unlink(missing_ok=True)
+        self.blocks_path(job_id, key).unlink(missing_ok=True)
+
+    def delete_file(self, job_id: str, key: str) -> None:
+        """Delete everything stored for one file."""
+        self.discard(job_id, key)
+        self.final_path(job_id, key).unlink(missing_ok=True)
+
+    def delete_job(self, job_id: str) -> None:
+        """Delete a job's directory and all in it."""
+        shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+
+    def open_complete(self, job_id: str, key: str):
+        """A complete file, open for reading (binary, unbuffered)."""
+        return open(self.final_path(job_id, key), "rb", buffering=0)
+
+
+class _NoCrc:
+    """Feeds a hasher bytes whose CRC-32 is already counted (the resumed tail)."""
+
+    def __init__(self, inner: ContentHasher) -> None:
+        self._inner = inner
+
+    def update(self, data: bytes | memoryview) -> None:
+        self._inner.update(data, crc=False)

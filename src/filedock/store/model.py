@@ -1,0 +1,86 @@
+"""Records the job store hands out: plain frozen values, no behaviour, no SQL."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from filedock.wire import format_crc
+
+JOB_OPEN = "open"
+JOB_COMPLETE = "complete"
+
+FILE_PENDING = "pending"
+FILE_PARTIAL = "partial"
+FILE_COMPLETE = "complete"
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job: a named set of files that arrive together."""
+
+    id: str
+    name: str
+    metadata: dict[str, Any]
+    created: float
+    updated: float
+    state: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """A declared file of a job and how much of it the server holds durably.
+
+    ``received`` is the durable offset; ``crc32`` is the CRC-32 of those bytes (the
+    final CRC once complete); ``digest`` is set only when complete.
+    """
+
+    key: str
+    job_id: str
+    name: str
+    size: int
+    received: int
+    state: str
+    crc32: int
+    digest: str | None
+    uploaded_at: float | None
+    updated: float
+    part_stamp: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key, "job": self.job_id, "name": self.name, "size": self.size,
+            "received": self.received, "state": self.state,
+            "crc32": format_crc(self.crc32) if self.state == FILE_COMPLETE else None,
+            "digest": self.digest, "uploaded_at": self.uploaded_at,
+        }
+
+
+@dataclass(frozen=True)
+class Session:
+    """Permission to move the files of one job until ``expires`` or until closed."""
+
+    key: str
+    job_id: str
+    created: float
+    expires: float
+    closed: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self) | {"job": self.job_id}
+
+
+@dataclass(frozen=True)
+class Event:
+    """A job-completion event waiting in the outbox."""
+
+    id: str
+    job_id: str
+    kind: str
+    payload: dict[str, Any]
+    created: float
+    attempts: int
+    delivered: float | None
