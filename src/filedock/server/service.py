@@ -1,0 +1,129 @@
+"""Service wiring: one data dir, one store, a data port and a control API, listening.
+
+``FiledockServer`` is what ``filedock serve`` runs; tests and embedders can build
+it too. Every listening address is a Twisted endpoint string, TLS included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, endpoints, task
+from twisted.logger import Logger
+from twisted.web.server import Site
+
+from filedock.config import Limits
+from filedock.errors import short_key
+from filedock.server.authority import StoreAuthority
+from filedock.server.dataport import DataPortFactory
+from filedock.store.blobs import BlobStore
+from filedock.store.metadata import DeferredStore
+from filedock.store.sqlite import SQLiteStore
+
+log = Logger(namespace="filedock.server")
+
+DB_NAME = "filedock.sqlite3"
+
+
+def open_store(data_dir: str | Path) -> SQLiteStore:
+    """The SQLite store of a data dir, created and migrated if needed."""
+    path = Path(data_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return SQLiteStore(path / DB_NAME)
+
+
+@dataclass
+class ServerOptions:
+    """What ``filedock serve`` is told."""
+
+    data_dir: str = "./filedock-data"
+    api_listen: str = "tcp:7480:interface=127.0.0.1"
+    data_listen: str = "tcp:7481:interface=127.0.0.1"
+    public_host: str | None = None
+    limits: Limits = field(default_factory=Limits)
+
+
+class FiledockServer:
+    """The server: store, blobs, data port, control API and the partial sweeper."""
+
+    def __init__(self, options: ServerOptions, reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.options = options
+        self.reactor = reactor
+        self.limits = options.limits
+        self.sqlite = open_store(options.data_dir)
+        self.store = DeferredStore(self.sqlite, reactor)
+        self.blobs = BlobStore(options.data_dir)
+        self.authority = StoreAuthority(self.store, self.limits)
+        self.dataport = DataPortFactory(self.authority, self.blobs, self.limits, reactor)
+        self.data_address: tuple[str, int, bool] | None = None
+        self.api_address: tuple[str, int, bool] | None = None
+        self._sweeper = task.LoopingCall(self.sweep)
+        self._sweeper.clock = reactor
+
+    def info(self) -> dict[str, Any]:
+        """What clients learn from GET /v1/info about where to send bytes."""
+        host, port, tls = self.data_address
+        return {"data_port": {"host": self.options.public_host or host, "port": port, "tls": tls}}
+
+    def api_resource(self):
+        from filedock.server.api import ControlAPI
+
+        return ControlAPI(self.store, self.blobs, self.limits, self.dataport, self.info).resource()
+
+    @defer.inlineCallbacks
+    def start(self):
+        """Listen on both ports; returns (api_url, data_host, data_port)."""
+        data_ep = endpoints.serverFromString(self.reactor, self.options.data_listen)
+        data_port = yield data_ep.listen(self.dataport)
+        self.data_address = _address(data_port, self.options.data_listen)
+        api_ep = endpoints.serverFromString(self.reactor, self.options.api_listen)
+        api_port = yield api_ep.listen(Site(self.api_resource()))
+        self.api_address = _address(api_port, self.options.api_listen)
+        self._sweeper.start(self.limits.sweep_interval, now=True).addErrback(
+            lambda f: log.failure("sweeper stopped", f))
+        host, port, tls = self.api_address
+        scheme = "https" if tls else "http"
+        return f"{scheme}://{_url_host(host)}:{port}/", self.data_address
+
+    @defer.inlineCallbacks
+    def sweep(self):
+        """Delete partials untouched for ``limits.partial_ttl`` seconds (not those in use)."""
+        cutoff = time.time() - self.limits.partial_ttl
+        stale = yield self.store.stale_partials(cutoff)
+        swept = 0
+        for record in stale:
+            if record.key in self.dataport.uploads:
+                continue
+            yield self.dataport.in_thread(self.blobs.discard, record.job_id, record.key)
+            yield self.store.reset_file(record.key)
+            swept += 1
+            log.info("swept stale partial {key} of job {job} ({received} bytes)",
+                     key=short_key(record.key), job=short_key(record.job_id), received=record.received)
+        return swept
+
+
+def _address(port: Any, description: str) -> tuple[str, int, bool]:
+    addr = port.getHost()
+    tls = description.split(":", 1)[0] in ("ssl", "tls")
+    return addr.host, addr.port, tls
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def write_ready_file(path: str, payload: dict[str, Any]) -> None:
+    """Atomically write the JSON a supervisor or test waits for."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(payload, f)
+    os.replace(tmp, path)
