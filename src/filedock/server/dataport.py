@@ -50,7 +50,7 @@ class DataPortFactory(Factory):
     """
 
     def __init__(self, authority: ISessionAuthority, blobs: BlobStore, limits: Limits = Limits(),
-                 reactor: Any = None) -> None:
+                 reactor: Any = None, run_blocking: Any = None) -> None:
         if reactor is None:
             from twisted.internet import reactor as _reactor
 
@@ -62,6 +62,7 @@ class DataPortFactory(Factory):
         self.uploads: dict[str, DataPortProtocol] = {}
         self.session_connections: Counter[str] = Counter()
         self.stats = DataPortStats()
+        self._run_blocking = run_blocking
 
     def buildProtocol(self, addr: Any) -> "DataPortProtocol":
         proto = DataPortProtocol()
@@ -73,7 +74,9 @@ class DataPortFactory(Factory):
         return [p.describe() for p in self.uploads.values() if p.target is not None]
 
     def in_thread(self, fn, *args) -> defer.Deferred:
-        """Run blocking disk work off the reactor thread."""
+        """Run blocking disk work off the reactor thread (or as ``run_blocking`` says, in tests)."""
+        if self._run_blocking is not None:
+            return self._run_blocking(fn, *args)
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), fn, *args)
 
 
