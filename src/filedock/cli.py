@@ -113,6 +113,22 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fsck(args: argparse.Namespace) -> int:
+    from filedock.fsck import run_fsck
+
+    fsck, findings = run_fsck(args.data_dir, repair=args.repair, verify=not args.quick)
+    if args.json:
+        print(json.dumps({"files": fsck.checked_files, "bytes_verified": fsck.checked_bytes,
+                          "findings": [f.to_json() for f in findings]}))
+    else:
+        for f in findings:
+            print(f"{f.kind}: {f.path}: {f.detail}" + (f" [{f.repaired}]" if f.repaired else ""))
+        print(f"{fsck.checked_files} files checked, {fsck.checked_bytes} bytes verified, "
+              f"{len(findings)} problem(s)" + (", repaired what is safe" if args.repair else ""))
+    unrepaired = [f for f in findings if not f.repaired]
+    return 1 if unrepaired else 0
+
+
 # ---------------------------------------------------------------- jobs, files, sessions
 
 
@@ -220,6 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", default="admin")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_token_create)
+
+    p = sub.add_parser("fsck", help="check that the store and the files on disk agree")
+    p.add_argument("--data-dir", default="./filedock-data")
+    p.add_argument("--repair", action="store_true", help="fix what is safe (server stopped)")
+    p.add_argument("--quick", action="store_true", help="check sizes only, do not re-hash complete files")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_fsck)
 
     job = sub.add_parser("job", help="jobs").add_subparsers(dest="action", required=True)
     p = job.add_parser("create", help="create a job")

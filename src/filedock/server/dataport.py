@@ -384,7 +384,13 @@ class DataPortProtocol(Protocol):
         if line:
             self.transport.write(line)
         self.transport.loseConnection()
-        if code in (ErrorCode.IDLE_TIMEOUT, ErrorCode.TAKEN_OVER):
+        # a stalled peer may never read the error line: do not wait on it for long
+        self.factory.reactor.callLater(self.ABORT_GRACE, self._abort_if_open)
+
+    ABORT_GRACE = 2.0
+
+    def _abort_if_open(self) -> None:
+        if not self._lost:
             self.transport.abortConnection()
 
     def _cleanup(self) -> None:

@@ -274,10 +274,19 @@ class SQLiteStore:
         db.execute("INSERT INTO events (id, job_id, kind, payload, created) VALUES (?, ?, ?, ?, ?)",
                    (event_id, job_id, kind, json.dumps(payload), now))
 
-    def reset_file(self, key: str) -> None:
+    def reset_file(self, key: str, force: bool = False) -> None:
+        """Back to pending with nothing received; a complete file only with ``force`` (fsck)."""
         with self._write() as db:
-            db.execute("UPDATE files SET received = 0, crc32 = 0, state = ?, part_stamp = NULL, updated = ? "
-                       "WHERE key = ? AND state != ?", (FILE_PENDING, self._clock(), key, FILE_COMPLETE))
+            db.execute("UPDATE files SET received = 0, crc32 = 0, state = ?, part_stamp = NULL, digest = NULL, "
+                       "uploaded_at = NULL, updated = ? WHERE key = ? AND (state != ? OR ?)",
+                       (FILE_PENDING, self._clock(), key, FILE_COMPLETE, force))
+            if force:
+                db.execute("UPDATE jobs SET state = ? WHERE id = (SELECT job_id FROM files WHERE key = ?)",
+                           (JOB_OPEN, key))
+
+    def all_files(self) -> list[FileRecord]:
+        """Every file record (fsck)."""
+        return [FileRecord(*r) for r in self._read(f"SELECT {_FILE_COLS} FROM files ORDER BY job_id, name")]
 
     def stale_partials(self, older_than: float) -> list[FileRecord]:
         return [FileRecord(*r) for r in self._read(
