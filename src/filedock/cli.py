@@ -79,7 +79,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         token = store.create_token("serve")
         store.close()
     server = FiledockServer(ServerOptions(args.data_dir, args.api_listen, args.data_listen,
-                                          args.public_host, limits), reactor)
+                                          args.public_host, limits, args.webhook or [],
+                                          args.on_complete or []), reactor)
 
     def started(result):
         api_url, (host, port, tls) = result
@@ -228,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", action="append", metavar="NAME=VALUE",
                    help="override a limit: " + ", ".join(Limits.names()))
     p.add_argument("--log-format", choices=["text", "json"], default="text")
+    p.add_argument("--webhook", action="append", metavar="URL",
+                   help="POST each job-completion event here as JSON (at least once, retried)")
+    p.add_argument("--on-complete", action="append", metavar="COMMAND",
+                   help="run this shell command with each job-completion event as JSON on stdin")
     p.set_defaults(func=cmd_serve)
 
     token = sub.add_parser("token", help="API tokens").add_subparsers(dest="action", required=True)

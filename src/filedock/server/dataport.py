@@ -40,7 +40,18 @@ class DataPortStats:
     takeovers: int = 0
     downloads: int = 0
     active: int = 0
-    durable_seconds: list[float] = field(default_factory=list)
+    durable_buckets: tuple[float, ...] = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0)
+    durable_counts: list[int] = field(default_factory=lambda: [0] * 10)
+    durable_sum: float = 0.0
+    durable_count: int = 0
+
+    def observe_durable(self, seconds: float) -> None:
+        """One upload's time from its last byte to durable, into a cumulative histogram."""
+        self.durable_sum += seconds
+        self.durable_count += 1
+        for i, bound in enumerate(self.durable_buckets):
+            if seconds <= bound:
+                self.durable_counts[i] += 1
 
 
 class DataPortFactory(Factory):
@@ -110,6 +121,7 @@ class DataPortProtocol(Protocol):
     """One data-port connection."""
 
     factory: DataPortFactory
+    READ_SIZE = 1 << 20
 
     def __init__(self) -> None:
         self.conn: wire.ServerConnection | None = None
@@ -139,6 +151,9 @@ class DataPortProtocol(Protocol):
         if f.stats.active > f.limits.max_connections:
             self._send_error(ErrorCode.TOO_MANY_CONNECTIONS, "the server holds too many connections")
             return
+        if hasattr(self.transport, "bufferSize"):
+            # Twisted reads 64 KiB per recv by default; 1 MiB cuts the per-read cost 16-fold
+            self.transport.bufferSize = self.READ_SIZE
         self.touch()
         self._timer = f.reactor.callLater(f.limits.header_timeout, self._check_idle)
 
@@ -319,8 +334,7 @@ class DataPortProtocol(Protocol):
                                     f"the server computed {digest}; the partial was deleted, upload again")
             yield f.in_thread(writer.publish)
             yield f.authority.record_complete(target, crc, digest)
-            f.stats.durable_seconds.append(time.monotonic() - sealed_at)
-            del f.stats.durable_seconds[:-1000]
+            f.stats.observe_durable(time.monotonic() - sealed_at)
             f.stats.uploads_completed += 1
             self._outcome = "complete"
             self._log_outcome(crc, digest)

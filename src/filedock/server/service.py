@@ -21,6 +21,7 @@ from filedock.config import Limits
 from filedock.errors import short_key
 from filedock.server.authority import StoreAuthority
 from filedock.server.dataport import DataPortFactory
+from filedock.server.events import EventDelivery
 from filedock.store.blobs import BlobStore
 from filedock.store.metadata import DeferredStore
 from filedock.store.sqlite import SQLiteStore
@@ -46,6 +47,8 @@ class ServerOptions:
     data_listen: str = "tcp:7481:interface=127.0.0.1"
     public_host: str | None = None
     limits: Limits = field(default_factory=Limits)
+    webhooks: list[str] = field(default_factory=list)
+    commands: list[str] = field(default_factory=list)
 
 
 class FiledockServer:
@@ -62,12 +65,18 @@ class FiledockServer:
         self.sqlite = open_store(options.data_dir)
         self.store = DeferredStore(self.sqlite, reactor)
         self.blobs = BlobStore(options.data_dir)
-        self.authority = StoreAuthority(self.store, self.limits)
+        self.events = EventDelivery(self.store, reactor, options.webhooks, options.commands)
+        self.authority = StoreAuthority(self.store, self.limits, on_complete=self._file_complete)
         self.dataport = DataPortFactory(self.authority, self.blobs, self.limits, reactor)
         self.data_address: tuple[str, int, bool] | None = None
         self.api_address: tuple[str, int, bool] | None = None
         self._sweeper = task.LoopingCall(self.sweep)
         self._sweeper.clock = reactor
+
+    def _file_complete(self, record: Any, job_complete: bool) -> None:
+        if job_complete:
+            log.info("job {job} complete", job=short_key(record.job_id))
+            self.events.poke()
 
     def info(self) -> dict[str, Any]:
         """What clients learn from GET /v1/info about where to send bytes."""
@@ -88,6 +97,7 @@ class FiledockServer:
         api_ep = endpoints.serverFromString(self.reactor, self.options.api_listen)
         api_port = yield api_ep.listen(Site(self.api_resource()))
         self.api_address = _address(api_port, self.options.api_listen)
+        self.events.start()
         self._sweeper.start(self.limits.sweep_interval, now=True).addErrback(
             lambda f: log.failure("sweeper stopped", f))
         host, port, tls = self.api_address
