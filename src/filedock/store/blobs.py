@@ -165,9 +165,9 @@ class BlobStore:
         Bytes past ``offset`` (written but never recorded durable) are cut off.
         """
         directory = self.job_dir(job_id)
-        directory.mkdir(parents=True, exist_ok=True)
         part, blocks = self.part_path(job_id, key), self.blocks_path(job_id, key)
         final = self.final_path(job_id, key)
+        directory.mkdir(parents=True, exist_ok=True)  # only once both keys are checked
         if offset and final.exists() and not part.exists():
             # renamed into place but never recorded complete (a crash in between):
             # its recorded prefix is still good; the stamp will not match, so it is re-hashed

@@ -183,8 +183,8 @@ class SQLiteStore:
         return [self._job(r) for r in self._read(f"SELECT {_JOB_COLS} FROM jobs ORDER BY created")]
 
     def find_job(self, id_or_name: str) -> Job | None:
-        rows = self._read(f"SELECT {_JOB_COLS} FROM jobs WHERE id = ? UNION ALL "
-                          f"SELECT {_JOB_COLS} FROM jobs WHERE name = ? LIMIT 1", (id_or_name, id_or_name))
+        rows = self._read(f"SELECT {_JOB_COLS} FROM jobs WHERE id = ? OR name = ? ORDER BY id = ? DESC LIMIT 1",
+                          (id_or_name, id_or_name, id_or_name))  # an id wins over a name
         return self._job(rows[0]) if rows else None
 
     def update_job(self, job_id: str, name: str | None, metadata: dict[str, Any] | None) -> Job:
@@ -216,6 +216,8 @@ class SQLiteStore:
         record = FileRecord(new_key(), job_id, name, size, 0, FILE_PENDING, 0, None, None, now)
         try:
             with self._write() as db:
+                if db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None:
+                    raise FiledockError(ErrorCode.NOT_FOUND, "no such job")
                 if quota is not None:
                     (used,) = db.execute("SELECT COALESCE(SUM(size), 0) FROM files WHERE job_id = ?",
                                          (job_id,)).fetchone()
@@ -298,6 +300,8 @@ class SQLiteStore:
         now = self._clock()
         session = Session(new_key(), job_id, now, now + ttl, None)
         with self._write() as db:
+            if db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None:
+                raise FiledockError(ErrorCode.NOT_FOUND, "no such job")
             db.execute(f"INSERT INTO sessions ({_SESSION_COLS}) VALUES (?, ?, ?, ?, ?)",
                        (session.key, job_id, now, session.expires, None))
         return session
