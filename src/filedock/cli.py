@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from filedock.config import Limits, parse_quantity
-from filedock.errors import ErrorCode, FiledockError
+from filedock.errors import ErrorCode, FiledockError, short_key
 
 DEFAULT_URL = "http://127.0.0.1:7480/"
 
@@ -86,9 +86,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_url, (host, port, tls) = result
         print(f"filedock API:       {api_url}", flush=True)
         print(f"filedock data port: {host}:{port}{' (TLS)' if tls else ''}", flush=True)
-        if token:
+        if token and sys.stdout.isatty():
             print(f"filedock admin token: {token}", flush=True)
             print(f"  export FILEDOCK_URL={api_url} FILEDOCK_TOKEN={token}", flush=True)
+        elif token:  # a log file or journal is no place for a whole token
+            where = "the ready file" if args.ready_file else "nowhere; use 'filedock token create'"
+            print(f"filedock admin token: {short_key(token)} (in full: {where})", flush=True)
         if args.ready_file:
             write_ready_file(args.ready_file, {"api_url": api_url, "data_host": host, "data_port": port,
                                                "tls": tls, "token": token, "pid": os.getpid()})

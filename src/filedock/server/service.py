@@ -15,7 +15,6 @@ from typing import Any
 
 from twisted.internet import defer, endpoints, task
 from twisted.logger import Logger
-from twisted.web.server import Site
 
 from filedock.config import Limits
 from filedock.errors import short_key
@@ -83,10 +82,11 @@ class FiledockServer:
         host, port, tls = self.data_address
         return {"data_port": {"host": self.options.public_host or host, "port": port, "tls": tls}}
 
-    def api_resource(self):
+    def api_site(self):
+        """The control API's hardened ``Site`` (bounded bodies, keys cut in the access log)."""
         from filedock.server.api import ControlAPI
 
-        return ControlAPI(self.store, self.blobs, self.limits, self.dataport, self.info).resource()
+        return ControlAPI(self.store, self.blobs, self.limits, self.dataport, self.info).site()
 
     @defer.inlineCallbacks
     def start(self):
@@ -95,7 +95,7 @@ class FiledockServer:
         data_port = yield data_ep.listen(self.dataport)
         self.data_address = _address(data_port, self.options.data_listen)
         api_ep = endpoints.serverFromString(self.reactor, self.options.api_listen)
-        api_port = yield api_ep.listen(Site(self.api_resource()))
+        api_port = yield api_ep.listen(self.api_site())
         self.api_address = _address(api_port, self.options.api_listen)
         self.events.start()
         self._sweeper.start(self.limits.sweep_interval, now=True).addErrback(
@@ -134,6 +134,6 @@ def _url_host(host: str) -> str:
 def write_ready_file(path: str, payload: dict[str, Any]) -> None:
     """Atomically write the JSON a supervisor or test waits for."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:  # it may hold a token
         json.dump(payload, f)
     os.replace(tmp, path)

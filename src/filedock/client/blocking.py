@@ -1,0 +1,644 @@
+"""The blocking data-port client: one file up or down, resumable and verified.
+
+For scripts and the CLI; no reactor. ``DataPortClient`` speaks the versioned
+dialect through ``filedock.wire.ClientConnection`` and adds what a long transfer
+needs: it learns the server's durable offset on every connection, reconnects with
+jittered exponential backoff after a drop, a reset, a stall or a transient server
+error, computes the local CRC-32 and content digest exactly once per call (in a
+background thread, beside the sending), and reports success only when the
+server's ``STORED`` values equal its own.
+
+Memory is bounded on every path: the body goes out with ``socket.sendfile`` (plain
+TCP) or through one reused 1 MiB buffer (TLS); replies and downloads are read in
+1 MiB pieces and handled before the next read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import select
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Callable
+
+from filedock import wire
+from filedock.client.model import DURABLE, SENT, VERIFIED, Cancelled, ProgressCallback, UploadResult
+from filedock.digest import ContentHasher
+from filedock.errors import ErrorCode, FiledockError, short_key
+
+log = logging.getLogger("filedock.client")
+
+CHUNK = 1 << 20
+"""Bytes per read from a file or a socket, and the size of the TLS send buffer."""
+
+POLL_SECONDS = 0.25
+"""Longest a blocked socket call waits before cancellation and stalls are checked."""
+
+REPLY_PATIENCE = 300.0
+"""Least time to wait for OFFSET, STORED or DATA: the server may be re-hashing a
+partial or fsyncing, and the protocol has no keepalive to say so."""
+
+HASH_WAIT = 30.0
+"""How long a connection whose body is sent waits for the local digest before it
+is closed (the server would time it out) and reopened once the digest is ready."""
+
+MAX_BACKOFF = 30.0
+
+RETRYABLE = frozenset({
+    ErrorCode.TAKEN_OVER.value, ErrorCode.IDLE_TIMEOUT.value, ErrorCode.INTERNAL_ERROR.value,
+    ErrorCode.TOO_MANY_CONNECTIONS.value,
+})
+"""Server error codes a new connection may cure. Every other code is final."""
+
+_MIN_PIECE, _MAX_PIECE = 256 * 1024, 64 * CHUNK
+
+
+class _Dropped(Exception):
+    """The connection broke in a way a new connection may cure."""
+
+    def __init__(self, message: str, code: str = ErrorCode.INTERNAL_ERROR.value) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+class _Reconnect(Exception):
+    """Start again on a new connection at once; not a failure (nothing went wrong)."""
+
+
+@dataclass
+class _Attempts:
+    """What the retry loop needs from a transfer: did the last connection move bytes?"""
+
+    moved: bool = False
+
+
+def _reporter(progress: ProgressCallback | None) -> ProgressCallback:
+    return progress if progress is not None else (lambda stage, done, total: None)
+
+
+def _check_cancel(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("cancelled")
+
+
+def _reply_error(event: Any) -> Exception:
+    """The exception for a reply that is not the one expected."""
+    if isinstance(event, wire.ServerError):
+        if event.code in RETRYABLE:
+            return _Dropped(f"the server said {event.code}: {event.message}", event.code)
+        return event.exception()
+    if isinstance(event, wire.EndOfStream):
+        return _Dropped("the server closed the connection")
+    return FiledockError(ErrorCode.MALFORMED_HEADER, f"unexpected reply from the server: {event!r}")
+
+
+def _tune_socket(sock: socket.socket) -> None:
+    """TCP keepalive notices a vanished peer (host down, network gone) within a minute or two."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6)):
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+
+
+class _Link:
+    """One data-port connection: the socket, the sans-IO state, stall and cancel checks.
+
+    Every blocking call waits at most ``POLL_SECONDS``, so a cancel is seen within a
+    fraction of a second and "nothing moved for ``patience`` seconds" is a stall.
+    """
+
+    def __init__(self, sock: socket.socket, cancel: threading.Event | None, stall_timeout: float) -> None:
+        self.sock = sock
+        self.conn = wire.ClientConnection()
+        self.cancel = cancel
+        self.stall_timeout = stall_timeout
+        self.patience = stall_timeout
+        self.tls = isinstance(sock, ssl.SSLSocket)
+        self._last = time.monotonic()
+        sock.settimeout(POLL_SECONDS)
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def _moved(self) -> None:
+        self._last = time.monotonic()
+
+    def check(self) -> None:
+        """Raise ``Cancelled`` if cancelled, ``_Dropped`` if nothing moved for too long."""
+        _check_cancel(self.cancel)
+        if time.monotonic() - self._last > self.patience:
+            raise _Dropped(f"nothing moved for {self.patience:g} seconds")
+
+    # -- sending
+
+    def send_all(self, data: bytes | memoryview) -> None:
+        """Send every byte. On TLS a timed-out write is retried with the same buffer, as OpenSSL requires."""
+        view = memoryview(data)
+        while len(view):
+            self.check()
+            try:
+                n = self.sock.send(view)
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                raise self._broken(exc) from None
+            view = view[n:]
+            self._moved()
+
+    def send_body(self, f: BinaryIO, offset: int, count: int, on_sent: Callable[[int], None]) -> None:
+        """Send ``count`` bytes of ``f`` from ``offset``, calling ``on_sent(n)`` as they go out."""
+        self.patience = self.stall_timeout
+        if self.tls:
+            self._send_body_buffered(f, offset, count, on_sent)
+        else:
+            self._send_body_sendfile(f, offset, count, on_sent)
+
+    def _send_body_sendfile(self, f: BinaryIO, offset: int, count: int, on_sent: Callable[[int], None]) -> None:
+        pos, end, piece = offset, offset + count, CHUNK
+        while pos < end:
+            self.check()
+            self.check_early_reply()
+            want = min(piece, end - pos)
+            started = time.monotonic()
+            f.seek(pos)
+            error: OSError | None = None
+            short = False
+            try:
+                short = self.sock.sendfile(f, pos, want) < want  # only at end of file
+            except TimeoutError:
+                pass
+            except OSError as exc:
+                error = exc
+            n = f.tell() - pos  # sendfile leaves the position after the last byte sent
+            if n:
+                pos += n
+                self._moved()
+                on_sent(n)
+            if error is not None:
+                raise self._broken(error) from None
+            if short:
+                raise _shrank(pos)
+            # pieces of about a quarter second: prompt cancellation and progress at any speed
+            elapsed = time.monotonic() - started
+            if n == want and elapsed < 0.1:
+                piece = min(piece * 2, _MAX_PIECE)
+            elif elapsed > 0.5:
+                piece = max(piece // 2, _MIN_PIECE)
+
+    def _send_body_buffered(self, f: BinaryIO, offset: int, count: int, on_sent: Callable[[int], None]) -> None:
+        buf = memoryview(bytearray(CHUNK))
+        fd = f.fileno()
+        pos, end = offset, offset + count
+        while pos < end:
+            self.check_early_reply()
+            n = os.preadv(fd, [buf[: min(CHUNK, end - pos)]], pos)
+            if not n:
+                raise _shrank(pos)
+            self.send_all(buf[:n])
+            pos += n
+            on_sent(n)
+
+    # -- receiving
+
+    def check_early_reply(self) -> None:
+        """An ERR sent while we are still sending (taken-over, no-space, idle-timeout) ends the body early."""
+        if not (self.tls and self.sock.pending()):
+            try:
+                readable, _, _ = select.select([self.sock], [], [], 0)
+            except (OSError, ValueError):
+                return
+            if not readable:
+                return
+        self.sock.setblocking(False)
+        try:
+            data = self.sock.recv(CHUNK)
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return  # e.g. a TLS 1.3 session ticket: no application data
+        except OSError as exc:
+            raise self._broken(exc) from None
+        finally:
+            self.sock.settimeout(POLL_SECONDS)
+        self.conn.receive_data(data)
+        event = self.conn.next_event()
+        if event is not wire.NEED_DATA:
+            raise _reply_error(event)
+
+    def next_event(self) -> Any:
+        """The next reply or body event, reading as needed."""
+        while True:
+            event = self.conn.next_event()
+            if event is not wire.NEED_DATA:
+                return event
+            self.check()
+            try:
+                data = self.sock.recv(CHUNK)
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                raise self._broken(exc) from None
+            self._moved()
+            self.conn.receive_data(data)
+
+    def expect(self, kind: type, patience: float | None = None) -> Any:
+        """The next event, which must be a ``kind``; anything else raises."""
+        self.patience = max(self.stall_timeout, patience or 0.0)
+        self._moved()
+        event = self.next_event()
+        if isinstance(event, kind):
+            return event
+        raise _reply_error(event)
+
+    def _broken(self, exc: OSError) -> Exception:
+        """The socket failed: an ERR line the server sent before closing explains it, if we can still read it."""
+        if self.conn.state is wire.ClientState.SENDING:
+            try:
+                self.sock.setblocking(False)
+                for _ in range(4):  # an ERR line is short; a few reads find it or nothing
+                    data = self.sock.recv(CHUNK)
+                    self.conn.receive_data(data)
+                    if not data:
+                        break
+            except (OSError, ValueError, RuntimeError):
+                pass
+            event = self.conn.next_event()
+            if isinstance(event, wire.ServerError):
+                return _reply_error(event)
+        return _Dropped(f"connection lost: {exc.strerror or exc}")
+
+
+def _shrank(pos: int) -> FiledockError:
+    return FiledockError(ErrorCode.SIZE_MISMATCH, f"the local file ended at byte {pos}: it shrank while being sent")
+
+
+class _LocalDigest:
+    """CRC-32 and content digest of a file's first ``size`` bytes, computed once in a thread.
+
+    Reads sequentially with ``pread`` on the caller's descriptor (so it never moves
+    the position ``sendfile`` uses), through one 1 MiB buffer.
+    """
+
+    def __init__(self, f: BinaryIO, size: int, label: str) -> None:
+        self._fd = f.fileno()
+        self._size = size
+        self._stop = threading.Event()
+        self._done = threading.Event()
+        self._hasher: ContentHasher | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"filedock-hash-{label}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            buf = memoryview(bytearray(CHUNK))
+            hasher = ContentHasher()
+            while hasher.offset < self._size:
+                if self._stop.is_set():
+                    return
+                n = os.preadv(self._fd, [buf[: min(CHUNK, self._size - hasher.offset)]], hasher.offset)
+                if not n:
+                    raise _shrank(hasher.offset)
+                hasher.update(buf[:n])
+            self._hasher = hasher
+        except BaseException as exc:  # handed to the waiting caller
+            self._error = exc
+        finally:
+            self._done.set()
+
+    def wait(self, timeout: float) -> ContentHasher | None:
+        """The finished hasher, or None if it is still running after ``timeout`` seconds."""
+        if not self._done.wait(timeout):
+            return None
+        if self._error is not None:
+            raise self._error
+        return self._hasher
+
+    def wait_cancellable(self, cancel: threading.Event | None) -> ContentHasher:
+        """The finished hasher, however long it takes, unless cancelled."""
+        while True:
+            _check_cancel(cancel)
+            hasher = self.wait(POLL_SECONDS)
+            if hasher is not None:
+                return hasher
+
+    def stop(self) -> None:
+        """Stop reading (within one chunk) and wait for the thread."""
+        self._stop.set()
+        self._thread.join()
+
+
+@dataclass
+class _Upload(_Attempts):
+    """One ``upload_file`` call's running totals across connections."""
+
+    resumed_from: int | None = None
+    sent: int = 0
+
+
+@dataclass
+class _Download(_Attempts):
+    """One ``download_file`` call's state across connections."""
+
+    hasher: ContentHasher | None = None
+    resumed_from: int = 0
+    received: int = 0
+    start: wire.DownloadStart | None = None
+
+
+class DataPortClient:
+    """Blocking uploads and downloads of single files through a filedock data port.
+
+    ``ssl_context`` switches to TLS (the server name checked is ``host``).
+    ``attempts`` is how many connections in a row may fail without moving a byte
+    before a transfer gives up; a connection that moved bytes resets the count.
+    ``stall_timeout`` is how long a connection may move nothing while sending or
+    receiving before it is abandoned for a new one. Instances hold no per-transfer
+    state: one client may serve several threads.
+    """
+
+    def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None,
+                 stall_timeout: float = 60.0, attempts: int = 5, backoff: float = 0.5) -> None:
+        self.host = host
+        self.port = port
+        self.ssl_context = ssl_context
+        self.stall_timeout = stall_timeout
+        self.attempts = max(1, attempts)
+        self.backoff = backoff
+
+    def __repr__(self) -> str:
+        return f"DataPortClient({self.host!r}, {self.port}, tls={self.ssl_context is not None})"
+
+    # ------------------------------------------------------------ upload
+
+    def upload_file(self, session_key: str, file_key: str, path: str | os.PathLike, *, name: str | None = None,
+                    progress: ProgressCallback | None = None,
+                    cancel: threading.Event | None = None) -> UploadResult:
+        """Upload ``path`` as declared file ``file_key``, from wherever the server's durable copy ends.
+
+        Returns a result with ``state == "complete"`` only after ``STORED`` and only if
+        the server's size, CRC-32 and digest equal the local ones. Raises
+        ``FiledockError`` (the server's code, or ``digest-mismatch``) or ``Cancelled``;
+        the server keeps the partial either way except after ``digest-mismatch``.
+        A file complete on the server already is verified, not sent again.
+        """
+        name = name if name is not None else Path(path).name
+        report = _reporter(progress)
+        _check_cancel(cancel)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                size = os.fstat(f.fileno()).st_size
+                local = _LocalDigest(f, size, short_key(file_key))
+                try:
+                    return self._upload(session_key, file_key, f, size, name, local, report, cancel)
+                finally:
+                    local.stop()
+        except KeyboardInterrupt:
+            raise Cancelled("interrupted") from None
+
+    def _upload(self, session_key: str, file_key: str, f: BinaryIO, size: int, name: str,
+                local: _LocalDigest, report: ProgressCallback, cancel: threading.Event | None) -> UploadResult:
+        state = _Upload()
+        try:
+            stored = self._retrying(cancel, state, lambda link: self._upload_step(
+                link, session_key, file_key, f, size, local, state, report))
+        except FiledockError as exc:
+            if exc.code is not ErrorCode.ALREADY_COMPLETE:
+                raise _explained(exc, name)
+            # complete already (by us, with STORED lost in a drop, or by an earlier run): ask its values
+            stored = self._retrying(cancel, state, lambda link: self._complete_values(
+                link, session_key, file_key, size))
+            if state.resumed_from is None:
+                state.resumed_from = size
+            report(SENT, size, size)
+        hasher = local.wait_cancellable(cancel)
+        report(DURABLE, size, size)
+        crc, digest = hasher.crc32, hasher.hexdigest()
+        if (stored.size, stored.crc32, stored.digest) != (size, crc, digest):
+            raise FiledockError(ErrorCode.DIGEST_MISMATCH,
+                                f"{name}: the server stored {stored.size} bytes with CRC-32 "
+                                f"{wire.format_crc(stored.crc32)} and digest {stored.digest}, but the local "
+                                f"file has {size} bytes, CRC-32 {wire.format_crc(crc)}, digest {digest}")
+        report(VERIFIED, size, size)
+        return UploadResult(name=name, size=size, key=file_key, resumed_from=state.resumed_from or 0,
+                            sent=state.sent, crc32=crc, digest=digest, state="complete")
+
+    def _upload_step(self, link: _Link, session_key: str, file_key: str, f: BinaryIO, size: int,
+                     local: _LocalDigest, state: _Upload, report: ProgressCallback) -> wire.Stored:
+        link.send_all(link.conn.upload(session_key, file_key, size))
+        offset = link.expect(wire.Offset, REPLY_PATIENCE).offset
+        if state.resumed_from is None:
+            state.resumed_from = offset
+        report(SENT, offset, size)
+        done = offset
+
+        def sent(n: int) -> None:
+            nonlocal done
+            done += n
+            state.sent += n
+            state.moved = True
+            report(SENT, done, size)
+
+        link.send_body(f, offset, size - offset, sent)
+        hasher = local.wait(min(HASH_WAIT, self.stall_timeout))
+        if hasher is None:
+            # the body is out but our digest is not ready (a resume after a long prefix): the server
+            # would time the silent connection out; let it checkpoint everything, come back later
+            log.info("body of %s sent; waiting for the local digest before DONE", short_key(file_key))
+            link.close()
+            local.wait_cancellable(link.cancel)
+            raise _Reconnect()
+        link.send_all(link.conn.done(hasher.hexdigest()))
+        return link.expect(wire.Stored, REPLY_PATIENCE)
+
+    def _complete_values(self, link: _Link, session_key: str, file_key: str, size: int) -> wire.Stored:
+        """The size, CRC-32 and digest the server recorded for a complete file (a GET of zero bytes)."""
+        link.send_all(link.conn.download(session_key, file_key, size))
+        start = link.expect(wire.DownloadStart, REPLY_PATIENCE)
+        return wire.Stored(start.size, start.crc32, start.digest)
+
+    def abort_file(self, session_key: str, file_key: str, *, cancel: threading.Event | None = None) -> None:
+        """Give up an upload: the server deletes the partial and the file starts again from 0."""
+        def step(link: _Link) -> None:
+            link.send_all(link.conn.abort(session_key, file_key))
+            link.expect(wire.Aborted, REPLY_PATIENCE)
+
+        try:
+            self._retrying(cancel, _Attempts(), step)
+        except KeyboardInterrupt:
+            raise Cancelled("interrupted") from None
+
+    # ------------------------------------------------------------ download
+
+    def download_file(self, session_key: str, file_key: str, dest: str | os.PathLike, *,
+                      progress: ProgressCallback | None = None,
+                      cancel: threading.Event | None = None) -> UploadResult:
+        """Download a complete file to ``dest``, resuming ``dest + ".part"`` if an earlier call left one.
+
+        The bytes already in the ``.part`` are hashed once, the new ones as they
+        arrive; ``dest`` appears (fsync'd, renamed) only if size, CRC-32 and digest
+        equal the server's. On a mismatch the ``.part`` is deleted and
+        ``FiledockError(digest-mismatch)`` raised. Progress reports ``sent`` for bytes
+        received, then ``durable`` and ``verified``.
+        """
+        dest = Path(dest)
+        part = dest.with_name(dest.name + ".part")
+        report = _reporter(progress)
+        _check_cancel(cancel)
+        try:
+            fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
+            with open(fd, "r+b", buffering=0) as f:
+                state = _Download(hasher=_hash_prefix(f, cancel))
+                state.resumed_from = state.hasher.offset
+                start = self._retrying(cancel, state, lambda link: self._download_step(
+                    link, session_key, file_key, f, state, report))
+                self._verify_download(start, state, part, dest)
+                os.fsync(f.fileno())
+            os.replace(part, dest)
+            _fsync_dir(dest.parent)
+        except KeyboardInterrupt:
+            raise Cancelled("interrupted") from None
+        report(DURABLE, start.size, start.size)
+        report(VERIFIED, start.size, start.size)
+        return UploadResult(name=dest.name, size=start.size, key=file_key, resumed_from=state.resumed_from,
+                            sent=state.received, crc32=start.crc32, digest=start.digest, state="complete")
+
+    def _download_step(self, link: _Link, session_key: str, file_key: str, f: BinaryIO, state: _Download,
+                       report: ProgressCallback) -> wire.DownloadStart:
+        link.send_all(link.conn.download(session_key, file_key, state.hasher.offset))
+        try:
+            start = link.expect(wire.DownloadStart, REPLY_PATIENCE)
+        except FiledockError as exc:
+            if exc.code is ErrorCode.BAD_OFFSET and state.hasher.offset:
+                _restart(f, state)  # our .part is longer than the file: not a prefix of it
+                raise _Reconnect() from None
+            raise
+        if state.start is not None and (start.size, start.digest) != (state.start.size, state.start.digest):
+            _restart(f, state)  # the server's file changed between connections
+            raise _Reconnect()
+        state.start = start
+        link.patience = link.stall_timeout
+        fd = f.fileno()
+        report(SENT, state.hasher.offset, start.size)
+        while True:
+            event = link.next_event()
+            if isinstance(event, wire.Data):
+                view = memoryview(event.data)
+                while len(view):
+                    view = view[os.write(fd, view):]
+                state.hasher.update(event.data)
+                state.received += len(event.data)
+                state.moved = True
+                report(SENT, state.hasher.offset, start.size)
+            elif isinstance(event, wire.BodyComplete):
+                return start
+            else:
+                raise _reply_error(event)
+
+    @staticmethod
+    def _verify_download(start: wire.DownloadStart, state: _Download, part: Path, dest: Path) -> None:
+        hasher = state.hasher
+        ours = (hasher.offset, hasher.crc32, hasher.hexdigest())
+        if ours != (start.size, start.crc32, start.digest):
+            part.unlink(missing_ok=True)
+            raise FiledockError(ErrorCode.DIGEST_MISMATCH,
+                                f"{dest.name}: received {ours[0]} bytes with CRC-32 {wire.format_crc(ours[1])} "
+                                f"and digest {ours[2]}, but the server has {start.size} bytes, CRC-32 "
+                                f"{wire.format_crc(start.crc32)}, digest {start.digest}; the partial download "
+                                f"({state.resumed_from} bytes resumed) was deleted, download again")
+
+    # ------------------------------------------------------------ connections and retries
+
+    def _connect(self, cancel: threading.Event | None) -> _Link:
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=min(self.stall_timeout, 30.0))
+        except OSError as exc:
+            raise _Dropped(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from None
+        try:
+            _tune_socket(sock)
+            if self.ssl_context is not None:
+                sock = self.ssl_context.wrap_socket(sock, server_hostname=self.host)
+        except ssl.SSLCertVerificationError as exc:
+            sock.close()
+            raise FiledockError(ErrorCode.UNAUTHORIZED,
+                                f"TLS: the data port {self.host}:{self.port} failed verification: "
+                                f"{exc.verify_message}") from None
+        except OSError as exc:
+            sock.close()
+            raise _Dropped(f"TLS handshake with {self.host}:{self.port} failed: {exc}") from None
+        return _Link(sock, cancel, self.stall_timeout)
+
+    def _retrying(self, cancel: threading.Event | None, state: _Attempts, step: Callable[[_Link], Any]) -> Any:
+        """``step(link)`` on new connections until it returns; drops are retried with backoff."""
+        failures = 0
+        while True:
+            _check_cancel(cancel)
+            state.moved = False
+            link: _Link | None = None
+            try:
+                link = self._connect(cancel)
+                return step(link)
+            except _Reconnect:
+                continue
+            except _Dropped as exc:
+                failures = 1 if state.moved else failures + 1
+                if failures >= self.attempts:
+                    raise FiledockError(exc.code, f"{exc.message} (gave up after {failures} "
+                                                  f"attempt{'s' if failures > 1 else ''} in a row)") from None
+                delay = min(MAX_BACKOFF, self.backoff * 2 ** (failures - 1)) * random.uniform(0.5, 1.5)
+                log.info("%s; reconnecting in %.1fs (attempt %d of %d)", exc.message, delay,
+                         failures + 1, self.attempts)
+            finally:
+                if link is not None:
+                    link.close()
+            _sleep(delay, cancel)
+
+
+def _explained(exc: FiledockError, name: str) -> FiledockError:
+    """A server refusal with the file's name in it (and what to do, where there is something to do)."""
+    hint = {ErrorCode.DIGEST_MISMATCH: " (the stored partial did not match the local file)"}.get(exc.code, "")
+    return FiledockError(exc.code, f"{name}: {exc.message}{hint}")
+
+
+def _sleep(seconds: float, cancel: threading.Event | None) -> None:
+    if cancel is None:
+        time.sleep(seconds)
+    elif cancel.wait(seconds):
+        raise Cancelled("cancelled")
+
+
+def _hash_prefix(f: BinaryIO, cancel: threading.Event | None) -> ContentHasher:
+    """Hash the bytes already downloaded (once), leaving the position at their end."""
+    hasher = ContentHasher()
+    buf = memoryview(bytearray(CHUNK))
+    while True:
+        _check_cancel(cancel)
+        n = f.readinto(buf)
+        if not n:
+            return hasher
+        hasher.update(buf[:n])
+
+
+def _restart(f: BinaryIO, state: _Download) -> None:
+    log.info("the partial download is not a prefix of the server's file; starting again from 0")
+    f.truncate(0)
+    f.seek(0)
+    state.hasher = ContentHasher()
+    state.resumed_from = 0
+    state.start = None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

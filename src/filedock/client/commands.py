@@ -1,0 +1,307 @@
+"""The client's transfer commands: ``filedock upload``, ``filedock download``, ``filedock status``.
+
+``filedock.cli`` adds them through ``add_parsers``. Progress bars and tables go
+through rich (bars on stderr, so stdout holds only the result); ``--json`` prints
+one JSON object per line per file instead. Exit status: 0 all files done, 1 any
+failure (each printed as ``error: <code>: <message>`` on stderr), 130 on Ctrl-C,
+after which running the same command again resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import threading
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable
+
+from filedock.client.model import SENT, VERIFIED, Cancelled, UploadResult
+from filedock.errors import ErrorCode, FiledockError
+
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+RESUME_HINT = "cancelled: the server keeps what it received; run the same command again to resume"
+
+
+def add_parsers(sub: Any, client_flags: Callable[[argparse.ArgumentParser], None]) -> None:
+    """Add ``upload``, ``download`` and ``status`` to the ``filedock`` command's subparsers."""
+    p = sub.add_parser("upload", help="upload files and directories into a job (resumable, verified)",
+                       description="Upload files and directories into a job. Directories are walked; "
+                                   "their files are named by their path under the directory. Run the "
+                                   "same command again after an interruption to resume.")
+    p.add_argument("paths", nargs="+", metavar="FILE_OR_DIR", type=Path)
+    p.add_argument("--job", required=True, metavar="JOB", help="job id or name")
+    p.add_argument("--create", action="store_true", help="create the job if there is none of that name")
+    p.add_argument("--parallel", type=_positive(int), default=1, metavar="N",
+                   help="files sent at once (default 1: one after another)")
+    _transfer_flags(p)
+    client_flags(p)
+    p.set_defaults(func=cmd_upload)
+
+    p = sub.add_parser("download", help="download a complete file of a job (resumable, verified)")
+    p.add_argument("--job", required=True, metavar="JOB", help="job id or name")
+    p.add_argument("name", metavar="NAME", help="the file's name in the job")
+    p.add_argument("dest", metavar="DEST", type=Path, help="where to write it (a directory: under its name)")
+    _transfer_flags(p)
+    client_flags(p)
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("status", help="uploads in progress on the server")
+    client_flags(p)
+    p.set_defaults(func=cmd_status)
+
+
+def _transfer_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--attempts", type=_positive(int), default=5, metavar="N",
+                   help="connections in a row that may fail without progress before giving up (default 5)")
+    p.add_argument("--stall-timeout", type=_positive(float), default=60.0, metavar="S",
+                   help="seconds without progress before reconnecting (default 60)")
+
+
+def _positive(kind: type) -> Callable[[str], Any]:
+    def parse(raw: str) -> Any:
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {raw!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be more than 0: {raw!r}")
+        return value
+
+    return parse
+
+
+def _local_errors(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Local I/O failures (unreadable file, unwritable destination) as error lines, not tracebacks."""
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise FiledockError(ErrorCode.INTERNAL_ERROR, f"{where}{exc.strerror or exc}") from None
+
+    return run
+
+
+def _data_client(api: Any, args: argparse.Namespace):
+    from filedock.client.uploader import data_client_for
+
+    return data_client_for(api, stall_timeout=args.stall_timeout, attempts=args.attempts)
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _print_error(code: str, message: str) -> None:
+    print(f"error: {code}: {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- upload
+
+
+@_local_errors
+def cmd_upload(args: argparse.Namespace) -> int:
+    from filedock.cli import api_client
+    from filedock.client.uploader import JobUploader
+
+    api = api_client(args)
+    uploader = JobUploader(api)
+    plan = uploader.prepare(args.job, args.paths, create=args.create)
+    uploader.data_client = _data_client(api, args)
+    view = _JsonLines() if args.json else _UploadBars(plan)
+    try:
+        with view:
+            results = uploader.run(plan, parallel=args.parallel, progress=view.progress,
+                                   cancel=threading.Event(), on_result=view.result)
+    except (Cancelled, KeyboardInterrupt):
+        print(RESUME_HINT, file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    failed = [r for r in results if r.state != "complete"]
+    for r in failed:
+        _print_error(r.state, r.message or f"{r.name}: not uploaded")
+    if not args.json:
+        _print_summary(plan.job, results)
+    return EXIT_FAILED if failed else 0
+
+
+class _JsonLines:
+    """``--json``: one object per file on stdout, as each file ends; no bars."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> "_JsonLines":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+    def progress(self, name: str, stage: str, done: int, total: int) -> None:
+        pass
+
+    def result(self, result: UploadResult) -> None:
+        line = json.dumps(result.to_json(), sort_keys=True)
+        with self._lock:
+            print(line, flush=True)
+
+
+class _UploadBars:
+    """One bar per file and one for the job: bytes, rate, time left (on stderr)."""
+
+    def __init__(self, plan: Any) -> None:
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                   TransferSpeedColumn)
+
+        self.bars = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                             TransferSpeedColumn(), TimeRemainingColumn(), console=_stderr_console())
+        self._lock = threading.Lock()
+        self._done = {f.local.name: min(f.received, f.local.size) for f in plan.files}
+        self._tasks = {f.local.name: self.bars.add_task(_label(f.local.name), total=f.local.size,
+                                                        completed=self._done[f.local.name])
+                       for f in plan.files}
+        self._job = self.bars.add_task(f"[bold]job {_label(plan.job['name'])}", total=plan.total_bytes,
+                                       completed=sum(self._done.values()))
+
+    def __enter__(self) -> "_UploadBars":
+        self.bars.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bars.stop()
+
+    def progress(self, name: str, stage: str, done: int, total: int) -> None:
+        task = self._tasks[name]
+        if stage == SENT:
+            with self._lock:
+                delta, self._done[name] = done - self._done[name], done
+            self.bars.update(task, completed=done)
+            self.bars.advance(self._job, delta)
+        elif stage == VERIFIED:
+            self.bars.update(task, description=f"[green]✓[/] {_label(name)}")
+
+    def result(self, result: UploadResult) -> None:
+        if result.state != "complete":
+            self.bars.update(self._tasks[result.name], description=f"[red]✗[/] {_label(result.name)}")
+
+
+def _label(name: str, width: int = 40) -> str:
+    from rich.markup import escape
+
+    return escape(name if len(name) <= width else "…" + name[-(width - 1):])
+
+
+def _print_summary(job: dict[str, Any], results: list[UploadResult]) -> None:
+    from rich.console import Console
+    from rich.filesize import decimal
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=escape(f"job {job['name']} ({job['id']})"))
+    for column in ("file", "size", "state", "resumed from", "sent", "crc32", "digest"):
+        table.add_column(column, justify="right" if column in ("size", "resumed from", "sent") else "left")
+    for r in results:
+        ok = r.state == "complete"
+        table.add_row(escape(r.name), decimal(r.size), f"[green]{r.state}[/]" if ok else f"[red]{r.state}[/]",
+                      decimal(r.resumed_from), decimal(r.sent), r.to_json()["crc32"] or "-",
+                      (r.digest[:16] + "…") if r.digest else "-")
+    total = sum(r.size for r in results)
+    sent = sum(r.sent for r in results)
+    complete = sum(r.state == "complete" for r in results)
+    table.caption = f"{complete}/{len(results)} files complete, {decimal(total)} in the job, {decimal(sent)} sent now"
+    Console().print(table)
+
+
+# ---------------------------------------------------------------- download
+
+
+@_local_errors
+def cmd_download(args: argparse.Namespace) -> int:
+    from filedock.cli import api_client
+
+    api = api_client(args)
+    job = api.job(args.job)
+    record = next((f for f in job.get("files", []) if f["name"] == args.name), None)
+    if record is None:
+        raise FiledockError(ErrorCode.NOT_FOUND, f"job {job['name']!r} has no file named {args.name!r}")
+    if record["state"] != "complete":
+        raise FiledockError(ErrorCode.NOT_COMPLETE, f"{args.name!r} is not complete yet "
+                                                    f"({record['received']} of {record['size']} bytes)")
+    dest = args.dest / PurePosixPath(args.name).name if args.dest.is_dir() else args.dest
+    data = _data_client(api, args)
+    session = api.open_session(job["id"])
+    try:
+        result = _download_with_bar(data, session["key"], record, dest, quiet=args.json)
+    except (Cancelled, KeyboardInterrupt):
+        print(f"cancelled: {dest}.part is kept; run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        try:
+            api.close_session(session["key"])
+        except FiledockError:
+            pass  # it expires on its own
+    result.name = args.name
+    if args.json:
+        print(json.dumps(result.to_json() | {"path": str(dest)}, sort_keys=True))
+    else:
+        print(f"{args.name} -> {dest}: {result.size} bytes, crc32 {result.to_json()['crc32']}, "
+              f"digest {result.digest} (verified; {result.sent} bytes received, {result.resumed_from} resumed)")
+    return 0
+
+
+def _download_with_bar(data: Any, session_key: str, record: dict[str, Any], dest: Path,
+                       quiet: bool) -> UploadResult:
+    if quiet:
+        return data.download_file(session_key, record["key"], dest, cancel=threading.Event())
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+
+    bars = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                    TransferSpeedColumn(), TimeRemainingColumn(), console=_stderr_console())
+    task = bars.add_task(_label(record["name"]), total=record["size"])
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage == SENT:
+            bars.update(task, completed=done, total=total)
+        elif stage == VERIFIED:
+            bars.update(task, description=f"[green]✓[/] {_label(record['name'])}")
+
+    with bars:
+        return data.download_file(session_key, record["key"], dest, progress=progress, cancel=threading.Event())
+
+
+# ---------------------------------------------------------------- status
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from filedock.cli import api_client, emit
+
+    payload = api_client(args).get("/v1/uploads")
+    uploads = payload.get("uploads", []) if isinstance(payload, dict) else payload
+    emit(args, {"uploads": uploads}, _print_uploads)
+    return 0
+
+
+def _print_uploads(payload: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.filesize import decimal
+    from rich.table import Table
+
+    uploads = payload["uploads"]
+    if not uploads:
+        Console().print("no uploads in progress")
+        return
+    table = Table("job", "file", "key", "received", "size", "%", "resumed from", "rate", "seconds")
+    for u in uploads:
+        size, received, seconds = u.get("size", 0), u.get("received", 0), u.get("seconds", 0.0)
+        rate = (received - u.get("resumed_from", 0)) / seconds if seconds else 0.0
+        table.add_row(str(u.get("job", ""))[:8], str(u.get("name", "")), str(u.get("key", "")), decimal(received),
+                      decimal(size), f"{100 * received / size:.1f}" if size else "100.0",
+                      decimal(u.get("resumed_from", 0)), f"{decimal(int(rate))}/s", f"{seconds:.0f}")
+    Console().print(table)

@@ -1,0 +1,316 @@
+"""The blocking job uploader: local files and directories into one job, resumably.
+
+``JobUploader.upload`` is what ``filedock upload`` runs: find (or create) the job,
+declare the files (reusing a declared file of the same name and size, which is how
+a second run after a crash or Ctrl-C resumes), open a session, send the files one
+after another or several at once, close the session. The data port's address comes
+from ``GET /v1/info``, so callers only know the API URL.
+
+File names are data on the server, never paths: a file given directly is named by
+its last path component, a file found under a given directory by its path relative
+to that directory, with ``/`` separators.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import ssl
+import threading
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Iterable
+
+from filedock.client.blocking import DataPortClient
+from filedock.client.http import ApiClient
+from filedock.client.model import DURABLE, SENT, VERIFIED, Cancelled, UploadResult
+from filedock.digest import hash_file
+from filedock.errors import ErrorCode, FiledockError
+from filedock.wire import format_crc
+
+log = logging.getLogger("filedock.client")
+
+JobProgress = Callable[[str, str, int, int], None]
+"""``progress(name, stage, done_bytes, total_bytes)`` for each file of a job."""
+
+ResultCallback = Callable[[UploadResult], None]
+"""Called once per file as soon as its result is known (from a worker thread when parallel)."""
+
+DECLARE_BATCH = 1000
+"""Most files declared in one API request (the API's own limit)."""
+
+_ANY_ADDRESS = ("", "0.0.0.0", "::")
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    """A file to upload: where it is here, what it is called in the job, how big it is."""
+
+    path: Path
+    name: str
+    size: int
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    """A local file matched to its declared file on the server, as the server saw it when planned."""
+
+    local: LocalFile
+    key: str
+    state: str
+    received: int = 0
+    crc32: str | None = None
+    digest: str | None = None
+
+
+@dataclass(frozen=True)
+class UploadPlan:
+    """A resolved job and the files to put into it, in order."""
+
+    job: dict[str, Any]
+    files: list[PlannedFile]
+
+    @property
+    def job_id(self) -> str:
+        return self.job["id"]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.local.size for f in self.files)
+
+
+def collect_files(paths: Iterable[str | os.PathLike]) -> list[LocalFile]:
+    """The regular files the paths name, directories expanded (sorted; symlinked directories not followed).
+
+    Raises ``FiledockError(not-found)`` for a path that does not exist and
+    ``FiledockError(conflict)`` if two files would get the same name in the job.
+    """
+    found: list[LocalFile] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found.extend(_walk(path))
+        elif path.is_file():
+            found.append(LocalFile(path, path.name, path.stat().st_size))
+        elif path.exists():
+            raise FiledockError(ErrorCode.BAD_REQUEST, f"{path}: not a regular file or directory")
+        else:
+            raise FiledockError(ErrorCode.NOT_FOUND, f"{path}: no such file or directory")
+    seen: dict[str, Path] = {}
+    for local in found:
+        if local.name in seen:
+            raise FiledockError(ErrorCode.CONFLICT, f"{seen[local.name]} and {local.path} would both be "
+                                                    f"named {local.name!r} in the job")
+        seen[local.name] = local.path
+    return found
+
+
+def _walk(root: Path) -> Iterable[LocalFile]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for filename in sorted(filenames):
+            path = Path(dirpath, filename)
+            if not path.is_file():
+                continue  # sockets, FIFOs, dangling links: nothing to upload
+            relative = PurePosixPath(*path.relative_to(root).parts)
+            yield LocalFile(path, str(relative), path.stat().st_size)
+
+
+def data_client_for(api: ApiClient, *, stall_timeout: float = 60.0, attempts: int = 5,
+                    backoff: float = 0.5) -> DataPortClient:
+    """A data-port client for the address the server gives in ``GET /v1/info``.
+
+    A server listening on every interface reports an unspecified address; the API's
+    host is used then. TLS on the data port reuses the API client's trust roots.
+    """
+    info = api.info()
+    port = info.get("data_port") or {}
+    host = port.get("host") or ""
+    if host in _ANY_ADDRESS:
+        host = api.host
+    context = None
+    if port.get("tls"):
+        context = api.ssl_context or ssl.create_default_context()
+    return DataPortClient(host, int(port["port"]), ssl_context=context, stall_timeout=stall_timeout,
+                          attempts=attempts, backoff=backoff)
+
+
+class JobUploader:
+    """Uploads local files and directories into a job through the control API and the data port.
+
+    ``data_client`` defaults to one built from ``GET /v1/info`` when first needed.
+    """
+
+    def __init__(self, api: ApiClient, data_client: DataPortClient | None = None) -> None:
+        self.api = api
+        self.data_client = data_client
+
+    def upload(self, job: str, paths: list[Path], *, create: bool = False, parallel: int = 1,
+               progress: JobProgress | None = None, cancel: threading.Event | None = None) -> list[UploadResult]:
+        """Upload ``paths`` into ``job`` (an id or a name); one result per file, in order.
+
+        A file that fails gets a result whose ``state`` is the error code (and
+        ``message`` says why); the others carry on. Raises ``FiledockError`` when the
+        job cannot be resolved or the files cannot be declared, ``Cancelled`` on
+        ``cancel.set()`` or Ctrl-C (the server keeps the partials: run again to resume).
+        """
+        plan = self.prepare(job, paths, create=create)
+        return self.run(plan, parallel=parallel, progress=progress, cancel=cancel)
+
+    # ------------------------------------------------------------ planning
+
+    def prepare(self, job: str, paths: Iterable[str | os.PathLike], *, create: bool = False) -> UploadPlan:
+        """Resolve the job, find the local files and declare those the job lacks."""
+        local = collect_files(paths)
+        record = self._resolve_job(job, create)
+        declared = {f["name"]: f for f in record.get("files", [])}
+        missing = []
+        for item in local:
+            existing = declared.get(item.name)
+            if existing is None:
+                missing.append(item)
+            elif existing["size"] != item.size:
+                raise FiledockError(ErrorCode.CONFLICT,
+                                    f"job {record['name']!r} has a file named {item.name!r} of {existing['size']} "
+                                    f"bytes; {item.path} has {item.size} bytes (use another job or name)")
+        for start in range(0, len(missing), DECLARE_BATCH):
+            batch = missing[start:start + DECLARE_BATCH]
+            reply = self.api.post(f"/v1/jobs/{_quote(record['id'])}/files",
+                                  {"files": [{"name": f.name, "size": f.size} for f in batch]})
+            declared.update((f["name"], f) for f in reply["files"])
+        files = [_planned(item, declared[item.name]) for item in local]
+        return UploadPlan(record, files)
+
+    def _resolve_job(self, job: str, create: bool) -> dict[str, Any]:
+        try:
+            return self.api.job(job)
+        except FiledockError as exc:
+            if exc.code is not ErrorCode.NOT_FOUND:
+                raise
+            if not create:
+                raise FiledockError(ErrorCode.NOT_FOUND, f"no job {job!r}; create it with --create") from None
+        created = self.api.create_job(job)
+        log.info("created job %s (%s)", job, created["id"])
+        return self.api.job(created["id"])
+
+    # ------------------------------------------------------------ running
+
+    def run(self, plan: UploadPlan, *, parallel: int = 1, progress: JobProgress | None = None,
+            cancel: threading.Event | None = None, on_result: ResultCallback | None = None) -> list[UploadResult]:
+        """Upload a prepared plan: ``parallel`` files at once (1: one after another, as in 2007)."""
+        cancel = cancel if cancel is not None else threading.Event()
+        report: JobProgress = progress or (lambda name, stage, done, total: None)
+        done: ResultCallback = on_result or (lambda result: None)
+        results: dict[int, UploadResult] = {}
+        todo = []
+        for i, planned in enumerate(plan.files):
+            if planned.state == "complete":
+                results[i] = self._verify_complete(planned, report, cancel)
+                done(results[i])
+            else:
+                todo.append(i)
+        if todo:
+            data = self.data_client or self._default_data_client()
+            session = self.api.open_session(plan.job_id)
+            try:
+                def one(i: int) -> UploadResult:
+                    result = self._upload_one(data, session["key"], plan.files[i], report, cancel)
+                    done(result)
+                    return result
+
+                if parallel <= 1 or len(todo) == 1:
+                    for i in todo:
+                        results[i] = one(i)
+                else:
+                    results.update(_run_threads(one, todo, parallel, cancel))
+            finally:
+                self._close_session(session["key"])
+        return [results[i] for i in range(len(plan.files))]
+
+    def _default_data_client(self) -> DataPortClient:
+        self.data_client = data_client_for(self.api)
+        return self.data_client
+
+    @staticmethod
+    def _upload_one(data: DataPortClient, session_key: str, planned: PlannedFile, report: JobProgress,
+                    cancel: threading.Event) -> UploadResult:
+        local = planned.local
+        try:
+            return data.upload_file(session_key, planned.key, local.path, name=local.name, cancel=cancel,
+                                    progress=lambda stage, done, total: report(local.name, stage, done, total))
+        except FiledockError as exc:
+            return UploadResult(local.name, local.size, planned.key, state=exc.code_str, message=exc.message)
+        except OSError as exc:  # the local file: unreadable, gone
+            return UploadResult(local.name, local.size, planned.key, state=ErrorCode.INTERNAL_ERROR.value,
+                                message=f"{local.path}: {exc.strerror or exc}")
+
+    @staticmethod
+    def _verify_complete(planned: PlannedFile, report: JobProgress, cancel: threading.Event) -> UploadResult:
+        """A file the server holds complete: hash the local one and compare, send nothing."""
+        local = planned.local
+        if cancel.is_set():
+            raise Cancelled("cancelled")
+        try:
+            hasher = hash_file(local.path)
+        except OSError as exc:
+            return UploadResult(local.name, local.size, planned.key, state=ErrorCode.INTERNAL_ERROR.value,
+                                message=f"{local.path}: {exc.strerror or exc}")
+        result = UploadResult(local.name, local.size, planned.key, resumed_from=local.size, sent=0,
+                              crc32=hasher.crc32, digest=hasher.hexdigest())
+        report(local.name, SENT, local.size, local.size)
+        report(local.name, DURABLE, local.size, local.size)
+        if (format_crc(hasher.crc32), result.digest, hasher.offset) != (planned.crc32, planned.digest, local.size):
+            result.state = ErrorCode.DIGEST_MISMATCH.value
+            result.message = (f"{local.name}: the server's complete copy has CRC-32 {planned.crc32} and digest "
+                              f"{planned.digest}; {local.path} has {format_crc(hasher.crc32)} and {result.digest}")
+            return result
+        report(local.name, VERIFIED, local.size, local.size)
+        result.state = "complete"
+        return result
+
+    def _close_session(self, key: str) -> None:
+        try:
+            self.api.close_session(key)
+        except FiledockError as exc:  # the uploads' outcome stands; an unclosed session just expires
+            log.warning("could not close session: %s", exc)
+
+
+def _planned(local: LocalFile, record: dict[str, Any]) -> PlannedFile:
+    return PlannedFile(local, record["key"], record["state"], record.get("received", 0),
+                       record.get("crc32"), record.get("digest"))
+
+
+def _quote(segment: str) -> str:
+    from urllib.parse import quote
+
+    return quote(segment, safe="")
+
+
+def _run_threads(one: Callable[[int], UploadResult], todo: list[int], parallel: int,
+                 cancel: threading.Event) -> dict[int, UploadResult]:
+    """``one(i)`` for each index on ``parallel`` threads; a cancel (or Ctrl-C here) stops them all."""
+    results: dict[int, UploadResult] = {}
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(parallel, len(todo)),
+                                                 thread_name_prefix="filedock-upload")
+    futures = {pool.submit(one, i): i for i in todo}
+    try:
+        pending = set(futures)
+        while pending:
+            finished, pending = concurrent.futures.wait(pending, timeout=0.5,
+                                                        return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in finished:
+                results[futures[future]] = future.result()
+    except Cancelled:
+        cancel.set()
+    except KeyboardInterrupt:
+        cancel.set()
+        raise Cancelled("interrupted") from None
+    except BaseException:
+        cancel.set()  # a bug in one worker: stop the others rather than leave them running
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=cancel.is_set())
+    if cancel.is_set():
+        raise Cancelled("cancelled")
+    return results

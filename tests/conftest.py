@@ -1,0 +1,26 @@
+"""Fixtures shared by the test suites."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def reactor_thread():
+    """The global Twisted reactor, running in a daemon thread for the whole test session.
+
+    Tests talk to it with ``reactor.callFromThread`` and
+    ``twisted.internet.threads.blockingCallFromThread``; anything that touches the
+    reactor (listening, Deferreds, system event triggers) must go through those.
+    The reactor is stopped, and its shutdown triggers run, when the session ends.
+    """
+    from twisted.internet import reactor
+
+    thread = threading.Thread(target=reactor.run, kwargs={"installSignalHandlers": False},
+                              name="twisted-reactor", daemon=True)
+    thread.start()
+    yield reactor
+    reactor.callFromThread(reactor.stop)
+    thread.join(timeout=10)
