@@ -620,7 +620,7 @@ def test_wrong_method_is_405_with_allow(server, method, path, allow):
     assert server.everything() == before
 
 
-@pytest.mark.parametrize("path", ["/", "/v1", "/v1/", "/v1/jobs/", "/v2/jobs", "/v1/jobs/a/b/c",
+@pytest.mark.parametrize("path", ["/index.html", "/v1", "/v1/", "/v1/jobs/", "/v2/jobs", "/v1/jobs/a/b/c",
                                   "/v1/files", "/v1/sessions", "/v1/info/x"])
 def test_unknown_path_is_404(server, path):
     """Paths the API does not have: 404 not-found."""
@@ -764,3 +764,15 @@ def test_hide_keys_and_access_log_line():
         sentLength=10, getClientAddress=lambda: None, getHeader=lambda name: None)
     line = access_log_line("[ts]", request)
     assert key not in line and f"/v1/sessions/{key[:8]}..." in line
+
+
+def test_dashboard_page_is_served_without_data(server):
+    """GET / serves the dashboard page (HTML, strict CSP) without a token; it embeds no job data."""
+    conn = HTTPConnection("127.0.0.1", server.port.getHost().port, timeout=10)
+    conn.request("GET", "/")
+    resp = conn.getresponse()
+    body = resp.read().decode()
+    assert resp.status == 200
+    assert resp.getheader("Content-Type").startswith("text/html")
+    assert "default-src 'none'" in resp.getheader("Content-Security-Policy")
+    assert "<title>filedock</title>" in body and 'fetch(path, { headers: { "Authorization"' in body

@@ -13,11 +13,13 @@ client writing files out under their names cannot be led outside its directory.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import re
 import unicodedata
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import unquote_to_bytes
 
@@ -317,6 +319,11 @@ class ControlAPI:
     def answer(self, request: IRequest) -> None:
         """Answer one request asynchronously; a client gone meanwhile is not an error."""
         exchange = _Exchange(request)
+        if request.method == b"GET" and request.path in (b"/", b"/dashboard"):
+            # the page holds no data: it asks the API, with the token the user types in
+            exchange.send(Reply(200, dashboard_page(), {"Content-Security-Policy": _DASHBOARD_CSP},
+                                "text/html; charset=utf-8"))
+            return
         d = self._dispatch(request)
         d.addCallback(lambda result: Reply(*result))
         d.addErrback(self._refusal, request)
@@ -533,6 +540,16 @@ class ControlAPI:
 
     def _list_uploads(self, _body: None) -> tuple[int, dict[str, Any]]:
         return 200, {"uploads": self.dataport.active_uploads() if self.dataport is not None else []}
+
+
+_DASHBOARD_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                  "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+@functools.lru_cache(maxsize=1)
+def dashboard_page() -> bytes:
+    """The web dashboard: one static page that polls the API."""
+    return (Path(__file__).with_name("dashboard.html")).read_bytes()
 
 
 def _segment(raw: str) -> str:
