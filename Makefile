@@ -6,7 +6,7 @@ DATA_DIR ?= ./filedock-data
 API_LISTEN ?= tcp:7480:interface=127.0.0.1
 DATA_LISTEN ?= tcp:7481:interface=127.0.0.1
 
-.PHONY: run test soak bench install clean
+.PHONY: run test soak e2e bench install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,10 @@ $(VENV)/.installed: pyproject.toml
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+$(VENV)/.installed-e2e: $(VENV)/.installed-test
+	$(PY) -m pip install -q -e '.[e2e]'
 	touch $@
 
 $(VENV)/.installed-bench: $(VENV)/.installed
@@ -28,7 +32,11 @@ run: $(VENV)/.installed
 	$(VENV)/bin/filedock serve --data-dir $(DATA_DIR) --api-listen '$(API_LISTEN)' --data-listen '$(DATA_LISTEN)' --issue-admin-token
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q -m 'not soak'
+	$(PY) -m pytest -q -m 'not soak and not e2e'
+
+e2e: $(VENV)/.installed-e2e
+	@command -v chromium >/dev/null || { echo "make e2e needs Debian's chromium: apt-get install chromium"; exit 1; }
+	$(PY) -m pytest -q -m e2e tests/e2e
 
 soak: $(VENV)/.installed-test
 	$(PY) -m pytest -q -m soak
