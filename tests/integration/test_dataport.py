@@ -288,3 +288,21 @@ def test_sigkill_mid_upload_then_resume_to_a_correct_file(tmp_path):
         sock.sendall(data[offset:] + f"DONE {digest_of(data)}\r\n".encode())
         assert recv_line(sock) == f"STORED {len(data)} {zlib.crc32(data):08x} {digest_of(data)}".encode()
         assert (server.data_dir / "jobs" / job["id"] / key).read_bytes() == data
+
+
+def test_sigterm_checkpoints_uploads_in_flight(tmp_path):
+    """A clean stop (SIGTERM) records every byte received so far, even between checkpoints."""
+    data = os.urandom(6 * 1024 * 1024)
+    with ServerProcess(tmp_path / "data") as server:  # default checkpoint_bytes: far above 1.5 MB
+        job, files, session = server.job_with_files("term", {"f": len(data)})
+        key = files["f"]["key"]
+        sock, line = put(server, session["key"], key, len(data))
+        sock.sendall(data[:1_500_000])
+        wait_for(lambda: server.api.get("/v1/uploads")["uploads"]
+                 and server.api.get("/v1/uploads")["uploads"][0]["received"] == 1_500_000)
+        server.stop()
+        assert server.proc.returncode == 0
+        server.start()
+        assert server.api.file(key)["received"] == 1_500_000
+        sock, line = put(server, session["key"], key, len(data))
+        assert line == b"OFFSET 1500000"

@@ -98,11 +98,22 @@ class FiledockServer:
         api_port = yield api_ep.listen(self.api_site())
         self.api_address = _address(api_port, self.options.api_listen)
         self.events.start()
+        self.reactor.addSystemEventTrigger("before", "shutdown", self.drain)
         self._sweeper.start(self.limits.sweep_interval, now=True).addErrback(
             lambda f: log.failure("sweeper stopped", f))
         host, port, tls = self.api_address
         scheme = "https" if tls else "http"
         return f"{scheme}://{_url_host(host)}:{port}/", self.data_address
+
+    def drain(self, timeout: float = 20.0) -> defer.Deferred:
+        """On shutdown: end every upload so each partial is checkpointed and recorded first."""
+        uploads = list(self.dataport.uploads.values())
+        for proto in uploads:
+            if proto.transport is not None:
+                proto.transport.abortConnection()
+        done = defer.DeferredList([p.released for p in uploads], consumeErrors=True)
+        return done.addTimeout(timeout, self.reactor).addErrback(
+            lambda f: log.warn("shutdown: some uploads did not checkpoint in time"))
 
     @defer.inlineCallbacks
     def sweep(self):
