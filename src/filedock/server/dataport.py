@@ -141,6 +141,7 @@ class DataPortProtocol(Protocol):
         self._last_checkpoint = 0.0
         self._last_activity = 0.0
         self._timer: Any = None
+        self._pauses: set[str] = set()
 
     # ------------------------------------------------------------ Twisted callbacks
 
@@ -210,12 +211,12 @@ class DataPortProtocol(Protocol):
         if d.called and not isinstance(d.result, Failure):
             return
         self._busy = True
-        self._pause()
+        self._pause("step")
 
         def done(_: Any) -> None:
             self._busy = False
             if not self._lost and self.conn.state is not wire.ServerState.CLOSED:
-                self._resume()
+                self._resume("step")
                 self._pump()
 
         def failed(failure: Failure) -> None:
@@ -230,13 +231,23 @@ class DataPortProtocol(Protocol):
         d.addCallbacks(done, failed)
         d.addBoth(lambda _: self._cleanup() if self._lost else None)
 
-    def _pause(self) -> None:
-        if self.transport is not None and not self._lost:
+    def _pause(self, reason: str) -> None:
+        """Stop reading for ``reason`` (a step running, or the hasher behind)."""
+        if not self._pauses and self.transport is not None and not self._lost:
             self.transport.pauseProducing()
+        self._pauses.add(reason)
 
-    def _resume(self) -> None:
-        if self.transport is not None and not self._lost:
+    def _resume(self, reason: str) -> None:
+        """Read again once no reason to pause is left."""
+        self._pauses.discard(reason)
+        if not self._pauses and self.transport is not None and not self._lost:
             self.transport.resumeProducing()
+
+    def _hash_drained(self) -> None:
+        """Called in the reactor thread when the writer's hasher caught up."""
+        if "hashing" in self._pauses:
+            self._resume("hashing")
+            self._pump()
 
     # ------------------------------------------------------------ uploads
 
@@ -254,6 +265,7 @@ class DataPortProtocol(Protocol):
             raise FiledockError(ErrorCode.NO_SPACE, f"the server cannot hold {need} more bytes")
         self.writer = yield f.in_thread(f.blobs.open_partial, target.job_id, target.file_key,
                                         target.received, target.crc32, target.stamp)
+        self.writer.on_drain = lambda: f.reactor.callFromThread(self._hash_drained)
         self.target = target
         self.resumed_from = self.writer.offset
         self.started = time.monotonic()
@@ -288,10 +300,12 @@ class DataPortProtocol(Protocol):
 
     def _on_data(self, data: bytes | memoryview) -> None:
         try:
-            self.writer.write(data)
+            behind = self.writer.write(data)
         except FiledockError as exc:
             self._send_error(exc.code, exc.message)
             return
+        if behind:
+            self._pause("hashing")
         n = len(data)
         self.factory.stats.bytes_received += n
         self._since_checkpoint += n
@@ -303,7 +317,6 @@ class DataPortProtocol(Protocol):
         f, writer, target = self.factory, self.writer, self.target
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
-        snapshot = writer.snapshot()
 
         def record(cp):
             return f.authority.record_progress(target, cp.offset, cp.crc32, cp.stamp)
@@ -312,7 +325,7 @@ class DataPortProtocol(Protocol):
             self._checkpointing = None
             return result
 
-        d = f.in_thread(writer.checkpoint, snapshot).addCallback(record).addBoth(clear)
+        d = f.in_thread(writer.checkpoint).addCallback(record).addBoth(clear)
         self._checkpointing = d
         d.addErrback(lambda fl: log.failure("checkpoint failed", fl))
         return d

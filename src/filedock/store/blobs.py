@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import errno
 import os
+import queue
 import re
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from filedock.digest import BLOCK_HASH_SIZE, BLOCK_SIZE, ContentHasher, hash_stream
 from filedock.errors import ErrorCode, FiledockError
@@ -64,45 +67,96 @@ class Checkpoint:
 
 
 class PartialWriter:
-    """Appends to one ``.part`` file while hashing; made by ``BlobStore.open_partial``.
+    """Appends to one ``.part`` file; a thread of its own hashes what was written.
 
-    ``write`` is cheap and runs on the caller's thread; ``checkpoint``, ``seal`` and
-    ``publish`` fsync and may block, so servers call them off the reactor thread
-    (never concurrently with ``write`` for ``seal``).
+    ``write`` runs on the caller's thread (the reactor's): it writes the bytes and
+    queues them for hashing, so receiving and hashing use two cores. It returns True
+    when more than ``HIGH_WATER`` bytes wait to be hashed: the caller should stop
+    reading until ``on_drain`` is called (from the hashing thread). ``snapshot``,
+    ``checkpoint``, ``seal`` and ``publish`` wait for the hasher or fsync, so servers
+    call them off the reactor thread. Bytes passed to ``write`` must not change later.
     """
+
+    HIGH_WATER = 32 << 20
+    LOW_WATER = 8 << 20
 
     def __init__(self, part: Path, blocks: Path, final: Path, fd: int, blocks_fd: int,
                  hasher: ContentHasher) -> None:
         self.part, self.blocks, self.final = part, blocks, final
         self._fd, self._blocks_fd = fd, blocks_fd
         self.hasher = hasher
+        self.written = hasher.offset
         self.closed = False
+        self.on_drain: Callable[[], None] | None = None
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._queued = 0
+        self._draining = False
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     @property
     def offset(self) -> int:
         """Bytes written so far (durable or not)."""
-        return self.hasher.offset
+        return self.written
 
-    def write(self, data: bytes | memoryview) -> None:
-        """Append bytes; raises ``FiledockError(no-space)`` when the disk is full."""
+    def write(self, data: bytes | memoryview) -> bool:
+        """Append bytes; True means "pause until on_drain". Raises ``FiledockError(no-space)``."""
         view = memoryview(data)
         try:
             while len(view):
                 n = os.write(self._fd, view)
-                self.hasher.update(view[:n])
+                self.written += n
                 view = view[n:]
-            finished = self.hasher.take_finished_blocks()
-            if finished:
-                os.write(self._blocks_fd, finished)
         except OSError as exc:
             raise _no_space(exc) from exc
+        return self._enqueue(data)
+
+    def _enqueue(self, data: bytes | memoryview) -> bool:
+        with self._lock:
+            self._queued += len(data)
+            over = self._queued > self.HIGH_WATER
+            self._draining = self._draining or over
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._hash_loop, name="filedock-hash", daemon=True)
+            self._thread.start()
+        self._queue.put(data)
+        return over
+
+    def _hash_loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if isinstance(item, _Barrier):
+                item.reached(self.hasher.offset, self.hasher.crc32)
+                continue
+            try:
+                self.hasher.update(item)
+                finished = self.hasher.take_finished_blocks()
+                if finished:
+                    os.write(self._blocks_fd, finished)
+            except BaseException as exc:  # surfaced at the next snapshot, checkpoint or seal
+                self._error = exc
+            with self._lock:
+                self._queued -= len(item)
+                drained = self._draining and self._queued <= self.LOW_WATER
+                if drained:
+                    self._draining = False
+            if drained and self.on_drain is not None:
+                self.on_drain()
 
     def snapshot(self) -> tuple[int, int]:
-        """(offset, crc32) now; bytes up to ``offset`` are durable after ``checkpoint``."""
-        return self.hasher.offset, self.hasher.crc32
+        """Wait until everything written is hashed; returns (offset, crc32) at that point."""
+        if self._thread is None:
+            result = (self.hasher.offset, self.hasher.crc32)
+        else:
+            barrier = _Barrier()
+            self._queue.put(barrier)
+            result = barrier.wait()
+        if self._error is not None:
+            raise _no_space(self._error) if isinstance(self._error, OSError) else self._error
+        return result
 
     def checkpoint(self, snapshot: tuple[int, int] | None = None) -> Checkpoint:
-        """fsync what is written; returns what may be recorded as durable."""
+        """fsync what is written and hashed; returns what may be recorded as durable."""
         offset, crc = snapshot or self.snapshot()
         try:
             os.fsync(self._blocks_fd)
@@ -113,6 +167,7 @@ class PartialWriter:
 
     def seal(self) -> tuple[int, str]:
         """fsync and close; returns (crc32, digest) of everything written."""
+        self.snapshot()
         try:
             os.fsync(self._fd)
         except OSError as exc:
@@ -127,11 +182,30 @@ class PartialWriter:
         self.blocks.unlink(missing_ok=True)
 
     def close(self) -> None:
-        """Close the files; the partial stays for a later resume."""
+        """Stop the hasher and close the files; the partial stays for a later resume."""
         if not self.closed:
             self.closed = True
+            if self._thread is not None:
+                self._queue.put(None)
+                self._thread.join()
             os.close(self._fd)
             os.close(self._blocks_fd)
+
+
+class _Barrier:
+    """A mark in the hashing queue: tells a waiting thread what was hashed before it."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._state = (0, 0)
+
+    def reached(self, offset: int, crc: int) -> None:
+        self._state = (offset, crc)
+        self._event.set()
+
+    def wait(self) -> tuple[int, int]:
+        self._event.wait()
+        return self._state
 
 
 class BlobStore:
