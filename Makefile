@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA_DIR ?= ./filedock-data
 API_LISTEN ?= tcp:7480:interface=127.0.0.1
-DATA_LISTEN ?= tcp:7481:interface=127.0.0.1
+DATA_LISTEN ?= tcp:7481:interface=127.0.0.1:backlog=1024
 
 .PHONY: run test soak e2e bench install clean
 

@@ -38,7 +38,7 @@ class ServerProcess:
         ready = self.data_dir.parent / f"{self.data_dir.name}-ready.json"
         ready.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "filedock", "serve", "--data-dir", str(self.data_dir),
-               "--api-listen", "tcp:0:interface=127.0.0.1", "--data-listen", "tcp:0:interface=127.0.0.1",
+               "--api-listen", "tcp:0:interface=127.0.0.1", "--data-listen", "tcp:0:interface=127.0.0.1:backlog=1024",
                "--ready-file", str(ready)]
         if self.token is None:
             cmd.append("--issue-admin-token")

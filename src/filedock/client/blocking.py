@@ -8,8 +8,8 @@ error, computes the local CRC-32 and content digest exactly once per call (in a
 background thread, beside the sending), and reports success only when the
 server's ``STORED`` values equal its own.
 
-Memory is bounded on every path: the body goes out with ``socket.sendfile`` (plain
-TCP) or through one reused 1 MiB buffer (TLS); replies and downloads are read in
+Memory is bounded on every path: the body goes out with sendfile(2) (plain TCP,
+zero-copy) or through one reused 1 MiB buffer (TLS); replies and downloads are read in
 1 MiB pieces and handled before the next read.
 """
 
@@ -56,7 +56,7 @@ RETRYABLE = frozenset({
 })
 """Server error codes a new connection may cure. Every other code is final."""
 
-_MIN_PIECE, _MAX_PIECE = 256 * 1024, 64 * CHUNK
+_MAX_PIECE = 64 * CHUNK
 
 
 class _Dropped(Exception):
@@ -74,13 +74,39 @@ class _Reconnect(Exception):
 
 @dataclass
 class _Attempts:
-    """What the retry loop needs from a transfer: did the last connection move bytes?"""
+    """What the retry loop needs from a transfer: did the last connection make real progress?
+
+    For an upload that is a larger server offset than any before (bytes merely
+    handed to the kernel prove nothing); for a download, bytes received.
+    """
 
     moved: bool = False
 
 
-def _reporter(progress: ProgressCallback | None) -> ProgressCallback:
-    return progress if progress is not None else (lambda stage, done, total: None)
+REPORT_BYTES = CHUNK
+"""Least progress between two ``sent`` reports in the middle of a transfer."""
+
+
+class _Reports:
+    """The caller's progress callback, with a ``sent`` report at most every ``REPORT_BYTES`` bytes.
+
+    Forced reports (where a connection starts), the last ``sent`` (done == total) and
+    the other stages always pass, so the stages still arrive in order. Counting
+    bytes rather than time keeps the reports where they would be at any speed.
+    """
+
+    def __init__(self, progress: ProgressCallback | None) -> None:
+        self._progress = progress
+        self._last = 0
+
+    def __call__(self, stage: str, done: int, total: int, force: bool = False) -> None:
+        if self._progress is None:
+            return
+        if stage == SENT and done != total and not force:
+            if abs(done - self._last) < REPORT_BYTES:
+                return
+        self._last = done
+        self._progress(stage, done, total)
 
 
 def _check_cancel(cancel: threading.Event | None) -> None:
@@ -164,36 +190,34 @@ class _Link:
             self._send_body_sendfile(f, offset, count, on_sent)
 
     def _send_body_sendfile(self, f: BinaryIO, offset: int, count: int, on_sent: Callable[[int], None]) -> None:
-        pos, end, piece = offset, offset + count, CHUNK
+        # Zero-copy sendfile(2), one non-blocking call at a time: each returns at once with what fits
+        # in the socket buffer, so cancellation and stalls are checked every POLL_SECONDS at any speed.
+        # (socket.sendfile loops inside until its whole count is out: minutes for a piece on a slow link.)
+        sockfd, filefd = self.sock.fileno(), f.fileno()
+        poller = select.poll()
+        poller.register(sockfd, select.POLLOUT | select.POLLIN)
+        pos, end = offset, offset + count
         while pos < end:
             self.check()
-            self.check_early_reply()
-            want = min(piece, end - pos)
-            started = time.monotonic()
-            f.seek(pos)
-            error: OSError | None = None
-            short = False
+            events = poller.poll(POLL_SECONDS * 1000)
+            if not events:
+                continue
+            mask = events[0][1]
+            if mask & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                self.check_early_reply()
+            if not mask & select.POLLOUT:
+                continue
             try:
-                short = self.sock.sendfile(f, pos, want) < want  # only at end of file
-            except TimeoutError:
-                pass
+                n = os.sendfile(sockfd, filefd, pos, min(end - pos, _MAX_PIECE))
+            except (BlockingIOError, InterruptedError):
+                continue
             except OSError as exc:
-                error = exc
-            n = f.tell() - pos  # sendfile leaves the position after the last byte sent
-            if n:
-                pos += n
-                self._moved()
-                on_sent(n)
-            if error is not None:
-                raise self._broken(error) from None
-            if short:
+                raise self._broken(exc) from None
+            if not n:
                 raise _shrank(pos)
-            # pieces of about a quarter second: prompt cancellation and progress at any speed
-            elapsed = time.monotonic() - started
-            if n == want and elapsed < 0.1:
-                piece = min(piece * 2, _MAX_PIECE)
-            elif elapsed > 0.5:
-                piece = max(piece // 2, _MIN_PIECE)
+            pos += n
+            self._moved()
+            on_sent(n)
 
     def _send_body_buffered(self, f: BinaryIO, offset: int, count: int, on_sent: Callable[[int], None]) -> None:
         buf = memoryview(bytearray(CHUNK))
@@ -283,8 +307,8 @@ def _shrank(pos: int) -> FiledockError:
 class _LocalDigest:
     """CRC-32 and content digest of a file's first ``size`` bytes, computed once in a thread.
 
-    Reads sequentially with ``pread`` on the caller's descriptor (so it never moves
-    the position ``sendfile`` uses), through one 1 MiB buffer.
+    Reads sequentially with ``pread`` on the caller's descriptor (no file position
+    shared with the sender), through one 1 MiB buffer.
     """
 
     def __init__(self, f: BinaryIO, size: int, label: str) -> None:
@@ -342,6 +366,15 @@ class _Upload(_Attempts):
 
     resumed_from: int | None = None
     sent: int = 0
+    best_offset: int = -1
+
+    def offered(self, offset: int) -> None:
+        """The server holds ``offset`` bytes: progress if more than on any earlier connection."""
+        if self.resumed_from is None:
+            self.resumed_from = offset
+        if offset > self.best_offset:
+            self.moved = self.best_offset >= 0
+            self.best_offset = offset
 
 
 @dataclass
@@ -358,8 +391,10 @@ class DataPortClient:
     """Blocking uploads and downloads of single files through a filedock data port.
 
     ``ssl_context`` switches to TLS (the server name checked is ``host``).
-    ``attempts`` is how many connections in a row may fail without moving a byte
-    before a transfer gives up; a connection that moved bytes resets the count.
+    ``attempts`` is how many connections in a row may fail without progress before
+    a transfer gives up; progress (a server offset larger than ever before, or bytes
+    downloaded) resets the count, so a long transfer survives any number of
+    drops as long as each one leaves it further along.
     ``stall_timeout`` is how long a connection may move nothing while sending or
     receiving before it is abandoned for a new one. Instances hold no per-transfer
     state: one client may serve several threads.
@@ -391,7 +426,7 @@ class DataPortClient:
         A file complete on the server already is verified, not sent again.
         """
         name = name if name is not None else Path(path).name
-        report = _reporter(progress)
+        report = _Reports(progress)
         _check_cancel(cancel)
         try:
             with open(path, "rb", buffering=0) as f:
@@ -405,14 +440,14 @@ class DataPortClient:
             raise Cancelled("interrupted") from None
 
     def _upload(self, session_key: str, file_key: str, f: BinaryIO, size: int, name: str,
-                local: _LocalDigest, report: ProgressCallback, cancel: threading.Event | None) -> UploadResult:
+                local: _LocalDigest, report: _Reports, cancel: threading.Event | None) -> UploadResult:
         state = _Upload()
         try:
             stored = self._retrying(cancel, state, lambda link: self._upload_step(
                 link, session_key, file_key, f, size, local, state, report))
         except FiledockError as exc:
             if exc.code is not ErrorCode.ALREADY_COMPLETE:
-                raise _explained(exc, name)
+                raise _explained(exc, name) from None
             # complete already (by us, with STORED lost in a drop, or by an earlier run): ask its values
             stored = self._retrying(cancel, state, lambda link: self._complete_values(
                 link, session_key, file_key, size))
@@ -432,19 +467,17 @@ class DataPortClient:
                             sent=state.sent, crc32=crc, digest=digest, state="complete")
 
     def _upload_step(self, link: _Link, session_key: str, file_key: str, f: BinaryIO, size: int,
-                     local: _LocalDigest, state: _Upload, report: ProgressCallback) -> wire.Stored:
+                     local: _LocalDigest, state: _Upload, report: _Reports) -> wire.Stored:
         link.send_all(link.conn.upload(session_key, file_key, size))
         offset = link.expect(wire.Offset, REPLY_PATIENCE).offset
-        if state.resumed_from is None:
-            state.resumed_from = offset
-        report(SENT, offset, size)
+        state.offered(offset)
+        report(SENT, offset, size, force=True)
         done = offset
 
         def sent(n: int) -> None:
             nonlocal done
             done += n
             state.sent += n
-            state.moved = True
             report(SENT, done, size)
 
         link.send_body(f, offset, size - offset, sent)
@@ -491,12 +524,12 @@ class DataPortClient:
         """
         dest = Path(dest)
         part = dest.with_name(dest.name + ".part")
-        report = _reporter(progress)
+        report = _Reports(progress)
         _check_cancel(cancel)
         try:
             fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
             with open(fd, "r+b", buffering=0) as f:
-                state = _Download(hasher=_hash_prefix(f, cancel))
+                state = _Download(hasher=hash_stream_cancellable(f, cancel))
                 state.resumed_from = state.hasher.offset
                 start = self._retrying(cancel, state, lambda link: self._download_step(
                     link, session_key, file_key, f, state, report))
@@ -512,7 +545,7 @@ class DataPortClient:
                             sent=state.received, crc32=start.crc32, digest=start.digest, state="complete")
 
     def _download_step(self, link: _Link, session_key: str, file_key: str, f: BinaryIO, state: _Download,
-                       report: ProgressCallback) -> wire.DownloadStart:
+                       report: _Reports) -> wire.DownloadStart:
         link.send_all(link.conn.download(session_key, file_key, state.hasher.offset))
         try:
             start = link.expect(wire.DownloadStart, REPLY_PATIENCE)
@@ -527,7 +560,7 @@ class DataPortClient:
         state.start = start
         link.patience = link.stall_timeout
         fd = f.fileno()
-        report(SENT, state.hasher.offset, start.size)
+        report(SENT, state.hasher.offset, start.size, force=True)
         while True:
             event = link.next_event()
             if isinstance(event, wire.Data):
@@ -615,8 +648,11 @@ def _sleep(seconds: float, cancel: threading.Event | None) -> None:
         raise Cancelled("cancelled")
 
 
-def _hash_prefix(f: BinaryIO, cancel: threading.Event | None) -> ContentHasher:
-    """Hash the bytes already downloaded (once), leaving the position at their end."""
+def hash_stream_cancellable(f: BinaryIO, cancel: threading.Event | None) -> ContentHasher:
+    """CRC-32 and digest of the rest of a binary file, read once in 1 MiB pieces; ``Cancelled`` if cancelled.
+
+    The file's position is left at its end.
+    """
     hasher = ContentHasher()
     buf = memoryview(bytearray(CHUNK))
     while True:

@@ -22,10 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable
 
-from filedock.client.blocking import DataPortClient
+from filedock.client.blocking import DataPortClient, hash_stream_cancellable
 from filedock.client.http import ApiClient
 from filedock.client.model import DURABLE, SENT, VERIFIED, Cancelled, UploadResult
-from filedock.digest import hash_file
 from filedock.errors import ErrorCode, FiledockError
 from filedock.wire import format_crc
 
@@ -125,7 +124,10 @@ def data_client_for(api: ApiClient, *, stall_timeout: float = 60.0, attempts: in
     host is used then. TLS on the data port reuses the API client's trust roots.
     """
     info = api.info()
-    port = info.get("data_port") or {}
+    port = info.get("data_port") if isinstance(info, dict) else None
+    if not isinstance(port, dict) or not isinstance(port.get("port"), int):
+        raise FiledockError(ErrorCode.INTERNAL_ERROR, f"{api.url} did not say where its data port is "
+                                                      "(no data_port in GET /v1/info)")
     host = port.get("host") or ""
     if host in _ANY_ADDRESS:
         host = api.host
@@ -198,8 +200,18 @@ class JobUploader:
 
     def run(self, plan: UploadPlan, *, parallel: int = 1, progress: JobProgress | None = None,
             cancel: threading.Event | None = None, on_result: ResultCallback | None = None) -> list[UploadResult]:
-        """Upload a prepared plan: ``parallel`` files at once (1: one after another, as in 2007)."""
-        cancel = cancel if cancel is not None else threading.Event()
+        """Upload a prepared plan: ``parallel`` files at once (1: one after another, as in 2007).
+
+        ``on_result`` hears of each file as soon as it ends. Ctrl-C becomes ``Cancelled``.
+        """
+        try:
+            return self._run(plan, parallel, progress, cancel if cancel is not None else threading.Event(),
+                             on_result)
+        except KeyboardInterrupt:
+            raise Cancelled("interrupted") from None
+
+    def _run(self, plan: UploadPlan, parallel: int, progress: JobProgress | None, cancel: threading.Event,
+             on_result: ResultCallback | None) -> list[UploadResult]:
         report: JobProgress = progress or (lambda name, stage, done, total: None)
         done: ResultCallback = on_result or (lambda result: None)
         results: dict[int, UploadResult] = {}
@@ -219,7 +231,9 @@ class JobUploader:
                     done(result)
                     return result
 
-                if parallel <= 1 or len(todo) == 1:
+                if parallel > 1:
+                    parallel = min(parallel, len(todo), self._connections_per_session())
+                if parallel <= 1:
                     for i in todo:
                         results[i] = one(i)
                 else:
@@ -227,6 +241,12 @@ class JobUploader:
             finally:
                 self._close_session(session["key"])
         return [results[i] for i in range(len(plan.files))]
+
+    def _connections_per_session(self) -> int:
+        """The server's ``max_connections_per_session``: more threads would only be refused."""
+        limits = self.api.info().get("limits") or {}
+        value = limits.get("max_connections_per_session")
+        return value if isinstance(value, int) and value > 0 else 1 << 30
 
     def _default_data_client(self) -> DataPortClient:
         self.data_client = data_client_for(self.api)
@@ -249,10 +269,9 @@ class JobUploader:
     def _verify_complete(planned: PlannedFile, report: JobProgress, cancel: threading.Event) -> UploadResult:
         """A file the server holds complete: hash the local one and compare, send nothing."""
         local = planned.local
-        if cancel.is_set():
-            raise Cancelled("cancelled")
         try:
-            hasher = hash_file(local.path)
+            with open(local.path, "rb", buffering=0) as f:
+                hasher = hash_stream_cancellable(f, cancel)
         except OSError as exc:
             return UploadResult(local.name, local.size, planned.key, state=ErrorCode.INTERNAL_ERROR.value,
                                 message=f"{local.path}: {exc.strerror or exc}")

@@ -79,7 +79,7 @@ class StoreAuthority:
 
     def __init__(self, store: DeferredStore, limits: Limits = Limits(),
                  clock: Callable[[], float] = time.time,
-                 on_complete: Callable[[FileRecord, bool], None] | None = None) -> None:
+                 on_complete: Callable[[UploadTarget, bool], None] | None = None) -> None:
         self.store = store
         self.limits = limits
         self.clock = clock
@@ -126,8 +126,7 @@ class StoreAuthority:
     def record_complete(self, target: UploadTarget, crc32: int, digest: str):
         job_complete = yield self.store.record_complete(target.file_key, crc32, digest)
         if self.on_complete is not None:
-            record = yield self.store.get_file(target.file_key)
-            self.on_complete(record, job_complete)
+            self.on_complete(target, job_complete)
         return job_complete
 
     def record_discard(self, target: UploadTarget):

@@ -254,9 +254,10 @@ class DataPortProtocol(Protocol):
     @defer.inlineCallbacks
     def _on_upload(self, req: wire.UploadRequest):
         f = self.factory
-        yield f.authority.authorize_upload(req.session_key, req.file_key, req.size)
-        yield self._claim(req.session_key, req.file_key)
         target: UploadTarget = yield f.authority.authorize_upload(req.session_key, req.file_key, req.size)
+        took_over = yield self._claim(req.session_key, req.file_key)
+        if took_over:  # the older connection recorded more: ask again
+            target = yield f.authority.authorize_upload(req.session_key, req.file_key, req.size)
         if req.legacy and target.received:
             # a 2007 client always starts at byte 0: whatever partial we held is replaced
             target = UploadTarget(target.job_id, target.file_key, target.size, 0, 0, None, target.name)
@@ -277,7 +278,10 @@ class DataPortProtocol(Protocol):
         self._schedule_idle(f.limits.idle_timeout)
 
     def _claim(self, session_key: str, file_key: str) -> defer.Deferred:
-        """Become the one connection writing ``file_key``; an older one is taken over."""
+        """Become the one connection writing ``file_key``; an older one is taken over.
+
+        Fires with True once an older connection let go, False if there was none.
+        """
         f = self.factory
         if f.session_connections[session_key] >= f.limits.max_connections_per_session:
             raise FiledockError(ErrorCode.TOO_MANY_CONNECTIONS, "too many connections for this session")
@@ -286,11 +290,13 @@ class DataPortProtocol(Protocol):
         old = f.uploads.get(file_key)
         f.uploads[file_key] = self
         if old is None:
-            return defer.succeed(None)
+            return defer.succeed(False)
         f.stats.takeovers += 1
         log.info("upload of {key} taken over by a new connection", key=short_key(file_key))
         old.take_over()
-        return old.released
+        let_go = defer.Deferred()
+        old.released.addBoth(lambda result: (let_go.callback(True), result)[1])
+        return let_go
 
     def take_over(self) -> None:
         """A newer connection wants this file: stop, keep what is durable, let go."""
@@ -323,6 +329,9 @@ class DataPortProtocol(Protocol):
 
         def clear(result):
             self._checkpointing = None
+            if self._since_checkpoint >= f.limits.checkpoint_bytes and not self._lost and not writer.closed \
+                    and not self._finishing:
+                self._checkpoint()  # more arrived meanwhile than one checkpoint's worth
             return result
 
         d = f.in_thread(writer.checkpoint).addCallback(record).addBoth(clear)
@@ -339,13 +348,13 @@ class DataPortProtocol(Protocol):
             if self._checkpointing is not None:
                 yield self._checkpointing
             sealed_at = time.monotonic()
-            crc, digest = yield f.in_thread(writer.seal)
-            if client_digest is not None and client_digest != digest:
-                self._discard = True
-                self._outcome = ErrorCode.DIGEST_MISMATCH.value
-                raise FiledockError(ErrorCode.DIGEST_MISMATCH,
-                                    f"the server computed {digest}; the partial was deleted, upload again")
-            yield f.in_thread(writer.publish)
+            try:
+                crc, digest = yield f.in_thread(writer.finish, client_digest)
+            except FiledockError as exc:
+                if exc.code is ErrorCode.DIGEST_MISMATCH:
+                    self._discard = True
+                    self._outcome = exc.code.value
+                raise
             yield f.authority.record_complete(target, crc, digest)
             f.stats.observe_durable(time.monotonic() - sealed_at)
             f.stats.uploads_completed += 1
@@ -392,9 +401,10 @@ class DataPortProtocol(Protocol):
     @defer.inlineCallbacks
     def _on_abort(self, req: wire.AbortRequest):
         f = self.factory
-        yield f.authority.authorize_upload(req.session_key, req.file_key, None)
-        yield self._claim(req.session_key, req.file_key)
         target = yield f.authority.authorize_upload(req.session_key, req.file_key, None)
+        took_over = yield self._claim(req.session_key, req.file_key)
+        if took_over:
+            target = yield f.authority.authorize_upload(req.session_key, req.file_key, None)
         yield f.in_thread(f.blobs.discard, target.job_id, target.file_key)
         yield f.authority.record_discard(target)
         self.transport.write(self.conn.accept_abort())

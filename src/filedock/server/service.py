@@ -43,7 +43,7 @@ class ServerOptions:
 
     data_dir: str = "./filedock-data"
     api_listen: str = "tcp:7480:interface=127.0.0.1"
-    data_listen: str = "tcp:7481:interface=127.0.0.1"
+    data_listen: str = "tcp:7481:interface=127.0.0.1:backlog=1024"
     public_host: str | None = None
     limits: Limits = field(default_factory=Limits)
     webhooks: list[str] = field(default_factory=list)
@@ -72,9 +72,9 @@ class FiledockServer:
         self._sweeper = task.LoopingCall(self.sweep)
         self._sweeper.clock = reactor
 
-    def _file_complete(self, record: Any, job_complete: bool) -> None:
+    def _file_complete(self, target: Any, job_complete: bool) -> None:
         if job_complete:
-            log.info("job {job} complete", job=short_key(record.job_id))
+            log.info("job {job} complete", job=short_key(target.job_id))
             self.events.poke()
 
     def info(self) -> dict[str, Any]:

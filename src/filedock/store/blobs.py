@@ -67,27 +67,32 @@ class Checkpoint:
 
 
 class PartialWriter:
-    """Appends to one ``.part`` file; a thread of its own hashes what was written.
+    """Appends to one ``.part`` file while hashing; made by ``BlobStore.open_partial``.
 
-    ``write`` runs on the caller's thread (the reactor's): it writes the bytes and
-    queues them for hashing, so receiving and hashing use two cores. It returns True
-    when more than ``HIGH_WATER`` bytes wait to be hashed: the caller should stop
-    reading until ``on_drain`` is called (from the hashing thread). ``snapshot``,
-    ``checkpoint``, ``seal`` and ``publish`` wait for the hasher or fsync, so servers
+    Small uploads are written and hashed inline. Past ``INLINE_BYTES`` a thread of
+    the writer's own takes over the disk writes and the hashing, so the caller (the
+    reactor) only queues bytes: receiving, writing and hashing overlap on two cores,
+    and a disk that throttles writes never stalls the reactor. ``write`` returns True
+    when more than ``HIGH_WATER`` bytes are queued: the caller should stop reading
+    until ``on_drain`` is called (from the writer's thread). ``snapshot``,
+    ``checkpoint``, ``finish`` and ``seal`` wait for the queue and fsync, so servers
     call them off the reactor thread. Bytes passed to ``write`` must not change later.
     """
 
+    INLINE_BYTES = 8 << 20
     HIGH_WATER = 32 << 20
     LOW_WATER = 8 << 20
 
     def __init__(self, part: Path, blocks: Path, final: Path, fd: int, blocks_fd: int,
-                 hasher: ContentHasher) -> None:
+                 hasher: ContentHasher, new: bool = False) -> None:
         self.part, self.blocks, self.final = part, blocks, final
         self._fd, self._blocks_fd = fd, blocks_fd
         self.hasher = hasher
-        self.written = hasher.offset
+        self.accepted = hasher.offset
         self.closed = False
         self.on_drain: Callable[[], None] | None = None
+        self._unsynced_dir = new
+        self._inline_until = hasher.offset + self.INLINE_BYTES
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._queued = 0
         self._draining = False
@@ -97,44 +102,53 @@ class PartialWriter:
 
     @property
     def offset(self) -> int:
-        """Bytes written so far (durable or not)."""
-        return self.written
+        """Bytes accepted so far (written, or queued to be written)."""
+        return self.accepted
 
     def write(self, data: bytes | memoryview) -> bool:
         """Append bytes; True means "pause until on_drain". Raises ``FiledockError(no-space)``."""
-        view = memoryview(data)
-        try:
-            while len(view):
-                n = os.write(self._fd, view)
-                self.written += n
-                view = view[n:]
-        except OSError as exc:
-            raise _no_space(exc) from exc
-        return self._enqueue(data)
-
-    def _enqueue(self, data: bytes | memoryview) -> bool:
-        with self._lock:
-            self._queued += len(data)
-            over = self._queued > self.HIGH_WATER
-            self._draining = self._draining or over
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._hash_loop, name="filedock-hash", daemon=True)
-            self._thread.start()
+        self._raise_error()
+        self.accepted += len(data)
+        with self._lock:  # a snapshot from another thread sees whole writes only
+            if self._thread is None and self.accepted <= self._inline_until:
+                self._append(data)
+                inline = True
+            else:
+                inline = False
+                self._queued += len(data)
+                over = self._queued > self.HIGH_WATER
+                self._draining = self._draining or over
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._work, name="filedock-writer", daemon=True)
+                    self._thread.start()
+        if inline:
+            self._raise_error()
+            return False
         self._queue.put(data)
         return over
 
-    def _hash_loop(self) -> None:
+    def _append(self, data: bytes | memoryview) -> None:
+        """Write and hash, on whichever thread owns the file now."""
+        if self._error is not None:
+            return  # the file is broken; keep nothing past the error
+        try:
+            view = memoryview(data)
+            while len(view):
+                n = os.write(self._fd, view)
+                self.hasher.update(view[:n])
+                view = view[n:]
+            finished = self.hasher.take_finished_blocks()
+            if finished:
+                os.write(self._blocks_fd, finished)
+        except BaseException as exc:  # surfaced by the next write, snapshot or seal
+            self._error = exc
+
+    def _work(self) -> None:
         while (item := self._queue.get()) is not None:
             if isinstance(item, _Barrier):
                 item.reached(self.hasher.offset, self.hasher.crc32)
                 continue
-            try:
-                self.hasher.update(item)
-                finished = self.hasher.take_finished_blocks()
-                if finished:
-                    os.write(self._blocks_fd, finished)
-            except BaseException as exc:  # surfaced at the next snapshot, checkpoint or seal
-                self._error = exc
+            self._append(item)
             with self._lock:
                 self._queued -= len(item)
                 drained = self._draining and self._queued <= self.LOW_WATER
@@ -143,24 +157,38 @@ class PartialWriter:
             if drained and self.on_drain is not None:
                 self.on_drain()
 
-    def snapshot(self) -> tuple[int, int]:
-        """Wait until everything written is hashed; returns (offset, crc32) at that point."""
-        if self._thread is None:
-            result = (self.hasher.offset, self.hasher.crc32)
-        else:
-            barrier = _Barrier()
-            self._queue.put(barrier)
-            result = barrier.wait()
+    def _raise_error(self) -> None:
         if self._error is not None:
-            raise _no_space(self._error) if isinstance(self._error, OSError) else self._error
-        return result
+            exc = self._error
+            raise _no_space(exc) if isinstance(exc, OSError) else exc
+
+    def snapshot(self, strict: bool = True) -> tuple[int, int]:
+        """Wait until everything accepted is written and hashed; returns (offset, crc32) then.
+
+        Only what was written before that point is covered: bytes still arriving on
+        another thread are not.
+        """
+        with self._lock:
+            barrier = None if self._thread is None else _Barrier()
+            if barrier is None:
+                result = (self.hasher.offset, self.hasher.crc32)
+            else:
+                self._queue.put(barrier)
+        if barrier is not None:
+            result = barrier.wait()
+        if strict:
+            self._raise_error()
+        return result  # after an error: what did reach the disk, hashed
 
     def checkpoint(self, snapshot: tuple[int, int] | None = None) -> Checkpoint:
         """fsync what is written and hashed; returns what may be recorded as durable."""
-        offset, crc = snapshot or self.snapshot()
+        offset, crc = snapshot or self.snapshot(strict=False)
         try:
             os.fsync(self._blocks_fd)
             os.fsync(self._fd)
+            if self._unsynced_dir:  # the new .part's name must survive a crash too
+                fsync_dir(self.part.parent)
+                self._unsynced_dir = False
         except OSError as exc:
             raise _no_space(exc) from exc
         return Checkpoint(offset, crc, _stamp(os.fstat(self._fd)))
@@ -181,8 +209,20 @@ class PartialWriter:
         fsync_dir(self.final.parent)
         self.blocks.unlink(missing_ok=True)
 
+    def finish(self, expected_digest: str | None = None) -> tuple[int, str]:
+        """Seal, compare with ``expected_digest``, publish: one trip off the reactor.
+
+        On a mismatch nothing is published and ``FiledockError(digest-mismatch)`` is raised.
+        """
+        crc, digest = self.seal()
+        if expected_digest is not None and expected_digest != digest:
+            raise FiledockError(ErrorCode.DIGEST_MISMATCH,
+                                f"the server computed {digest}; the partial was deleted, upload again")
+        self.publish()
+        return crc, digest
+
     def close(self) -> None:
-        """Stop the hasher and close the files; the partial stays for a later resume."""
+        """Stop the writer thread and close the files; the partial stays for a later resume."""
         if not self.closed:
             self.closed = True
             if self._thread is not None:
@@ -260,14 +300,12 @@ class BlobStore:
             os.ftruncate(blocks_fd, whole * BLOCK_HASH_SIZE)
             os.lseek(blocks_fd, 0, os.SEEK_END)
             os.lseek(fd, offset, os.SEEK_SET)
-            if offset == 0:
-                fsync_dir(directory)
         except BaseException:
             os.close(fd)
             if blocks_fd >= 0:
                 os.close(blocks_fd)
             raise
-        return PartialWriter(part, blocks, self.final_path(job_id, key), fd, blocks_fd, hasher)
+        return PartialWriter(part, blocks, self.final_path(job_id, key), fd, blocks_fd, hasher, new=offset == 0)
 
     @staticmethod
     def _resume_hasher(fd: int, blocks_fd: int, offset: int, crc32: int, whole: int,

@@ -1,0 +1,1 @@
+"""The five benchmark cases; each ``run(options)`` returns its figures."""

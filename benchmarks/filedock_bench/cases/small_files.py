@@ -1,0 +1,91 @@
+"""Case 5: many small files. 1000 files of 64 KiB: filedock with one session and one
+versioned connection per file, one after another, against ``rsync -r --fsync`` to a
+daemon copying the same directory (one connection for all, pipelined)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+from filedock_bench import plain_client
+from filedock_bench.external_tools import RsyncDaemon, rsync_command
+from filedock_bench.measure import Figure, Sample, median, run_interleaved, say
+from filedock_bench.processes import run_timed
+from filedock_bench.workspace import (ServerProcess, Workspace, delete_job, filedock_server, random_tree, remove)
+
+COUNT = 1000
+SIZE = 64 * 1024
+
+
+class FiledockFiles:
+    """Declare the files (one batch call, not timed), then PUT them one by one (timed)."""
+
+    def __init__(self, server: ServerProcess, paths: list[Path]) -> None:
+        self.server, self.paths = server, paths
+        self.figure = Figure("5-filedock", f"{COUNT} x 64 KiB, filedock (connection per file)",
+                             nbytes=COUNT * SIZE, files=COUNT)
+
+    def start(self) -> None:
+        pass
+
+    def run_once(self, index: int) -> Sample:
+        api = self.server.api
+        t_declare = time.monotonic()
+        job = api.create_job(f"bench-small-{uuid.uuid4().hex[:8]}")
+        declared = api.post(f"/v1/jobs/{job['id']}/files",
+                            {"files": [{"name": p.name, "size": SIZE} for p in self.paths]})["files"]
+        session = api.open_session(job["id"])
+        declare = time.monotonic() - t_declare
+        keys = {d["name"]: d["key"] for d in declared}
+        t0 = time.monotonic()
+        for p in self.paths:
+            with open(p, "rb") as f:
+                plain_client.put(self.server.data_addr, session["key"], keys[p.name], f, 0, SIZE)
+        seconds = time.monotonic() - t0
+        delete_job(self.server, job["id"])
+        return Sample(seconds, {"declare_seconds": declare})
+
+    def stop(self) -> None:
+        pass
+
+
+class RsyncFiles:
+    """``rsync -r --fsync DIR/ rsync://.../bench/run-N/``, the whole command timed."""
+
+    def __init__(self, work: Path, tree: Path) -> None:
+        self.tree = tree
+        self.daemon = RsyncDaemon(work, work / "rsync")
+        self.figure = Figure("5-rsync", f"{COUNT} x 64 KiB, rsync -r --fsync to daemon",
+                             nbytes=COUNT * SIZE, files=COUNT)
+
+    def start(self) -> None:
+        self.daemon.start()
+
+    def run_once(self, index: int) -> Sample:
+        done = run_timed(rsync_command(f"{self.tree}/", self.daemon.url(f"run-{index}/"), recursive=True))
+        if done.returncode != 0:
+            raise RuntimeError(f"rsync exited {done.returncode}: {done.stderr[-500:]}")
+        remove(self.daemon.root / f"run-{index}")
+        return Sample(done.seconds)
+
+    def stop(self) -> None:
+        self.daemon.stop()
+
+
+def run(runs: int) -> list[Figure]:
+    with Workspace("small-files") as work:
+        say(f"case 5: {COUNT} files of 64 KiB, filedock vs rsync; creating the files")
+        paths = random_tree(work / "tree", COUNT, SIZE)
+        server = filedock_server(work / "filedock-data")
+        try:
+            ours, theirs = run_interleaved([FiledockFiles(server, paths), RsyncFiles(work, work / "tree")], runs)
+        finally:
+            server.stop()
+    if ours.samples:
+        declare = median(ours.extras("declare_seconds"))
+        ours.notes.append(f"declaring the {COUNT} files (1 API call) took {declare:.2f} s more, not counted")
+    if ours.samples and theirs.samples:
+        ours.notes.append(f"{ours.files_per_second:.0f} files/s vs rsync {theirs.files_per_second:.0f} files/s "
+                          f"({ours.files_per_second / theirs.files_per_second:.2f}x)")
+    return [ours, theirs]

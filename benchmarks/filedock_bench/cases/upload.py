@@ -1,0 +1,302 @@
+"""Case 1: one large upload over loopback, durable at the end, seven ways side by side.
+
+(a) ``filedock upload`` end to end, (b) the raw limit, (c) the 2007 design on
+Python 3, (d) the filedock server fed by a plain client (versioned dialect, and the
+2007 header with polling), (e) rsync --fsync to a daemon and socat.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from filedock_bench import plain_client
+from filedock_bench.external_tools import RsyncDaemon, require, rsync_command, socat_listener, socat_sender
+from filedock_bench.measure import Figure, Sample, Skip, human_size, median, run_interleaved, say
+from filedock_bench.processes import HelperServer, run_timed
+from filedock_bench.workspace import (PYTHON, ServerProcess, Workspace, delete_job, filedock_server, log_since,
+                                      log_size, random_file, remove, wait_for)
+
+VARIANTS = ("cli", "raw", "twisted2007", "dataport", "dataport-2007", "rsync", "socat")
+"""Names for ``--only``; ``raw`` always runs, as every ratio is against it."""
+
+_OUTCOME = re.compile(r"upload complete: .* seconds=([0-9.]+) rate=")
+
+
+@dataclass
+class UploadSetup:
+    """What every variant of case 1 shares: the source file, a filedock server, a work dir."""
+
+    source: Path
+    size: int
+    work: Path
+    server: ServerProcess | None = None
+
+
+def cli_available() -> str | None:
+    """None if ``filedock upload`` exists, else why not."""
+    proc = subprocess.run([PYTHON, "-m", "filedock", "upload", "--help"], capture_output=True, text=True)
+    return None if proc.returncode == 0 else f"`filedock upload` does not exist here: {proc.stderr.strip()[-200:]}"
+
+
+class CliUpload:
+    """(a) ``python -m filedock upload --job J --create --json FILE``, the whole command timed."""
+
+    def __init__(self, setup: UploadSetup) -> None:
+        self.setup = setup
+        self.figure = Figure("1a", "filedock upload (CLI), whole command", nbytes=setup.size)
+
+    def start(self) -> None:
+        reason = cli_available()
+        if reason:
+            raise Skip(reason)
+
+    def run_once(self, index: int) -> Sample:
+        server = self.setup.server
+        startup = run_timed([PYTHON, "-m", "filedock", "--help"]).seconds
+        name = f"bench-cli-{index}-{uuid.uuid4().hex[:8]}"
+        mark = log_size(server)
+        done = run_timed([PYTHON, "-m", "filedock", "upload", "--job", name, "--create", "--json",
+                          str(self.setup.source)], env=server.env())
+        if done.returncode != 0:
+            raise RuntimeError(f"filedock upload exited {done.returncode}: {done.stderr.strip()[-500:]}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        if result.get("state") != "complete":
+            raise RuntimeError(f"filedock upload did not complete: {result}")
+        extra = {"startup_seconds": startup, "client_max_rss_kib": done.max_rss_kib}
+        found = _OUTCOME.findall(wait_for(lambda: _complete_line(server, mark), 10, what="server log line"))
+        if found:
+            extra["server_seconds"] = float(found[-1])
+        delete_job(server, name)
+        return Sample(done.seconds, extra)
+
+    def stop(self) -> None:
+        pass
+
+
+def _complete_line(server: ServerProcess, mark: int) -> str:
+    text = log_since(server, mark)
+    return text if "upload complete:" in text else ""
+
+
+class RawLimit:
+    """(b) recv_into a 1 MiB buffer + os.write in a plain Python process, fed by sendfile; one fsync."""
+
+    def __init__(self, setup: UploadSetup) -> None:
+        self.setup = setup
+        self.dest = setup.work / "raw"
+        self.sink = HelperServer("raw_sink.py", ["--dir", str(self.dest)], setup.work)
+        self.figure = Figure("1b", "raw limit: recv_into + os.write, fsync", nbytes=setup.size)
+
+    def start(self) -> None:
+        self.dest.mkdir(exist_ok=True)
+        self.sink.start()
+
+    def run_once(self, index: int) -> Sample:
+        with open(self.setup.source, "rb") as f:
+            t0 = time.monotonic()
+            with socket.create_connection(("127.0.0.1", self.sink.port)) as sock:
+                sock.sendfile(f)
+                sock.shutdown(socket.SHUT_WR)
+                reply = plain_client.LineReader(sock).line()
+            seconds = time.monotonic() - t0
+        _, total, name = reply.split()
+        remove(self.dest / name)
+        if int(total) != self.setup.size:
+            raise RuntimeError(f"raw sink got {total} bytes")
+        return Sample(seconds)
+
+    def stop(self) -> None:
+        self.sink.stop()
+
+
+class Design2007:
+    """(c) Twisted LineReceiver server (raw mode, file write + zlib.crc32, fsync) and FileSender client."""
+
+    def __init__(self, setup: UploadSetup) -> None:
+        self.setup = setup
+        self.dest = setup.work / "design2007"
+        self.server = HelperServer("design2007.py", ["serve", "--dir", str(self.dest)], setup.work)
+        self.figure = Figure("1c", "2007 design on Python 3 (Twisted, 64 KiB FileSender)", nbytes=setup.size)
+
+    def start(self) -> None:
+        self.dest.mkdir(exist_ok=True)
+        self.server.start()
+
+    def run_once(self, index: int) -> Sample:
+        key = str(uuid.uuid4())
+        client = run_timed([PYTHON, str(Path(self.server.cmd[1])), "send", "--port", str(self.server.port),
+                            "--session", str(uuid.uuid4()), "--file", key, str(self.setup.source)])
+        if client.returncode != 0:
+            raise RuntimeError(f"2007 client exited {client.returncode}: {client.stderr[-500:]}")
+        report = self.server.next_json(600)
+        sent = json.loads(client.stdout.strip().splitlines()[-1])
+        remove(self.dest / key)
+        if report["bytes"] != self.setup.size or report["file"] != key:
+            raise RuntimeError(f"2007 server stored {report}")
+        return Sample(report["t_durable"] - sent["t0"], {"client_process_seconds": client.seconds})
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+class DataportPut:
+    """(d) the filedock server alone: ``FILEDOCK/1 PUT``, sendfile, ``DONE``; timed until ``STORED``."""
+
+    def __init__(self, setup: UploadSetup) -> None:
+        self.setup = setup
+        self.figure = Figure("1d", "filedock server alone (versioned PUT, until STORED)", nbytes=setup.size)
+
+    def start(self) -> None:
+        pass
+
+    def run_once(self, index: int) -> Sample:
+        server = self.setup.server
+        job, files, session = server.job_with_files(f"bench-d-{index}-{uuid.uuid4().hex[:8]}",
+                                                    {"source.bin": self.setup.size})
+        with open(self.setup.source, "rb") as f:
+            t0 = time.monotonic()
+            plain_client.put(server.data_addr, session["key"], files["source.bin"]["key"], f, 0, self.setup.size)
+            seconds = time.monotonic() - t0
+        delete_job(server, job["id"])
+        return Sample(seconds)
+
+    def stop(self) -> None:
+        pass
+
+
+class DataportLegacy:
+    """(d') the filedock server, 2007 header + sendfile + close; timed until GET /v1/files shows complete."""
+
+    POLL = 0.002
+
+    def __init__(self, setup: UploadSetup) -> None:
+        self.setup = setup
+        self.figure = Figure("1d-2007", "filedock server alone (2007 header, poll until complete)",
+                             nbytes=setup.size)
+
+    def start(self) -> None:
+        pass
+
+    def run_once(self, index: int) -> Sample:
+        server = self.setup.server
+        job, files, session = server.job_with_files(f"bench-d7-{index}-{uuid.uuid4().hex[:8]}",
+                                                    {"source.bin": self.setup.size})
+        key = files["source.bin"]["key"]
+        with open(self.setup.source, "rb") as f:
+            t0 = time.monotonic()
+            plain_client.send_2007(server.data_addr, session["key"], key, f, self.setup.size)
+            sent = time.monotonic() - t0
+            # poll only once the client has closed, so the polling does not load the server mid-stream
+            wait_for(lambda: server.api.file(key)["state"] == "complete", 600, self.POLL, "file complete")
+            seconds = time.monotonic() - t0
+        delete_job(server, job["id"])
+        return Sample(seconds, {"client_sent_seconds": sent})
+
+    def stop(self) -> None:
+        pass
+
+
+class RsyncUpload:
+    """(e) ``rsync --fsync FILE rsync://127.0.0.1:P/bench/``, the whole client command timed."""
+
+    def __init__(self, setup: UploadSetup) -> None:
+        self.setup = setup
+        self.daemon = RsyncDaemon(setup.work, setup.work / "rsync")
+        self.figure = Figure("1e-rsync", "rsync --fsync to rsync daemon", nbytes=setup.size)
+
+    def start(self) -> None:
+        self.daemon.start()
+
+    def run_once(self, index: int) -> Sample:
+        done = run_timed(rsync_command(str(self.setup.source), self.daemon.url()))
+        if done.returncode != 0:
+            raise RuntimeError(f"rsync exited {done.returncode}: {done.stderr[-500:]}")
+        remove(self.daemon.root / self.setup.source.name)
+        return Sample(done.seconds)
+
+    def stop(self) -> None:
+        self.daemon.stop()
+
+
+class SocatUpload:
+    """(e) ``socat -u FILE TCP`` into ``socat -u -b 1048576 TCP-LISTEN OPEN:file``, then fsync of the file."""
+
+    def __init__(self, setup: UploadSetup) -> None:
+        self.setup = setup
+        self.dest = setup.work / "socat.bin"
+        self.figure = Figure("1e-socat", "socat -> socat -b 1048576, then fsync", nbytes=setup.size)
+
+    def start(self) -> None:
+        require("socat")
+
+    def run_once(self, index: int) -> Sample:
+        listener, port = socat_listener(self.dest)
+        try:
+            t0 = time.monotonic()
+            sender = subprocess.run(socat_sender(self.setup.source, port), capture_output=True)
+            listener.wait(600)
+            _fsync(self.dest)
+            seconds = time.monotonic() - t0
+        finally:
+            if listener.poll() is None:
+                listener.kill()
+                listener.wait()
+        if sender.returncode != 0 or self.dest.stat().st_size != self.setup.size:
+            raise RuntimeError(f"socat failed ({sender.returncode}): {sender.stderr[-300:]!r}")
+        remove(self.dest)
+        return Sample(seconds)
+
+    def stop(self) -> None:
+        remove(self.dest)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+CLASSES = {"cli": CliUpload, "raw": RawLimit, "twisted2007": Design2007, "dataport": DataportPut,
+           "dataport-2007": DataportLegacy, "rsync": RsyncUpload, "socat": SocatUpload}
+
+
+def run(size: int, runs: int, only: set[str]) -> list[Figure]:
+    """Case 1 with the chosen variants (``raw`` always), interleaved ``runs`` times."""
+    names = [n for n in VARIANTS if n in only or n == "raw"]
+    with Workspace("upload") as work:
+        say(f"case 1: one {human_size(size)} upload, variants {', '.join(names)}; creating the source file")
+        setup = UploadSetup(random_file(work / "source.bin", size), size, work)
+        if {"cli", "dataport", "dataport-2007"} & set(names):
+            setup.server = filedock_server(work / "filedock-data")
+        try:
+            figures = run_interleaved([CLASSES[n](setup) for n in names], runs)
+        finally:
+            if setup.server:
+                setup.server.stop()
+    return figures + _cli_side_figures(figures)
+
+
+def _cli_side_figures(figures: list[Figure]) -> list[Figure]:
+    """From (a)'s runs: the data phase the server saw, and the interpreter + import start-up."""
+    cli = next((f for f in figures if f.key == "1a"), None)
+    if cli is None or not cli.samples:
+        return []
+    data = Figure("1a-data", "filedock upload (CLI), from first data byte", nbytes=cli.nbytes,
+                  samples=[Sample(s) for s in cli.extras("server_seconds")])
+    data.notes.append("server log: OFFSET sent -> recorded complete (includes the client's wait for its "
+                      "own digest before DONE); excludes start-up and API calls")
+    startup = Figure("1a-startup", "`python -m filedock --help` (interpreter + imports)",
+                     samples=[Sample(s) for s in cli.extras("startup_seconds")])
+    startup.value = median(startup.seconds)
+    startup.value_unit = "s"
+    return [data, startup]

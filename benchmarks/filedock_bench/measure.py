@@ -1,0 +1,176 @@
+"""Samples, figures and the interleaved runner: every figure is a median of runs
+taken in turn with the figures it is compared with (A B C A B C ...), so that a
+burst of load from other users of the machine hits all of them alike."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+MB = 1_000_000
+"""MB/s are decimal megabytes per second; sizes given on the command line are binary (1G = 2**30)."""
+
+_SCALE = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``'128M'`` -> 134217728; ``'1.5G'``, ``'64K'`` and plain byte counts work too."""
+    raw = text.strip().lower().removesuffix("ib").removesuffix("b")
+    scale = _SCALE.get(raw[-1:], 1)
+    number = raw[:-1] if scale != 1 else raw
+    try:
+        value = int(float(number) * scale)
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (use e.g. 128M, 1G)") from None
+    if value <= 0:
+        raise ValueError(f"size must be positive: {text!r}")
+    return value
+
+
+def human_size(n: int) -> str:
+    """1073741824 -> '1 GiB'."""
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            value = n / scale
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.2f} {unit}"
+    return f"{n} B"
+
+
+def say(message: str) -> None:
+    """Progress on stderr; stdout is kept for the final table."""
+    print(message, file=sys.stderr, flush=True)
+
+
+class Skip(Exception):
+    """A figure cannot be measured here (a tool is missing, a command does not exist)."""
+
+
+@dataclass
+class Sample:
+    """One timed run: ``seconds`` is the figure's time; ``extra`` holds side measurements."""
+
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Figure:
+    """One row of the results: a median over runs, with how to read it.
+
+    ``nbytes`` per run gives MB/s; ``files`` per run gives files/s; ``value`` is for
+    figures that are not rates (memory, start-up time).
+    """
+
+    key: str
+    title: str
+    nbytes: int | None = None
+    files: int | None = None
+    samples: list[Sample] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    value: float | None = None
+    value_unit: str = ""
+    skipped: str | None = None
+    failed: str | None = None
+
+    @property
+    def seconds(self) -> list[float]:
+        return [s.seconds for s in self.samples]
+
+    @property
+    def median_seconds(self) -> float | None:
+        return statistics.median(self.seconds) if self.samples else None
+
+    @property
+    def mbps(self) -> float | None:
+        if not self.samples or not self.nbytes:
+            return None
+        return self.nbytes / self.median_seconds / MB
+
+    @property
+    def files_per_second(self) -> float | None:
+        if not self.samples or not self.files:
+            return None
+        return self.files / self.median_seconds
+
+    def extras(self, name: str) -> list[Any]:
+        """One side measurement across runs (runs that lack it are left out)."""
+        return [s.extra[name] for s in self.samples if name in s.extra]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.key, "title": self.title, "bytes_per_run": self.nbytes, "files_per_run": self.files,
+                "seconds": self.seconds, "median_seconds": self.median_seconds, "mb_per_s": self.mbps,
+                "files_per_s": self.files_per_second, "value": self.value, "value_unit": self.value_unit or None,
+                "notes": self.notes, "skipped": self.skipped, "failed": self.failed,
+                "runs": [s.extra for s in self.samples]}
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+class Variant(Protocol):
+    """One contender in an interleaved comparison."""
+
+    figure: Figure
+
+    def start(self) -> None:
+        """Prepare (servers, daemons); raise ``Skip`` if it cannot run here. Not timed."""
+
+    def run_once(self, index: int) -> Sample:
+        """One timed run, cleaning up after itself."""
+
+    def stop(self) -> None:
+        """Undo ``start``; called even when it failed."""
+
+
+def run_interleaved(variants: list[Variant], runs: int) -> list[Figure]:
+    """Start all, then A B C ... ``runs`` times, then stop all. A variant that fails stops running."""
+    live: list[Variant] = []
+    try:
+        for v in variants:
+            try:
+                v.start()
+                live.append(v)
+            except Skip as exc:
+                v.figure.skipped = str(exc)
+                say(f"  skip {v.figure.key} {v.figure.title}: {exc}")
+        for index in range(runs):
+            for v in list(live):
+                _run_one(v, index, runs, live)
+    finally:
+        for v in variants:
+            try:
+                v.stop()
+            except Exception as exc:  # a failed stop must not hide the figures
+                say(f"  warning: stopping {v.figure.key} failed: {exc!r}")
+    return [v.figure for v in variants]
+
+
+def _run_one(v: Variant, index: int, runs: int, live: list[Variant]) -> None:
+    fig = v.figure
+    started = time.monotonic()
+    try:
+        sample = v.run_once(index)
+    except Skip as exc:
+        fig.skipped = str(exc)
+        live.remove(v)
+        say(f"  skip {fig.key} {fig.title}: {exc}")
+        return
+    except Exception as exc:
+        fig.failed = f"run {index + 1}: {exc!r}"
+        live.remove(v)
+        say(f"  FAILED {fig.key} {fig.title} (run {index + 1}): {exc!r}")
+        traceback.print_exc(file=sys.stderr)
+        return
+    fig.samples.append(sample)
+    rate = ""
+    if fig.nbytes:
+        rate = f" = {fig.nbytes / sample.seconds / MB:8.1f} MB/s"
+    elif fig.files:
+        rate = f" = {fig.files / sample.seconds:8.1f} files/s"
+    say(f"  run {index + 1}/{runs} {fig.key:<12} {sample.seconds:8.3f} s{rate}"
+        f"   ({time.monotonic() - started:.1f} s wall)")
