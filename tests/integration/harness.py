@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from filedock.client.http import ApiClient
 
@@ -37,8 +38,12 @@ class ServerProcess:
     def start(self, timeout: float = 30.0) -> "ServerProcess":
         ready = self.data_dir.parent / f"{self.data_dir.name}-ready.json"
         ready.unlink(missing_ok=True)
+        # a restart comes back on the same ports, so clients holding the address reconnect
+        api_port = urlsplit(self.info["api_url"]).port if self.info else 0
+        data_port = self.info.get("data_port", 0)
         cmd = [sys.executable, "-m", "filedock", "serve", "--data-dir", str(self.data_dir),
-               "--api-listen", "tcp:0:interface=127.0.0.1", "--data-listen", "tcp:0:interface=127.0.0.1:backlog=1024",
+               "--api-listen", f"tcp:{api_port}:interface=127.0.0.1",
+               "--data-listen", f"tcp:{data_port}:interface=127.0.0.1:backlog=1024",
                "--ready-file", str(ready)]
         if self.token is None:
             cmd.append("--issue-admin-token")
