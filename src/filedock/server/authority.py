@@ -87,14 +87,13 @@ class StoreAuthority:
 
     @defer.inlineCallbacks
     def _session_and_file(self, session_key: str, file_key: str):
-        session: Session | None = yield self.store.get_session(session_key)
+        session, record = yield self.store.session_and_file(session_key, file_key)
         if session is None:
             raise FiledockError(ErrorCode.UNKNOWN_SESSION, "no such session")
         if session.closed is not None:
             raise FiledockError(ErrorCode.SESSION_CLOSED, "the session was closed")
         if session.expires <= self.clock():
             raise FiledockError(ErrorCode.SESSION_EXPIRED, "the session has expired")
-        record: FileRecord | None = yield self.store.get_file(file_key)
         if record is None or record.job_id != session.job_id:
             raise FiledockError(ErrorCode.UNKNOWN_FILE, "no such file in the session's job")
         return record

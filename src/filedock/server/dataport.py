@@ -264,8 +264,12 @@ class DataPortProtocol(Protocol):
         need = target.size - target.received
         if need > f.blobs.free_bytes() - f.limits.disk_reserve:
             raise FiledockError(ErrorCode.NO_SPACE, f"the server cannot hold {need} more bytes")
-        self.writer = yield f.in_thread(f.blobs.open_partial, target.job_id, target.file_key,
-                                        target.received, target.crc32, target.stamp)
+        open_partial = (f.blobs.open_partial, target.job_id, target.file_key, target.received, target.crc32,
+                        target.stamp)
+        if target.received:  # a resume may read the partial back: off the reactor
+            self.writer = yield f.in_thread(*open_partial)
+        else:  # a new partial is a create and an fstat: not worth a thread hop
+            self.writer = open_partial[0](*open_partial[1:])
         self.writer.on_drain = lambda: f.reactor.callFromThread(self._hash_drained)
         self.target = target
         self.resumed_from = self.writer.offset

@@ -310,6 +310,13 @@ class SQLiteStore:
         rows = self._read(f"SELECT {_SESSION_COLS} FROM sessions WHERE key = ?", (key,))
         return Session(*rows[0]) if rows else None
 
+    def session_and_file(self, session_key: str, file_key: str) -> tuple[Session | None, FileRecord | None]:
+        """Both records a data-port request needs, in one call (one trip to the store thread)."""
+        with self._lock:
+            srow = self._db.execute(f"SELECT {_SESSION_COLS} FROM sessions WHERE key = ?", (session_key,)).fetchone()
+            frow = self._db.execute(f"SELECT {_FILE_COLS} FROM files WHERE key = ?", (file_key,)).fetchone()
+        return (Session(*srow) if srow else None), (FileRecord(*frow) if frow else None)
+
     def close_session(self, key: str) -> Session | None:
         with self._write() as db:
             db.execute("UPDATE sessions SET closed = ? WHERE key = ? AND closed IS NULL", (self._clock(), key))
