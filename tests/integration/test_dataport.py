@@ -11,11 +11,10 @@ import socket
 import time
 import uuid
 import zlib
-from pathlib import Path
 
 import pytest
 
-from filedock import digest, wire
+from filedock import digest
 from tests.integration.harness import ServerProcess
 
 

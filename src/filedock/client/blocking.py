@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
-from filedock import wire
+from filedock import durability, wire
 from filedock.client.model import DURABLE, SENT, VERIFIED, Cancelled, ProgressCallback, UploadResult
 from filedock.digest import ContentHasher
 from filedock.errors import ErrorCode, FiledockError, short_key
@@ -535,8 +535,7 @@ class DataPortClient:
                     link, session_key, file_key, f, state, report))
                 self._verify_download(start, state, part, dest)
                 os.fsync(f.fileno())
-            os.replace(part, dest)
-            _fsync_dir(dest.parent)
+            durability.publish(part, dest)
         except KeyboardInterrupt:
             raise Cancelled("interrupted") from None
         report(DURABLE, start.size, start.size)
@@ -672,9 +671,3 @@ def _restart(f: BinaryIO, state: _Download) -> None:
     state.start = None
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

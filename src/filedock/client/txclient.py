@@ -39,7 +39,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from filedock import digest, wire
+from filedock import digest, durability, wire
 from filedock.client.model import DURABLE, SENT, VERIFIED, Cancelled, ProgressCallback, UploadResult
 from filedock.client.uploader import JobProgress, collect_files
 from filedock.errors import ErrorCode, FiledockError, short_key
@@ -480,12 +480,7 @@ class _DownloadExchange(_Exchange):
         self.f.flush()
         os.fsync(self.f.fileno())
         self.f.close()
-        os.replace(self.part_path, self.dest)
-        fd = os.open(os.path.dirname(os.path.abspath(self.dest)), os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        durability.publish(self.part_path, self.dest)
 
     def _committed(self, _: None) -> UploadResult:
         want = self.expected

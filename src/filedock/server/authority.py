@@ -19,7 +19,7 @@ from zope.interface import Interface, implementer
 from filedock.config import Limits
 from filedock.errors import ErrorCode, FiledockError
 from filedock.store.metadata import DeferredStore
-from filedock.store.model import FILE_COMPLETE, FileRecord, Session
+from filedock.store.model import FILE_COMPLETE
 
 
 @dataclass(frozen=True)

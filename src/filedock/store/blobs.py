@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from filedock import durability
 from filedock.digest import BLOCK_HASH_SIZE, BLOCK_SIZE, ContentHasher, block_hash, hash_stream
 from filedock.errors import ErrorCode, FiledockError
 
@@ -40,15 +41,6 @@ def _check_key(key: str) -> str:
     if not _KEY_RE.fullmatch(key):  # defence in depth: keys are ours, never paths
         raise ValueError(f"not a key: {key[:40]!r}")
     return key
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or create in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _stamp(st: os.stat_result) -> str:
@@ -191,7 +183,7 @@ class PartialWriter:
             os.fsync(self._blocks_fd)
             os.fsync(self._fd)
             if self._unsynced_dir:  # the new .part's name must survive a crash too
-                fsync_dir(self.part.parent)
+                durability.fsync_dir(self.part.parent)
                 self._unsynced_dir = False
         except OSError as exc:
             raise _no_space(exc) from exc
@@ -209,8 +201,7 @@ class PartialWriter:
 
     def publish(self) -> None:
         """Rename the sealed partial into place and make the rename durable."""
-        os.replace(self.part, self.final)
-        fsync_dir(self.final.parent)
+        durability.publish(self.part, self.final)
         self.blocks.unlink(missing_ok=True)
 
     def finish(self, expected_digest: str | None = None) -> tuple[int, str]:
