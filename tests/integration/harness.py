@@ -24,7 +24,7 @@ class ServerProcess:
     """``with ServerProcess(tmp_path / "data") as server: server.api.get(...)``."""
 
     def __init__(self, data_dir: Path, limits: list[str] | None = None, extra: list[str] | None = None,
-                 log_path: Path | None = None) -> None:
+                 log_path: Path | None = None, tls: tuple[Path, Path] | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.limits = limits or []
         self.extra = extra or []
@@ -32,6 +32,7 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
         self.info: dict[str, Any] = {}
         self.token: str | None = None
+        self.tls = tls  # (key, certificate): both ports speak TLS
 
     # -- life cycle
 
@@ -49,6 +50,10 @@ class ServerProcess:
             cmd.append("--issue-admin-token")
         for limit in self.limits:
             cmd += ["--limit", limit]
+        if self.tls:
+            key, cert = self.tls
+            cmd += ["--api-listen", f"ssl:{api_port}:interface=127.0.0.1:privateKey={key}:certKey={cert}",
+                    "--data-listen", f"ssl:{data_port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"]
         cmd += self.extra
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
@@ -110,6 +115,10 @@ class ServerProcess:
 
     @property
     def api(self) -> ApiClient:
+        if self.tls:
+            import ssl
+
+            return ApiClient(self.url, self.token, ssl_context=ssl.create_default_context(cafile=str(self.tls[1])))
         return ApiClient(self.url, self.token)
 
     def connect(self, timeout: float = 30.0) -> socket.socket:
@@ -126,3 +135,30 @@ class ServerProcess:
         files = {n: self.api.add_file(job["id"], n, s) for n, s in sizes.items()}
         session = self.api.open_session(job["id"], ttl)
         return job, files, session
+
+
+def tls_files(directory: Path) -> tuple[Path, Path]:
+    """A key and a self-signed certificate (PEM) valid for ``localhost`` and ``127.0.0.1``."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "filedock test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    key_path, cert_path = directory / "tls-key.pem", directory / "tls-cert.pem"
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
