@@ -120,10 +120,10 @@ def test_2007_long_upload_is_discarded(server):
     sock = server.connect()
     sock.sendall(f"{session['key']} {key} {len(data)}\r\n".encode() + data + b"extra bytes")
     assert wait_closed(sock) == b""  # a 2007 client is sent nothing
-    record = wait_for(lambda: (r := file_state(server, key))["state"] == "pending" and r)
-    assert record["received"] == 0
     job_dir = server.data_dir / "jobs" / files["f"]["job"]
-    assert not list(job_dir.glob(f"{key}*"))
+    wait_for(lambda: not list(job_dir.glob(f"{key}*")))  # the partial is deleted...
+    record = file_state(server, key)  # ...and the record says nothing was received
+    assert record["state"] == "pending" and record["received"] == 0
 
 
 def digest_of(data: bytes) -> str:
@@ -305,3 +305,24 @@ def test_sigterm_checkpoints_uploads_in_flight(tmp_path):
         assert server.api.file(key)["received"] == 1_500_000
         sock, line = put(server, session["key"], key, len(data))
         assert line == b"OFFSET 1500000"
+
+
+def test_header_trickled_byte_by_byte_still_times_out(tmp_path):
+    """header_timeout bounds the whole header, not the silence between bytes (no slow-loris)."""
+    with ServerProcess(tmp_path / "data", limits=["header_timeout=1"]) as server:
+        sock = server.connect()
+        started = time.monotonic()
+        reply = b""
+        sock.settimeout(0.3)
+        for ch in b"FILEDOCK/1 PUT 00000000-0000-4000-8000-000000000000":
+            try:
+                sock.sendall(bytes([ch]))
+                reply += sock.recv(200)
+            except socket.timeout:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            if reply:
+                break
+        assert reply.startswith(b"ERR idle-timeout "), reply
+        assert time.monotonic() - started < 3

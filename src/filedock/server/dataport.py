@@ -80,6 +80,11 @@ class DataPortFactory(Factory):
         proto.factory = self
         return proto
 
+    def bytes_promised(self, exclude: Any = None) -> int:
+        """Bytes the uploads in progress still have to write: space already spoken for."""
+        return sum(p.target.size - p.writer.offset for p in self.uploads.values()
+                   if p is not exclude and p.target is not None and p.writer is not None and not p.writer.closed)
+
     def active_uploads(self) -> list[dict[str, Any]]:
         """What is being uploaded now (for status and the dashboard)."""
         return [p.describe() for p in self.uploads.values() if p.target is not None]
@@ -122,6 +127,7 @@ class DataPortProtocol(Protocol):
 
     factory: DataPortFactory
     READ_SIZE = 1 << 20
+    SPACE_CHECK_BYTES = 4 << 20
 
     def __init__(self) -> None:
         self.conn: wire.ServerConnection | None = None
@@ -142,6 +148,8 @@ class DataPortProtocol(Protocol):
         self._last_activity = 0.0
         self._timer: Any = None
         self._pauses: set[str] = set()
+        self._connected_at = 0.0
+        self._since_space_check = 0
 
     # ------------------------------------------------------------ Twisted callbacks
 
@@ -156,6 +164,7 @@ class DataPortProtocol(Protocol):
             # Twisted reads 64 KiB per recv by default; 1 MiB cuts the per-read cost 16-fold
             self.transport.bufferSize = self.READ_SIZE
         self.touch()
+        self._connected_at = self._last_activity
         self._timer = f.reactor.callLater(f.limits.header_timeout, self._check_idle)
 
     def dataReceived(self, data: bytes) -> None:
@@ -194,6 +203,11 @@ class DataPortProtocol(Protocol):
             elif isinstance(event, wire.AbortRequest):
                 self._run(self._on_abort(event))
             elif isinstance(event, wire.Done):
+                after = self.conn.next_event()  # bytes already buffered after DONE break the protocol
+                if isinstance(after, wire.ProtocolError):
+                    self._discard = True
+                    self._send_error(after.code, after.message)
+                    return
                 self._run(self._finish(event.digest))
             elif isinstance(event, wire.BodyComplete):
                 continue
@@ -262,8 +276,10 @@ class DataPortProtocol(Protocol):
             # a 2007 client always starts at byte 0: whatever partial we held is replaced
             target = UploadTarget(target.job_id, target.file_key, target.size, 0, 0, None, target.name)
         need = target.size - target.received
-        if need > f.blobs.free_bytes() - f.limits.disk_reserve:
-            raise FiledockError(ErrorCode.NO_SPACE, f"the server cannot hold {need} more bytes")
+        promised = f.bytes_promised(exclude=self)
+        if need > f.blobs.free_bytes() - f.limits.disk_reserve - promised:
+            raise FiledockError(ErrorCode.NO_SPACE, f"the server cannot hold {need} more bytes"
+                                + (f" ({promised} are promised to uploads in progress)" if promised else ""))
         open_partial = (f.blobs.open_partial, target.job_id, target.file_key, target.received, target.crc32,
                         target.stamp)
         if target.received:  # a resume may read the partial back: off the reactor
@@ -287,11 +303,12 @@ class DataPortProtocol(Protocol):
         Fires with True once an older connection let go, False if there was none.
         """
         f = self.factory
-        if f.session_connections[session_key] >= f.limits.max_connections_per_session:
+        old = f.uploads.get(file_key)
+        replacing = old is not None and old.session_key == session_key  # its slot is about to free up
+        if f.session_connections[session_key] - replacing >= f.limits.max_connections_per_session:
             raise FiledockError(ErrorCode.TOO_MANY_CONNECTIONS, "too many connections for this session")
         self.session_key = session_key
         f.session_connections[session_key] += 1
-        old = f.uploads.get(file_key)
         f.uploads[file_key] = self
         if old is None:
             return defer.succeed(False)
@@ -319,6 +336,13 @@ class DataPortProtocol(Protocol):
         n = len(data)
         self.factory.stats.bytes_received += n
         self._since_checkpoint += n
+        self._since_space_check += n
+        if self._since_space_check >= self.SPACE_CHECK_BYTES:
+            self._since_space_check = 0
+            if self.factory.blobs.free_bytes() < self.factory.limits.disk_reserve // 2:
+                # something else ate the space: stop before the store has none left to record in
+                self._send_error(ErrorCode.NO_SPACE, "the server's disk is nearly full; the partial is kept")
+                return
         if self._since_checkpoint >= self.factory.limits.checkpoint_bytes and self._checkpointing is None:
             self._checkpoint()
 
@@ -498,7 +522,8 @@ class DataPortProtocol(Protocol):
         limits = self.factory.limits
         waiting_header = self.conn.state is wire.ServerState.REQUEST
         limit = limits.header_timeout if waiting_header else limits.idle_timeout
-        idle = self.factory.reactor.seconds() - self._last_activity
+        since = self._connected_at if waiting_header else self._last_activity
+        idle = self.factory.reactor.seconds() - since  # a header must be complete in time, not just trickle
         if self._busy or self._finishing:
             idle = 0.0  # we are the slow one; the client is waiting for us
         if idle >= limit:
