@@ -84,14 +84,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     def started(result):
         api_url, (host, port, tls) = result
-        print(f"filedock API:       {api_url}", flush=True)
-        print(f"filedock data port: {host}:{port}{' (TLS)' if tls else ''}", flush=True)
-        if token and sys.stdout.isatty():
-            print(f"filedock admin token: {token}", flush=True)
-            print(f"  export FILEDOCK_URL={api_url} FILEDOCK_TOKEN={token}", flush=True)
+        out = sys.stderr if args.log_format == "json" else sys.stdout  # keep stdout pure JSON lines
+
+        def say(line: str) -> None:
+            print(line, file=out, flush=True)
+        say(f"filedock API:       {api_url}")
+        say(f"filedock data port: {host}:{port}{' (TLS)' if tls else ''}")
+        if token and out.isatty():
+            say(f"filedock admin token: {token}")
+            say(f"  export FILEDOCK_URL={api_url} FILEDOCK_TOKEN={token}")
         elif token:  # a log file or journal is no place for a whole token
             where = "the ready file" if args.ready_file else "nowhere; use 'filedock token create'"
-            print(f"filedock admin token: {short_key(token)} (in full: {where})", flush=True)
+            say(f"filedock admin token: {short_key(token)} (in full: {where})")
         if args.ready_file:
             write_ready_file(args.ready_file, {"api_url": api_url, "data_host": host, "data_port": port,
                                                "tls": tls, "token": token, "pid": os.getpid()})

@@ -102,3 +102,18 @@ def test_outcome_logged_once_per_upload_without_full_keys(server):
     line = next(l for l in log.splitlines() if "upload complete" in l)
     assert "take1.wav" in line and "size=3000" in line and "MB/s" in line
     assert key not in log and session["key"] not in log and server.token not in log
+
+
+def test_json_log_lines_carry_the_upload_outcome(tmp_path):
+    """--log-format json: every line is a JSON object; the outcome event has job, name, size, rate, result."""
+    with ServerProcess(tmp_path / "data", extra=["--log-format", "json"]) as server:
+        job, files, session = server.job_with_files("json-logged", {"a.bin": 4000})
+        upload(server, session["key"], files["a.bin"]["key"], os.urandom(4000))
+        wait_for(lambda: "upload-outcome" in server.log())
+        log_text = server.log()
+    events = [json.loads(line) for line in log_text.splitlines() if line.startswith("{")]
+    assert events, log_text
+    (outcome,) = [e for e in events if e.get("event") == "upload-outcome"]
+    assert outcome["result"] == "complete" and outcome["name"] == "a.bin" and outcome["size"] == 4000
+    assert outcome["sent"] == 4000 and outcome["rate"] > 0 and outcome["job"] == job["id"][:8] + "…"
+    assert files["a.bin"]["key"] not in log_text and session["key"] not in log_text
