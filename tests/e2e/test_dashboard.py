@@ -19,10 +19,6 @@ from tests.integration.test_dataport import digest_of, put, recv_line, wait_for
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.e2e
 
-playwright = pytest.importorskip("playwright.sync_api", reason="make e2e installs playwright")
-if not os.path.exists(CHROMIUM):
-    pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run does)",
-                allow_module_level=True)
 
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -30,7 +26,11 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
 
 @pytest.fixture
 def browser():
-    with playwright.sync_playwright() as p:
+    """Debian's chromium under Playwright (make e2e installs playwright; .ci/run installs chromium)."""
+    from playwright.sync_api import sync_playwright
+
+    assert os.path.exists(CHROMIUM), "make e2e needs Debian's chromium: apt-get install chromium"
+    with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         yield b
         b.close()

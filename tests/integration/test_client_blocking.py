@@ -152,6 +152,10 @@ def test_server_sigkilled_mid_upload_client_reconnects_and_finishes(tmp_path):
 
         def killer() -> None:
             kill_now.wait(60)
+            # kill once the server has made some of what it received durable (that is what must survive)
+            deadline = time.monotonic() + 20
+            while server.api.file(key)["received"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
             server.kill()
             killed.set()
             time.sleep(0.3)
