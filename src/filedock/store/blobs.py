@@ -76,6 +76,7 @@ class PartialWriter:
     """
 
     INLINE_BYTES = 8 << 20
+    WRITEBACK_BYTES = 8 << 20
     HIGH_WATER = 32 << 20
     LOW_WATER = 8 << 20
 
@@ -89,6 +90,7 @@ class PartialWriter:
         self.on_drain: Callable[[], None] | None = None
         self._unsynced_dir = new
         self._inline_until = hasher.offset + self.INLINE_BYTES
+        self._writeback_from = hasher.offset
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._queued = 0
         self._draining = False
@@ -136,6 +138,10 @@ class PartialWriter:
             finished = self.hasher.take_finished_blocks()
             if finished:
                 os.write(self._blocks_fd, finished)
+            if self.hasher.offset - self._writeback_from >= self.WRITEBACK_BYTES:
+                durability.start_writeback(self._fd, self._writeback_from,
+                                           self.hasher.offset - self._writeback_from)
+                self._writeback_from = self.hasher.offset
         except BaseException as exc:  # surfaced by the next write, snapshot or seal
             self._error = exc
 
