@@ -26,6 +26,7 @@ import random
 import re
 import shutil
 import threading
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -65,12 +66,13 @@ class Checkpoint:
 class PartialWriter:
     """Appends to one ``.part`` file while hashing; made by ``BlobStore.open_partial``.
 
-    Small uploads are written and hashed inline. Past ``INLINE_BYTES`` a thread of
-    the writer's own takes over the disk writes and the hashing, so the caller (the
-    reactor) only queues bytes: receiving, writing and hashing overlap on two cores,
-    and a disk that throttles writes never stalls the reactor. ``write`` returns True
-    when more than ``HIGH_WATER`` bytes are queued: the caller should stop reading
-    until ``on_drain`` is called (from the writer's thread). ``snapshot``,
+    Small uploads are written and hashed inline. Past ``INLINE_BYTES`` the shared
+    writer pool takes over the disk writes and the hashing (one pool thread at a time
+    per writer, so bytes stay in order), and the caller (the reactor) only queues
+    bytes: receiving, writing and hashing overlap on the machine's cores, and a disk
+    that throttles writes never stalls the reactor. ``write`` returns True when more
+    than ``HIGH_WATER`` bytes are queued: the caller should stop reading until
+    ``on_drain`` is called (from a pool thread). ``snapshot``,
     ``checkpoint``, ``finish`` and ``seal`` wait for the queue and fsync, so servers
     call them off the reactor thread. Bytes passed to ``write`` must not change later.
     """
@@ -91,11 +93,12 @@ class PartialWriter:
         self._unsynced_dir = new
         self._inline_until = hasher.offset + self.INLINE_BYTES
         self._writeback_from = hasher.offset
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._items: deque[bytes | memoryview | _Barrier] = deque()
         self._queued = 0
         self._draining = False
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._pooled = False  # past the inline phase: the pool owns the file
+        self._scheduled = False  # in the pool's run queue or being serviced
         self._error: BaseException | None = None
 
     @property
@@ -108,22 +111,30 @@ class PartialWriter:
         self._raise_error()
         self.accepted += len(data)
         with self._lock:  # a snapshot from another thread sees whole writes only
-            if self._thread is None and self.accepted <= self._inline_until:
+            if not self._pooled and self.accepted <= self._inline_until:
                 self._append(data)
                 inline = True
             else:
                 inline = False
+                self._pooled = True
                 self._queued += len(data)
                 over = self._queued > self.HIGH_WATER
                 self._draining = self._draining or over
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._work, name="filedock-writer", daemon=True)
-                    self._thread.start()
+                self._items.append(data)
+                start = self._mark_scheduled()
         if inline:
             self._raise_error()
             return False
-        self._queue.put(data)
+        if start:
+            WRITER_POOL.schedule(self)
         return over
+
+    def _mark_scheduled(self) -> bool:
+        """Under the lock: True if the caller must hand this writer to the pool."""
+        if self._scheduled:
+            return False
+        self._scheduled = True
+        return True
 
     def _append(self, data: bytes | memoryview) -> None:
         """Write and hash, on whichever thread owns the file now."""
@@ -145,12 +156,23 @@ class PartialWriter:
         except BaseException as exc:  # surfaced by the next write, snapshot or seal
             self._error = exc
 
-    def _work(self) -> None:
-        while (item := self._queue.get()) is not None:
+    def service(self, budget: int) -> bool:
+        """Called by a pool thread: handle queued items, about ``budget`` bytes' worth.
+
+        Returns True if items remain (the pool schedules the writer again, after the others).
+        """
+        while True:
+            with self._lock:
+                if not self._items or budget <= 0:
+                    more = bool(self._items)
+                    self._scheduled = more
+                    return more
+                item = self._items.popleft()
             if isinstance(item, _Barrier):
                 item.reached(self.hasher.offset, self.hasher.crc32)
                 continue
             self._append(item)
+            budget -= len(item)
             with self._lock:
                 self._queued -= len(item)
                 drained = self._draining and self._queued <= self.LOW_WATER
@@ -171,12 +193,15 @@ class PartialWriter:
         another thread are not.
         """
         with self._lock:
-            barrier = None if self._thread is None else _Barrier()
+            barrier = _Barrier() if self._pooled else None
             if barrier is None:
                 result = (self.hasher.offset, self.hasher.crc32)
             else:
-                self._queue.put(barrier)
+                self._items.append(barrier)
+                start = self._mark_scheduled()
         if barrier is not None:
+            if start:
+                WRITER_POOL.schedule(self)
             result = barrier.wait()
         if strict:
             self._raise_error()
@@ -223,14 +248,48 @@ class PartialWriter:
         return crc, digest
 
     def close(self) -> None:
-        """Stop the writer thread and close the files; the partial stays for a later resume."""
+        """Let the pool finish this writer's queue, close the files; the partial stays for a resume."""
         if not self.closed:
             self.closed = True
-            if self._thread is not None:
-                self._queue.put(None)
-                self._thread.join()
+            if self._pooled:
+                self.snapshot(strict=False)  # everything queued is handled; the pool is done with us
             os.close(self._fd)
             os.close(self._blocks_fd)
+
+
+class WriterPool:
+    """A few threads shared by every writer (one per core): bounded threads however many uploads.
+
+    A writer is in the run queue at most once, so one thread at a time handles its
+    bytes, in order; after ``SERVICE_BYTES`` it goes to the back of the queue, so many
+    uploads share the threads fairly.
+    """
+
+    SERVICE_BYTES = 4 << 20
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._ready: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def schedule(self, writer: PartialWriter) -> None:
+        with self._lock:
+            if len(self._threads) < self.size:
+                thread = threading.Thread(target=self._run, name=f"filedock-writer-{len(self._threads)}",
+                                          daemon=True)
+                thread.start()
+                self._threads.append(thread)
+        self._ready.put(writer)
+
+    def _run(self) -> None:
+        while True:
+            writer = self._ready.get()
+            if writer.service(self.SERVICE_BYTES):
+                self._ready.put(writer)
+
+
+WRITER_POOL = WriterPool(max(2, os.cpu_count() or 2))
 
 
 class _Barrier:
