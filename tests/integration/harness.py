@@ -127,7 +127,10 @@ class ServerProcess:
 
     def env(self) -> dict[str, str]:
         """Environment for running the CLI against this server."""
-        return {**os.environ, "FILEDOCK_URL": self.url, "FILEDOCK_TOKEN": self.token or ""}
+        env = {**os.environ, "FILEDOCK_URL": self.url, "FILEDOCK_TOKEN": self.token or ""}
+        if self.tls:
+            env["FILEDOCK_CACERT"] = str(self.tls[1])
+        return env
 
     def job_with_files(self, name: str, sizes: dict[str, int], ttl: float | None = None):
         """Create a job, declare files and open a session: (job, {name: file}, session)."""

@@ -24,7 +24,7 @@ from filedock_bench.processes import HelperServer, run_timed
 from filedock_bench.workspace import (PYTHON, ServerProcess, Workspace, delete_job, filedock_server, log_since,
                                       log_size, random_file, remove, wait_for)
 
-VARIANTS = ("cli", "raw", "twisted2007", "dataport", "dataport-2007", "rsync", "socat")
+VARIANTS = ("cli", "raw", "twisted2007", "dataport", "dataport-2007", "rsync", "socat", "cli-tls")
 """Names for ``--only``; ``raw`` always runs, as every ratio is against it."""
 
 _OUTCOME = re.compile(r"upload complete: .* seconds=([0-9.]+) rate=")
@@ -79,6 +79,28 @@ class CliUpload:
 
     def stop(self) -> None:
         pass
+
+
+class CliUploadTls(CliUpload):
+    """(a-tls) the same command against a server speaking TLS on both ports (certificate verified)."""
+
+    def __init__(self, setup: UploadSetup) -> None:
+        super().__init__(UploadSetup(setup.source, setup.size, setup.work))
+        self.figure = Figure("1a-tls", "filedock upload (CLI) over TLS on both ports, whole command",
+                             nbytes=setup.size)
+
+    def start(self) -> None:
+        super().start()
+        from tests.integration.harness import tls_files
+
+        key, cert = tls_files(self.setup.work)
+        self.setup.server = ServerProcess(self.setup.work / "filedock-tls-data", tls=(key, cert)).start()
+        self.cert = cert
+        self.figure.notes.append("TLS 1.3 (Python ssl / pyOpenSSL defaults), ECDSA P-256 certificate")
+
+    def stop(self) -> None:
+        if self.setup.server:
+            self.setup.server.stop()
 
 
 def _complete_line(server: ServerProcess, mark: int) -> str:
@@ -267,7 +289,7 @@ def _fsync(path: Path) -> None:
 
 
 CLASSES = {"cli": CliUpload, "raw": RawLimit, "twisted2007": Design2007, "dataport": DataportPut,
-           "dataport-2007": DataportLegacy, "rsync": RsyncUpload, "socat": SocatUpload}
+           "dataport-2007": DataportLegacy, "rsync": RsyncUpload, "socat": SocatUpload, "cli-tls": CliUploadTls}
 
 
 def run(size: int, runs: int, only: set[str]) -> list[Figure]:
