@@ -297,3 +297,60 @@ def test_upload_and_download_over_tls(reactor_thread, tmp_path):
 
     assert result.digest == digest.hash_file(src).hexdigest()
     assert dest.read_bytes() == src.read_bytes()
+
+
+def test_server_killed_mid_upload_client_reconnects_on_its_own(reactor_thread, tmp_path):
+    """SIGKILL and restart of the server (same ports) during an upload: the Twisted client reconnects
+    after a backoff, resumes from the durable offset and ends verified, with no call from the caller."""
+    import threading
+
+    from tests.integration.harness import ServerProcess
+
+    size = 24 * 1024 * 1024
+    src = random_file(tmp_path / "crash.bin", size)
+    server = ServerProcess(tmp_path / "data", limits=["checkpoint_bytes=1M"]).start()
+    try:
+        _, files, session = server.job_with_files("tx-crash", {"crash.bin": size})
+        key = files["crash.bin"]["key"]
+        client = TxDataPortClient(reactor_thread, *server.data_addr, attempts=10, backoff=0.2)
+        killed = threading.Event()
+
+        def bounce() -> None:
+            wait_for(lambda: server.api.file(key)["received"] > 0)
+            server.kill()
+            killed.set()
+            server.start()
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage == SENT and done >= 4 * 1024 * 1024 and not killed.is_set() and not bouncer.is_alive():
+                bouncer.start()
+
+        bouncer = threading.Thread(target=bounce)
+        result = in_reactor(reactor_thread, client.upload_file, session["key"], key, src, progress, timeout=120)
+        bouncer.join(30)
+        assert killed.is_set()
+        assert result.state == "complete" and result.digest == digest.hash_file(src).hexdigest()
+        record = server.api.file(key)
+        assert record["state"] == "complete" and record["digest"] == result.digest
+    finally:
+        server.stop()
+
+
+def test_stalled_peer_is_abandoned_and_retried_then_given_up(reactor_thread, tmp_path):
+    """A peer that answers OFFSET 0 and then reads nothing: after stall_timeout the connection is dropped
+    and a new one tried; with no progress the client gives up after ``attempts`` with a clear error."""
+    from tests.integration.test_client_blocking import StallingPeer
+
+    peer = StallingPeer(receive_buffer=4096)
+    src = random_file(tmp_path / "stall.bin", 16 * 1024 * 1024)
+    client = TxDataPortClient(reactor_thread, "127.0.0.1", peer.port, attempts=2, backoff=0.05, stall_timeout=1.0)
+    started = time.monotonic()
+    try:
+        with pytest.raises(FiledockError) as info:
+            in_reactor(reactor_thread, client.upload_file, "00000000-0000-4000-8000-000000000000",
+                       "00000000-0000-4000-8000-000000000001", src, timeout=60)
+    finally:
+        peer.close()
+    assert "gave up after 2 attempts" in info.value.message
+    assert len(peer.connections) == 2
+    assert 1.5 < time.monotonic() - started < 20

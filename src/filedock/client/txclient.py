@@ -18,8 +18,13 @@ read back from disk in a thread; the rest is hashed as it is sent.
 
 If the digest is still being computed when the last byte is out (a resume after a
 long prefix), the connection is closed rather than left silent past the server's
-idle timeout, and a new one sends ``DONE`` once the digest is ready. There is no
-other automatic retry: a failed call resumes when called again.
+idle timeout, and a new one sends ``DONE`` once the digest is ready.
+
+Uploads reconnect on their own: after a dropped connection, a server restart, a
+takeover or an idle timeout, and when nothing moved for ``stall_timeout`` seconds,
+a new connection learns the server's durable offset and sends only the rest, after a
+jittered exponential backoff. ``attempts`` counts failures in a row without
+progress (a higher durable offset than any seen before resets it).
 
 Cancelling a returned Deferred (``d.cancel()``) closes the connection cleanly and
 fails it with ``Cancelled``; the server keeps the durable part of an upload, so the
@@ -30,12 +35,15 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from io import BytesIO
 from typing import Any, BinaryIO, Callable, Sequence
 from urllib.parse import quote, urlsplit
 
 from twisted.internet import defer, endpoints, error, interfaces, threads
 from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -43,6 +51,8 @@ from filedock import digest, durability, wire
 from filedock.client.model import DURABLE, SENT, VERIFIED, Cancelled, ProgressCallback, UploadResult
 from filedock.client.uploader import JobProgress, collect_files
 from filedock.errors import ErrorCode, FiledockError, short_key
+
+log = Logger(namespace="filedock.client")
 
 CHUNK_SIZE = 256 * 1024
 """Bytes per read when streaming a file to the data port."""
@@ -356,6 +366,30 @@ class _Exchange(Protocol):
             self.transport.loseConnection()
 
 
+class _StallWatch:
+    """Aborts an upload's connection when neither bytes nor replies moved for ``timeout`` seconds."""
+
+    def __init__(self, reactor: Any, exchange: "_Exchange", timeout: float) -> None:
+        self.reactor, self.exchange, self.timeout = reactor, exchange, timeout
+        self._seen = (-1, -1)
+        self._since = reactor.seconds()
+        self._call = reactor.callLater(min(1.0, timeout), self._check)
+
+    def _check(self) -> None:
+        now = self.reactor.seconds()
+        seen = (self.exchange.sent, len(self.exchange.conn._input) + self.exchange.conn.body_received)
+        if seen != self._seen or self.exchange.settling:
+            self._seen, self._since = seen, now
+        elif now - self._since >= self.timeout and self.exchange.transport is not None:
+            self.exchange.transport.abortConnection()  # connectionLost fails it: the caller reconnects
+            return
+        self._call = self.reactor.callLater(min(1.0, self.timeout), self._check)
+
+    def stop(self) -> None:
+        if self._call.active():
+            self._call.cancel()
+
+
 class _LateDigest(Exception):
     """The body is sent but the local digest is not ready: the connection was closed on purpose."""
 
@@ -536,17 +570,22 @@ class TxDataPortClient:
     """Uploads and downloads through one server's data port (versioned dialect).
 
     ``tls_options`` is an ``optionsForClientTLS(...)`` result for a TLS data port;
-    without it the connection is plain TCP. Each request opens its own connection;
-    there is no automatic retry: a failed call is resumed by calling it again.
-    All methods must be called in the reactor thread.
+    without it the connection is plain TCP. Each request opens its own connection.
+    Uploads reconnect on their own (``attempts``, ``backoff``, ``stall_timeout``; see
+    the module docstring). All methods must be called in the reactor thread.
     """
 
+    RETRYABLE = frozenset({ErrorCode.INTERNAL_ERROR, ErrorCode.TAKEN_OVER, ErrorCode.IDLE_TIMEOUT,
+                           ErrorCode.TOO_MANY_CONNECTIONS})
+
     def __init__(self, reactor: Any, host: str, port: int, tls_options: Any = None,
-                 connect_timeout: float = 30.0, hash_wait: float = HASH_WAIT) -> None:
+                 connect_timeout: float = 30.0, hash_wait: float = HASH_WAIT, attempts: int = 5,
+                 backoff: float = 0.5, stall_timeout: float = 60.0) -> None:
         self.reactor, self.host, self.port = reactor, host, port
         self.tls_options = tls_options
         self.connect_timeout = connect_timeout
         self.hash_wait = hash_wait
+        self.attempts, self.backoff, self.stall_timeout = attempts, backoff, stall_timeout
 
     def __repr__(self) -> str:
         return f"TxDataPortClient({self.host!r}, {self.port}, tls={self.tls_options is not None})"
@@ -616,15 +655,29 @@ class TxDataPortClient:
         peer = self._peer(file_key)
         resumed_from: int | None = None
         sent = 0
+        failures, best = 0, -1
         while True:
             exchange = _UploadExchange(self.reactor, peer, session_key, file_key, f, size, hasher, report,
                                        self.hash_wait)
+            watchdog = _StallWatch(self.reactor, exchange, self.stall_timeout)
             try:
                 stored = await self._run(exchange)
             except _LateDigest:
                 await hasher.finish(size)  # then a new connection: OFFSET <size>, nothing to send, DONE
                 continue
             except FiledockError as exc:
+                if exc.code in self.RETRYABLE:
+                    if exchange.offset is not None and exchange.offset > best:
+                        failures, best = 0, exchange.offset  # the server holds more: progress
+                    failures += 1
+                    if failures >= self.attempts:
+                        raise FiledockError(exc.code, f"gave up after {failures} attempts without progress: "
+                                                      f"{exc.message}") from None
+                    delay = self.backoff * 2 ** (failures - 1) * random.uniform(0.5, 1.5)
+                    log.info("{peer}: {why}; reconnecting in {delay:.2f}s", peer=peer, why=exc.message,
+                             delay=delay)
+                    await deferLater(self.reactor, delay)
+                    continue
                 if exc.code is not ErrorCode.ALREADY_COMPLETE:
                     raise
                 # complete already (an earlier call, or ours with STORED lost): ask for its values
@@ -632,6 +685,7 @@ class TxDataPortClient:
                 report(SENT, size, size)
                 stored = await self._run(_StoredValuesExchange(self.reactor, peer, session_key, file_key, size))
             finally:
+                watchdog.stop()
                 if resumed_from is None:
                     resumed_from = exchange.offset
                 sent += exchange.sent
