@@ -85,7 +85,8 @@ class PartialWriter:
     def __init__(self, part: Path, blocks: Path, final: Path, fd: int, blocks_fd: int,
                  hasher: ContentHasher, new: bool = False) -> None:
         self.part, self.blocks, self.final = part, blocks, final
-        self._fd, self._blocks_fd = fd, blocks_fd
+        self._fd, self._blocks_fd = fd, blocks_fd  # blocks_fd: -1 until a block list is needed
+        self._had_blocks = blocks_fd >= 0
         self.hasher = hasher
         self.accepted = hasher.offset
         self.closed = False
@@ -148,6 +149,9 @@ class PartialWriter:
                 view = view[n:]
             finished = self.hasher.take_finished_blocks()
             if finished:
+                if self._blocks_fd < 0:  # files under one block never need a block list
+                    # a writer without one started at 0: whatever an older upload left is stale
+                    self._blocks_fd = os.open(self.blocks, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
                 os.write(self._blocks_fd, finished)
             if self.hasher.offset - self._writeback_from >= self.WRITEBACK_BYTES:
                 durability.start_writeback(self._fd, self._writeback_from,
@@ -211,7 +215,8 @@ class PartialWriter:
         """fsync what is written and hashed; returns what may be recorded as durable."""
         offset, crc = snapshot or self.snapshot(strict=False)
         try:
-            os.fsync(self._blocks_fd)
+            if self._blocks_fd >= 0:
+                os.fsync(self._blocks_fd)
             os.fsync(self._fd)
             if self._unsynced_dir:  # the new .part's name must survive a crash too
                 durability.fsync_dir(self.part.parent)
@@ -233,7 +238,8 @@ class PartialWriter:
     def publish(self) -> None:
         """Rename the sealed partial into place and make the rename durable."""
         durability.publish(self.part, self.final)
-        self.blocks.unlink(missing_ok=True)
+        if self._had_blocks:
+            self.blocks.unlink(missing_ok=True)
 
     def finish(self, expected_digest: str | None = None) -> tuple[int, str]:
         """Seal, compare with ``expected_digest``, publish: one trip off the reactor.
@@ -254,7 +260,10 @@ class PartialWriter:
             if self._pooled:
                 self.snapshot(strict=False)  # everything queued is handled; the pool is done with us
             os.close(self._fd)
-            os.close(self._blocks_fd)
+            if self._blocks_fd >= 0:
+                self._had_blocks = True
+                os.close(self._blocks_fd)
+                self._blocks_fd = -1
 
 
 class WriterPool:
@@ -341,6 +350,8 @@ class BlobStore:
         directory = self.job_dir(job_id)
         part, blocks = self.part_path(job_id, key), self.blocks_path(job_id, key)
         final = self.final_path(job_id, key)
+        if not offset:  # a new upload: no block list to read, nothing to check
+            return PartialWriter(part, blocks, final, self._create(directory, part), -1, ContentHasher(), new=True)
         directory.mkdir(parents=True, exist_ok=True)  # only once both keys are checked
         if offset and final.exists() and not part.exists():
             # renamed into place but never recorded complete (a crash in between):
@@ -367,6 +378,16 @@ class BlobStore:
                 os.close(blocks_fd)
             raise
         return PartialWriter(part, blocks, self.final_path(job_id, key), fd, blocks_fd, hasher, new=offset == 0)
+
+    @staticmethod
+    def _create(directory: Path, part: Path) -> int:
+        """Open a partial afresh (emptied), making the job's directory on first use."""
+        flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC
+        try:
+            return os.open(part, flags, 0o640)
+        except FileNotFoundError:
+            directory.mkdir(parents=True, exist_ok=True)
+            return os.open(part, flags, 0o640)
 
     @staticmethod
     def _appended_since(stamp: str | None, st: os.stat_result, offset: int) -> bool:
