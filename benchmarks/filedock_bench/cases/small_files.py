@@ -12,7 +12,8 @@ from filedock_bench import plain_client
 from filedock_bench.external_tools import RsyncDaemon, rsync_command
 from filedock_bench.measure import Figure, Sample, median, run_interleaved, say
 from filedock_bench.processes import run_timed
-from filedock_bench.workspace import (ServerProcess, Workspace, delete_job, filedock_server, random_tree, remove)
+from filedock_bench.workspace import (PYTHON, ServerProcess, Workspace, delete_job, filedock_server, random_tree,
+                                      remove)
 
 COUNT = 1000
 SIZE = 64 * 1024
@@ -50,6 +51,30 @@ class FiledockFiles:
         pass
 
 
+class CliFiles:
+    """``filedock upload --job J --create --parallel N DIR``, the whole command timed (declare included)."""
+
+    def __init__(self, server: ServerProcess, tree: Path, parallel: int) -> None:
+        self.server, self.tree, self.parallel = server, tree, parallel
+        self.figure = Figure(f"5-cli-p{parallel}", f"{COUNT} x 64 KiB, `filedock upload --parallel {parallel}`",
+                             nbytes=COUNT * SIZE, files=COUNT)
+
+    def start(self) -> None:
+        pass
+
+    def run_once(self, index: int) -> Sample:
+        name = f"bench-small-cli-{uuid.uuid4().hex[:8]}"
+        done = run_timed([PYTHON, "-m", "filedock", "upload", "--job", name, "--create", "--json",
+                          "--parallel", str(self.parallel), str(self.tree)], env=self.server.env())
+        if done.returncode != 0:
+            raise RuntimeError(f"filedock upload exited {done.returncode}: {done.stderr[-500:]}")
+        delete_job(self.server, name)
+        return Sample(done.seconds)
+
+    def stop(self) -> None:
+        pass
+
+
 class RsyncFiles:
     """``rsync -r --fsync DIR/ rsync://.../bench/run-N/``, the whole command timed."""
 
@@ -79,7 +104,9 @@ def run(runs: int) -> list[Figure]:
         paths = random_tree(work / "tree", COUNT, SIZE)
         server = filedock_server(work / "filedock-data")
         try:
-            ours, theirs = run_interleaved([FiledockFiles(server, paths), RsyncFiles(work, work / "tree")], runs)
+            ours, theirs, *cli = run_interleaved([FiledockFiles(server, paths), RsyncFiles(work, work / "tree"),
+                                                  CliFiles(server, work / "tree", 1), CliFiles(server, work / "tree", 8)],
+                                                 runs)
         finally:
             server.stop()
     if ours.samples:
@@ -88,4 +115,8 @@ def run(runs: int) -> list[Figure]:
     if ours.samples and theirs.samples:
         ours.notes.append(f"{ours.files_per_second:.0f} files/s vs rsync {theirs.files_per_second:.0f} files/s "
                           f"({ours.files_per_second / theirs.files_per_second:.2f}x)")
-    return [ours, theirs]
+    for fig in cli:
+        if fig.samples and theirs.samples:
+            fig.notes.append(f"the whole command (start-up, declaring, session) included; "
+                             f"{fig.files_per_second / theirs.files_per_second:.2f}x rsync")
+    return [ours, theirs, *cli]
