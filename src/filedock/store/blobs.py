@@ -77,7 +77,7 @@ class PartialWriter:
     call them off the reactor thread. Bytes passed to ``write`` must not change later.
     """
 
-    INLINE_BYTES = 8 << 20
+    INLINE_BYTES = 1 << 20
     WRITEBACK_BYTES = 8 << 20
     HIGH_WATER = 32 << 20
     LOW_WATER = 8 << 20
