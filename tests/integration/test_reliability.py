@@ -610,7 +610,7 @@ def test_disk_full_between_two_concurrent_uploads(small_disk, tmp_path):
         size = free // 2 + MiB // 2  # fits with the 1 MiB reserve; two of them overflow the disk
         datas = {"p": rng.randbytes(size), "q": rng.randbytes(size)}
         jobs = {n: server.job_with_files(f"job-{n}", {n: len(d)}) for n, d in datas.items()}
-        (job_p, files_p, session_p), (job_q, files_q, session_q) = jobs["p"], jobs["q"]
+        (job_p, files_p, session_p), (_, files_q, session_q) = jobs["p"], jobs["q"]
         sock_p, line = put(server, session_p["key"], files_p["p"]["key"], size)
         assert line == b"OFFSET 0", line
         sock_p.sendall(datas["p"][:MiB])  # p is under way
