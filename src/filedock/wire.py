@@ -289,6 +289,11 @@ class ServerConnection:
         """Bytes from the client; ``b""`` when it closed its side."""
         self._input.feed(data)
 
+    @property
+    def peer_closed(self) -> bool:
+        """True once ``receive_data(b"")`` was called."""
+        return self._input.eof
+
     def next_event(self) -> ServerEvent | Sentinel:
         """The next event, ``NEED_DATA``, or ``PAUSED`` while the server decides."""
         state = self.state

@@ -150,6 +150,7 @@ class DataPortProtocol(Protocol):
         self._pauses: set[str] = set()
         self._connected_at = 0.0
         self._since_space_check = 0
+        self._cleaned = False
 
     # ------------------------------------------------------------ Twisted callbacks
 
@@ -177,7 +178,7 @@ class DataPortProtocol(Protocol):
         self.factory.stats.active -= 1
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
-        if self.conn is not None and not self.conn._input.eof:
+        if self.conn is not None and not self.conn.peer_closed:
             self.conn.receive_data(b"")
             self._pump()
         if not self._busy:  # otherwise the running step cleans up when it ends
@@ -460,7 +461,7 @@ class DataPortProtocol(Protocol):
 
     def _cleanup(self) -> None:
         """Once per connection: keep or discard the partial, record it, let go of the file."""
-        if getattr(self, "_cleaned", False):
+        if self._cleaned:
             return
         self._cleaned = True
         d = self._settle_partial()
