@@ -26,6 +26,9 @@ class Limits:
     session_ttl: float = 24 * 3600.0
     max_session_ttl: float = 30 * 24 * 3600.0
     max_api_body: int = 1 * MiB
+    batch_max_files: int = 1000
+    batch_max_bytes: int = 64 * MiB
+    batch_item_max: int = 1 * MiB
 
     @classmethod
     def names(cls) -> list[str]:

@@ -39,6 +39,11 @@ _LEGACY_RE = re.compile(rf"({_UUID}) ({_UUID}) ({_NUM})")
 _PUT_RE = re.compile(rf"PUT ({_UUID}) ({_UUID}) ({_NUM})")
 _GET_RE = re.compile(rf"GET ({_UUID}) ({_UUID}) ({_NUM})")
 _ABORT_RE = re.compile(rf"ABORT ({_UUID}) ({_UUID})")
+_BATCH_RE = re.compile(rf"BATCH ({_UUID}) ({_NUM})")
+_ITEM_RE = re.compile(rf"({_UUID}) ({_NUM}) ({_HEX}{{64}})")
+_ITEM_STORED_RE = re.compile(rf"STORED ({_UUID}) ({_NUM}) ({_HEX}{{8}}) ({_HEX}{{64}})")
+_ITEM_FAILED_RE = re.compile(rf"FAILED ({_UUID}) ([a-z][a-z0-9-]{{0,63}})(?: (.*))?")
+_END_RE = re.compile(rf"END ({_NUM})")
 _DONE_RE = re.compile(rf"DONE(?: ({_HEX}{{64}}))?")
 _OFFSET_RE = re.compile(rf"OFFSET ({_NUM})")
 _STORED_RE = re.compile(rf"STORED ({_NUM}) ({_HEX}{{8}}) ({_HEX}{{64}})")
@@ -89,6 +94,49 @@ class AbortRequest:
 
     session_key: str
     file_key: str
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """Many small whole files on one connection: ``count`` items follow, then ``DONE``."""
+
+    session_key: str
+    count: int
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One file of a batch: ``size`` body bytes follow; ``digest`` is the client's."""
+
+    file_key: str
+    size: int
+    digest: str
+
+
+@dataclass(frozen=True)
+class ItemStored:
+    """Batch reply: this file is durable (or was complete already, with these values)."""
+
+    file_key: str
+    size: int
+    crc32: int
+    digest: str
+
+
+@dataclass(frozen=True)
+class ItemFailed:
+    """Batch reply: this file was not stored; the others are unaffected."""
+
+    file_key: str
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class BatchEnd:
+    """Batch reply: every item has its line; ``count`` of them."""
+
+    count: int
 
 
 @dataclass(frozen=True)
@@ -167,10 +215,13 @@ class ServerError:
 
 
 ServerEvent = (
-    UploadRequest | DownloadRequest | AbortRequest | Data | BodyComplete | Done | EndOfStream
-    | ProtocolError
+    UploadRequest | DownloadRequest | AbortRequest | BatchRequest | BatchItem | Data | BodyComplete | Done
+    | EndOfStream | ProtocolError
 )
-ClientEvent = Offset | Stored | DownloadStart | Aborted | ServerError | Data | BodyComplete | EndOfStream
+ClientEvent = (
+    Offset | Stored | DownloadStart | Aborted | ItemStored | ItemFailed | BatchEnd | ServerError | Data
+    | BodyComplete | EndOfStream
+)
 
 
 # ---------------------------------------------------------------- formatting
@@ -265,6 +316,8 @@ class ServerState(enum.Enum):
     BODY = "body"  # receiving upload bytes
     TRAILER = "trailer"  # versioned: body complete, waiting for DONE
     LEGACY_END = "legacy-end"  # 2007: body complete, waiting for the client to close
+    BATCH_ITEM = "batch-item"  # batch: waiting for an item line, or DONE after the last item
+    BATCH_BODY = "batch-body"  # batch: receiving one item's bytes
     FINISHING = "finishing"  # versioned: DONE received; the server owes STORED or ERR
     SENDING = "sending"  # download: the server streams; the client says nothing
     CLOSED = "closed"  # a final reply was sent or an error raised; nothing more
@@ -280,9 +333,10 @@ class ServerConnection:
     def __init__(self, max_line: int = MAX_LINE) -> None:
         self.state = ServerState.REQUEST
         self.max_line = max_line
-        self.request: UploadRequest | DownloadRequest | AbortRequest | None = None
+        self.request: UploadRequest | DownloadRequest | AbortRequest | BatchRequest | None = None
         self.body_expected = 0
         self.body_received = 0
+        self.items_left = 0
         self._input = _Input()
 
     def receive_data(self, data: bytes) -> None:
@@ -297,10 +351,12 @@ class ServerConnection:
     def next_event(self) -> ServerEvent | Sentinel:
         """The next event, ``NEED_DATA``, or ``PAUSED`` while the server decides."""
         state = self.state
-        if state is ServerState.BODY:
+        if state is ServerState.BODY or state is ServerState.BATCH_BODY:
             return self._body_event()
         if state is ServerState.REQUEST:
             return self._line_event(self._parse_request)
+        if state is ServerState.BATCH_ITEM:
+            return self._line_event(self._parse_item)
         if state is ServerState.TRAILER:
             return self._line_event(self._parse_trailer)
         if state is ServerState.DECIDING:
@@ -327,6 +383,23 @@ class ServerConnection:
         self.body_expected = req.size - offset
         self.state = ServerState.BODY
         return b"" if req.legacy else _line(f"OFFSET {offset}")
+
+    def accept_batch(self) -> bytes:
+        """Accept the pending batch; the items stream in with no reply until ``batch_results``."""
+        req = self._pending(BatchRequest)
+        self.items_left = req.count
+        self.state = ServerState.BATCH_ITEM
+        return b""
+
+    def batch_results(self, lines: list[ItemStored | ItemFailed]) -> bytes:
+        """The final reply of a batch: one line per item, then ``END <count>``."""
+        if self.state is not ServerState.FINISHING or not isinstance(self.request, BatchRequest):
+            raise RuntimeError(f"batch_results() in state {self.state.value}")
+        self.state = ServerState.CLOSED
+        out = [_line(f"STORED {r.file_key} {r.size} {format_crc(r.crc32)} {r.digest}")
+               if isinstance(r, ItemStored) else format_error(r.code, r.message).replace(
+                   b"ERR ", f"FAILED {r.file_key} ".encode(), 1) for r in lines]
+        return b"".join(out) + _line(f"END {len(lines)}")
 
     def accept_download(self, size: int, crc32: int, digest: str) -> bytes:
         """Accept the pending download; the caller then writes ``size - offset`` bytes."""
@@ -356,7 +429,7 @@ class ServerConnection:
 
     # -- internals
 
-    def _pending(self, kind: type) -> UploadRequest | DownloadRequest | AbortRequest:
+    def _pending(self, kind: type) -> UploadRequest | DownloadRequest | AbortRequest | BatchRequest:
         if self.state is not ServerState.DECIDING or not isinstance(self.request, kind):
             raise RuntimeError(f"no pending {kind.__name__} (state {self.state.value})")
         return self.request
@@ -408,13 +481,33 @@ class ServerConnection:
             return DownloadRequest(m[1].lower(), m[2].lower(), int(m[3]))
         if m := _ABORT_RE.fullmatch(rest):
             return AbortRequest(m[1].lower(), m[2].lower())
+        if m := _BATCH_RE.fullmatch(rest):
+            return BatchRequest(m[1].lower(), int(m[2]))
         return None
+
+    def _parse_item(self, line: bytes) -> ServerEvent:
+        text = _decode(line)
+        if self.items_left == 0:
+            if text == "DONE":
+                self.state = ServerState.FINISHING
+                return Done(None)
+            return self._fail(ErrorCode.MALFORMED_HEADER, "expected 'DONE' after the last item of the batch")
+        m = _ITEM_RE.fullmatch(text) if text is not None else None
+        if m is None or int(m[2]) > MAX_SIZE:
+            return self._fail(ErrorCode.MALFORMED_HEADER, "expected '<file-key> <size> <digest>' for a batch item")
+        self.items_left -= 1
+        self.body_expected, self.body_received = int(m[2]), 0
+        self.state = ServerState.BATCH_BODY
+        return BatchItem(m[1].lower(), int(m[2]), m[3])
 
     def _body_event(self) -> ServerEvent | Sentinel:
         remaining = self.body_expected - self.body_received
         if remaining == 0:
             legacy = isinstance(self.request, UploadRequest) and self.request.legacy
-            self.state = ServerState.LEGACY_END if legacy else ServerState.TRAILER
+            if self.state is ServerState.BATCH_BODY:
+                self.state = ServerState.BATCH_ITEM
+            else:
+                self.state = ServerState.LEGACY_END if legacy else ServerState.TRAILER
             return BodyComplete()
         if len(self._input) == 0:
             return self._eof_or_need()
@@ -444,6 +537,8 @@ class ClientState(enum.Enum):
     AWAIT_DATA = "await-data"
     RECEIVING = "receiving"
     AWAIT_ABORTED = "await-aborted"
+    BATCH_SENDING = "batch-sending"
+    AWAIT_BATCH = "await-batch"
     CLOSED = "closed"
 
 
@@ -457,6 +552,7 @@ class ClientConnection:
         self.offset = 0
         self.body_expected = 0
         self.body_received = 0
+        self.items_left = 0
         self._input = _Input()
 
     # -- requests
@@ -468,11 +564,29 @@ class ClientConnection:
         return _line(f"{VERSION} PUT {session_key} {file_key} {size}")
 
     def done(self, digest: str | None = None) -> bytes:
-        """The trailer after the body: ask the server to make the file durable."""
+        """The trailer after the body (or after a batch's last item): ask for durability."""
+        if self.state is ClientState.BATCH_SENDING:
+            if self.items_left:
+                raise RuntimeError(f"done() with {self.items_left} batch items not sent")
+            self.state = ClientState.AWAIT_BATCH
+            return _line("DONE")
         if self.state is not ClientState.SENDING:
             raise RuntimeError(f"done() in state {self.state.value}")
         self.state = ClientState.AWAIT_STORED
         return _line("DONE" if digest is None else f"DONE {digest}")
+
+    def batch(self, session_key: str, count: int) -> bytes:
+        """The BATCH line; then ``batch_item`` and the bytes for each of ``count`` files, then ``done``."""
+        self._start(ClientState.BATCH_SENDING)
+        self.items_left = count
+        return _line(f"{VERSION} BATCH {session_key} {count}")
+
+    def batch_item(self, file_key: str, size: int, digest: str) -> bytes:
+        """One batch item's line; exactly ``size`` bytes of the file must follow it."""
+        if self.state is not ClientState.BATCH_SENDING or not self.items_left:
+            raise RuntimeError("batch_item() outside a batch, or past its count")
+        self.items_left -= 1
+        return _line(f"{file_key} {size} {digest}")
 
     def download(self, session_key: str, file_key: str, offset: int = 0) -> bytes:
         """The GET line. Then wait for ``DownloadStart`` and ``Data``."""
@@ -500,7 +614,7 @@ class ClientConnection:
         """The next reply or body event, or ``NEED_DATA``."""
         if self.state is ClientState.RECEIVING:
             return self._body_event()
-        if self.state in (ClientState.IDLE, ClientState.SENDING, ClientState.CLOSED):
+        if self.state in (ClientState.IDLE, ClientState.SENDING, ClientState.BATCH_SENDING, ClientState.CLOSED):
             if self._input.eof and not len(self._input):
                 return EndOfStream()
             if len(self._input) and self.state is not ClientState.CLOSED:
@@ -545,6 +659,14 @@ class ClientConnection:
             self.body_expected = size - offset
             self.state = ClientState.RECEIVING
             return DownloadStart(size, offset, int(m[3], 16), m[4])
+        if state is ClientState.AWAIT_BATCH:
+            if m := _ITEM_STORED_RE.fullmatch(text):
+                return ItemStored(m[1], int(m[2]), int(m[3], 16), m[4])
+            if m := _ITEM_FAILED_RE.fullmatch(text):
+                return ItemFailed(m[1], m[2], m[3] or "")
+            if m := _END_RE.fullmatch(text):
+                self.state = ClientState.CLOSED
+                return BatchEnd(int(m[1]))
         if state is ClientState.AWAIT_ABORTED and text == "ABORTED":
             self.state = ClientState.CLOSED
             return Aborted()

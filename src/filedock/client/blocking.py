@@ -284,7 +284,7 @@ class _Link:
 
     def _broken(self, exc: OSError) -> Exception:
         """The socket failed: an ERR line the server sent before closing explains it, if we can still read it."""
-        if self.conn.state is wire.ClientState.SENDING:
+        if self.conn.state in (wire.ClientState.SENDING, wire.ClientState.BATCH_SENDING):
             try:
                 self.sock.setblocking(False)
                 for _ in range(4):  # an ERR line is short; a few reads find it or nothing
@@ -497,6 +497,63 @@ class DataPortClient:
         link.send_all(link.conn.download(session_key, file_key, size))
         start = link.expect(wire.DownloadStart, REPLY_PATIENCE)
         return wire.Stored(start.size, start.crc32, start.digest)
+
+    def upload_batch(self, session_key: str, files: list[tuple[str, str | os.PathLike, str]], *,
+                     progress: Callable[[str, str, int, int], None] | None = None,
+                     cancel: threading.Event | None = None) -> list[UploadResult]:
+        """Upload many small whole files on one connection (``BATCH``): ``files`` is (key, path, name).
+
+        Each file is read once (it must fit in ``batch_item_max``), hashed and sent; the
+        server makes them all durable together and answers per file. Results come
+        back in the order given, ``state == "complete"`` only where the server's size,
+        CRC-32 and digest equal the local file's; refused files carry the server's code.
+        A dropped connection sends the whole batch again (files already stored are
+        answered from the record). ``progress(name, stage, done, total)`` per file.
+        """
+        report = progress or (lambda name, stage, done, total: None)
+        mine: dict[str, tuple[int, int, str]] = {}
+
+        def step(link: _Link) -> dict[str, Any]:
+            link.send_all(link.conn.batch(session_key, len(files)))
+            for key, path, name in files:
+                with open(path, "rb") as f:
+                    data = f.read()
+                h = ContentHasher()
+                h.update(data)
+                mine[key] = (len(data), h.crc32, h.hexdigest())
+                link.send_all(link.conn.batch_item(key, len(data), mine[key][2]) + data)
+                report(name, SENT, len(data), len(data))
+            link.send_all(link.conn.done())
+            answers: dict[str, Any] = {}
+            while True:
+                event = link.expect((wire.ItemStored, wire.ItemFailed, wire.BatchEnd), REPLY_PATIENCE)
+                if isinstance(event, wire.BatchEnd):
+                    return answers
+                answers[event.file_key] = event
+
+        try:
+            answers = self._retrying(cancel, _Attempts(), step)
+        except KeyboardInterrupt:
+            raise Cancelled("interrupted") from None
+        return [self._batch_result(key, name, mine.get(key), answers.get(key), report) for key, _, name in files]
+
+    @staticmethod
+    def _batch_result(key: str, name: str, local: tuple[int, int, str] | None, answer: Any,
+                      report: Callable[[str, str, int, int], None]) -> UploadResult:
+        size = local[0] if local else 0
+        if isinstance(answer, wire.ItemStored):
+            report(name, DURABLE, size, size)
+            if (answer.size, answer.crc32, answer.digest) != local:
+                return UploadResult(name, size, key, 0, size, answer.crc32, answer.digest,
+                                    ErrorCode.DIGEST_MISMATCH.value,
+                                    f"the server stored crc32 {wire.format_crc(answer.crc32)} digest "
+                                    f"{answer.digest}, the local file has others")
+            report(name, VERIFIED, size, size)
+            return UploadResult(name, size, key, 0, size, answer.crc32, answer.digest, "complete")
+        if isinstance(answer, wire.ItemFailed):
+            return UploadResult(name, size, key, 0, size, state=answer.code, message=answer.message)
+        return UploadResult(name, size, key, 0, size, state=ErrorCode.INTERNAL_ERROR.value,
+                            message="the server gave no answer for this file")
 
     def abort_file(self, session_key: str, file_key: str, *, cancel: threading.Event | None = None) -> None:
         """Give up an upload: the server deletes the partial and the file starts again from 0."""

@@ -224,27 +224,52 @@ class JobUploader:
                 todo.append(i)
         if todo:
             data = self.data_client or self._default_data_client()
+            limits = self._limits()
             session = self.api.open_session(plan.job_id)
             try:
-                def one(i: int) -> UploadResult:
-                    result = self._upload_one(data, session["key"], plan.files[i], report, cancel)
-                    done(result)
-                    return result
+                def run_unit(unit: list[int]) -> dict[int, UploadResult]:
+                    if len(unit) > 1:
+                        out = self._upload_batch(data, session["key"], [plan.files[i] for i in unit], report,
+                                                 cancel)
+                        got = dict(zip(unit, out))
+                    else:
+                        got = {unit[0]: self._upload_one(data, session["key"], plan.files[unit[0]], report, cancel)}
+                    for result in got.values():
+                        done(result)
+                    return got
 
+                units = _units(plan, todo, limits)
                 if parallel > 1:
-                    parallel = min(parallel, len(todo), self._connections_per_session())
+                    parallel = min(parallel, len(units), self._connections_per_session(limits))
                 if parallel <= 1:
-                    for i in todo:
-                        results[i] = one(i)
+                    for unit in units:
+                        results.update(run_unit(unit))
                 else:
-                    results.update(_run_threads(one, todo, parallel, cancel))
+                    results.update(_run_threads(run_unit, units, parallel, cancel))
             finally:
                 self._close_session(session["key"])
         return [results[i] for i in range(len(plan.files))]
 
-    def _connections_per_session(self) -> int:
+    def _limits(self) -> dict[str, Any]:
+        limits = self.api.info().get("limits")
+        return limits if isinstance(limits, dict) else {}
+
+    @staticmethod
+    def _upload_batch(data: DataPortClient, session_key: str, planned: list[PlannedFile], report: JobProgress,
+                      cancel: threading.Event) -> list[UploadResult]:
+        try:
+            return data.upload_batch(session_key, [(p.key, p.local.path, p.local.name) for p in planned],
+                                     progress=report, cancel=cancel)
+        except FiledockError as exc:
+            return [UploadResult(p.local.name, p.local.size, p.key, state=exc.code_str, message=exc.message)
+                    for p in planned]
+        except OSError as exc:  # a local file: unreadable, gone
+            return [UploadResult(p.local.name, p.local.size, p.key, state=ErrorCode.INTERNAL_ERROR.value,
+                                 message=f"{exc.filename}: {exc.strerror or exc}") for p in planned]
+
+    @staticmethod
+    def _connections_per_session(limits: dict[str, Any]) -> int:
         """The server's ``max_connections_per_session``: more threads would only be refused."""
-        limits = self.api.info().get("limits") or {}
         value = limits.get("max_connections_per_session")
         return value if isinstance(value, int) and value > 0 else 1 << 30
 
@@ -306,20 +331,44 @@ def _quote(segment: str) -> str:
     return quote(segment, safe="")
 
 
-def _run_threads(one: Callable[[int], UploadResult], todo: list[int], parallel: int,
+def _units(plan: UploadPlan, todo: list[int], limits: dict[str, Any]) -> list[list[int]]:
+    """Work units: small files grouped into batches (one connection each), every other file alone."""
+    item_max, max_files, max_bytes = (limits.get(k) for k in ("batch_item_max", "batch_max_files",
+                                                              "batch_max_bytes"))
+    if not all(isinstance(v, int) and v > 0 for v in (item_max, max_files, max_bytes)):
+        return [[i] for i in todo]  # a server that does not batch
+    units: list[list[int]] = []
+    batch: list[int] = []
+    batch_bytes = 0
+    for i in todo:
+        size = plan.files[i].local.size
+        if size > item_max:
+            units.append([i])
+            continue
+        if batch and (len(batch) >= max_files or batch_bytes + size > max_bytes):
+            units.append(batch)
+            batch, batch_bytes = [], 0
+        batch.append(i)
+        batch_bytes += size
+    if batch:
+        units.append(batch)
+    return units
+
+
+def _run_threads(one: Callable[[list[int]], dict[int, UploadResult]], units: list[list[int]], parallel: int,
                  cancel: threading.Event) -> dict[int, UploadResult]:
-    """``one(i)`` for each index on ``parallel`` threads; a cancel (or Ctrl-C here) stops them all."""
+    """``one(unit)`` for each unit on ``parallel`` threads; a cancel (or Ctrl-C here) stops them all."""
     results: dict[int, UploadResult] = {}
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(parallel, len(todo)),
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(parallel, len(units)),
                                                  thread_name_prefix="filedock-upload")
-    futures = {pool.submit(one, i): i for i in todo}
+    futures = [pool.submit(one, unit) for unit in units]
     try:
         pending = set(futures)
         while pending:
             finished, pending = concurrent.futures.wait(pending, timeout=0.5,
                                                         return_when=concurrent.futures.FIRST_COMPLETED)
             for future in finished:
-                results[futures[future]] = future.result()
+                results.update(future.result())
     except Cancelled:
         cancel.set()
     except KeyboardInterrupt:

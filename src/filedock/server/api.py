@@ -461,10 +461,8 @@ class ControlAPI:
         job = yield self._find_job(ref)
         if batch:
             yield self._check_batch(job, entries)
-        records = []
-        for name, size in entries:
-            record: FileRecord = yield self.store.add_file(job.id, name, size, self.limits.job_quota)
-            records.append(record.to_json())
+        added: list[FileRecord] = yield self.store.add_files(job.id, entries, self.limits.job_quota)
+        records = [record.to_json() for record in added]
         return 201, {"files": records} if batch else records[0]
 
     def _file_entry(self, entry: Any) -> tuple[str, int]:
@@ -493,7 +491,7 @@ class ControlAPI:
 
     @defer.inlineCallbacks
     def _check_batch(self, job: Job, entries: list[tuple[str, int]]):
-        """Refuse a batch up front rather than add part of it (the store adds one file at a time)."""
+        """Refuse a batch up front with the exact name or the quota (the store is all-or-nothing too)."""
         existing: list[FileRecord] = yield self.store.list_files(job.id)
         taken = sorted({f.name for f in existing} & {name for name, _ in entries})
         if taken:

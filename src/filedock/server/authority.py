@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from twisted.internet import defer
 from zope.interface import Interface, implementer
@@ -19,7 +19,7 @@ from zope.interface import Interface, implementer
 from filedock.config import Limits
 from filedock.errors import ErrorCode, FiledockError
 from filedock.store.metadata import DeferredStore
-from filedock.store.model import FILE_COMPLETE
+from filedock.store.model import FILE_COMPLETE, Session
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,27 @@ class ISessionAuthority(Interface):
         """The partial was deleted: the file starts again from 0."""
 
 
-@implementer(ISessionAuthority)
+class IBatchAuthority(Interface):
+    """Optional: what the data port needs for ``BATCH`` (many small files on one connection).
+
+    An authority without it gets ``BATCH`` refused; single-file uploads are unaffected.
+    """
+
+    def authorize_session(session_key: str) -> defer.Deferred:
+        """-> the session's job id, or fail (unknown-session, session-expired, session-closed)."""
+
+    def authorize_batch(session_key: str, items: list[tuple[str, int]]) -> defer.Deferred:
+        """For (file key, size) pairs -> {key: UploadTarget | DownloadSource | FiledockError}.
+
+        UploadTarget: may be written; DownloadSource: complete already (with these values);
+        FiledockError: refused (unknown-file, size-mismatch, too-large...).
+        """
+
+    def record_batch(items: list[tuple[UploadTarget, int, str]]) -> defer.Deferred:
+        """Files fsync'd and renamed into place: record them complete, in one transaction."""
+
+
+@implementer(ISessionAuthority, IBatchAuthority)
 class StoreAuthority:
     """``ISessionAuthority`` backed by filedock's metadata store."""
 
@@ -85,18 +105,57 @@ class StoreAuthority:
         self.clock = clock
         self.on_complete = on_complete
 
-    @defer.inlineCallbacks
-    def _session_and_file(self, session_key: str, file_key: str):
-        session, record = yield self.store.session_and_file(session_key, file_key)
+    def _check_session(self, session: Session | None) -> Session:
         if session is None:
             raise FiledockError(ErrorCode.UNKNOWN_SESSION, "no such session")
         if session.closed is not None:
             raise FiledockError(ErrorCode.SESSION_CLOSED, "the session was closed")
         if session.expires <= self.clock():
             raise FiledockError(ErrorCode.SESSION_EXPIRED, "the session has expired")
+        return session
+
+    @defer.inlineCallbacks
+    def _session_and_file(self, session_key: str, file_key: str):
+        session, record = yield self.store.session_and_file(session_key, file_key)
+        self._check_session(session)
         if record is None or record.job_id != session.job_id:
             raise FiledockError(ErrorCode.UNKNOWN_FILE, "no such file in the session's job")
         return record
+
+    @defer.inlineCallbacks
+    def authorize_session(self, session_key: str):
+        session = yield self.store.get_session(session_key)
+        return self._check_session(session).job_id
+
+    @defer.inlineCallbacks
+    def authorize_batch(self, session_key: str, items: list[tuple[str, int]]):
+        session = self._check_session((yield self.store.get_session(session_key)))
+        records = {r.key: r for r in (yield self.store.files_by_keys([key for key, _ in items]))}
+        verdicts: dict[str, Any] = {}
+        for key, size in items:
+            record = records.get(key)
+            if record is None or record.job_id != session.job_id:
+                verdicts[key] = FiledockError(ErrorCode.UNKNOWN_FILE, "no such file in the session's job")
+            elif size != record.size:
+                verdicts[key] = FiledockError(ErrorCode.SIZE_MISMATCH,
+                                              f"the file was declared with {record.size} bytes, not {size}")
+            elif record.state == FILE_COMPLETE:
+                verdicts[key] = DownloadSource(record.job_id, key, record.size, record.crc32, record.digest,
+                                               record.name)
+            else:
+                verdicts[key] = UploadTarget(record.job_id, key, record.size, record.received, record.crc32,
+                                             record.part_stamp, record.name)
+        return verdicts
+
+    @defer.inlineCallbacks
+    def record_batch(self, items: list[tuple[UploadTarget, int, str]]):
+        completed_jobs = yield self.store.record_complete_many([(t.file_key, crc, dig) for t, crc, dig in items])
+        if self.on_complete is not None:
+            done = set(completed_jobs)
+            for target, _, _ in items:
+                self.on_complete(target, target.job_id in done)
+                done.discard(target.job_id)
+        return completed_jobs
 
     @defer.inlineCallbacks
     def authorize_upload(self, session_key: str, file_key: str, size: int):

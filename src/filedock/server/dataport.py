@@ -21,8 +21,8 @@ from zope.interface import implementer
 from filedock import wire
 from filedock.config import Limits
 from filedock.errors import ErrorCode, FiledockError, short_key
-from filedock.server.authority import DownloadSource, ISessionAuthority, UploadTarget
-from filedock.store.blobs import BlobStore, PartialWriter
+from filedock.server.authority import DownloadSource, IBatchAuthority, ISessionAuthority, UploadTarget
+from filedock.store.blobs import BatchWriter, BlobStore, PartialWriter
 
 log = Logger(namespace="filedock.dataport")
 
@@ -151,6 +151,8 @@ class DataPortProtocol(Protocol):
         self._connected_at = 0.0
         self._since_space_check = 0
         self._cleaned = False
+        self.batch: BatchWriter | None = None
+        self._batch_keys: list[str] = []
 
     # ------------------------------------------------------------ Twisted callbacks
 
@@ -196,20 +198,27 @@ class DataPortProtocol(Protocol):
             if event is wire.NEED_DATA or event is wire.PAUSED:
                 return
             if isinstance(event, wire.Data):
-                self._on_data(event.data)
+                if self.batch is not None:
+                    self._on_batch_data(event.data)
+                else:
+                    self._on_data(event.data)
             elif isinstance(event, wire.UploadRequest):
                 self._run(self._on_upload(event))
             elif isinstance(event, wire.DownloadRequest):
                 self._run(self._on_download(event))
             elif isinstance(event, wire.AbortRequest):
                 self._run(self._on_abort(event))
+            elif isinstance(event, wire.BatchRequest):
+                self._run(self._on_batch(event))
+            elif isinstance(event, wire.BatchItem):
+                self._on_batch_item(event)
             elif isinstance(event, wire.Done):
                 after = self.conn.next_event()  # bytes already buffered after DONE break the protocol
                 if isinstance(after, wire.ProtocolError):
                     self._discard = True
                     self._send_error(after.code, after.message)
                     return
-                self._run(self._finish(event.digest))
+                self._run(self._finish_batch() if self.batch is not None else self._finish(event.digest))
             elif isinstance(event, wire.BodyComplete):
                 continue
             elif isinstance(event, wire.EndOfStream):
@@ -405,6 +414,109 @@ class DataPortProtocol(Protocol):
         else:
             self.transport.loseConnection()
 
+    # ------------------------------------------------------------ batches of small files
+
+    @defer.inlineCallbacks
+    def _on_batch(self, req: wire.BatchRequest):
+        f = self.factory
+        authority = IBatchAuthority(f.authority, None)
+        if authority is None:
+            raise FiledockError(ErrorCode.MALFORMED_HEADER, "this data port does not take batches")
+        if req.count > f.limits.batch_max_files:
+            raise FiledockError(ErrorCode.TOO_LARGE, f"a batch holds at most {f.limits.batch_max_files} files")
+        job_id = yield authority.authorize_session(req.session_key)
+        if f.session_connections[req.session_key] >= f.limits.max_connections_per_session:
+            raise FiledockError(ErrorCode.TOO_MANY_CONNECTIONS, "too many connections for this session")
+        self.session_key = req.session_key
+        f.session_connections[req.session_key] += 1
+        self.batch = f.blobs.open_batch(job_id)
+        self.started = time.monotonic()
+        self.transport.write(self.conn.accept_batch())
+        self._schedule_idle(f.limits.idle_timeout)
+
+    def _on_batch_item(self, item: wire.BatchItem) -> None:
+        limits = self.factory.limits
+        if item.size > limits.batch_item_max:
+            self._send_error(ErrorCode.TOO_LARGE, f"batch items are at most {limits.batch_item_max} bytes; "
+                                                  "send larger files with PUT")
+        elif self.batch.bytes + item.size > limits.batch_max_bytes:
+            self._send_error(ErrorCode.TOO_LARGE, f"a batch holds at most {limits.batch_max_bytes} bytes")
+        elif item.size > self.factory.blobs.free_bytes() - limits.disk_reserve - self.factory.bytes_promised():
+            self._send_error(ErrorCode.NO_SPACE, f"the server cannot hold {item.size} more bytes")
+        else:
+            self.batch.begin(item.file_key, item.size, item.digest)
+
+    def _on_batch_data(self, data: bytes | memoryview) -> None:
+        try:
+            self.batch.write(data)
+        except FiledockError as exc:
+            self._send_error(exc.code, exc.message)
+            return
+        self.factory.stats.bytes_received += len(data)
+
+    @defer.inlineCallbacks
+    def _finish_batch(self):
+        """All items are here: fsync them, check each, publish the good ones, record them at once."""
+        f, batch = self.factory, self.batch
+        authority = IBatchAuthority(f.authority)
+        self._finishing = True
+        try:
+            entries = yield f.in_thread(batch.seal)
+            verdicts = yield authority.authorize_batch(self.session_key, [(e.key, e.size) for e in entries])
+            lines, accepted = self._judge_batch(entries, verdicts)
+            yield f.in_thread(batch.publish, {target.file_key for target, _, _ in accepted})
+            if accepted:
+                yield authority.record_batch(accepted)
+            f.stats.uploads_completed += len(accepted)
+            self._outcome = "complete"
+            log.info("batch complete: {stored} of {count} files stored, {bytes} bytes, {secs:.3f}s",
+                     stored=len(accepted), count=len(entries), bytes=batch.bytes,
+                     secs=time.monotonic() - self.started, event="batch-outcome")
+            if not self._lost:
+                self.transport.write(self.conn.batch_results(lines))
+                self.transport.loseConnection()
+        finally:
+            self._finishing = False
+            self._release_batch_keys()
+
+    def _judge_batch(self, entries, verdicts):
+        """Per item: the reply line, and the (target, crc, digest) of the ones to publish and record."""
+        f = self.factory
+        lines: list[wire.ItemStored | wire.ItemFailed] = []
+        accepted = []
+        seen: set[str] = set()
+        for e in entries:
+            verdict = verdicts.get(e.key)
+            if e.key in seen:
+                lines.append(wire.ItemFailed(e.key, ErrorCode.CONFLICT.value, "the file is twice in the batch"))
+            elif isinstance(verdict, FiledockError):
+                lines.append(wire.ItemFailed(e.key, verdict.code_str, verdict.message))
+            elif e.client_digest != e.digest:
+                lines.append(wire.ItemFailed(e.key, ErrorCode.DIGEST_MISMATCH.value,
+                                             f"the server computed {e.digest}"))
+            elif isinstance(verdict, DownloadSource):  # complete already: same bytes are fine
+                if verdict.digest == e.digest:
+                    lines.append(wire.ItemStored(e.key, verdict.size, verdict.crc32, verdict.digest))
+                else:
+                    lines.append(wire.ItemFailed(e.key, ErrorCode.ALREADY_COMPLETE.value,
+                                                 "the file is complete already, with other bytes"))
+            elif e.key in f.uploads:
+                lines.append(wire.ItemFailed(e.key, ErrorCode.CONFLICT.value,
+                                             "an upload of this file is in progress"))
+            else:
+                f.uploads[e.key] = self  # a PUT arriving now waits for this batch to let go
+                self._batch_keys.append(e.key)
+                accepted.append((verdict, e.crc32, e.digest))
+                lines.append(wire.ItemStored(e.key, e.size, e.crc32, e.digest))
+            seen.add(e.key)
+        return lines, accepted
+
+    def _release_batch_keys(self) -> None:
+        for key in self._batch_keys:
+            if self.factory.uploads.get(key) is self:
+                del self.factory.uploads[key]
+        self._batch_keys = []
+
     # ------------------------------------------------------------ downloads and aborts
 
     @defer.inlineCallbacks
@@ -471,6 +583,9 @@ class DataPortProtocol(Protocol):
     @defer.inlineCallbacks
     def _settle_partial(self):
         f, writer, target = self.factory, self.writer, self.target
+        if self.batch is not None and self._outcome != "complete":
+            yield f.in_thread(self.batch.discard)  # a batch is all or nothing per connection
+            f.stats.uploads_failed[self._outcome or "disconnected"] += 1
         if writer is None or target is None:
             return
         if self._checkpointing is not None:

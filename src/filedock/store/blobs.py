@@ -266,6 +266,85 @@ class PartialWriter:
                 self._blocks_fd = -1
 
 
+@dataclass
+class BatchEntry:
+    """One small file of a batch, written to a private temporary name until the batch commits."""
+
+    key: str
+    size: int
+    client_digest: str
+    temp: Path
+    fd: int
+    hasher: ContentHasher
+    crc32: int = 0
+    digest: str = ""
+
+
+class BatchWriter:
+    """The files of one ``BATCH``: each written inline and hashed, then all made durable together.
+
+    Temporary names (``<key>.batch-<random>``) keep a batch from touching any other
+    upload's partial; ``seal`` fsyncs them all; ``publish`` renames the accepted ones
+    into place and fsyncs the directory once; ``discard`` removes what is left.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.entries: list[BatchEntry] = []
+        self.bytes = 0
+        self._tag = os.urandom(6).hex()
+
+    def begin(self, key: str, size: int, client_digest: str) -> None:
+        """Start the next file (``key`` is a checked UUID; names never come from the client)."""
+        temp = self.directory / f"{_check_key(key)}.batch-{self._tag}"
+        fd = BlobStore._create(self.directory, temp)
+        self.entries.append(BatchEntry(key, size, client_digest, temp, fd, ContentHasher()))
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Bytes of the current file; ``FiledockError(no-space)`` when the disk is full."""
+        entry = self.entries[-1]
+        view = memoryview(data)
+        try:
+            while len(view):
+                n = os.write(entry.fd, view)
+                entry.hasher.update(view[:n])
+                view = view[n:]
+        except OSError as exc:
+            raise _no_space(exc) from exc
+        self.bytes += len(data)
+
+    def seal(self) -> list[BatchEntry]:
+        """fsync and close every file; each entry gets its CRC-32 and digest."""
+        for entry in self.entries:
+            if entry.fd >= 0:
+                try:
+                    os.fsync(entry.fd)
+                except OSError as exc:
+                    raise _no_space(exc) from exc
+                os.close(entry.fd)
+                entry.fd = -1
+            entry.crc32, entry.digest = entry.hasher.crc32, entry.hasher.hexdigest()
+        return self.entries
+
+    def publish(self, keys: set[str]) -> None:
+        """Rename the accepted files into place (old partials of them go), one directory fsync."""
+        for entry in self.entries:
+            if entry.key in keys:
+                os.replace(entry.temp, self.directory / entry.key)
+                (self.directory / f"{entry.key}.part").unlink(missing_ok=True)
+                (self.directory / f"{entry.key}.blocks").unlink(missing_ok=True)
+        durability.fsync_dir(self.directory)
+        self.discard()
+
+    def discard(self) -> None:
+        """Close and delete whatever was not published."""
+        for entry in self.entries:
+            if entry.fd >= 0:
+                os.close(entry.fd)
+                entry.fd = -1
+            entry.temp.unlink(missing_ok=True)
+
+
 class WriterPool:
     """A few threads shared by every writer (one per core): bounded threads however many uploads.
 
@@ -413,6 +492,10 @@ class BlobStore:
             os.ftruncate(blocks_fd, 0)
             os.pwrite(blocks_fd, hasher.take_finished_blocks(), 0)
             return hasher
+
+    def open_batch(self, job_id: str) -> BatchWriter:
+        """A writer for one ``BATCH`` into ``job_id``'s directory."""
+        return BatchWriter(self.job_dir(job_id))
 
     def discard(self, job_id: str, key: str) -> None:
         """Delete a partial and its block list."""

@@ -212,8 +212,13 @@ class SQLiteStore:
     # ------------------------------------------------------------ files
 
     def add_file(self, job_id: str, name: str, size: int, quota: int | None = None) -> FileRecord:
+        return self.add_files(job_id, [(name, size)], quota)[0]
+
+    def add_files(self, job_id: str, entries: list[tuple[str, int]], quota: int | None = None) -> list[FileRecord]:
+        """Declare files, all or none, in one transaction (a conflict or the quota refuses the lot)."""
         now = self._clock()
-        record = FileRecord(new_key(), job_id, name, size, 0, FILE_PENDING, 0, None, None, now)
+        records = [FileRecord(new_key(), job_id, name, size, 0, FILE_PENDING, 0, None, None, now)
+                   for name, size in entries]
         try:
             with self._write() as db:
                 if db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None:
@@ -221,15 +226,19 @@ class SQLiteStore:
                 if quota is not None:
                     (used,) = db.execute("SELECT COALESCE(SUM(size), 0) FROM files WHERE job_id = ?",
                                          (job_id,)).fetchone()
-                    if used + size > quota:
+                    if used + sum(size for _, size in entries) > quota:
                         raise FiledockError(ErrorCode.QUOTA_EXCEEDED,
                                             f"job quota is {quota} bytes; {used} are declared already")
-                db.execute(f"INSERT INTO files ({_FILE_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                           (record.key, job_id, name, size, 0, FILE_PENDING, 0, None, None, now, None))
+                db.executemany(f"INSERT INTO files ({_FILE_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                               [(r.key, job_id, r.name, r.size, 0, FILE_PENDING, 0, None, None, now, None)
+                                for r in records])
                 db.execute("UPDATE jobs SET state = ?, updated = ? WHERE id = ?", (JOB_OPEN, now, job_id))
         except sqlite3.IntegrityError:
-            raise FiledockError(ErrorCode.CONFLICT, f"the job has a file named {name!r} already") from None
-        return record
+            names = ", ".join(repr(n) for n, _ in entries[:3])
+            raise FiledockError(ErrorCode.CONFLICT, f"the job has a file named {names} already"
+                                if len(entries) == 1 else f"the job has one of these files already: {names}...") \
+                from None
+        return records
 
     def list_files(self, job_id: str) -> list[FileRecord]:
         return [FileRecord(*r) for r in self._read(
@@ -248,22 +257,46 @@ class SQLiteStore:
 
     def record_complete(self, key: str, crc32: int, digest: str) -> bool:
         """Mark a file complete; returns True if that made its job complete (exactly once)."""
+        with self._write() as db:
+            job_id = self._complete(db, key, crc32, digest, self._clock())
+            return self._maybe_complete_job(db, job_id, self._clock())
+
+    def record_complete_many(self, items: list[tuple[str, int, str]]) -> list[str]:
+        """Mark many files complete in one transaction (a batch); returns the jobs that became complete."""
         now = self._clock()
         with self._write() as db:
-            row = db.execute("SELECT job_id, size FROM files WHERE key = ?", (key,)).fetchone()
-            if row is None:
-                raise FiledockError(ErrorCode.UNKNOWN_FILE, "the file was deleted during the upload")
-            job_id, size = row
-            db.execute("UPDATE files SET state = ?, received = ?, crc32 = ?, digest = ?, uploaded_at = ?, "
-                       "updated = ?, part_stamp = NULL WHERE key = ?",
-                       (FILE_COMPLETE, size, crc32, digest, now, now, key))
-            (left,) = db.execute("SELECT COUNT(*) FROM files WHERE job_id = ? AND state != ?",
-                                 (job_id, FILE_COMPLETE)).fetchone()
-            became = db.execute("UPDATE jobs SET state = ?, updated = ? WHERE id = ? AND state != ?",
-                                (JOB_COMPLETE, now, job_id, JOB_COMPLETE)).rowcount if left == 0 else 0
-            if became:
-                self._add_event(db, job_id, "job.complete", now)
+            jobs = {self._complete(db, key, crc32, digest, now) for key, crc32, digest in items}
+            return [job_id for job_id in sorted(jobs) if self._maybe_complete_job(db, job_id, now)]
+
+    @staticmethod
+    def _complete(db: sqlite3.Connection, key: str, crc32: int, digest: str, now: float) -> str:
+        row = db.execute("SELECT job_id, size FROM files WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            raise FiledockError(ErrorCode.UNKNOWN_FILE, "the file was deleted during the upload")
+        job_id, size = row
+        db.execute("UPDATE files SET state = ?, received = ?, crc32 = ?, digest = ?, uploaded_at = ?, "
+                   "updated = ?, part_stamp = NULL WHERE key = ?",
+                   (FILE_COMPLETE, size, crc32, digest, now, now, key))
+        return job_id
+
+    def _maybe_complete_job(self, db: sqlite3.Connection, job_id: str, now: float) -> bool:
+        """A job whose files are all complete becomes complete, once, with its event in the outbox."""
+        (left,) = db.execute("SELECT COUNT(*) FROM files WHERE job_id = ? AND state != ?",
+                             (job_id, FILE_COMPLETE)).fetchone()
+        became = db.execute("UPDATE jobs SET state = ?, updated = ? WHERE id = ? AND state != ?",
+                            (JOB_COMPLETE, now, job_id, JOB_COMPLETE)).rowcount if left == 0 else 0
+        if became:
+            self._add_event(db, job_id, "job.complete", now)
         return bool(became)
+
+    def files_by_keys(self, keys: list[str]) -> list[FileRecord]:
+        """The records of these keys (unknown keys are left out)."""
+        out: list[FileRecord] = []
+        for i in range(0, len(keys), 500):  # stay under SQLite's parameter limit
+            part = keys[i:i + 500]
+            out += [FileRecord(*r) for r in self._read(
+                f"SELECT {_FILE_COLS} FROM files WHERE key IN ({','.join('?' * len(part))})", tuple(part))]
+        return out
 
     def _add_event(self, db: sqlite3.Connection, job_id: str, kind: str, now: float) -> None:
         (name,) = db.execute("SELECT name FROM jobs WHERE id = ?", (job_id,)).fetchone()
