@@ -238,7 +238,7 @@ class JobUploader:
                         done(result)
                     return got
 
-                units = _units(plan, todo, limits)
+                units = _units(plan, todo, limits, parallel)
                 if parallel > 1:
                     parallel = min(parallel, len(units), self._connections_per_session(limits))
                 if parallel <= 1:
@@ -331,12 +331,18 @@ def _quote(segment: str) -> str:
     return quote(segment, safe="")
 
 
-def _units(plan: UploadPlan, todo: list[int], limits: dict[str, Any]) -> list[list[int]]:
-    """Work units: small files grouped into batches (one connection each), every other file alone."""
+def _units(plan: UploadPlan, todo: list[int], limits: dict[str, Any], parallel: int = 1) -> list[list[int]]:
+    """Work units: small files grouped into batches (one connection each), every other file alone.
+
+    With ``parallel`` > 1 the small files are spread over at least that many batches,
+    so the connections share them.
+    """
     item_max, max_files, max_bytes = (limits.get(k) for k in ("batch_item_max", "batch_max_files",
                                                               "batch_max_bytes"))
     if not all(isinstance(v, int) and v > 0 for v in (item_max, max_files, max_bytes)):
         return [[i] for i in todo]  # a server that does not batch
+    small = sum(1 for i in todo if plan.files[i].local.size <= item_max)
+    max_files = max(1, min(max_files, -(-small // max(1, parallel))))
     units: list[list[int]] = []
     batch: list[int] = []
     batch_bytes = 0

@@ -464,9 +464,9 @@ class DataPortProtocol(Protocol):
             entries = yield f.in_thread(batch.seal)
             verdicts = yield authority.authorize_batch(self.session_key, [(e.key, e.size) for e in entries])
             lines, accepted = self._judge_batch(entries, verdicts)
-            yield f.in_thread(batch.publish, {target.file_key for target, _, _ in accepted})
+            yield f.in_thread(batch.publish, [entry for entry, _ in accepted])
             if accepted:
-                yield authority.record_batch(accepted)
+                yield authority.record_batch([(target, e.crc32, e.digest) for e, target in accepted])
             f.stats.uploads_completed += len(accepted)
             self._outcome = "complete"
             log.info("batch complete: {stored} of {count} files stored, {bytes} bytes, {secs:.3f}s",
@@ -480,7 +480,7 @@ class DataPortProtocol(Protocol):
             self._release_batch_keys()
 
     def _judge_batch(self, entries, verdicts):
-        """Per item: the reply line, and the (target, crc, digest) of the ones to publish and record."""
+        """Per item: the reply line; and (entry, target) for each one to publish and record."""
         f = self.factory
         lines: list[wire.ItemStored | wire.ItemFailed] = []
         accepted = []
@@ -506,7 +506,7 @@ class DataPortProtocol(Protocol):
             else:
                 f.uploads[e.key] = self  # a PUT arriving now waits for this batch to let go
                 self._batch_keys.append(e.key)
-                accepted.append((verdict, e.crc32, e.digest))
+                accepted.append((e, verdict))
                 lines.append(wire.ItemStored(e.key, e.size, e.crc32, e.digest))
             seen.add(e.key)
         return lines, accepted

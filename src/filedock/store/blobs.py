@@ -296,7 +296,7 @@ class BatchWriter:
 
     def begin(self, key: str, size: int, client_digest: str) -> None:
         """Start the next file (``key`` is a checked UUID; names never come from the client)."""
-        temp = self.directory / f"{_check_key(key)}.batch-{self._tag}"
+        temp = self.directory / f"{_check_key(key)}.batch-{self._tag}-{len(self.entries)}"
         fd = BlobStore._create(self.directory, temp)
         self.entries.append(BatchEntry(key, size, client_digest, temp, fd, ContentHasher()))
 
@@ -326,13 +326,12 @@ class BatchWriter:
             entry.crc32, entry.digest = entry.hasher.crc32, entry.hasher.hexdigest()
         return self.entries
 
-    def publish(self, keys: set[str]) -> None:
-        """Rename the accepted files into place (old partials of them go), one directory fsync."""
-        for entry in self.entries:
-            if entry.key in keys:
-                os.replace(entry.temp, self.directory / entry.key)
-                (self.directory / f"{entry.key}.part").unlink(missing_ok=True)
-                (self.directory / f"{entry.key}.blocks").unlink(missing_ok=True)
+    def publish(self, accepted: list[BatchEntry]) -> None:
+        """Rename the accepted entries into place (old partials of them go), one directory fsync."""
+        for entry in accepted:
+            os.replace(entry.temp, self.directory / entry.key)
+            (self.directory / f"{entry.key}.part").unlink(missing_ok=True)
+            (self.directory / f"{entry.key}.blocks").unlink(missing_ok=True)
         durability.fsync_dir(self.directory)
         self.discard()
 

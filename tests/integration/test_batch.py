@@ -1,0 +1,133 @@
+"""BATCH against a real server: many small files on one connection, durable together, answered per file."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+import zlib
+
+from filedock import wire
+from filedock.digest import ContentHasher, hash_file
+from tests.integration.harness import ServerProcess
+from tests.integration.test_dataport import put, recv_line, wait_closed, wait_for
+
+
+def digest_of(data: bytes) -> str:
+    h = ContentHasher()
+    h.update(data)
+    return h.hexdigest()
+
+
+def send_batch(server, session: str, items: list[tuple[str, bytes, str | None]], close_after: int | None = None):
+    """Send a batch (key, bytes, digest or None for the right one); returns the reply events."""
+    client = wire.ClientConnection()
+    sock = server.connect()
+    out = bytearray(client.batch(session, len(items)))
+    for key, data, digest in items:
+        out += client.batch_item(key, len(data), digest or digest_of(data)) + data
+    if close_after is not None:
+        sock.sendall(out[:close_after])
+        sock.close()
+        return []
+    out += client.done()
+    sock.sendall(out)
+    client.receive_data(wait_closed(sock))
+    client.receive_data(b"")
+    events = []
+    while (event := client.next_event()) not in (wire.NEED_DATA,) and not isinstance(event, wire.EndOfStream):
+        events.append(event)
+    return events
+
+
+def test_batch_stores_every_file_and_completes_the_job_once(server):
+    """50 small files in one BATCH: each answered STORED with its CRC and digest, on disk, recorded;
+    the job becomes complete, with one completion event in the outbox."""
+    datas = {f"f{i:02d}": os.urandom(i * 997) for i in range(50)}
+    job, files, session = server.job_with_files("batched", {n: len(d) for n, d in datas.items()})
+    events = send_batch(server, session["key"], [(files[n]["key"], d, None) for n, d in datas.items()])
+    assert events[-1] == wire.BatchEnd(50)
+    stored = {e.file_key: e for e in events[:-1]}
+    for name, data in datas.items():
+        key = files[name]["key"]
+        assert stored[key] == wire.ItemStored(key, len(data), zlib.crc32(data), digest_of(data))
+        assert (server.data_dir / "jobs" / job["id"] / key).read_bytes() == data
+    shown = server.api.job(job["id"])
+    assert shown["state"] == "complete" and all(f["state"] == "complete" for f in shown["files"])
+    assert not [p for p in (server.data_dir / "jobs" / job["id"]).iterdir() if "." in p.name]  # no temp files
+
+
+def test_batch_answers_each_file_on_its_own(server):
+    """Unknown file, wrong size, wrong digest, a duplicate, complete-with-same-bytes and complete-with-other
+    bytes are each answered for themselves; the good files are stored all the same."""
+    good, done_same, done_other, wrong_size, wrong_digest = (os.urandom(1000) for _ in range(5))
+    sizes = {"good": 1000, "same": 1000, "other": 1000, "size": 999, "digest": 1000}
+    job, files, session = server.job_with_files("mixed", sizes)
+    key = {n: f["key"] for n, f in files.items()}
+    for name in ("same", "other"):  # complete them first, the ordinary way
+        sock, _ = put(server, session["key"], key[name], 1000)
+        sock.sendall(done_same + b"DONE\r\n")
+        assert recv_line(sock).startswith(b"STORED")
+    stranger = str(uuid.uuid4())
+    events = send_batch(server, session["key"], [
+        (key["good"], good, None), (stranger, b"x", None), (key["size"], wrong_size + b"!", None),
+        (key["digest"], wrong_digest, "0" * 64), (key["same"], done_same, None),
+        (key["other"], done_other, None), (key["good"], good, None)])
+    by = [(type(e).__name__, getattr(e, "code", None)) for e in events]
+    assert by == [("ItemStored", None), ("ItemFailed", "unknown-file"), ("ItemFailed", "size-mismatch"),
+                  ("ItemFailed", "digest-mismatch"), ("ItemStored", None), ("ItemFailed", "already-complete"),
+                  ("ItemFailed", "conflict"), ("BatchEnd", None)]
+    state = {n: server.api.file(k)["state"] for n, k in key.items()}
+    assert state == {"good": "complete", "same": "complete", "other": "complete", "size": "pending",
+                     "digest": "pending"}
+    assert (server.data_dir / "jobs" / job["id"] / key["other"]).read_bytes() == done_same  # untouched
+
+
+def test_batch_cut_off_stores_nothing_and_leaves_no_trace(server):
+    """A client gone mid-batch: no file recorded, no temporary file left, the server fine."""
+    datas = [os.urandom(5000) for _ in range(10)]
+    job, files, session = server.job_with_files("cut", {f"f{i}": 5000 for i in range(10)})
+    items = [(files[f"f{i}"]["key"], d, None) for i, d in enumerate(datas)]
+    send_batch(server, session["key"], items, close_after=30_000)
+    wait_for(lambda: server.api.get("/v1/uploads") == {"uploads": []})
+    job_dir = server.data_dir / "jobs" / job["id"]
+    wait_for(lambda: not job_dir.exists() or not list(job_dir.iterdir()))
+    assert all(server.api.file(f["key"])["state"] == "pending" for f in files.values())
+    assert send_batch(server, session["key"], items)[-1] == wire.BatchEnd(10)  # and it still works
+
+
+def test_batch_refusals_for_the_whole_batch(tmp_path):
+    """Unknown session and an item over batch_item_max refuse the batch with one ERR line; nothing stored."""
+    with ServerProcess(tmp_path / "data", limits=["batch_item_max=4K"]) as server:
+        job, files, session = server.job_with_files("refused", {"a": 10, "big": 5000})
+        sock = server.connect()
+        sock.sendall(f"FILEDOCK/1 BATCH {uuid.uuid4()} 1\r\n".encode())
+        assert wait_closed(sock).startswith(b"ERR unknown-session ")
+        client = wire.ClientConnection()
+        sock = server.connect()
+        sock.sendall(client.batch(session["key"], 2) + client.batch_item(files["a"]["key"], 10, digest_of(b"0" * 10))
+                     + b"0" * 10 + client.batch_item(files["big"]["key"], 5000, digest_of(b"1" * 5000)))
+        assert wait_closed(sock).startswith(b"ERR too-large ")
+        assert {server.api.file(f["key"])["state"] for f in files.values()} == {"pending"}
+
+
+def test_cli_batches_small_files_and_sends_big_ones_alone(server, tmp_path):
+    """`filedock upload` of a directory: small files go in batches, a big one by PUT; all verified."""
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    for i in range(40):
+        (tree / "sub" / f"s{i}.bin").write_bytes(os.urandom(i * 100))
+    (tree / "big.bin").write_bytes(os.urandom(3 * 1024 * 1024))
+    proc = subprocess.run([sys.executable, "-m", "filedock", "upload", "--job", "tree", "--create", "--json",
+                           str(tree)], capture_output=True, text=True, timeout=120, env=server.env())
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(rows) == 41 and {r["state"] for r in rows} == {"complete"}
+    for row in rows:
+        assert row["digest"] == hash_file(tree / row["name"]).hexdigest()
+    assert "batch complete: 40 of 40 files stored" in server.log()
+    again = subprocess.run([sys.executable, "-m", "filedock", "upload", "--job", "tree", "--json", str(tree)],
+                           capture_output=True, text=True, timeout=120, env=server.env())
+    assert again.returncode == 0 and {json.loads(l)["sent"] for l in again.stdout.splitlines()} == {0}
