@@ -153,7 +153,13 @@ class _JsonLines:
 
 
 class _UploadBars:
-    """One bar per file and one for the job: bytes, rate, time left (on stderr)."""
+    """One bar per file and one for the job: bytes, rate, time left (on stderr).
+
+    With more than ``MANY`` files only the files in flight have a bar (a finished one
+    gives way) and the job's bar counts the files done.
+    """
+
+    MANY = 20
 
     def __init__(self, plan: Any) -> None:
         from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
@@ -163,11 +169,18 @@ class _UploadBars:
                              TransferSpeedColumn(), TimeRemainingColumn(), console=_stderr_console())
         self._lock = threading.Lock()
         self._done = {f.local.name: min(f.received, f.local.size) for f in plan.files}
+        self._compact = len(plan.files) > self.MANY
         self._tasks = {f.local.name: self.bars.add_task(_label(f.local.name), total=f.local.size,
-                                                        completed=self._done[f.local.name])
+                                                        completed=self._done[f.local.name],
+                                                        visible=not self._compact)
                        for f in plan.files}
-        self._job = self.bars.add_task(f"[bold]job {_label(plan.job['name'])}", total=plan.total_bytes,
+        self._count, self._finished = len(plan.files), 0
+        self._job_label = f"[bold]job {_label(plan.job['name'])}"
+        self._job = self.bars.add_task(self._job_description(), total=plan.total_bytes,
                                        completed=sum(self._done.values()))
+
+    def _job_description(self) -> str:
+        return f"{self._job_label} ({self._finished}/{self._count} files)" if self._compact else self._job_label
 
     def __enter__(self) -> "_UploadBars":
         self.bars.start()
@@ -181,14 +194,18 @@ class _UploadBars:
         if stage == SENT:
             with self._lock:
                 delta, self._done[name] = done - self._done[name], done
-            self.bars.update(task, completed=done)
+            self.bars.update(task, completed=done, visible=True)
             self.bars.advance(self._job, delta)
         elif stage == VERIFIED:
-            self.bars.update(task, description=f"[green]✓[/] {_label(name)}")
+            self.bars.update(task, description=f"[green]✓[/] {_label(name)}", visible=not self._compact)
 
     def result(self, result: UploadResult) -> None:
-        if result.state != "complete":
-            self.bars.update(self._tasks[result.name], description=f"[red]✗[/] {_label(result.name)}")
+        with self._lock:
+            self._finished += 1
+        self.bars.update(self._job, description=self._job_description())
+        if result.state != "complete":  # failures stay in sight
+            self.bars.update(self._tasks[result.name], description=f"[red]✗[/] {_label(result.name)}",
+                             visible=True)
 
 
 def _label(name: str, width: int = 40) -> str:
@@ -206,8 +223,11 @@ def _print_summary(job: dict[str, Any], results: list[UploadResult]) -> None:
     table = Table(title=escape(f"job {job['name']} ({job['id']})"))
     for column in ("file", "size", "state", "resumed from", "sent", "crc32", "digest"):
         table.add_column(column, justify="right" if column in ("size", "resumed from", "sent") else "left")
+    many = len(results) > _UploadBars.MANY
     for r in results:
         ok = r.state == "complete"
+        if many and ok:
+            continue  # a long job lists what went wrong; the caption counts the rest
         table.add_row(escape(r.name), decimal(r.size), f"[green]{r.state}[/]" if ok else f"[red]{r.state}[/]",
                       decimal(r.resumed_from), decimal(r.sent), r.to_json()["crc32"] or "-",
                       (r.digest[:16] + "…") if r.digest else "-")
@@ -215,7 +235,10 @@ def _print_summary(job: dict[str, Any], results: list[UploadResult]) -> None:
     sent = sum(r.sent for r in results)
     complete = sum(r.state == "complete" for r in results)
     table.caption = f"{complete}/{len(results)} files complete, {decimal(total)} in the job, {decimal(sent)} sent now"
-    Console().print(table)
+    if many and complete == len(results):  # nothing to list: just the totals
+        Console().print(f"job {escape(job['name'])} ({job['id']}): {table.caption}")
+    else:
+        Console().print(table)
 
 
 # ---------------------------------------------------------------- download
