@@ -3,9 +3,11 @@
 ``record_complete`` writes the event in the same transaction that makes the job
 complete (an outbox), so none is lost across restarts. ``EventDelivery`` polls the
 outbox and delivers each event to every configured webhook (HTTP POST, JSON body)
-and command (the JSON on standard input); an event is marked delivered only when
-all targets accepted it, and retried with exponential backoff otherwise. Delivery
-is at least once: receivers drop duplicates by the event's stable ``id``.
+and command (the JSON on standard input). The outbox remembers which targets took
+an event; a retry (exponential backoff) goes only to the others, and the event is
+done once all have it. Delivery is at least once (a target may see an event again
+if the server stops between its answer and the record): receivers drop duplicates
+by the event's stable ``id``.
 """
 
 from __future__ import annotations
@@ -80,8 +82,9 @@ class EventDelivery:
         for event in events:
             if self._next_try.get(event.id, 0) > now:
                 continue
-            ok = yield self._deliver(event)
-            yield self.store.mark_event(event.id, ok)
+            accepted = yield self._deliver(event)
+            ok = set(accepted) >= set(self.targets())
+            yield self.store.mark_event(event.id, ok, sorted(accepted))
             if ok:
                 sent += 1
                 self.delivered += 1
@@ -91,24 +94,34 @@ class EventDelivery:
                 self._next_try[event.id] = now + delay
         return sent
 
+    def targets(self) -> list[str]:
+        """Every configured target, named as the outbox remembers them."""
+        return [f"webhook {url}" for url in self.webhooks] + [f"command {cmd}" for cmd in self.commands]
+
     @defer.inlineCallbacks
     def _deliver(self, event: Event):
+        """Offer the event to each target that has not taken it yet; returns every target that has."""
         body = json.dumps(event.payload, sort_keys=True).encode()
-        ok = True
+        accepted = list(event.delivered_to)
         for url in self.webhooks:
+            if f"webhook {url}" in accepted:
+                continue
             try:
                 yield self._post(url, event, body)
+                accepted.append(f"webhook {url}")
             except Exception as exc:  # noqa: BLE001 - any failure means "try again later"
-                ok = False
                 log.warn("webhook {url} refused event {id}: {why}", url=url, id=event.id, why=str(exc)[:200])
         for command in self.commands:
+            if f"command {command}" in accepted:
+                continue
             out, err, code = yield utils.getProcessOutputAndValue(
                 "/bin/sh", ["-c", command], env=None, reactor=self.reactor, stdinBytes=body)
-            if code != 0:
-                ok = False
+            if code == 0:
+                accepted.append(f"command {command}")
+            else:
                 log.warn("command {cmd} failed on event {id} with status {code}: {err}",
                          cmd=shlex.quote(command), id=event.id, code=code, err=err[-200:])
-        return ok
+        return accepted
 
     @defer.inlineCallbacks
     def _post(self, url: str, event: Event, body: bytes):

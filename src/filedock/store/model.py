@@ -84,3 +84,4 @@ class Event:
     created: float
     attempts: int
     delivered: float | None
+    delivered_to: tuple[str, ...] = ()

@@ -73,6 +73,10 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX events_pending ON events(delivered, created);
     """,
+    # 2: remember which targets accepted an event, so a retry goes only to the others
+    """
+    ALTER TABLE events ADD COLUMN delivered_to TEXT NOT NULL DEFAULT '[]'
+    """,
 ]
 
 _FILE_COLS = "key, job_id, name, size, received, state, crc32, digest, uploaded_at, updated, part_stamp"
@@ -358,12 +362,16 @@ class SQLiteStore:
     # ------------------------------------------------------------ outbox
 
     def pending_events(self, limit: int = 100) -> list[Event]:
-        return [Event(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], r[6]) for r in self._read(
-            "SELECT id, job_id, kind, payload, created, attempts, delivered FROM events "
-            "WHERE delivered IS NULL ORDER BY created LIMIT ?", (limit,))]
+        return [Event(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], r[6], tuple(json.loads(r[7])))
+                for r in self._read(
+                    "SELECT id, job_id, kind, payload, created, attempts, delivered, delivered_to FROM events "
+                    "WHERE delivered IS NULL ORDER BY created LIMIT ?", (limit,))]
 
-    def mark_event(self, event_id: str, delivered: bool) -> None:
+    def mark_event(self, event_id: str, delivered: bool, delivered_to: list[str] | None = None) -> None:
+        """One delivery attempt: ``delivered`` when every target took it; ``delivered_to`` the ones that did."""
         with self._write() as db:
+            if delivered_to is not None:
+                db.execute("UPDATE events SET delivered_to = ? WHERE id = ?", (json.dumps(delivered_to), event_id))
             if delivered:
                 db.execute("UPDATE events SET delivered = ?, attempts = attempts + 1 WHERE id = ?",
                            (self._clock(), event_id))
