@@ -282,6 +282,7 @@ class BatchEntry:
     hasher: ContentHasher
     crc32: int = 0
     digest: str = ""
+    synced: concurrent.futures.Future | None = None  # the fsync started once the file was complete
 
 
 class BatchWriter:
@@ -301,10 +302,12 @@ class BatchWriter:
     def begin(self, key: str, size: int, client_digest: str) -> None:
         """Start the next file (``key`` is a checked UUID; names never come from the client).
 
-        The previous file is complete: its writeback starts now, while this one arrives.
+        The previous file is complete: its fsync starts now on the fsync pool, while
+        this one arrives, so at ``seal`` little is left to wait for.
         """
         if self.entries and self.entries[-1].fd >= 0:
-            durability.start_writeback(self.entries[-1].fd, 0, self.entries[-1].size)
+            previous = self.entries[-1]
+            previous.synced = _FSYNC_POOL.submit(os.fsync, previous.fd)
         temp = self.directory / f"{_check_key(key)}.batch-{self._tag}-{len(self.entries)}"
         fd = BlobStore._create(self.directory, temp)
         self.entries.append(BatchEntry(key, size, client_digest, temp, fd, ContentHasher()))
@@ -328,9 +331,10 @@ class BatchWriter:
         The fsyncs run on several threads at once: the filesystem's journal then commits
         many of them together instead of one commit per file.
         """
-        open_entries = [e for e in self.entries if e.fd >= 0]
+        pending = [e.synced or _FSYNC_POOL.submit(os.fsync, e.fd) for e in self.entries if e.fd >= 0]
         try:
-            list(_FSYNC_POOL.map(lambda e: os.fsync(e.fd), open_entries))
+            for future in pending:
+                future.result()
         except OSError as exc:
             raise _no_space(exc) from exc
         for entry in self.entries:
@@ -352,6 +356,8 @@ class BatchWriter:
     def discard(self) -> None:
         """Close and delete whatever was not published."""
         for entry in self.entries:
+            if entry.synced is not None:
+                concurrent.futures.wait([entry.synced])  # never close a descriptor an fsync still uses
             if entry.fd >= 0:
                 os.close(entry.fd)
                 entry.fd = -1
