@@ -131,3 +131,24 @@ def test_cli_batches_small_files_and_sends_big_ones_alone(server, tmp_path):
     again = subprocess.run([sys.executable, "-m", "filedock", "upload", "--job", "tree", "--json", str(tree)],
                            capture_output=True, text=True, timeout=120, env=server.env())
     assert again.returncode == 0 and {json.loads(l)["sent"] for l in again.stdout.splitlines()} == {0}
+
+
+def test_batch_in_flight_shows_in_uploads(server):
+    """GET /v1/uploads lists a batch while it streams (files arrived, bytes), and not after it ends."""
+    datas = [os.urandom(2000) for _ in range(5)]
+    job, files, session = server.job_with_files("watched", {f"f{i}": 2000 for i in range(5)})
+    client = wire.ClientConnection()
+    sock = server.connect()
+    first = client.batch(session["key"], 5)
+    for i, d in enumerate(datas[:3]):
+        first += client.batch_item(files[f"f{i}"]["key"], 2000, digest_of(d)) + d
+    sock.sendall(first)
+    (entry,) = wait_for(lambda: server.api.get("/v1/uploads")["uploads"])
+    assert entry["job"] == job["id"] and entry["files"] == 5
+    wait_for(lambda: server.api.get("/v1/uploads")["uploads"][0]["files_arrived"] == 3)
+    assert server.api.get("/v1/uploads")["uploads"][0]["received"] == 6000
+    rest = b"".join(client.batch_item(files[f"f{i}"]["key"], 2000, digest_of(d)) + d
+                    for i, d in enumerate(datas) if i >= 3)
+    sock.sendall(rest + client.done())
+    assert wait_closed(sock).endswith(b"END 5\r\n")
+    wait_for(lambda: server.api.get("/v1/uploads") == {"uploads": []})

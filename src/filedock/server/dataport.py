@@ -71,6 +71,7 @@ class DataPortFactory(Factory):
         self.limits = limits
         self.reactor = reactor
         self.uploads: dict[str, DataPortProtocol] = {}
+        self.batches: set[DataPortProtocol] = set()  # connections streaming a BATCH
         self.session_connections: Counter[str] = Counter()
         self.stats = DataPortStats()
         self._run_blocking = run_blocking
@@ -86,8 +87,9 @@ class DataPortFactory(Factory):
                    if p is not exclude and p.target is not None and p.writer is not None and not p.writer.closed)
 
     def active_uploads(self) -> list[dict[str, Any]]:
-        """What is being uploaded now (for status and the dashboard)."""
-        return [p.describe() for p in self.uploads.values() if p.target is not None]
+        """What is being uploaded now (for status and the dashboard): files, and batches as one entry each."""
+        files = [p.describe() for p in self.uploads.values() if p.target is not None]
+        return files + [p.describe_batch() for p in self.batches]
 
     def in_thread(self, fn, *args) -> defer.Deferred:
         """Run blocking disk work off the reactor thread (or as ``run_blocking`` says, in tests)."""
@@ -430,6 +432,8 @@ class DataPortProtocol(Protocol):
         self.session_key = req.session_key
         f.session_connections[req.session_key] += 1
         self.batch = f.blobs.open_batch(job_id)
+        self.batch_job, self.batch_count = job_id, req.count
+        f.batches.add(self)
         self.started = time.monotonic()
         self.transport.write(self.conn.accept_batch())
         self._schedule_idle(f.limits.idle_timeout)
@@ -604,6 +608,7 @@ class DataPortProtocol(Protocol):
 
     def _release(self) -> None:
         f = self.factory
+        f.batches.discard(self)
         if self.target is not None and f.uploads.get(self.target.file_key) is self:
             del f.uploads[self.target.file_key]
         elif self.conn is not None and isinstance(self.conn.request, (wire.UploadRequest, wire.AbortRequest)):
@@ -651,6 +656,14 @@ class DataPortProtocol(Protocol):
             self._checkpoint()
         self._timer = self.factory.reactor.callLater(min(limit - idle, limits.checkpoint_seconds) or limit,
                                                      self._check_idle)
+
+    def describe_batch(self) -> dict[str, Any]:
+        """A batch in flight, for status: how many of its files and bytes have arrived."""
+        b = self.batch
+        return {"job": self.batch_job, "name": f"batch of {self.batch_count} files ({len(b.entries)} arrived)",
+                "key": None, "size": sum(e.size for e in b.entries),  # what the items announced so far
+                "received": b.bytes, "resumed_from": 0, "seconds": round(time.monotonic() - self.started, 3),
+                "files": self.batch_count, "files_arrived": len(b.entries)}
 
     def describe(self) -> dict[str, Any]:
         """This upload, for status: no keys in full."""
