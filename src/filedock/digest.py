@@ -99,8 +99,11 @@ class ContentHasher:
 
 
 def hash_stream(stream: BinaryIO, length: int | None = None, chunk_size: int = 1 << 20,
-                hasher: ContentHasher | None = None) -> ContentHasher:
-    """Feed ``length`` bytes (or all) of a binary stream to a hasher, in bounded memory."""
+                hasher: ContentHasher | None = None, *, crc: bool = True) -> ContentHasher:
+    """Feed ``length`` bytes (or all) of a binary stream to a hasher, in bounded memory.
+
+    ``crc=False`` re-feeds bytes whose CRC-32 the hasher already counts (a resumed tail).
+    """
     hasher = hasher or ContentHasher()
     buf = bytearray(chunk_size)
     view = memoryview(buf)
@@ -110,7 +113,7 @@ def hash_stream(stream: BinaryIO, length: int | None = None, chunk_size: int = 1
         n = stream.readinto(view[:want])
         if not n:
             break
-        hasher.update(view[:n])
+        hasher.update(view[:n], crc=crc)
         if remaining is not None:
             remaining -= n
     return hasher

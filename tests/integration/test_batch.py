@@ -10,15 +10,9 @@ import uuid
 import zlib
 
 from filedock import wire
-from filedock.digest import ContentHasher, hash_file
+from filedock.digest import hash_file
 from tests.integration.harness import ServerProcess
-from tests.integration.test_dataport import put, recv_line, wait_closed, wait_for
-
-
-def digest_of(data: bytes) -> str:
-    h = ContentHasher()
-    h.update(data)
-    return h.hexdigest()
+from tests.integration.test_dataport import digest_of, put, recv_line, wait_closed, wait_for
 
 
 def send_batch(server, session: str, items: list[tuple[str, bytes, str | None]], close_after: int | None = None):

@@ -212,9 +212,9 @@ class PartialWriter:
             self._raise_error()
         return result  # after an error: what did reach the disk, hashed
 
-    def checkpoint(self, snapshot: tuple[int, int] | None = None) -> Checkpoint:
+    def checkpoint(self) -> Checkpoint:
         """fsync what is written and hashed; returns what may be recorded as durable."""
-        offset, crc = snapshot or self.snapshot(strict=False)
+        offset, crc = self.snapshot(strict=False)
         try:
             if self._blocks_fd >= 0:
                 os.fsync(self._blocks_fd)
@@ -504,7 +504,7 @@ class BlobStore:
                 if len(hashes) == whole * BLOCK_HASH_SIZE:
                     hasher = ContentHasher(crc32, hashes)
                     f.seek(whole * BLOCK_SIZE)
-                    return hash_stream(f, offset - whole * BLOCK_SIZE, hasher=_NoCrc(hasher))._inner
+                    return hash_stream(f, offset - whole * BLOCK_SIZE, hasher=hasher, crc=False)
             # the stamp or the block list does not match: hash the whole prefix from disk
             f.seek(0)
             hasher = hash_stream(f, offset)
@@ -555,13 +555,3 @@ def _spot_check(fd: int, blocks_fd: int, whole: int) -> bool:
         if block_hash(block) != hashes[index * BLOCK_HASH_SIZE:(index + 1) * BLOCK_HASH_SIZE]:
             return False
     return True
-
-
-class _NoCrc:
-    """Feeds a hasher bytes whose CRC-32 is already counted (the resumed tail)."""
-
-    def __init__(self, inner: ContentHasher) -> None:
-        self._inner = inner
-
-    def update(self, data: bytes | memoryview) -> None:
-        self._inner.update(data, crc=False)
