@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 from pathlib import Path
+from typing import Any
 
 _SYNC_FILE_RANGE_WRITE = 2  # start writeback of dirty pages in the range; do not wait for it
 
 
 def _load_sync_file_range():
+    import ctypes  # here, not at import: clients that never start writeback need not load it
+
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.sync_file_range
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range  # the C library Python already uses
     except (OSError, AttributeError):  # not Linux: the final fsync does all the work
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
@@ -21,7 +21,7 @@ def _load_sync_file_range():
     return fn
 
 
-_sync_file_range = _load_sync_file_range()
+_sync_file_range: Any = _load_sync_file_range
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:
@@ -31,6 +31,9 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     the final fsync, which then writes it all while nothing else happens; with it the
     disk works while the network does, and the fsync finds little left to do.
     """
+    global _sync_file_range
+    if _sync_file_range is _load_sync_file_range:
+        _sync_file_range = _load_sync_file_range()
     if _sync_file_range is not None:
         _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 

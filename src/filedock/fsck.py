@@ -122,6 +122,14 @@ class Fsck:
                 if path not in known:
                     self._found("orphan", path, "a file no record names",
                                 fix=lambda p=path: self._lost_and_found(p))
+        for path in sorted(self.blobs.staged_files()):  # fsck runs with the server stopped: no batch is live
+            self._found("staging-leftover", path, "a file of a batch that never finished",
+                        fix=lambda p=path: self._unlink(p))
+
+    @staticmethod
+    def _unlink(path: Path) -> str:
+        path.unlink(missing_ok=True)
+        return "deleted"
 
 
 def run_fsck(data_dir: str | Path, repair: bool = False, verify: bool = True) -> tuple[Fsck, list[Finding]]:

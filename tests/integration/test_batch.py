@@ -36,6 +36,11 @@ def send_batch(server, session: str, items: list[tuple[str, bytes, str | None]],
     return events
 
 
+def staged(data_dir) -> list:
+    """The files in the data dir's staging directories (a batch's files before it commits)."""
+    return [p for p in (data_dir / "staging").glob("*/*")]
+
+
 def test_batch_stores_every_file_and_completes_the_job_once(server):
     """50 small files in one BATCH: each answered STORED with its CRC and digest, on disk, recorded;
     the job becomes complete, with one completion event in the outbox."""
@@ -51,6 +56,7 @@ def test_batch_stores_every_file_and_completes_the_job_once(server):
     shown = server.api.job(job["id"])
     assert shown["state"] == "complete" and all(f["state"] == "complete" for f in shown["files"])
     assert not [p for p in (server.data_dir / "jobs" / job["id"]).iterdir() if "." in p.name]  # no temp files
+    assert not staged(server.data_dir)
 
 
 def test_batch_answers_each_file_on_its_own(server):
@@ -88,6 +94,7 @@ def test_batch_cut_off_stores_nothing_and_leaves_no_trace(server):
     wait_for(lambda: server.api.get("/v1/uploads") == {"uploads": []})
     job_dir = server.data_dir / "jobs" / job["id"]
     wait_for(lambda: not job_dir.exists() or not list(job_dir.iterdir()))
+    wait_for(lambda: not staged(server.data_dir))
     assert all(server.api.file(f["key"])["state"] == "pending" for f in files.values())
     assert send_batch(server, session["key"], items)[-1] == wire.BatchEnd(10)  # and it still works
 
@@ -146,3 +153,31 @@ def test_batch_in_flight_shows_in_uploads(server):
     sock.sendall(rest + client.done())
     assert wait_closed(sock).endswith(b"END 5\r\n")
     wait_for(lambda: server.api.get("/v1/uploads") == {"uploads": []})
+
+
+def test_batch_leftovers_of_a_killed_server_are_reported_and_swept(tmp_path):
+    """SIGKILL mid-batch leaves staging files and records nothing; fsck reports them, and the restarted
+    server's first sweep deletes them. The files then go again in a new batch."""
+    from tests.integration.test_reliability import run_fsck
+
+    with ServerProcess(tmp_path / "data") as server:
+        datas = [os.urandom(3000) for _ in range(8)]
+        job, files, session = server.job_with_files("killed", {f"f{i}": 3000 for i in range(8)})
+        client = wire.ClientConnection()
+        sock = server.connect()
+        head = client.batch(session["key"], 8)
+        for i, d in enumerate(datas[:6]):
+            head += client.batch_item(files[f"f{i}"]["key"], 3000, digest_of(d)) + d
+        sock.sendall(head)
+        wait_for(lambda: len(staged(server.data_dir)) == 6)
+        server.kill()
+        sock.close()
+        status, report = run_fsck(server.data_dir)
+        kinds = [f["kind"] for f in report["findings"]]
+        assert kinds == ["staging-leftover"] * 6 and status != 0
+        server.start()
+        wait_for(lambda: not staged(server.data_dir))
+        assert "swept 6 staging files" in server.log()
+        assert {server.api.file(f["key"])["state"] for f in files.values()} == {"pending"}
+        items = [(files[f"f{i}"]["key"], d, None) for i, d in enumerate(datas)]
+        assert send_batch(server, session["key"], items)[-1] == wire.BatchEnd(8)

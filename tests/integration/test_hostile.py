@@ -15,6 +15,7 @@ import hashlib
 import http.client
 import json
 import random
+import re
 import socket
 import struct
 import time
@@ -509,11 +510,17 @@ ACCEPTED_TRICKY_NAMES = [
 ]
 
 
+STAGED_SHAPE = re.compile(r"[0-9a-f]{12}-[0-9]+")
+
+
 def allowed_data_dir_entry(rel: Path) -> bool:
-    """Names the server itself makes in its data dir: jobs/<id>/<key>[.part|.blocks], the SQLite files."""
+    """Names the server itself makes in its data dir: jobs/<id>/<key>[.part|.blocks], the SQLite files,
+    staging/<lane>/<tag>-<n> (batches in flight)."""
     parts = rel.parts
     if len(parts) == 1:
-        return parts[0] in ("jobs", "lost+found") or parts[0].startswith("filedock.sqlite3")
+        return parts[0] in ("jobs", "lost+found", "staging") or parts[0].startswith("filedock.sqlite3")
+    if parts[0] == "staging":
+        return parts[1].isdigit() and (len(parts) == 2 or len(parts) == 3 and bool(STAGED_SHAPE.fullmatch(parts[2])))
     if parts[0] != "jobs" or not KEY_SHAPE.fullmatch(parts[1]):
         return False
     if len(parts) == 2:

@@ -30,6 +30,7 @@ class ApiClient:
         self.token = token
         self.timeout = timeout
         self.ssl_context = ssl_context or (ssl.create_default_context() if self.tls else None)
+        self._info: dict[str, Any] | None = None
 
     def _connection(self) -> http.client.HTTPConnection:
         if self.tls:
@@ -73,8 +74,11 @@ class ApiClient:
 
     # -- the calls clients make most
 
-    def info(self) -> dict[str, Any]:
-        return self.get("/v1/info")
+    def info(self, fresh: bool = False) -> dict[str, Any]:
+        """``GET /v1/info`` (the data port's address, the limits), asked once per client unless ``fresh``."""
+        if fresh or self._info is None:
+            self._info = self.get("/v1/info")
+        return self._info
 
     def job(self, id_or_name: str) -> dict[str, Any]:
         return self.get(f"/v1/jobs/{quote(id_or_name, safe='')}")

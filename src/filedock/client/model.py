@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from filedock.wire import format_crc
@@ -37,6 +37,6 @@ class UploadResult:
     message: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["crc32"] = format_crc(self.crc32) if self.crc32 is not None else None
-        return out
+        return {"name": self.name, "size": self.size, "key": self.key, "resumed_from": self.resumed_from,
+                "sent": self.sent, "crc32": format_crc(self.crc32) if self.crc32 is not None else None,
+                "digest": self.digest, "state": self.state, "message": self.message}

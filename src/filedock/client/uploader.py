@@ -19,7 +19,7 @@ import os
 import ssl
 import threading
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from filedock.client.blocking import DataPortClient, hash_stream_cancellable
@@ -105,15 +105,18 @@ def collect_files(paths: Iterable[str | os.PathLike]) -> list[LocalFile]:
     return found
 
 
-def _walk(root: Path) -> Iterable[LocalFile]:
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for filename in sorted(filenames):
-            path = Path(dirpath, filename)
-            if not path.is_file():
-                continue  # sockets, FIFOs, dangling links: nothing to upload
-            relative = PurePosixPath(*path.relative_to(root).parts)
-            yield LocalFile(path, str(relative), path.stat().st_size)
+def _walk(root: Path, prefix: str = "") -> Iterable[LocalFile]:
+    """Depth first, names sorted; one ``stat`` per file (``scandir`` knows the types)."""
+    with os.scandir(root) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for entry in entries:
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                yield from _walk(Path(entry.path), f"{prefix}{entry.name}/")
+            elif entry.is_file():  # a link to a file counts; sockets, FIFOs, dangling links do not
+                yield LocalFile(Path(entry.path), f"{prefix}{entry.name}", entry.stat().st_size)
+        except FileNotFoundError:  # gone while we looked
+            continue
 
 
 def data_client_for(api: ApiClient, *, stall_timeout: float = 60.0, attempts: int = 5,
@@ -194,7 +197,7 @@ class JobUploader:
                 raise FiledockError(ErrorCode.NOT_FOUND, f"no job {job!r}; create it with --create") from None
         created = self.api.create_job(job)
         log.info("created job %s (%s)", job, created["id"])
-        return self.api.job(created["id"])
+        return {**created, "files": []}  # a job just made has no files
 
     # ------------------------------------------------------------ running
 

@@ -154,6 +154,7 @@ class DataPortProtocol(Protocol):
         self._since_space_check = 0
         self._cleaned = False
         self.batch: BatchWriter | None = None
+        self._batch_room = 0  # bytes a batch may still take before the disk is asked again
         self._batch_keys: list[str] = []
 
     # ------------------------------------------------------------ Twisted callbacks
@@ -432,6 +433,8 @@ class DataPortProtocol(Protocol):
         self.session_key = req.session_key
         f.session_connections[req.session_key] += 1
         self.batch = f.blobs.open_batch(job_id)
+        self.batch.on_drain = lambda: f.reactor.callFromThread(self._hash_drained)
+        self._batch_room = self._room()
         self.batch_job, self.batch_count = job_id, req.count
         f.batches.add(self)
         self.started = time.monotonic()
@@ -445,17 +448,32 @@ class DataPortProtocol(Protocol):
                                                   "send larger files with PUT")
         elif self.batch.bytes + item.size > limits.batch_max_bytes:
             self._send_error(ErrorCode.TOO_LARGE, f"a batch holds at most {limits.batch_max_bytes} bytes")
-        elif item.size > self.factory.blobs.free_bytes() - limits.disk_reserve - self.factory.bytes_promised():
-            self._send_error(ErrorCode.NO_SPACE, f"the server cannot hold {item.size} more bytes")
         else:
-            self.batch.begin(item.file_key, item.size, item.digest)
+            self._since_space_check += item.size
+            if item.size > self._batch_room or self._since_space_check >= self.SPACE_CHECK_BYTES:
+                self._batch_room, self._since_space_check = self._room(), 0
+                if item.size > self._batch_room:
+                    self._send_error(ErrorCode.NO_SPACE, f"the server cannot hold {item.size} more bytes")
+                    return
+            self._batch_room -= item.size
+            try:
+                self.batch.begin(item.file_key, item.size, item.digest)
+            except FiledockError as exc:
+                self._send_error(exc.code, exc.message)
+
+    def _room(self) -> int:
+        """Bytes a batch may still take: free space less the reserve and what uploads have promised."""
+        f = self.factory
+        return f.blobs.free_bytes() - f.limits.disk_reserve - f.bytes_promised()
 
     def _on_batch_data(self, data: bytes | memoryview) -> None:
         try:
-            self.batch.write(data)
+            behind = self.batch.write(data)
         except FiledockError as exc:
             self._send_error(exc.code, exc.message)
             return
+        if behind:
+            self._pause("hashing")
         self.factory.stats.bytes_received += len(data)
 
     @defer.inlineCallbacks
@@ -465,17 +483,26 @@ class DataPortProtocol(Protocol):
         authority = IBatchAuthority(f.authority)
         self._finishing = True
         try:
+            marks = [time.monotonic()]
             entries = yield f.in_thread(batch.seal)
+            marks.append(time.monotonic())
             verdicts = yield authority.authorize_batch(self.session_key, [(e.key, e.size) for e in entries])
             lines, accepted = self._judge_batch(entries, verdicts)
+            marks.append(time.monotonic())
             yield f.in_thread(batch.publish, [entry for entry, _ in accepted])
+            marks.append(time.monotonic())
             if accepted:
                 yield authority.record_batch([(target, e.crc32, e.digest) for e, target in accepted])
+            marks.append(time.monotonic())
             f.stats.uploads_completed += len(accepted)
             self._outcome = "complete"
-            log.info("batch complete: {stored} of {count} files stored, {bytes} bytes, {secs:.3f}s",
+            log.info("batch complete: {stored} of {count} files stored, {bytes} bytes, {secs:.3f}s "
+                     "(receive {receive:.3f}, fsync {fsync:.3f}, check {check:.3f}, rename {rename:.3f}, "
+                     "record {record:.3f})",
                      stored=len(accepted), count=len(entries), bytes=batch.bytes,
-                     secs=time.monotonic() - self.started, event="batch-outcome")
+                     secs=marks[-1] - self.started, receive=marks[0] - self.started,
+                     fsync=marks[1] - marks[0], check=marks[2] - marks[1], rename=marks[3] - marks[2],
+                     record=marks[4] - marks[3], event="batch-outcome")
             if not self._lost:
                 self.transport.write(self.conn.batch_results(lines))
                 self.transport.loseConnection()

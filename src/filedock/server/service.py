@@ -69,6 +69,7 @@ class FiledockServer:
         self.dataport = DataPortFactory(self.authority, self.blobs, self.limits, reactor)
         self.data_address: tuple[str, int, bool] | None = None
         self.api_address: tuple[str, int, bool] | None = None
+        self._started_at = time.time()
         self._sweeper = task.LoopingCall(self.sweep)
         self._sweeper.clock = reactor
 
@@ -117,7 +118,8 @@ class FiledockServer:
 
     @defer.inlineCallbacks
     def sweep(self):
-        """Delete partials untouched for ``limits.partial_ttl`` seconds (not those in use)."""
+        """Delete partials untouched for ``limits.partial_ttl`` seconds (not those in use), and
+        staging files of batches that are gone; returns how many went."""
         cutoff = time.time() - self.limits.partial_ttl
         stale = yield self.store.stale_partials(cutoff)
         swept = 0
@@ -129,7 +131,17 @@ class FiledockServer:
             swept += 1
             log.info("swept stale partial {key} of job {job} ({received} bytes)",
                      key=short_key(record.key), job=short_key(record.job_id), received=record.received)
-        return swept
+        # a batch's staging files live as long as its connection: any others were left by a crash
+        # (anything from before this process started is a leftover at once)
+        active = {p.batch.tag for p in self.dataport.batches if p.batch is not None}
+        older_than = max(self._started_at, time.time() - self.STAGING_GRACE)
+        staged = yield self.dataport.in_thread(self.blobs.sweep_staging, active, older_than)
+        if staged:
+            log.info("swept {count} staging files of batches that did not finish", count=staged)
+        return swept + staged
+
+    STAGING_GRACE = 60.0
+    """Seconds a staging file is left alone even if its batch is unknown (one may be starting)."""
 
 
 def _address(port: Any, description: str) -> tuple[str, int, bool]:

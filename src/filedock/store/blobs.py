@@ -5,6 +5,7 @@ Layout (client-supplied names never become paths; only server-made keys do)::
     <root>/jobs/<job-id>/<file-key>          complete file
     <root>/jobs/<job-id>/<file-key>.part     bytes received so far
     <root>/jobs/<job-id>/<file-key>.blocks   BLAKE3 hashes of the partial's whole 4 MiB blocks
+    <root>/staging/<lane>/<tag>-<n>          a file of a BATCH in flight, until the batch commits
 
 A partial's durable state is the triple the metadata store records: offset, CRC-32
 of the bytes before it, and a stamp of the ``.part`` file (inode, size, mtime). If
@@ -267,71 +268,171 @@ class PartialWriter:
                 self._blocks_fd = -1
 
 
-_FSYNC_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="filedock-fsync")
-
-
-@dataclass
+@dataclass(eq=False)
 class BatchEntry:
-    """One small file of a batch, written to a private temporary name until the batch commits."""
+    """One small file of a batch, written to a staging file until the batch commits."""
 
     key: str
     size: int
     client_digest: str
     temp: Path
-    fd: int
+    lane: "_Lane"
     hasher: ContentHasher
+    fd: int = -1
+    created: bool = False
+    published: bool = False
     crc32: int = 0
     digest: str = ""
     synced: concurrent.futures.Future | None = None  # the fsync started once the file was complete
 
 
-class BatchWriter:
-    """The files of one ``BATCH``: each written inline and hashed, then all made durable together.
-
-    Temporary names (``<key>.batch-<random>``) keep a batch from touching any other
-    upload's partial; ``seal`` fsyncs them all; ``publish`` renames the accepted ones
-    into place and fsyncs the directory once; ``discard`` removes what is left.
-    """
+class _Lane:
+    """One staging directory and the ordered work queued for it (a pool thread at a time)."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        self.items: deque[tuple[BatchEntry | None, object]] = deque()
+        self.scheduled = False
+
+
+_CREATE, _END = object(), object()
+
+_BATCH_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="filedock-batch")
+_FSYNC_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="filedock-fsync")
+
+
+class BatchWriter:
+    """The files of one ``BATCH``: written and hashed off the caller's thread, made durable together.
+
+    Each file goes to a staging file ``<staging>/<lane>/<tag>-<n>``, the files taking
+    the ``STAGING_LANES`` staging directories in turn. Creating a file holds its
+    directory's lock while the filesystem allocates the inode (on a busy disk, most of
+    a millisecond), so files created in several directories at once, on pool threads,
+    arrive several times faster than one after another; the caller (the reactor) only
+    queues bytes. A file's fsync starts as soon as the next file begins. ``write``
+    returns True when more than ``HIGH_WATER`` bytes wait: stop reading until
+    ``on_drain`` is called (from a pool thread). ``seal`` waits for everything and
+    fsyncs; ``publish`` renames the accepted files into the job's directory and
+    fsyncs it once; ``discard`` deletes the rest. Call those three off the reactor.
+    Bytes passed to ``write`` must not change later.
+    """
+
+    HIGH_WATER = 16 << 20
+    LOW_WATER = 4 << 20
+
+    def __init__(self, directory: Path, staging: list[Path]) -> None:
+        self.directory = directory
         self.entries: list[BatchEntry] = []
         self.bytes = 0
-        self._tag = os.urandom(6).hex()
+        self.tag = os.urandom(6).hex()
+        self.on_drain: Callable[[], None] | None = None
+        self._lanes = [_Lane(d) for d in staging]
+        self._lock = threading.Lock()
+        self._queued = 0
+        self._draining = False
+        self._error: BaseException | None = None
+        self._stopped = False  # discarding: lanes skip whatever is still queued
 
     def begin(self, key: str, size: int, client_digest: str) -> None:
-        """Start the next file (``key`` is a checked UUID; names never come from the client).
+        """Start the next file (``key`` is a checked UUID; names never come from the client)."""
+        self._raise_error()
+        if self.entries:
+            self._push(self.entries[-1], _END)
+        lane = self._lanes[len(self.entries) % len(self._lanes)]
+        entry = BatchEntry(_check_key(key), size, client_digest, lane.directory / f"{self.tag}-{len(self.entries)}",
+                           lane, ContentHasher())
+        self.entries.append(entry)
+        self._push(entry, _CREATE)
 
-        The previous file is complete: its fsync starts now on the fsync pool, while
-        this one arrives, so at ``seal`` little is left to wait for.
-        """
-        if self.entries and self.entries[-1].fd >= 0:
-            previous = self.entries[-1]
-            previous.synced = _FSYNC_POOL.submit(os.fsync, previous.fd)
-        temp = self.directory / f"{_check_key(key)}.batch-{self._tag}-{len(self.entries)}"
-        fd = BlobStore._create(self.directory, temp)
-        self.entries.append(BatchEntry(key, size, client_digest, temp, fd, ContentHasher()))
+    def write(self, data: bytes | memoryview) -> bool:
+        """Bytes of the current file; True means "pause until on_drain". Raises ``FiledockError(no-space)``."""
+        self._raise_error()
+        self.bytes += len(data)
+        return self._push(self.entries[-1], data)
 
-    def write(self, data: bytes | memoryview) -> None:
-        """Bytes of the current file; ``FiledockError(no-space)`` when the disk is full."""
-        entry = self.entries[-1]
-        view = memoryview(data)
-        try:
+    def _push(self, entry: BatchEntry | None, item: object, lane: _Lane | None = None) -> bool:
+        lane = lane or entry.lane
+        with self._lock:
+            lane.items.append((entry, item))
+            if isinstance(item, (bytes, memoryview)):
+                self._queued += len(item)
+                self._draining = self._draining or self._queued > self.HIGH_WATER
+            start, lane.scheduled = not lane.scheduled, True
+            over = self._draining
+        if start:
+            _BATCH_POOL.submit(self._service, lane)
+        return over
+
+    def _service(self, lane: _Lane) -> None:
+        """On a pool thread: do a lane's queued work, in order."""
+        while True:
+            with self._lock:
+                if not lane.items:
+                    lane.scheduled = False
+                    return
+                entry, item = lane.items.popleft()
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
+            if self._error is None and not self._stopped:
+                try:
+                    self._do(entry, item)
+                except BaseException as exc:  # surfaced by the next begin, write or seal
+                    self._error = self._error or exc
+            if isinstance(item, (bytes, memoryview)):
+                with self._lock:
+                    self._queued -= len(item)
+                    drained = self._draining and self._queued <= self.LOW_WATER
+                    if drained:
+                        self._draining = False
+                if drained and self.on_drain is not None:
+                    self.on_drain()
+
+    @staticmethod
+    def _do(entry: BatchEntry, item: object) -> None:
+        if item is _CREATE:
+            flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC
+            try:
+                entry.fd = os.open(entry.temp, flags, 0o640)
+            except FileNotFoundError:  # the staging directory was removed behind our back
+                entry.temp.parent.mkdir(parents=True, exist_ok=True)
+                entry.fd = os.open(entry.temp, flags, 0o640)
+            entry.created = True
+        elif item is _END:
+            entry.synced = _FSYNC_POOL.submit(os.fsync, entry.fd)
+        else:
+            view = memoryview(item)
             while len(view):
                 n = os.write(entry.fd, view)
                 entry.hasher.update(view[:n])
                 view = view[n:]
-        except OSError as exc:
-            raise _no_space(exc) from exc
-        self.bytes += len(data)
+
+    def _wait_lanes(self) -> None:
+        """Until every lane has done what was queued before this call."""
+        marks = []
+        for lane in self._lanes:
+            mark = threading.Event()
+            self._push(None, mark, lane)
+            marks.append(mark)
+        for mark in marks:
+            mark.wait()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            exc = self._error
+            raise _no_space(exc) if isinstance(exc, OSError) else exc
 
     def seal(self) -> list[BatchEntry]:
-        """fsync and close every file; each entry gets its CRC-32 and digest.
+        """Wait for the writes, fsync and close every file; each entry gets its CRC-32 and digest.
 
         The fsyncs run on several threads at once: the filesystem's journal then commits
         many of them together instead of one commit per file.
         """
-        pending = [e.synced or _FSYNC_POOL.submit(os.fsync, e.fd) for e in self.entries if e.fd >= 0]
+        if self.entries:
+            self._push(self.entries[-1], _END)
+        self._wait_lanes()
+        self._raise_error()
+        pending = [e.synced for e in self.entries if e.synced is not None]
         try:
             for future in pending:
                 future.result()
@@ -346,22 +447,34 @@ class BatchWriter:
 
     def publish(self, accepted: list[BatchEntry]) -> None:
         """Rename the accepted entries into place (old partials of them go), one directory fsync."""
-        for entry in accepted:
-            os.replace(entry.temp, self.directory / entry.key)
-            (self.directory / f"{entry.key}.part").unlink(missing_ok=True)
-            (self.directory / f"{entry.key}.blocks").unlink(missing_ok=True)
-        durability.fsync_dir(self.directory)
+        if accepted:
+            try:
+                present = set(os.listdir(self.directory))
+            except FileNotFoundError:  # the job's first files: its directory must survive a crash too
+                self.directory.mkdir(parents=True, exist_ok=True)
+                durability.fsync_dir(self.directory.parent)
+                present = set()
+            for entry in accepted:
+                os.replace(entry.temp, self.directory / entry.key)
+                entry.published = True
+                for stale in (f"{entry.key}.part", f"{entry.key}.blocks"):
+                    if stale in present:
+                        (self.directory / stale).unlink(missing_ok=True)
+            durability.fsync_dir(self.directory)
         self.discard()
 
     def discard(self) -> None:
-        """Close and delete whatever was not published."""
+        """Close and delete whatever was not published (waits for work in flight)."""
+        self._stopped = True
+        self._wait_lanes()
         for entry in self.entries:
             if entry.synced is not None:
                 concurrent.futures.wait([entry.synced])  # never close a descriptor an fsync still uses
             if entry.fd >= 0:
                 os.close(entry.fd)
                 entry.fd = -1
-            entry.temp.unlink(missing_ok=True)
+            if entry.created and not entry.published:
+                entry.temp.unlink(missing_ok=True)
 
 
 class WriterPool:
@@ -418,9 +531,14 @@ class _Barrier:
 class BlobStore:
     """The data dir's file bytes. Methods may block on disk: call them off the reactor."""
 
+    STAGING_LANES = 4
+
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         (self.root / "jobs").mkdir(parents=True, exist_ok=True)
+        self.staging = [self.root / "staging" / str(n) for n in range(self.STAGING_LANES)]
+        for lane in self.staging:
+            lane.mkdir(parents=True, exist_ok=True)
 
     def job_dir(self, job_id: str) -> Path:
         return self.root / "jobs" / _check_key(job_id)
@@ -514,7 +632,32 @@ class BlobStore:
 
     def open_batch(self, job_id: str) -> BatchWriter:
         """A writer for one ``BATCH`` into ``job_id``'s directory."""
-        return BatchWriter(self.job_dir(job_id))
+        return BatchWriter(self.job_dir(job_id), self.staging)
+
+    def staged_files(self) -> list[Path]:
+        """Every file in the staging directories (batches in flight, or left by a crash)."""
+        found = []
+        for lane in self.root.joinpath("staging").glob("*"):
+            if lane.is_dir():
+                found.extend(p for p in lane.iterdir() if p.is_file())
+        return found
+
+    def sweep_staging(self, active_tags: set[str], older_than: float) -> int:
+        """Delete staging files of batches not in ``active_tags`` and untouched since ``older_than``.
+
+        A batch lives only as long as its connection, so what a crash left behind is
+        never needed again. Returns how many files went.
+        """
+        removed = 0
+        for path in self.staged_files():
+            try:
+                if path.name.split("-", 1)[0] in active_tags or path.stat().st_mtime >= older_than:
+                    continue
+                path.unlink()
+                removed += 1
+            except FileNotFoundError:
+                pass
+        return removed
 
     def discard(self, job_id: str, key: str) -> None:
         """Delete a partial and its block list."""
