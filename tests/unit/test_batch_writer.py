@@ -147,3 +147,47 @@ def test_sweep_staging_keeps_active_and_recent_files(store):
     os.utime(active, (1000, 1000))
     assert store.sweep_staging({"b" * 12}, older_than=2000) == 1
     assert staged(store.root) == [active.name, recent.name]
+
+
+def test_without_syncfs_each_file_is_fsynced(store, monkeypatch):
+    """Where syncfs is not to be trusted (old kernels, not Linux) seal fsyncs every file instead."""
+    from filedock import durability
+
+    synced = []
+    monkeypatch.setattr(durability, "sync_filesystem", lambda fd: False)
+    monkeypatch.setattr(blobs_module.os, "fsync", lambda fd: synced.append(fd))
+    batch = store.open_batch(str(uuid.uuid4()))
+    for i in range(5):
+        batch.begin(str(uuid.uuid4()), 1, digest_of(b"x"))
+        batch.write(b"x")
+    batch._wait_lanes()
+    fds = [e.fd for e in batch.entries]
+    batch.seal()
+    assert sorted(synced) == sorted(fds)
+
+
+def test_with_syncfs_one_call_covers_the_batch(store, monkeypatch):
+    from filedock import durability
+
+    calls = []
+    monkeypatch.setattr(durability, "sync_filesystem", lambda fd: calls.append(fd) or True)
+    monkeypatch.setattr(blobs_module.os, "fsync", lambda fd: pytest.fail("no per-file fsync after syncfs"))
+    batch = store.open_batch(str(uuid.uuid4()))
+    for i in range(5):
+        batch.begin(str(uuid.uuid4()), 1, digest_of(b"x"))
+        batch.write(b"x")
+    batch.seal()
+    assert len(calls) == 1
+
+
+def test_sync_filesystem_reports_errors():
+    from filedock import durability
+
+    fd = os.open("/", os.O_RDONLY)
+    try:
+        if not durability.sync_filesystem(fd):
+            pytest.skip("syncfs is not used on this kernel (before Linux 5.8 or not Linux)")
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError):
+        durability.sync_filesystem(-1)
