@@ -150,9 +150,31 @@ def run_interleaved(variants: list[Variant], runs: int) -> list[Figure]:
     return [v.figure for v in variants]
 
 
+def cpu_times() -> list[int] | None:
+    """The machine's CPU time so far, in ticks: user nice system idle iowait irq softirq steal."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+
+
+def machine_share(before: list[int] | None, after: list[int] | None) -> dict[str, float]:
+    """What the whole machine did between two ``cpu_times``: % of CPU time stolen by the host
+    (other guests) and % waiting on I/O. A run with much of either was slowed from outside."""
+    if not before or not after or len(before) < 8 or len(after) < 8:
+        return {}
+    delta = [b - a for a, b in zip(before, after)]
+    total = sum(delta)
+    if total <= 0:
+        return {}
+    return {"steal_pct": round(100 * delta[7] / total, 1), "iowait_pct": round(100 * delta[4] / total, 1)}
+
+
 def _run_one(v: Variant, index: int, runs: int, live: list[Variant]) -> None:
     fig = v.figure
     started = time.monotonic()
+    cpu_before = cpu_times()
     try:
         sample = v.run_once(index)
     except Skip as exc:
@@ -166,11 +188,14 @@ def _run_one(v: Variant, index: int, runs: int, live: list[Variant]) -> None:
         say(f"  FAILED {fig.key} {fig.title} (run {index + 1}): {exc!r}")
         traceback.print_exc(file=sys.stderr)
         return
+    share = machine_share(cpu_before, cpu_times())
+    sample.extra.update(share)
     fig.samples.append(sample)
     rate = ""
     if fig.nbytes:
         rate = f" = {fig.nbytes / sample.seconds / MB:8.1f} MB/s"
     elif fig.files:
         rate = f" = {fig.files / sample.seconds:8.1f} files/s"
+    machine = ", ".join(f"{k.removesuffix('_pct')} {v:.0f}%" for k, v in share.items() if v >= 1)
     say(f"  run {index + 1}/{runs} {fig.key:<12} {sample.seconds:8.3f} s{rate}"
-        f"   ({time.monotonic() - started:.1f} s wall)")
+        f"   ({time.monotonic() - started:.1f} s wall{', ' + machine if machine else ''})")

@@ -39,6 +39,9 @@ def _notes(fig: Figure) -> str:
     elif len(fig.samples) == 1 and fig.value_unit == "MiB":
         parts.append("1 run")
     parts.extend(fig.notes)
+    steal = [s.extra.get("steal_pct", 0) for s in fig.samples]
+    if steal and max(steal) >= 5:
+        parts.append(f"host stole {max(steal):.0f}% of CPU time in its worst run")
     return "; ".join(parts).replace("|", "\\|")
 
 
