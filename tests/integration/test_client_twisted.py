@@ -336,3 +336,85 @@ def test_stalled_peer_is_abandoned_and_retried_then_given_up(reactor_thread, tmp
     assert "gave up after 2 attempts" in info.value.message
     assert len(peer.connections) == 2
     assert 1.5 < time.monotonic() - started < 20
+
+
+def test_upload_job_batches_small_files_declared_in_one_call(server, reactor_thread, tmp_path):
+    """A tree of 40 small files and one big one: the small ones go in one BATCH, all 41 are declared in
+    one API call, results come in the order of the files, each verified; the server's copies equal the
+    local files; a second run verifies every file without sending a byte."""
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    for i in range(40):
+        random_file(tree / "sub" / f"s{i:02d}.bin", 1000 + i * 997)
+    random_file(tree / "big.bin", 3 * 1024 * 1024)
+    log_before = len(server.log())
+    stages: list[tuple] = []
+
+    async def upload():
+        api = TxApiClient(reactor_thread, server.url, server.token)
+        first = await upload_job(api, "tx-tree", [tree], lambda *p: stages.append(p), create=True)
+        again = await upload_job(api, "tx-tree", [tree])
+        return first, again, await api.job("tx-tree")
+
+    first, again, record = in_reactor(reactor_thread, lambda: defer.ensureDeferred(upload()))
+    names = ["big.bin"] + [f"sub/s{i:02d}.bin" for i in range(40)]
+    assert [r.name for r in first] == names
+    assert all(r.state == "complete" for r in first)
+    assert [r.digest for r in first] == [digest.hash_file(tree / n).hexdigest() for n in names]
+    assert record["state"] == "complete" and record["files_complete"] == 41
+    for f in record["files"]:
+        assert (server.data_dir / "jobs" / record["id"] / f["key"]).read_bytes() == (tree / f["name"]).read_bytes()
+    log = server.log()[log_before:]
+    assert "batch complete: 40 of 40 files stored" in log
+    declarations = [line for line in log.splitlines() if '"POST /v1/jobs/' in line and '/files HTTP/1.1"' in line]
+    assert len(declarations) == 1, declarations
+    assert {s for n, s, _, _ in stages if n == "sub/s00.bin"} == {SENT, DURABLE, VERIFIED}
+    assert [(r.state, r.sent, r.resumed_from) for r in again] == [("complete", 0, r.size) for r in first]
+
+
+def test_upload_batch_answers_each_file(server, reactor_thread, tmp_path):
+    """``upload_batch`` directly: a file whose size differs from its declaration is refused on its own
+    (``size-mismatch``); the others are stored and verified."""
+    paths = {n: random_file(tmp_path / n, size) for n, size in (("a", 5000), ("b", 7000), ("c", 9000))}
+    _, files, session = server.job_with_files("tx-batch", {"a": 5000, "b": 6999, "c": 9000})
+    client = data_client(reactor_thread, server)
+    results = in_reactor(reactor_thread, client.upload_batch, session["key"],
+                         [(files[n]["key"], paths[n], n) for n in ("a", "b", "c")])
+    assert [(r.name, r.state) for r in results] == [("a", "complete"), ("b", "size-mismatch"), ("c", "complete")]
+    assert results[0].digest == digest.hash_file(paths["a"]).hexdigest()
+    assert {n: server.api.file(f["key"])["state"] for n, f in files.items()} == \
+        {"a": "complete", "b": "pending", "c": "complete"}
+
+
+def test_stalled_batch_is_sent_again_then_given_up(reactor_thread, tmp_path):
+    """A peer that takes the BATCH line and then reads nothing: the stall watchdog drops the connection, a
+    new one sends the batch again, and after ``attempts`` the client gives up with a clear error."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            held.append(conn)
+
+    threading.Thread(target=serve, daemon=True).start()
+    files = [(f"00000000-0000-4000-8000-{i:012d}", random_file(tmp_path / f"f{i}", 400_000), f"f{i}")
+             for i in range(40)]
+    client = TxDataPortClient(reactor_thread, "127.0.0.1", listener.getsockname()[1], attempts=2, backoff=0.05,
+                              stall_timeout=1.0)
+    try:
+        with pytest.raises(FiledockError) as info:
+            in_reactor(reactor_thread, client.upload_batch, "00000000-0000-4000-8000-000000000000", files)
+    finally:
+        listener.close()
+        for conn in held:
+            conn.close()
+    assert "gave up after 2 attempts" in info.value.message
+    assert len(held) == 2

@@ -1,6 +1,6 @@
 """Case 5: many small files. 1000 files of 64 KiB: filedock with one session and one
-versioned connection per file, one after another; filedock with one ``BATCH``; and the
-real CLI, against ``rsync -r --fsync`` to a daemon copying the same directory (one
+versioned connection per file, one after another; filedock with one ``BATCH``; the
+real CLI; and a Twisted program calling ``upload_job``, against ``rsync -r --fsync`` to a daemon copying the same directory (one
 connection for all, pipelined)."""
 
 from __future__ import annotations
@@ -126,6 +126,30 @@ class CliFiles:
         pass
 
 
+class TwistedFiles:
+    """A Twisted program calling ``upload_job`` on the directory, the whole process timed (like the CLI)."""
+
+    def __init__(self, server: ServerProcess, tree: Path) -> None:
+        self.server, self.tree = server, tree
+        self.figure = Figure("5-twisted", f"{COUNT} x 64 KiB, Twisted client `upload_job`",
+                             nbytes=COUNT * SIZE, files=COUNT)
+
+    def start(self) -> None:
+        pass
+
+    def run_once(self, index: int) -> Sample:
+        name = f"bench-small-tx-{uuid.uuid4().hex[:8]}"
+        script = Path(__file__).resolve().parents[1] / "tx_upload.py"
+        done = run_timed([PYTHON, str(script), name, str(self.tree)], env=self.server.env())
+        if done.returncode != 0:
+            raise RuntimeError(f"tx_upload.py exited {done.returncode}: {done.stderr[-500:]}")
+        delete_job(self.server, name)
+        return Sample(done.seconds)
+
+    def stop(self) -> None:
+        pass
+
+
 class RsyncFiles:
     """``rsync -r --fsync DIR/ rsync://.../bench/run-N/``, the whole command timed."""
 
@@ -157,7 +181,8 @@ def run(runs: int) -> list[Figure]:
         try:
             ours, theirs, *cli = run_interleaved([FiledockFiles(server, paths), RsyncFiles(work, work / "tree"),
                                                   BatchFiles(server, paths), CliFiles(server, work / "tree", 1),
-                                                  CliFiles(server, work / "tree", 8)], runs)
+                                                  CliFiles(server, work / "tree", 8),
+                                                  TwistedFiles(server, work / "tree")], runs)
         finally:
             server.stop()
     if ours.samples:
@@ -167,7 +192,7 @@ def run(runs: int) -> list[Figure]:
         ours.notes.append(f"{ours.files_per_second:.0f} files/s vs rsync {theirs.files_per_second:.0f} files/s "
                           f"({ours.files_per_second / theirs.files_per_second:.2f}x)")
     for fig in cli:
-        if fig.samples and theirs.samples and fig.key.startswith("5-cli"):
+        if fig.samples and theirs.samples and fig.key.startswith(("5-cli", "5-twisted")):
             fig.notes.append(f"the whole command (start-up, declaring, session) included; "
                              f"{fig.files_per_second / theirs.files_per_second:.2f}x rsync")
     batch = cli[0]

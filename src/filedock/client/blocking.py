@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 from filedock import durability, wire
-from filedock.client.model import DURABLE, SENT, VERIFIED, Cancelled, ProgressCallback, UploadResult
+from filedock.client.model import (DURABLE, SENT, VERIFIED, Cancelled, ProgressCallback, UploadResult,
+                                   batch_result)
 from filedock.digest import ContentHasher
 from filedock.errors import ErrorCode, FiledockError, short_key
 
@@ -535,25 +536,7 @@ class DataPortClient:
             answers = self._retrying(cancel, _Attempts(), step)
         except KeyboardInterrupt:
             raise Cancelled("interrupted") from None
-        return [self._batch_result(key, name, mine.get(key), answers.get(key), report) for key, _, name in files]
-
-    @staticmethod
-    def _batch_result(key: str, name: str, local: tuple[int, int, str] | None, answer: Any,
-                      report: Callable[[str, str, int, int], None]) -> UploadResult:
-        size = local[0] if local else 0
-        if isinstance(answer, wire.ItemStored):
-            report(name, DURABLE, size, size)
-            if (answer.size, answer.crc32, answer.digest) != local:
-                return UploadResult(name, size, key, 0, size, answer.crc32, answer.digest,
-                                    ErrorCode.DIGEST_MISMATCH.value,
-                                    f"the server stored crc32 {wire.format_crc(answer.crc32)} digest "
-                                    f"{answer.digest}, the local file has others")
-            report(name, VERIFIED, size, size)
-            return UploadResult(name, size, key, 0, size, answer.crc32, answer.digest, "complete")
-        if isinstance(answer, wire.ItemFailed):
-            return UploadResult(name, size, key, 0, size, state=answer.code, message=answer.message)
-        return UploadResult(name, size, key, 0, size, state=ErrorCode.INTERNAL_ERROR.value,
-                            message="the server gave no answer for this file")
+        return [batch_result(key, name, mine.get(key), answers.get(key), report) for key, _, name in files]
 
     def abort_file(self, session_key: str, file_key: str, *, cancel: threading.Event | None = None) -> None:
         """Give up an upload: the server deletes the partial and the file starts again from 0."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from filedock.wire import format_crc
+from filedock.errors import ErrorCode
+from filedock.wire import ItemFailed, ItemStored, format_crc
 
 # Progress stages, reported in this order for every file.
 SENT = "sent"  # bytes written to the connection
@@ -40,3 +41,27 @@ class UploadResult:
         return {"name": self.name, "size": self.size, "key": self.key, "resumed_from": self.resumed_from,
                 "sent": self.sent, "crc32": format_crc(self.crc32) if self.crc32 is not None else None,
                 "digest": self.digest, "state": self.state, "message": self.message}
+
+
+def batch_result(key: str, name: str, local: tuple[int, int, str] | None, answer: Any,
+                 report: Callable[[str, str, int, int], None]) -> UploadResult:
+    """One file's result from a ``BATCH`` reply: ``local`` is (size, crc32, digest) of what was sent.
+
+    ``complete`` only if the server's values equal the local ones; a refusal carries
+    the server's code; no answer at all is an ``internal-error``. Reports DURABLE and
+    VERIFIED as they hold.
+    """
+    size = local[0] if local else 0
+    if isinstance(answer, ItemStored):
+        report(name, DURABLE, size, size)
+        if (answer.size, answer.crc32, answer.digest) != local:
+            return UploadResult(name, size, key, 0, size, answer.crc32, answer.digest,
+                                ErrorCode.DIGEST_MISMATCH.value,
+                                f"the server stored crc32 {format_crc(answer.crc32)} digest "
+                                f"{answer.digest}, the local file has others")
+        report(name, VERIFIED, size, size)
+        return UploadResult(name, size, key, 0, size, answer.crc32, answer.digest, "complete")
+    if isinstance(answer, ItemFailed):
+        return UploadResult(name, size, key, 0, size, state=answer.code, message=answer.message)
+    return UploadResult(name, size, key, 0, size, state=ErrorCode.INTERNAL_ERROR.value,
+                        message="the server gave no answer for this file")

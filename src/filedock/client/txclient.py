@@ -8,7 +8,7 @@ Every call returns a ``Deferred``, so it works from callbacks, from
 
     results = defer.ensureDeferred(send(reactor, TxApiClient(reactor, url, token), "takes", paths))
 
-One data-port connection carries one request (PUT, GET or ABORT). An upload asks
+One data-port connection carries one request (PUT, GET, ABORT or BATCH). An upload asks
 the server where to start (``OFFSET``), streams the rest of the file with a push
 producer in 256 KiB reads (paused whenever the transport's buffer is full, so
 memory stays bounded however large the file), sends ``DONE <digest>`` and waits
@@ -48,8 +48,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from filedock import digest, durability, wire
-from filedock.client.model import DURABLE, SENT, VERIFIED, Cancelled, ProgressCallback, UploadResult
-from filedock.client.uploader import JobProgress, collect_files
+from filedock.client.model import (DURABLE, SENT, VERIFIED, Cancelled, ProgressCallback, UploadResult,
+                                   batch_result)
+from filedock.client.uploader import DECLARE_BATCH, JobProgress, batch_units, collect_files
 from filedock.errors import ErrorCode, FiledockError, short_key
 
 log = Logger(namespace="filedock.client")
@@ -559,6 +560,107 @@ class _AbortExchange(_Exchange):
             self.succeed(None)
 
 
+def _read_group(paths: list[str]) -> list[tuple[bytes, int, str]]:
+    """In a thread: each small file's bytes, CRC-32 and digest (read once, hashed once)."""
+    out = []
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            data = f.read()
+        h = digest.ContentHasher()
+        h.update(data)
+        out.append((data, h.crc32, h.hexdigest()))
+    return out
+
+
+@implementer(interfaces.IPushProducer)
+class _BatchExchange(_Exchange):
+    """``BATCH``: many small whole files on one connection -> ``{file_key: ItemStored | ItemFailed}``.
+
+    Files are read and hashed in a thread, ``GROUP_BYTES`` at a time with the next
+    group read while this one is written, and written only while the transport
+    takes them (it pauses us as a push producer): memory stays at about two groups.
+    ``local`` gets (size, crc32, digest) of every file as sent.
+    """
+
+    GROUP_BYTES = 4 << 20
+
+    def __init__(self, reactor: Any, peer: str, session_key: str, files: list[tuple[str, str, str]],
+                 sizes: list[int], report: Callable[[str, str, int, int], None]) -> None:
+        super().__init__(reactor, peer, None)
+        self.session_key, self.files, self.sizes, self.report_file = session_key, files, sizes, report
+        self.local: dict[str, tuple[int, int, str]] = {}
+        self.answers: dict[str, Any] = {}
+        self.sent = 0
+        self._stopped = False
+        self._resume: defer.Deferred | None = None
+        self._sending: defer.Deferred | None = None
+
+    def request(self) -> bytes:
+        return self.conn.batch(self.session_key, len(self.files))
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.transport.registerProducer(self, True)
+        self._sending = defer.ensureDeferred(self._send_items())
+        self._sending.addErrback(self.fail)
+
+    def _groups(self) -> list[list[int]]:
+        groups, group, size = [], [], 0
+        for i, n in enumerate(self.sizes):
+            if group and size + n > self.GROUP_BYTES:
+                groups.append(group)
+                group, size = [], 0
+            group.append(i)
+            size += n
+        return groups + ([group] if group else [])
+
+    def _read(self, group: list[int]) -> defer.Deferred:
+        return threads.deferToThread(_read_group, [self.files[i][1] for i in group])
+
+    async def _send_items(self) -> None:
+        groups = self._groups()
+        upcoming = self._read(groups[0]) if groups else None
+        for index, group in enumerate(groups):
+            contents = await upcoming
+            upcoming = self._read(groups[index + 1]) if index + 1 < len(groups) else None
+            for i, (data, crc, hexdigest) in zip(group, contents):
+                while self._resume is not None and not self._stopped:
+                    await self._resume
+                if self._stopped or self.result.called:
+                    return
+                key, _, name = self.files[i]
+                self.local[key] = (len(data), crc, hexdigest)
+                self.transport.writeSequence([self.conn.batch_item(key, len(data), hexdigest), data])
+                self.sent += len(data)
+                self.report_file(name, SENT, len(data), len(data))
+        self.transport.unregisterProducer()
+        self.transport.write(self.conn.done())
+
+    def on_event(self, event: Any) -> None:
+        if isinstance(event, (wire.ItemStored, wire.ItemFailed)):
+            self.answers[event.file_key] = event
+        elif isinstance(event, wire.BatchEnd):
+            self.succeed(self.answers)
+
+    # -- IPushProducer: the transport's buffer is full, or has room again
+
+    def pauseProducing(self) -> None:
+        if self._resume is None:
+            self._resume = defer.Deferred()
+
+    def resumeProducing(self) -> None:
+        waiting, self._resume = self._resume, None
+        if waiting is not None:
+            waiting.callback(None)
+
+    def stopProducing(self) -> None:
+        self._stopped = True
+        self.resumeProducing()
+
+    def halt(self) -> None:
+        self.stopProducing()
+
+
 # ---------------------------------------------------------------- public: the data port
 
 HASH_WAIT = 30.0
@@ -617,6 +719,22 @@ class TxDataPortClient:
         then ``DURABLE`` and ``VERIFIED``. ``d.cancel()`` keeps the ``.part``.
         """
         return defer.ensureDeferred(self._download(session_key, file_key, os.fspath(dest), progress))
+
+    def upload_batch(self, session_key: str, files: Sequence[tuple[str, str | os.PathLike, str]],
+                     progress: Callable[[str, str, int, int], None] | None = None) -> defer.Deferred:
+        """Upload many small whole files on one connection (``BATCH``) -> ``list[UploadResult]``.
+
+        ``files`` is (file key, path, name) each; every file must be at most the
+        server's ``batch_item_max`` (``GET /v1/info``). Results come in the order
+        given: ``complete`` only where the server's size, CRC-32 and digest equal the
+        local file's; a file the server refused carries its code (the others are
+        stored all the same). A dropped connection sends the batch again (files
+        stored already are answered from the record), like an upload's reconnects.
+        ``progress(name, stage, done, total)`` per file. ``d.cancel()`` stores nothing
+        of a batch not yet answered.
+        """
+        return defer.ensureDeferred(self._upload_batch(session_key, [(k, os.fspath(p), n) for k, p, n in files],
+                                                       progress))
 
     def abort_file(self, session_key: str, file_key: str) -> defer.Deferred:
         """Give up an upload: the server deletes its partial -> None."""
@@ -690,6 +808,37 @@ class TxDataPortClient:
                     resumed_from = exchange.offset
                 sent += exchange.sent
             return (size if resumed_from is None else resumed_from), sent, stored
+
+    async def _upload_batch(self, session_key: str, files: list[tuple[str, str, str]],
+                            progress: Callable[[str, str, int, int], None] | None) -> list[UploadResult]:
+        report = progress or (lambda name, stage, done, total: None)
+        if not files:
+            return []
+        sizes = [os.stat(path).st_size for _, path, _ in files]
+        peer = f"{self.host}:{self.port} (batch of {len(files)} files)"
+        failures = 0
+        while True:
+            exchange = _BatchExchange(self.reactor, peer, session_key, files, sizes, report)
+            watchdog = _StallWatch(self.reactor, exchange, self.stall_timeout)
+            try:
+                answers = await self._run(exchange)
+                break
+            except defer.CancelledError:
+                raise Cancelled(f"{peer}: cancelled; nothing of this batch was stored") from None
+            except FiledockError as exc:
+                failures += 1
+                if exc.code not in self.RETRYABLE:
+                    raise
+                if failures >= self.attempts:
+                    raise FiledockError(exc.code, f"gave up after {failures} attempts: {exc.message}") from None
+                delay = self.backoff * 2 ** (failures - 1) * random.uniform(0.5, 1.5)
+                log.info("{peer}: {why}; sending the batch again in {delay:.2f}s", peer=peer, why=exc.message,
+                         delay=delay)
+                await deferLater(self.reactor, delay)
+            finally:
+                watchdog.stop()
+        return [batch_result(key, name, exchange.local.get(key), answers.get(key), report)
+                for key, _, name in files]
 
     async def _download(self, session_key: str, file_key: str, dest: str,
                         progress: ProgressCallback | None) -> UploadResult:
@@ -827,6 +976,13 @@ class TxApiClient:
         """``POST /v1/jobs/<job>/files``: declare one file -> its record (with ``key``)."""
         return self.request("POST", f"/v1/jobs/{quote(job, safe='')}/files", {"name": name, "size": size})
 
+    def add_files(self, job: str, files: Sequence[tuple[str, int]]) -> defer.Deferred:
+        """``POST /v1/jobs/<job>/files`` with ``{"files": [...]}``: declare up to 1000 files in one
+        transaction -> their records, in order."""
+        d = self.request("POST", f"/v1/jobs/{quote(job, safe='')}/files",
+                         {"files": [{"name": name, "size": size} for name, size in files]})
+        return d.addCallback(lambda reply: reply["files"])
+
     def open_session(self, job: str, ttl: float | None = None) -> defer.Deferred:
         """``POST /v1/jobs/<job>/sessions`` -> the session (with ``key``)."""
         return self.request("POST", f"/v1/jobs/{quote(job, safe='')}/sessions", {} if ttl is None else {"ttl": ttl})
@@ -849,6 +1005,9 @@ def upload_job(api: TxApiClient, job: str, paths: Sequence[str | os.PathLike], p
                *, create: bool = False, tls_options: Any = None) -> defer.Deferred:
     """Upload files (directories expanded) into a job one after another -> ``list[UploadResult]``.
 
+    Small files (up to the server's ``batch_item_max``) go together in ``BATCH``es,
+    each file declared in one API call per thousand.
+
     Names and declarations follow the blocking ``JobUploader``: a file given
     directly is named by its base name, a file under a given directory by its
     relative path; a name the job lacks is declared with the file's size; a
@@ -867,27 +1026,54 @@ def upload_job(api: TxApiClient, job: str, paths: Sequence[str | os.PathLike], p
 async def _upload_job(api: TxApiClient, job: str, paths: Sequence[str | os.PathLike],
                       progress: JobProgress | None, create: bool, tls_options: Any) -> list[UploadResult]:
     local = collect_files(paths)
-    client = await _data_client(api, tls_options)
+    info = await api.info()
+    client = _data_client(api, info, tls_options)
     record = await _resolve_job(api, job, create)
     declared = {f["name"]: f for f in record.get("files", [])}
+    missing = []
     for item in local:
         entry = declared.get(item.name)
         if entry is None:
-            declared[item.name] = await api.add_file(record["id"], item.name, item.size)
+            missing.append(item)
         elif entry["size"] != item.size:
             raise FiledockError(ErrorCode.CONFLICT,
                                 f"job {record['name']!r} has a file named {item.name!r} of {entry['size']} bytes; "
                                 f"{item.path} has {item.size} bytes (use another job or name)")
+    for start in range(0, len(missing), DECLARE_BATCH):
+        chunk = missing[start:start + DECLARE_BATCH]
+        for entry in await api.add_files(record["id"], [(item.name, item.size) for item in chunk]):
+            declared[entry["name"]] = entry
+    report = progress or (lambda name, stage, done, total: None)
     session = await api.open_session(record["id"])
     try:
-        results = []
-        for item in local:
+        results: dict[int, UploadResult] = {}
+        todo = []
+        for i, item in enumerate(local):
+            if declared[item.name]["state"] == "complete":  # verified here, not sent again
+                results[i] = await _verify_complete(item, declared[item.name], report)
+                if results[i].state != "complete":
+                    raise FiledockError(results[i].state, results[i].message)
+            else:
+                todo.append(i)
+        limits = info.get("limits") if isinstance(info.get("limits"), dict) else {}
+        for unit in batch_units([local[i].size for i in todo], limits):
+            unit = [todo[j] for j in unit]
+            items = [local[i] for i in unit]
+            if len(items) > 1:
+                done = await client.upload_batch(session["key"], [(declared[item.name]["key"], item.path, item.name)
+                                                                  for item in items], report)
+                failed = next((r for r in done if r.state != "complete"), None)
+                if failed is not None:  # as in 2007: the first failure fails the job's Deferred
+                    raise FiledockError(failed.state, f"{failed.name}: {failed.message}")
+                results.update(zip(unit, done))
+                continue
+            (item,) = items
+
             def one_file(stage: str, done: int, total: int, name: str = item.name) -> None:
-                if progress is not None:
-                    progress(name, stage, done, total)
-            results.append(await client.upload_file(session["key"], declared[item.name]["key"], item.path,
-                                                    one_file, name=item.name))
-        return results
+                report(name, stage, done, total)
+            results[unit[0]] = await client.upload_file(session["key"], declared[item.name]["key"], item.path,
+                                                        one_file, name=item.name)
+        return [results[i] for i in range(len(local))]
     finally:
         try:
             await api.close_session(session["key"])
@@ -895,9 +1081,28 @@ async def _upload_job(api: TxApiClient, job: str, paths: Sequence[str | os.PathL
             pass  # the uploads' outcome stands; an unclosed session just expires
 
 
-async def _data_client(api: TxApiClient, tls_options: Any) -> TxDataPortClient:
-    """The data-port client for the address ``GET /v1/info`` gives (the API's host if unspecified)."""
-    port = (await api.info())["data_port"]
+async def _verify_complete(item: Any, record: dict[str, Any], report: JobProgress) -> UploadResult:
+    """A file the server holds complete: hash the local one (in a thread) and compare, send nothing."""
+    local = await threads.deferToThread(digest.hash_file, item.path)
+    result = UploadResult(item.name, item.size, record["key"], resumed_from=item.size, sent=0,
+                          crc32=local.crc32, digest=local.hexdigest())
+    report(item.name, SENT, item.size, item.size)
+    report(item.name, DURABLE, item.size, item.size)
+    if (wire.format_crc(local.crc32), result.digest, local.offset) != (record.get("crc32"), record.get("digest"),
+                                                                       item.size):
+        result.state = ErrorCode.DIGEST_MISMATCH.value
+        result.message = (f"{item.name}: the server's complete copy has CRC-32 {record.get('crc32')} and digest "
+                          f"{record.get('digest')}; {item.path} has {wire.format_crc(local.crc32)} and "
+                          f"{result.digest}")
+        return result
+    report(item.name, VERIFIED, item.size, item.size)
+    result.state = "complete"
+    return result
+
+
+def _data_client(api: TxApiClient, info: dict[str, Any], tls_options: Any) -> TxDataPortClient:
+    """The data-port client for the address ``GET /v1/info`` gave (the API's host if unspecified)."""
+    port = info["data_port"]
     host = port.get("host") or ""
     if host in _ANY_ADDRESS:
         host = urlsplit(api.base).hostname
@@ -915,4 +1120,4 @@ async def _resolve_job(api: TxApiClient, job: str, create: bool) -> dict[str, An
         if exc.code is not ErrorCode.NOT_FOUND or not create:
             raise
     created = await api.create_job(job)
-    return await api.job(created["id"])
+    return {**created, "files": []}  # a job just made has no files

@@ -335,7 +335,15 @@ def _quote(segment: str) -> str:
 
 
 def _units(plan: UploadPlan, todo: list[int], limits: dict[str, Any], parallel: int = 1) -> list[list[int]]:
-    """Work units: small files grouped into batches (one connection each), every other file alone.
+    """Work units of the plan's files ``todo`` (see ``batch_units``), as indexes into ``plan.files``."""
+    units = batch_units([plan.files[i].local.size for i in todo], limits, parallel)
+    return [[todo[j] for j in unit] for unit in units]
+
+
+def batch_units(sizes: list[int], limits: dict[str, Any], parallel: int = 1) -> list[list[int]]:
+    """Work units for files of these sizes, in order, as lists of indexes into ``sizes``: small files
+    grouped into batches (one connection each) within the server's ``batch_*`` limits (from
+    ``GET /v1/info``), every other file alone. A server that does not say it batches gets every file alone.
 
     With ``parallel`` > 1 the small files are spread over at least that many batches,
     so the connections share them.
@@ -343,14 +351,13 @@ def _units(plan: UploadPlan, todo: list[int], limits: dict[str, Any], parallel: 
     item_max, max_files, max_bytes = (limits.get(k) for k in ("batch_item_max", "batch_max_files",
                                                               "batch_max_bytes"))
     if not all(isinstance(v, int) and v > 0 for v in (item_max, max_files, max_bytes)):
-        return [[i] for i in todo]  # a server that does not batch
-    small = sum(1 for i in todo if plan.files[i].local.size <= item_max)
+        return [[i] for i in range(len(sizes))]
+    small = sum(1 for size in sizes if size <= item_max)
     max_files = max(1, min(max_files, -(-small // max(1, parallel))))
     units: list[list[int]] = []
     batch: list[int] = []
     batch_bytes = 0
-    for i in todo:
-        size = plan.files[i].local.size
+    for i, size in enumerate(sizes):
         if size > item_max:
             units.append([i])
             continue
@@ -361,7 +368,7 @@ def _units(plan: UploadPlan, todo: list[int], limits: dict[str, Any], parallel: 
         batch_bytes += size
     if batch:
         units.append(batch)
-    return units
+    return sorted(units, key=lambda unit: unit[0])  # in the order the files were given, as far as can be
 
 
 def _run_threads(one: Callable[[list[int]], dict[int, UploadResult]], units: list[list[int]], parallel: int,
