@@ -72,15 +72,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     limits = Limits().with_overrides(args.limit or [])
     start_logging(args.log_format)
+    # first: the data dir's lock (a second server must not touch the first one's tokens)
+    server = FiledockServer(ServerOptions(args.data_dir, args.api_listen, args.data_listen,
+                                          args.public_host, limits, args.webhook or [],
+                                          args.on_complete or []), reactor)
     token = None
     if args.issue_admin_token:
         store = open_store(args.data_dir)
         store.delete_tokens("serve")
         token = store.create_token("serve")
         store.close()
-    server = FiledockServer(ServerOptions(args.data_dir, args.api_listen, args.data_listen,
-                                          args.public_host, limits, args.webhook or [],
-                                          args.on_complete or []), reactor)
 
     def started(result):
         api_url, (host, port, tls) = result

@@ -43,8 +43,10 @@ def _load_syncfs():
 
     release = os.uname().release.split(".")
     try:
-        if (int(release[0]), int(release[1].split("-")[0])) < (5, 8):
-            return None  # before 5.8 syncfs(2) did not report writeback errors: per-file fsync instead
+        if (int(release[0]), int(release[1].split("-")[0])) < (5, 17):
+            # syncfs(2) reports data write errors since 5.8 and the filesystem's own (journal
+            # commit, cache flush) since 5.17: before that, an fsync per file instead
+            return None
         fn = ctypes.CDLL(None, use_errno=True).syncfs
     except (ValueError, IndexError, OSError, AttributeError):  # not Linux
         return None
@@ -59,12 +61,15 @@ _syncfs: Any = _load_syncfs
 def sync_filesystem(fd: int) -> bool:
     """Make everything written on ``fd``'s filesystem durable with one ``syncfs(2)``.
 
-    Returns False where that is not possible (not Linux, or a kernel before 5.8, whose
-    syncfs did not report write errors): the caller then fsyncs its files one by one.
+    ``fd`` must have been opened before the files it is to cover were written: the
+    kernel reports the write errors seen on the filesystem since ``fd`` was opened.
+    Returns False where that is not possible (not Linux, or a kernel before 5.17,
+    whose syncfs missed some errors): the caller then fsyncs its files one by one.
     Raises ``OSError`` if the kernel reports a write error. For many small new files
-    this is one journal commit and one cache flush instead of one per file; it also
-    writes whatever else is dirty on that filesystem, which on a data dir of its own
-    is only other uploads' last few MiB (their writeback is started as they arrive).
+    this is one journal commit and one cache flush instead of one per file. It also
+    waits for whatever else is dirty on that filesystem: on a data dir of its own,
+    uploads in progress (their writeback is started every 8 MiB as they arrive, so
+    while the disk keeps up that is their last few MiB; when it does not, more).
     """
     global _syncfs
     if _syncfs is _load_syncfs:

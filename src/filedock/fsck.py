@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from filedock.digest import hash_file
+from filedock.errors import FiledockError
 from filedock.store.blobs import BlobStore
 from filedock.store.model import FILE_COMPLETE, FileRecord
 from filedock.store.sqlite import SQLiteStore
@@ -39,8 +40,10 @@ class Finding:
 class Fsck:
     """One check of a data dir. ``run()`` returns the findings; nothing found means healthy."""
 
-    def __init__(self, store: SQLiteStore, blobs: BlobStore, repair: bool = False, verify: bool = True) -> None:
+    def __init__(self, store: SQLiteStore, blobs: BlobStore, repair: bool = False, verify: bool = True,
+                 server_running: bool = False) -> None:
         self.store, self.blobs, self.repair, self.verify = store, blobs, repair, verify
+        self.server_running = server_running  # then staging files may belong to live batches
         self.findings: list[Finding] = []
         self.checked_files = 0
         self.checked_bytes = 0
@@ -122,7 +125,7 @@ class Fsck:
                 if path not in known:
                     self._found("orphan", path, "a file no record names",
                                 fix=lambda p=path: self._lost_and_found(p))
-        for path in sorted(self.blobs.staged_files()):  # fsck runs with the server stopped: no batch is live
+        for path in [] if self.server_running else sorted(self.blobs.staged_files()):
             self._found("staging-leftover", path, "a file of a batch that never finished",
                         fix=lambda p=path: self._unlink(p))
 
@@ -134,11 +137,19 @@ class Fsck:
 
 def run_fsck(data_dir: str | Path, repair: bool = False, verify: bool = True) -> tuple[Fsck, list[Finding]]:
     """Check (and with ``repair``, mend) the data dir ``data_dir``."""
-    from filedock.server.service import open_store
+    from filedock.server.service import lock_data_dir, open_store
 
+    lock = -1
+    try:
+        lock = lock_data_dir(data_dir)
+    except FiledockError:
+        if repair:
+            raise  # mending under a live server would race with it
     store = open_store(data_dir)
     try:
-        fsck = Fsck(store, BlobStore(data_dir), repair=repair, verify=verify)
+        fsck = Fsck(store, BlobStore(data_dir), repair=repair, verify=verify, server_running=lock < 0)
         return fsck, fsck.run()
     finally:
         store.close()
+        if lock >= 0:
+            os.close(lock)

@@ -418,3 +418,80 @@ def test_stalled_batch_is_sent_again_then_given_up(reactor_thread, tmp_path):
             conn.close()
     assert "gave up after 2 attempts" in info.value.message
     assert len(held) == 2
+
+
+def test_cancelled_batch_closes_its_connection(reactor_thread, tmp_path):
+    """Cancelling a batch while the peer is not reading (the producer paused): the Deferred fails with
+    Cancelled saying nothing was stored, and once the peer reads again it gets EOF, not a connection
+    held open forever."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen: dict = {}
+    go_on = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        go_on.wait(10)  # not reading until the client has cancelled
+        conn.settimeout(5.0)
+        try:
+            while conn.recv(1 << 16):
+                pass
+            seen["eof"] = True
+        except socket.timeout:
+            seen["eof"] = False
+        conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    files = [(f"00000000-0000-4000-8000-{i:012d}", random_file(tmp_path / f"f{i}", 1_000_000), f"f{i}")
+             for i in range(40)]
+    client = TxDataPortClient(reactor_thread, "127.0.0.1", listener.getsockname()[1])
+    holder: dict = {}
+
+    def start() -> None:
+        holder["d"] = client.upload_batch("00000000-0000-4000-8000-000000000000", files)
+
+    in_reactor(reactor_thread, start)
+    time.sleep(0.7)  # the transport's buffer fills; the producer is paused
+    with pytest.raises(Cancelled, match="nothing of this batch was stored"):
+        in_reactor(reactor_thread, lambda: (holder["d"].cancel(), holder["d"])[1])
+    go_on.set()
+    wait_for(lambda: "eof" in seen, timeout=15)
+    listener.close()
+    assert seen["eof"] is True
+
+
+def test_batch_on_a_slow_link_is_not_taken_for_a_stall(reactor_thread, tmp_path):
+    """A peer reading steadily but slowly (about 250 KB/s) with a 2 s stall timeout: progress is counted in
+    256 KiB pieces (about 1 s each here), not whole 900 KB files (3.6 s each), so the batch is never
+    dropped as stalled (one connection)."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    connections: list = []
+    received = [0]
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        connections.append(conn)
+        while received[0] < 1_000_000:
+            chunk = conn.recv(12_500)
+            if not chunk:
+                return
+            received[0] += len(chunk)
+            time.sleep(0.05)
+        conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    files = [(f"00000000-0000-4000-8000-{i:012d}", random_file(tmp_path / f"s{i}", 900_000), f"s{i}")
+             for i in range(2)]
+    client = TxDataPortClient(reactor_thread, "127.0.0.1", listener.getsockname()[1], attempts=1, backoff=0.05,
+                              stall_timeout=2.0)
+    with pytest.raises(FiledockError) as info:  # the fake peer closes without answering, in the end
+        in_reactor(reactor_thread, client.upload_batch, "00000000-0000-4000-8000-000000000000", files, timeout=120)
+    listener.close()
+    assert received[0] >= 1_000_000, received[0]  # read it all on one connection, never aborted as stalled
+    assert len(connections) == 1
+    assert "nothing moved" not in info.value.message

@@ -518,7 +518,7 @@ def allowed_data_dir_entry(rel: Path) -> bool:
     staging/<lane>/<tag>-<n> (batches in flight)."""
     parts = rel.parts
     if len(parts) == 1:
-        return parts[0] in ("jobs", "lost+found", "staging") or parts[0].startswith("filedock.sqlite3")
+        return parts[0] in ("jobs", "lost+found", "staging", "filedock.lock") or parts[0].startswith("filedock.sqlite3")
     if parts[0] == "staging":
         return parts[1].isdigit() and (len(parts) == 2 or len(parts) == 3 and bool(STAGED_SHAPE.fullmatch(parts[2])))
     if parts[0] != "jobs" or not KEY_SHAPE.fullmatch(parts[1]):

@@ -66,3 +66,24 @@ def test_fsck_finds_and_repairs_damage(tmp_path):
     assert status == 0 and report["findings"] == []
     with server:
         assert server.api.file(key)["state"] == "pending"
+
+
+def test_one_server_per_data_dir_and_no_repair_under_a_live_one(tmp_path):
+    """A second `filedock serve` on a data dir in use exits 1 with a clear `conflict` error (and the first
+    server's admin token still works); `fsck --repair` refuses while the server runs, plain fsck reads;
+    once the server is gone (even SIGKILLed) both work."""
+    with ServerProcess(tmp_path / "data") as server:
+        second = subprocess.run([sys.executable, "-m", "filedock", "serve", "--data-dir", str(server.data_dir),
+                                 "--api-listen", "tcp:0:interface=127.0.0.1",
+                                 "--data-listen", "tcp:0:interface=127.0.0.1", "--issue-admin-token"],
+                                capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1
+        assert "error: conflict: another filedock process is using" in second.stderr
+        assert "Traceback" not in second.stderr
+        assert server.api.get("/v1/jobs")["jobs"] == []  # the first server's token was left alone
+        repair = subprocess.run([sys.executable, "-m", "filedock", "fsck", "--data-dir", str(server.data_dir),
+                                 "--repair"], capture_output=True, text=True, timeout=60)
+        assert repair.returncode == 1 and "error: conflict:" in repair.stderr
+        assert fsck(server.data_dir) == (0, {"files": 0, "bytes_verified": 0, "findings": []})
+        server.kill()
+    assert fsck(tmp_path / "data", "--repair")[0] == 0

@@ -191,3 +191,56 @@ def test_sync_filesystem_reports_errors():
         os.close(fd)
     with pytest.raises(OSError):
         durability.sync_filesystem(-1)
+
+
+class StepPool:
+    """A pool that runs one queued call per ``step()``, in the order submitted."""
+
+    def __init__(self) -> None:
+        self.queue: list = []
+
+    def submit(self, fn, *args):
+        self.queue.append((fn, args))
+
+    def step(self):
+        fn, args = self.queue.pop(0)
+        fn(*args)
+        return args
+
+
+def test_pool_threads_take_turns_between_batches(store, monkeypatch):
+    """Two batches with 8 MiB queued each: a pool thread does about SERVICE_BYTES of one batch's lane and
+    then lets the other batch's lane go first, instead of draining one lane while the other waits."""
+    pool = StepPool()
+    monkeypatch.setattr(blobs_module, "_BATCH_POOL", pool)
+    a, b = store.open_batch(str(uuid.uuid4())), store.open_batch(str(uuid.uuid4()))
+    chunk = os.urandom(1 << 20)
+    for batch in (a, b):
+        batch.begin(str(uuid.uuid4()), 8 * len(chunk), digest_of(chunk * 8))
+        for _ in range(8):
+            batch.write(chunk)
+    served = []
+    while pool.queue:
+        (lane,) = pool.step()
+        served.append("a" if lane in a._lanes else "b")
+    assert served[:4] == ["a", "b", "a", "b"]
+    assert served.count("a") >= 8 and served.count("b") >= 8
+    for batch in (a, b):
+        (entry,) = batch.seal()
+        assert entry.digest == digest_of(chunk * 8)
+        batch.discard()
+
+
+def test_seal_of_a_finished_batch_needs_no_pool_thread(store, monkeypatch):
+    """Once every lane is idle, seal and discard wait for nothing: no pool work is queued for them."""
+    pool = StepPool()
+    monkeypatch.setattr(blobs_module, "_BATCH_POOL", pool)
+    batch = store.open_batch(str(uuid.uuid4()))
+    batch.begin(str(uuid.uuid4()), 3, digest_of(b"abc"))
+    batch.write(b"abc")
+    while pool.queue:
+        pool.step()
+    batch.seal()
+    assert pool.queue == []
+    batch.discard()
+    assert pool.queue == []

@@ -146,6 +146,24 @@ def test_header_timeout_closes_idle_connection(h):
     assert transport.value().startswith(b"ERR idle-timeout ")
 
 
+def test_no_idle_timeout_while_our_own_disk_holds_the_client_back(h):
+    """Reading paused because the server's writes are behind ("hashing") is the server being slow, not the
+    client: the idle timeout does not fire however long that lasts; once reading resumes it counts again."""
+    data = os.urandom(50_000)
+    key = h.app.expect_file(h.job, "f", len(data))
+    proto, transport = h.connect()
+    proto.dataReceived(f"FILEDOCK/1 PUT {h.session} {key} {len(data)}\r\n".encode() + data[:10_000])
+    proto._pause("hashing")
+    for _ in range(30):
+        h.clock.advance(Limits().idle_timeout / 10)
+    assert b"ERR" not in transport.value()
+    proto._hash_drained()
+    for _ in range(20):
+        h.clock.advance(Limits().idle_timeout / 10)
+    assert b"ERR idle-timeout " in transport.value()
+    proto.connectionLost(None)
+
+
 def test_stalled_body_times_out_and_keeps_partial(h):
     """A body that stops arriving is closed after idle_timeout; what arrived stays resumable."""
     data = os.urandom(50_000)

@@ -48,6 +48,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from filedock import digest, durability, wire
+from filedock.client.blocking import REPLY_PATIENCE
 from filedock.client.model import (DURABLE, SENT, VERIFIED, Cancelled, ProgressCallback, UploadResult,
                                    batch_result)
 from filedock.client.uploader import DECLARE_BATCH, JobProgress, batch_units, collect_files
@@ -287,6 +288,10 @@ class _Exchange(Protocol):
     def halt(self) -> None:
         """Stop local work and release files; called once, whatever the outcome."""
 
+    def cancel_message(self) -> str:
+        """What a cancel means for this request (the text of ``Cancelled``)."""
+        return "cancelled; the server keeps what it holds durably"
+
     # -- Twisted callbacks
 
     def connectionMade(self) -> None:
@@ -352,7 +357,7 @@ class _Exchange(Protocol):
 
     def _cancel(self, d: defer.Deferred) -> None:
         self._halt()
-        d.errback(Cancelled(f"{self.peer}: cancelled; the server keeps what it holds durably"))
+        d.errback(Cancelled(f"{self.peer}: {self.cancel_message()}"))
         if self.connecting is not None and not self.connecting.called:
             self.connecting.cancel()  # connect_failed sees the result fired and stays quiet
         self._close()
@@ -379,9 +384,12 @@ class _StallWatch:
     def _check(self) -> None:
         now = self.reactor.seconds()
         seen = (self.exchange.sent, len(self.exchange.conn._input) + self.exchange.conn.body_received)
+        # once all is sent, the server may take a while to make it durable (a batch: many files at once)
+        limit = max(self.timeout, REPLY_PATIENCE) if getattr(self.exchange, "awaiting_reply", False) \
+            else self.timeout
         if seen != self._seen or self.exchange.settling:
             self._seen, self._since = seen, now
-        elif now - self._since >= self.timeout and self.exchange.transport is not None:
+        elif now - self._since >= limit and self.exchange.transport is not None:
             self.exchange.transport.abortConnection()  # connectionLost fails it: the caller reconnects
             return
         self._call = self.reactor.callLater(min(1.0, self.timeout), self._check)
@@ -591,18 +599,33 @@ class _BatchExchange(_Exchange):
         self.local: dict[str, tuple[int, int, str]] = {}
         self.answers: dict[str, Any] = {}
         self.sent = 0
+        self.awaiting_reply = False  # DONE is out: only the server's answer is missing
         self._stopped = False
+        self._registered = False
         self._resume: defer.Deferred | None = None
         self._sending: defer.Deferred | None = None
 
     def request(self) -> bytes:
         return self.conn.batch(self.session_key, len(self.files))
 
+    def cancel_message(self) -> str:
+        if self.awaiting_reply:
+            return ("cancelled after the whole batch was sent: the server may still store it; "
+                    "run again to learn which files are complete")
+        return "cancelled; nothing of this batch was stored"
+
     def connectionMade(self) -> None:
         super().connectionMade()
         self.transport.registerProducer(self, True)
+        self._registered = True
         self._sending = defer.ensureDeferred(self._send_items())
         self._sending.addErrback(self.fail)
+
+    def _unregister(self) -> None:
+        # a registered (paused) producer keeps Twisted from ever closing the connection
+        if self._registered:
+            self._registered = False
+            self.transport.unregisterProducer()
 
     def _groups(self) -> list[list[int]]:
         groups, group, size = [], [], 0
@@ -615,7 +638,8 @@ class _BatchExchange(_Exchange):
         return groups + ([group] if group else [])
 
     def _read(self, group: list[int]) -> defer.Deferred:
-        return threads.deferToThread(_read_group, [self.files[i][1] for i in group])
+        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), _read_group,
+                                         [self.files[i][1] for i in group])
 
     async def _send_items(self) -> None:
         groups = self._groups()
@@ -624,16 +648,20 @@ class _BatchExchange(_Exchange):
             contents = await upcoming
             upcoming = self._read(groups[index + 1]) if index + 1 < len(groups) else None
             for i, (data, crc, hexdigest) in zip(group, contents):
-                while self._resume is not None and not self._stopped:
-                    await self._resume
-                if self._stopped or self.result.called:
-                    return
                 key, _, name = self.files[i]
                 self.local[key] = (len(data), crc, hexdigest)
-                self.transport.writeSequence([self.conn.batch_item(key, len(data), hexdigest), data])
-                self.sent += len(data)
+                line = self.conn.batch_item(key, len(data), hexdigest)
+                for start in range(0, max(len(data), 1), CHUNK_SIZE):  # a slow link still shows progress
+                    while self._resume is not None and not self._stopped:
+                        await self._resume
+                    if self._stopped or self.result.called:
+                        return
+                    piece = data[start:start + CHUNK_SIZE]
+                    self.transport.write(line + piece if start == 0 else piece)
+                    self.sent += len(piece)
                 self.report_file(name, SENT, len(data), len(data))
-        self.transport.unregisterProducer()
+        self._unregister()
+        self.awaiting_reply = True
         self.transport.write(self.conn.done())
 
     def on_event(self, event: Any) -> None:
@@ -659,6 +687,8 @@ class _BatchExchange(_Exchange):
 
     def halt(self) -> None:
         self.stopProducing()
+        if self.transport is not None:
+            self._unregister()
 
 
 # ---------------------------------------------------------------- public: the data port
@@ -730,8 +760,10 @@ class TxDataPortClient:
         local file's; a file the server refused carries its code (the others are
         stored all the same). A dropped connection sends the batch again (files
         stored already are answered from the record), like an upload's reconnects.
-        ``progress(name, stage, done, total)`` per file. ``d.cancel()`` stores nothing
-        of a batch not yet answered.
+        ``progress(name, stage, done, total)`` per file. ``d.cancel()`` before the
+        whole batch is sent stores nothing of it; after that the server may still
+        store it (``Cancelled`` says which): the next upload learns which files are
+        complete.
         """
         return defer.ensureDeferred(self._upload_batch(session_key, [(k, os.fspath(p), n) for k, p, n in files],
                                                        progress))
@@ -814,7 +846,8 @@ class TxDataPortClient:
         report = progress or (lambda name, stage, done, total: None)
         if not files:
             return []
-        sizes = [os.stat(path).st_size for _, path, _ in files]
+        sizes = await threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
+                                                lambda: [os.stat(path).st_size for _, path, _ in files])
         peer = f"{self.host}:{self.port} (batch of {len(files)} files)"
         failures = 0
         while True:
@@ -823,8 +856,6 @@ class TxDataPortClient:
             try:
                 answers = await self._run(exchange)
                 break
-            except defer.CancelledError:
-                raise Cancelled(f"{peer}: cancelled; nothing of this batch was stored") from None
             except FiledockError as exc:
                 failures += 1
                 if exc.code not in self.RETRYABLE:
@@ -834,7 +865,11 @@ class TxDataPortClient:
                 delay = self.backoff * 2 ** (failures - 1) * random.uniform(0.5, 1.5)
                 log.info("{peer}: {why}; sending the batch again in {delay:.2f}s", peer=peer, why=exc.message,
                          delay=delay)
-                await deferLater(self.reactor, delay)
+                try:
+                    await deferLater(self.reactor, delay)
+                except defer.CancelledError:
+                    raise Cancelled(f"{peer}: cancelled between attempts; the server may have stored part "
+                                    "of it: run again to learn which files are complete") from None
             finally:
                 watchdog.stop()
         return [batch_result(key, name, exchange.local.get(key), answers.get(key), report)
@@ -1050,7 +1085,7 @@ async def _upload_job(api: TxApiClient, job: str, paths: Sequence[str | os.PathL
         todo = []
         for i, item in enumerate(local):
             if declared[item.name]["state"] == "complete":  # verified here, not sent again
-                results[i] = await _verify_complete(item, declared[item.name], report)
+                results[i] = await _verify_complete(api.reactor, item, declared[item.name], report)
                 if results[i].state != "complete":
                     raise FiledockError(results[i].state, results[i].message)
             else:
@@ -1081,9 +1116,9 @@ async def _upload_job(api: TxApiClient, job: str, paths: Sequence[str | os.PathL
             pass  # the uploads' outcome stands; an unclosed session just expires
 
 
-async def _verify_complete(item: Any, record: dict[str, Any], report: JobProgress) -> UploadResult:
+async def _verify_complete(reactor: Any, item: Any, record: dict[str, Any], report: JobProgress) -> UploadResult:
     """A file the server holds complete: hash the local one (in a thread) and compare, send nothing."""
-    local = await threads.deferToThread(digest.hash_file, item.path)
+    local = await threads.deferToThreadPool(reactor, reactor.getThreadPool(), digest.hash_file, item.path)
     result = UploadResult(item.name, item.size, record["key"], resumed_from=item.size, sent=0,
                           crc32=local.crc32, digest=local.hexdigest())
     report(item.name, SENT, item.size, item.size)

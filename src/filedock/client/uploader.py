@@ -17,6 +17,7 @@ import concurrent.futures
 import logging
 import os
 import ssl
+import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +83,8 @@ class UploadPlan:
 def collect_files(paths: Iterable[str | os.PathLike]) -> list[LocalFile]:
     """The regular files the paths name, directories expanded (sorted; symlinked directories not followed).
 
-    Raises ``FiledockError(not-found)`` for a path that does not exist and
+    Raises ``FiledockError(not-found)`` for a path that does not exist,
+    ``FiledockError(bad-request)`` for a directory that cannot be read, and
     ``FiledockError(conflict)`` if two files would get the same name in the job.
     """
     found: list[LocalFile] = []
@@ -105,18 +107,28 @@ def collect_files(paths: Iterable[str | os.PathLike]) -> list[LocalFile]:
     return found
 
 
-def _walk(root: Path, prefix: str = "") -> Iterable[LocalFile]:
-    """Depth first, names sorted; one ``stat`` per file (``scandir`` knows the types)."""
-    with os.scandir(root) as it:
-        entries = sorted(it, key=lambda e: e.name)
-    for entry in entries:
-        try:
-            if entry.is_dir(follow_symlinks=False):
-                yield from _walk(Path(entry.path), f"{prefix}{entry.name}/")
-            elif entry.is_file():  # a link to a file counts; sockets, FIFOs, dangling links do not
-                yield LocalFile(Path(entry.path), f"{prefix}{entry.name}", entry.stat().st_size)
-        except FileNotFoundError:  # gone while we looked
-            continue
+def _walk(root: Path) -> Iterable[LocalFile]:
+    """A directory's files first, then its subdirectories, names sorted; one ``stat`` per file.
+
+    A directory that cannot be read stops the walk with ``FiledockError(bad-request)``:
+    leaving its files out without a word would lose them.
+    """
+    def unreadable(exc: OSError) -> None:
+        raise FiledockError(ErrorCode.BAD_REQUEST, f"{exc.filename}: cannot read the directory: "
+                                                   f"{exc.strerror or exc}")
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
+        dirnames.sort()  # symlinked directories are listed here but not followed
+        relative = os.path.relpath(dirpath, root)
+        prefix = "" if relative == "." else relative.replace(os.sep, "/") + "/"
+        for filename in sorted(filenames):
+            path = os.path.join(dirpath, filename)
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:  # a dangling link, or gone while we looked
+                continue
+            if stat.S_ISREG(st.st_mode):  # sockets, FIFOs, devices: nothing to upload
+                yield LocalFile(Path(path), prefix + filename, st.st_size)
 
 
 def data_client_for(api: ApiClient, *, stall_timeout: float = 60.0, attempts: int = 5,

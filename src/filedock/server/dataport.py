@@ -82,9 +82,10 @@ class DataPortFactory(Factory):
         return proto
 
     def bytes_promised(self, exclude: Any = None) -> int:
-        """Bytes the uploads in progress still have to write: space already spoken for."""
-        return sum(p.target.size - p.writer.offset for p in self.uploads.values()
-                   if p is not exclude and p.target is not None and p.writer is not None and not p.writer.closed)
+        """Bytes the uploads in progress still have to write, and batches have queued: space spoken for."""
+        uploads = sum(p.target.size - p.writer.offset for p in self.uploads.values()
+                      if p is not exclude and p.target is not None and p.writer is not None and not p.writer.closed)
+        return uploads + sum(p.batch.pending_bytes for p in self.batches if p.batch is not None)
 
     def active_uploads(self) -> list[dict[str, Any]]:
         """What is being uploaded now (for status and the dashboard): files, and batches as one entry each."""
@@ -460,17 +461,29 @@ class DataPortProtocol(Protocol):
                 self.batch.begin(item.file_key, item.size, item.digest)
             except FiledockError as exc:
                 self._send_error(exc.code, exc.message)
+            except OSError as exc:
+                self._write_failed(exc)
 
     def _room(self) -> int:
-        """Bytes a batch may still take: free space less the reserve and what uploads have promised."""
+        """Bytes a batch may still take: free space less the reserve and what uploads (and batches,
+        this one included) have still to write."""
         f = self.factory
         return f.blobs.free_bytes() - f.limits.disk_reserve - f.bytes_promised()
+
+    def _write_failed(self, exc: OSError) -> None:
+        """A disk error other than a full disk: one error line, no traceback, nothing stored."""
+        log.error("batch write failed: {error}", error=exc.strerror or repr(exc))
+        self._send_error(ErrorCode.INTERNAL_ERROR, f"the server could not write the batch "
+                                                   f"({exc.strerror or type(exc).__name__}); nothing was stored")
 
     def _on_batch_data(self, data: bytes | memoryview) -> None:
         try:
             behind = self.batch.write(data)
         except FiledockError as exc:
             self._send_error(exc.code, exc.message)
+            return
+        except OSError as exc:
+            self._write_failed(exc)
             return
         if behind:
             self._pause("hashing")
@@ -672,8 +685,9 @@ class DataPortProtocol(Protocol):
         limit = limits.header_timeout if waiting_header else limits.idle_timeout
         since = self._connected_at if waiting_header else self._last_activity
         idle = self.factory.reactor.seconds() - since  # a header must be complete in time, not just trickle
-        if self._busy or self._finishing:
-            idle = 0.0  # we are the slow one; the client is waiting for us
+        if self._busy or self._finishing or "hashing" in self._pauses:
+            idle = 0.0  # we are the slow one (a step, or our disk behind): the client is waiting for us
+            self.touch()
         if idle >= limit:
             self._send_error(ErrorCode.IDLE_TIMEOUT, f"nothing received for {limit:g} seconds")
             return

@@ -17,7 +17,7 @@ from twisted.internet import defer, endpoints, task
 from twisted.logger import Logger
 
 from filedock.config import Limits
-from filedock.errors import short_key
+from filedock.errors import ErrorCode, FiledockError, short_key
 from filedock.server.authority import StoreAuthority
 from filedock.server.dataport import DataPortFactory
 from filedock.server.events import EventDelivery
@@ -28,6 +28,32 @@ from filedock.store.sqlite import SQLiteStore
 log = Logger(namespace="filedock.server")
 
 DB_NAME = "filedock.sqlite3"
+
+
+LOCK_NAME = "filedock.lock"
+
+
+def lock_data_dir(data_dir: str | Path) -> int:
+    """Take the data dir for this process (an exclusive ``flock``); returns the descriptor to keep open.
+
+    One server per data dir: two would sweep each other's batches and race on the
+    SQLite file's single writer. Raises ``FiledockError(conflict)`` if another
+    process holds it; the lock goes with the process, however it ends.
+    """
+    import fcntl
+
+    path = Path(data_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise FiledockError(ErrorCode.CONFLICT, f"another filedock process is using {path} "
+                                                "(a server, or fsck --repair); stop it first") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
 
 
 def open_store(data_dir: str | Path) -> SQLiteStore:
@@ -61,6 +87,7 @@ class FiledockServer:
         self.options = options
         self.reactor = reactor
         self.limits = options.limits
+        self._lock = lock_data_dir(options.data_dir)
         self.sqlite = open_store(options.data_dir)
         self.store = DeferredStore(self.sqlite, reactor)
         self.blobs = BlobStore(options.data_dir)

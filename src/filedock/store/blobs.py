@@ -94,6 +94,7 @@ class PartialWriter:
         self.closed = False
         self.on_drain: Callable[[], None] | None = None
         self._unsynced_dir = new
+        self.dir_durable: Callable[[Path], None] = lambda path: None  # the job dir's own name, once
         self._inline_until = hasher.offset + self.INLINE_BYTES
         self._writeback_from = hasher.offset
         self._items: deque[bytes | memoryview | _Barrier] = deque()
@@ -221,6 +222,7 @@ class PartialWriter:
                 os.fsync(self._blocks_fd)
             os.fsync(self._fd)
             if self._unsynced_dir:  # the new .part's name must survive a crash too
+                self.dir_durable(self.part.parent)
                 durability.fsync_dir(self.part.parent)
                 self._unsynced_dir = False
         except OSError as exc:
@@ -239,6 +241,7 @@ class PartialWriter:
 
     def publish(self) -> None:
         """Rename the sealed partial into place and make the rename durable."""
+        self.dir_durable(self.final.parent)
         durability.publish(self.part, self.final)
         if self._had_blocks:
             self.blocks.unlink(missing_ok=True)
@@ -317,9 +320,16 @@ class BatchWriter:
 
     HIGH_WATER = 16 << 20
     LOW_WATER = 4 << 20
+    SERVICE_BYTES = 1 << 20
+    """Work a pool thread does for one lane before it goes to the back of the pool's queue, so
+    batches streaming faster than the disk cannot keep the threads from the others."""
 
-    def __init__(self, directory: Path, staging: list[Path]) -> None:
+    def __init__(self, directory: Path, staging: list[Path],
+                 directory_made_durable: Callable[[Path], None] | None = None) -> None:
         self.directory = directory
+        self.directory_made_durable = directory_made_durable or (lambda path: None)
+        # opened before any file of the batch: syncfs reports every write error since this open
+        self._sync_fd = os.open(staging[0], os.O_RDONLY | os.O_DIRECTORY)
         self.entries: list[BatchEntry] = []
         self.bytes = 0
         self.tag = os.urandom(6).hex()
@@ -359,14 +369,24 @@ class BatchWriter:
             _BATCH_POOL.submit(self._service, lane)
         return over
 
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes accepted but not yet written (they still need disk space)."""
+        return self._queued
+
     def _service(self, lane: _Lane) -> None:
-        """On a pool thread: do a lane's queued work, in order."""
+        """On a pool thread: do a lane's queued work, in order, about ``SERVICE_BYTES`` of it."""
+        budget = self.SERVICE_BYTES
         while True:
             with self._lock:
                 if not lane.items:
                     lane.scheduled = False
                     return
+                if budget <= 0:  # more to do: after whatever else waits for the pool
+                    _BATCH_POOL.submit(self._service, lane)
+                    return
                 entry, item = lane.items.popleft()
+                budget -= len(item) if isinstance(item, (bytes, memoryview)) else 4096
             if isinstance(item, threading.Event):
                 item.set()
                 continue
@@ -402,12 +422,15 @@ class BatchWriter:
                 view = view[n:]
 
     def _wait_lanes(self) -> None:
-        """Until every lane has done what was queued before this call."""
+        """Until every lane has done what was queued before this call (idle lanes need no thread)."""
         marks = []
         for lane in self._lanes:
-            mark = threading.Event()
-            self._push(None, mark, lane)
-            marks.append(mark)
+            with self._lock:
+                idle = not lane.scheduled and not lane.items
+            if not idle:
+                mark = threading.Event()
+                self._push(None, mark, lane)
+                marks.append(mark)
         for mark in marks:
             mark.wait()
 
@@ -428,7 +451,7 @@ class BatchWriter:
         self._raise_error()
         open_fds = [e.fd for e in self.entries if e.fd >= 0]
         try:
-            if open_fds and not durability.sync_filesystem(open_fds[0]):
+            if open_fds and not durability.sync_filesystem(self._sync_fd):
                 syncs = [_FSYNC_POOL.submit(os.fsync, fd) for fd in open_fds]
                 concurrent.futures.wait(syncs)  # all of them: discard must not close a descriptor in use
                 for future in syncs:
@@ -445,18 +468,13 @@ class BatchWriter:
     def publish(self, accepted: list[BatchEntry]) -> None:
         """Rename the accepted entries into place (old partials of them go), one directory fsync."""
         if accepted:
-            try:
-                present = set(os.listdir(self.directory))
-            except FileNotFoundError:  # the job's first files: its directory must survive a crash too
-                self.directory.mkdir(parents=True, exist_ok=True)
-                durability.fsync_dir(self.directory.parent)
-                present = set()
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self.directory_made_durable(self.directory)
             for entry in accepted:
                 os.replace(entry.temp, self.directory / entry.key)
                 entry.published = True
-                for stale in (f"{entry.key}.part", f"{entry.key}.blocks"):
-                    if stale in present:
-                        (self.directory / stale).unlink(missing_ok=True)
+                (self.directory / f"{entry.key}.part").unlink(missing_ok=True)
+                (self.directory / f"{entry.key}.blocks").unlink(missing_ok=True)
             durability.fsync_dir(self.directory)
         self.discard()
 
@@ -464,6 +482,9 @@ class BatchWriter:
         """Close and delete whatever was not published (waits for work in flight)."""
         self._stopped = True
         self._wait_lanes()
+        if self._sync_fd >= 0:
+            os.close(self._sync_fd)
+            self._sync_fd = -1
         for entry in self.entries:
             if entry.fd >= 0:
                 os.close(entry.fd)
@@ -532,6 +553,7 @@ class BlobStore:
         self.root = Path(root)
         (self.root / "jobs").mkdir(parents=True, exist_ok=True)
         self.staging = [self.root / "staging" / str(n) for n in range(self.STAGING_LANES)]
+        self._durable_dirs: set[Path] = set()  # job directories whose names are known durable
         for lane in self.staging:
             lane.mkdir(parents=True, exist_ok=True)
 
@@ -562,7 +584,9 @@ class BlobStore:
         part, blocks = self.part_path(job_id, key), self.blocks_path(job_id, key)
         final = self.final_path(job_id, key)
         if not offset:  # a new upload: no block list to read, nothing to check
-            return PartialWriter(part, blocks, final, self._create(directory, part), -1, ContentHasher(), new=True)
+            writer = PartialWriter(part, blocks, final, self._create(directory, part), -1, ContentHasher(), new=True)
+            writer.dir_durable = self.job_dir_made_durable
+            return writer
         directory.mkdir(parents=True, exist_ok=True)  # only once both keys are checked
         if offset and final.exists() and not part.exists():
             # renamed into place but never recorded complete (a crash in between):
@@ -588,7 +612,9 @@ class BlobStore:
             if blocks_fd >= 0:
                 os.close(blocks_fd)
             raise
-        return PartialWriter(part, blocks, self.final_path(job_id, key), fd, blocks_fd, hasher, new=offset == 0)
+        writer = PartialWriter(part, blocks, self.final_path(job_id, key), fd, blocks_fd, hasher, new=offset == 0)
+        writer.dir_durable = self.job_dir_made_durable
+        return writer
 
     @staticmethod
     def _create(directory: Path, part: Path) -> int:
@@ -627,7 +653,17 @@ class BlobStore:
 
     def open_batch(self, job_id: str) -> BatchWriter:
         """A writer for one ``BATCH`` into ``job_id``'s directory."""
-        return BatchWriter(self.job_dir(job_id), self.staging)
+        return BatchWriter(self.job_dir(job_id), self.staging, self.job_dir_made_durable)
+
+    def job_dir_made_durable(self, directory: Path) -> None:
+        """Make a job directory's own name survive a crash (an fsync of ``jobs/``), once per process.
+
+        Whoever made the directory (a batch, a new partial) may not have got that far
+        yet; checked before anything in it is published or recorded.
+        """
+        if directory not in self._durable_dirs:
+            durability.fsync_dir(directory.parent)
+            self._durable_dirs.add(directory)
 
     def staged_files(self) -> list[Path]:
         """Every file in the staging directories (batches in flight, or left by a crash)."""
