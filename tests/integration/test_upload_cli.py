@@ -121,7 +121,10 @@ def test_second_run_after_ctrl_c_resumes(server, tmp_path, monkeypatch, capsys):
             if progress is not None:
                 progress(stage, done, total)
             if stage == SENT and done >= 8 * MiB:
-                os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C
+                # the user presses Ctrl-C: a real SIGINT, raised in this (the main) thread so that it is
+                # handled right here (os.kill lets the kernel pick any thread; the main thread may then
+                # see it only later, after the upload has finished)
+                signal.raise_signal(signal.SIGINT)
 
         return upload(self, *args, progress=hook, **kwargs)
 
