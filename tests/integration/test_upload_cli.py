@@ -121,16 +121,19 @@ def test_second_run_after_ctrl_c_resumes(server, tmp_path, monkeypatch, capsys):
             if progress is not None:
                 progress(stage, done, total)
             if stage == SENT and done >= 8 * MiB:
-                # the user presses Ctrl-C: a real SIGINT, raised in this (the main) thread so that it is
-                # handled right here (os.kill lets the kernel pick any thread; the main thread may then
-                # see it only later, after the upload has finished)
-                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(signal.SIGINT)  # the user presses Ctrl-C: a real SIGINT, to this thread
 
         return upload(self, *args, progress=hook, **kwargs)
 
     monkeypatch.setattr(DataPortClient, "upload_file", interrupted_upload)
+    # Ctrl-C must raise KeyboardInterrupt here even if this process was started with SIGINT ignored
+    # (a test run in the background of a non-interactive shell is): Python then installs no handler
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     args = ["upload", "--job", "resumable", "--create", "--json", str(path)]
-    assert cli.main(args) == 130
+    try:
+        assert cli.main(args) == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
     captured = capsys.readouterr()
     assert "run the same command again to resume" in captured.err
     assert "Traceback" not in captured.err

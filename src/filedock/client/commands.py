@@ -41,10 +41,17 @@ def add_parsers(sub: Any, client_flags: Callable[[argparse.ArgumentParser], None
     client_flags(p)
     p.set_defaults(func=cmd_upload)
 
-    p = sub.add_parser("download", help="download a complete file of a job (resumable, verified)")
+    p = sub.add_parser("download", help="download a file of a job, or all of them (resumable, verified)",
+                       usage="filedock download --job JOB NAME DEST | filedock download --job JOB --all DIR",
+                       description="Download one complete file (NAME) to DEST, or with --all every complete "
+                                   "file of the job into DIR, names with / making subdirectories. Run the "
+                                   "same command again after an interruption to resume; files already "
+                                   "there with the server's digest are verified, not fetched again.")
     p.add_argument("--job", required=True, metavar="JOB", help="job id or name")
-    p.add_argument("name", metavar="NAME", help="the file's name in the job")
-    p.add_argument("dest", metavar="DEST", type=Path, help="where to write it (a directory: under its name)")
+    p.add_argument("--all", action="store_true", help="every complete file of the job, into the directory DIR")
+    p.add_argument("targets", nargs="+", metavar="NAME DEST | DIR",
+                   help="the file's name in the job and where to write it (a directory: under its name); "
+                        "with --all, the directory")
     _transfer_flags(p)
     client_flags(p)
     p.set_defaults(func=cmd_download)
@@ -132,10 +139,14 @@ def cmd_upload(args: argparse.Namespace) -> int:
 
 
 class _JsonLines:
-    """``--json``: one object per file on stdout, as each file ends; no bars."""
+    """``--json``: one object per file on stdout, as each file ends; no bars.
 
-    def __init__(self) -> None:
+    For a download (``root`` given) each object also says where the file went.
+    """
+
+    def __init__(self, root: Path | None = None) -> None:
         self._lock = threading.Lock()
+        self._root = root
 
     def __enter__(self) -> "_JsonLines":
         return self
@@ -147,7 +158,13 @@ class _JsonLines:
         pass
 
     def result(self, result: UploadResult) -> None:
-        line = json.dumps(result.to_json(), sort_keys=True)
+        row = result.to_json()
+        if self._root is not None:
+            from filedock.client.downloader import local_path
+
+            path = local_path(self._root, result.name)
+            row["path"] = str(path) if path is not None else None
+        line = json.dumps(row, sort_keys=True)
         with self._lock:
             print(line, flush=True)
 
@@ -214,15 +231,15 @@ def _label(name: str, width: int = 40) -> str:
     return escape(name if len(name) <= width else "…" + name[-(width - 1):])
 
 
-def _print_summary(job: dict[str, Any], results: list[UploadResult]) -> None:
+def _print_summary(job: dict[str, Any], results: list[UploadResult], verb: str = "sent") -> None:
     from rich.console import Console
     from rich.filesize import decimal
     from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=escape(f"job {job['name']} ({job['id']})"))
-    for column in ("file", "size", "state", "resumed from", "sent", "crc32", "digest"):
-        table.add_column(column, justify="right" if column in ("size", "resumed from", "sent") else "left")
+    for column in ("file", "size", "state", "resumed from", verb, "crc32", "digest"):
+        table.add_column(column, justify="right" if column in ("size", "resumed from", verb) else "left")
     many = len(results) > _UploadBars.MANY
     for r in results:
         ok = r.state == "complete"
@@ -234,7 +251,8 @@ def _print_summary(job: dict[str, Any], results: list[UploadResult]) -> None:
     total = sum(r.size for r in results)
     sent = sum(r.sent for r in results)
     complete = sum(r.state == "complete" for r in results)
-    table.caption = f"{complete}/{len(results)} files complete, {decimal(total)} in the job, {decimal(sent)} sent now"
+    table.caption = (f"{complete}/{len(results)} files complete, {decimal(total)} in the job, "
+                     f"{decimal(sent)} {verb} now")
     if many and complete == len(results):  # nothing to list: just the totals
         Console().print(f"job {escape(job['name'])} ({job['id']}): {table.caption}")
     else:
@@ -248,6 +266,15 @@ def _print_summary(job: dict[str, Any], results: list[UploadResult]) -> None:
 def cmd_download(args: argparse.Namespace) -> int:
     from filedock.cli import api_client
 
+    if args.all:
+        if len(args.targets) != 1:
+            raise FiledockError(ErrorCode.BAD_REQUEST, "download --all takes one directory: "
+                                                       "filedock download --job JOB --all DIR")
+        return _download_job(api_client(args), args, Path(args.targets[0]))
+    if len(args.targets) != 2:
+        raise FiledockError(ErrorCode.BAD_REQUEST, "download takes a file name and where to write it: "
+                                                   "filedock download --job JOB NAME DEST (or --all DIR)")
+    args.name, args.dest = args.targets[0], Path(args.targets[1])
     api = api_client(args)
     job = api.job(args.job)
     record = next((f for f in job.get("files", []) if f["name"] == args.name), None)
@@ -276,6 +303,41 @@ def cmd_download(args: argparse.Namespace) -> int:
         print(f"{args.name} -> {dest}: {result.size} bytes, crc32 {result.to_json()['crc32']}, "
               f"digest {result.digest} (verified; {result.sent} bytes received, {result.resumed_from} resumed)")
     return 0
+
+
+def _download_job(api: Any, args: argparse.Namespace, dest: Path) -> int:
+    """``download --all``: every complete file of the job into ``dest``, one after another."""
+    from filedock.client.downloader import JobDownloader
+
+    downloader = JobDownloader(api, _data_client(api, args))
+    record = api.job(args.job)
+    view = _JsonLines(dest) if args.json else _UploadBars(_DownloadPlan(record))
+    try:
+        with view:
+            job, results = downloader.download(args.job, dest, progress=view.progress, cancel=threading.Event(),
+                                               on_result=view.result, record=record)
+    except (Cancelled, KeyboardInterrupt):
+        print("cancelled: the file in flight keeps its .part; run the same command again to resume",
+              file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    failed = [r for r in results if r.state != "complete"]
+    for r in failed:
+        _print_error(r.state, r.message or f"{r.name}: not downloaded")
+    if not args.json:
+        _print_summary(job, results, verb="received")
+    return EXIT_FAILED if failed else 0
+
+
+class _DownloadPlan:
+    """What ``_UploadBars`` needs of a job to be downloaded: its files, none held yet."""
+
+    def __init__(self, job: dict[str, Any]) -> None:
+        from types import SimpleNamespace
+
+        self.job = job
+        self.files = [SimpleNamespace(local=SimpleNamespace(name=f["name"], size=f["size"]), received=0)
+                      for f in job.get("files", [])]
+        self.total_bytes = sum(f["size"] for f in job.get("files", []))
 
 
 def _download_with_bar(data: Any, session_key: str, record: dict[str, Any], dest: Path,
