@@ -36,6 +36,18 @@ def send_batch(server, session: str, items: list[tuple[str, bytes, str | None]],
     return events
 
 
+def start_batch(server, session: str, keys: list[str], datas: list[bytes], send: int):
+    """Open a BATCH of ``len(keys)`` files and send the first ``send`` of them, no DONE:
+    (the client connection, the socket)."""
+    client = wire.ClientConnection()
+    sock = server.connect()
+    head = client.batch(session, len(keys))
+    for key, data in list(zip(keys, datas))[:send]:
+        head += client.batch_item(key, len(data), digest_of(data)) + data
+    sock.sendall(head)
+    return client, sock
+
+
 def staged(data_dir) -> list:
     """The files in the data dir's staging directories (a batch's files before it commits)."""
     return [p for p in (data_dir / "staging").glob("*/*")]
@@ -138,12 +150,7 @@ def test_batch_in_flight_shows_in_uploads(server):
     """GET /v1/uploads lists a batch while it streams (files arrived, bytes), and not after it ends."""
     datas = [os.urandom(2000) for _ in range(5)]
     job, files, session = server.job_with_files("watched", {f"f{i}": 2000 for i in range(5)})
-    client = wire.ClientConnection()
-    sock = server.connect()
-    first = client.batch(session["key"], 5)
-    for i, d in enumerate(datas[:3]):
-        first += client.batch_item(files[f"f{i}"]["key"], 2000, digest_of(d)) + d
-    sock.sendall(first)
+    client, sock = start_batch(server, session["key"], [files[f"f{i}"]["key"] for i in range(5)], datas, send=3)
     (entry,) = wait_for(lambda: server.api.get("/v1/uploads")["uploads"])
     assert entry["job"] == job["id"] and entry["files"] == 5
     wait_for(lambda: server.api.get("/v1/uploads")["uploads"][0]["files_arrived"] == 3)
@@ -163,12 +170,7 @@ def test_batch_leftovers_of_a_killed_server_are_reported_and_swept(tmp_path):
     with ServerProcess(tmp_path / "data") as server:
         datas = [os.urandom(3000) for _ in range(8)]
         job, files, session = server.job_with_files("killed", {f"f{i}": 3000 for i in range(8)})
-        client = wire.ClientConnection()
-        sock = server.connect()
-        head = client.batch(session["key"], 8)
-        for i, d in enumerate(datas[:6]):
-            head += client.batch_item(files[f"f{i}"]["key"], 3000, digest_of(d)) + d
-        sock.sendall(head)
+        _, sock = start_batch(server, session["key"], [files[f"f{i}"]["key"] for i in range(8)], datas, send=6)
         wait_for(lambda: len(staged(server.data_dir)) == 6)
         server.kill()
         sock.close()

@@ -65,6 +65,18 @@ class Checkpoint:
     stamp: str
 
 
+def _dequeued(writer: "PartialWriter | BatchWriter", n: int) -> None:
+    """On a pool thread: ``n`` of a writer's queued bytes are written. Once a caller told to pause
+    (queue over ``HIGH_WATER``) sees the queue down to ``LOW_WATER``, ``on_drain`` is called, once."""
+    with writer._lock:
+        writer._queued -= n
+        drained = writer._draining and writer._queued <= writer.LOW_WATER
+        if drained:
+            writer._draining = False
+    if drained and writer.on_drain is not None:
+        writer.on_drain()
+
+
 class PartialWriter:
     """Appends to one ``.part`` file while hashing; made by ``BlobStore.open_partial``.
 
@@ -180,13 +192,7 @@ class PartialWriter:
                 continue
             self._append(item)
             budget -= len(item)
-            with self._lock:
-                self._queued -= len(item)
-                drained = self._draining and self._queued <= self.LOW_WATER
-                if drained:
-                    self._draining = False
-            if drained and self.on_drain is not None:
-                self.on_drain()
+            _dequeued(self, len(item))
 
     def _raise_error(self) -> None:
         if self._error is not None:
@@ -396,13 +402,7 @@ class BatchWriter:
                 except BaseException as exc:  # surfaced by the next begin, write or seal
                     self._error = self._error or exc
             if isinstance(item, (bytes, memoryview)):
-                with self._lock:
-                    self._queued -= len(item)
-                    drained = self._draining and self._queued <= self.LOW_WATER
-                    if drained:
-                        self._draining = False
-                if drained and self.on_drain is not None:
-                    self.on_drain()
+                _dequeued(self, len(item))
 
     @staticmethod
     def _do(entry: BatchEntry, item: object) -> None:
