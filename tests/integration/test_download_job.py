@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.integration.test_upload_cli import MiB, filedock, json_lines, local_values, make_tree, server  # noqa: F401
+import pytest
+
+from tests.integration.harness import ServerProcess
+from tests.integration.test_upload_cli import MiB, filedock, json_lines, local_values, make_tree
+
+
+@pytest.fixture
+def server(tmp_path, monkeypatch):
+    """A server of its own; the user's config file kept out of the way."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    with ServerProcess(tmp_path / "data") as proc:
+        yield proc
 
 
 def files_under(root: Path) -> dict[str, bytes]:

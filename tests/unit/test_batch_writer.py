@@ -186,7 +186,7 @@ def test_sync_filesystem_reports_errors():
     fd = os.open("/", os.O_RDONLY)
     try:
         if not durability.sync_filesystem(fd):
-            pytest.skip("syncfs is not used on this kernel (before Linux 5.8 or not Linux)")
+            pytest.skip("syncfs is not used on this kernel (before Linux 5.17, or not Linux)")
     finally:
         os.close(fd)
     with pytest.raises(OSError):

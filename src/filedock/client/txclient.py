@@ -51,7 +51,8 @@ from filedock import digest, durability, wire
 from filedock.client.blocking import REPLY_PATIENCE
 from filedock.client.model import (DURABLE, SENT, VERIFIED, Cancelled, ProgressCallback, UploadResult,
                                    batch_result)
-from filedock.client.uploader import DECLARE_BATCH, JobProgress, batch_units, collect_files
+from filedock.client.uploader import (DECLARE_BATCH, JobProgress, batch_units, collect_files, compare_complete,
+                                     undeclared)
 from filedock.errors import ErrorCode, FiledockError, short_key
 
 log = Logger(namespace="filedock.client")
@@ -1064,16 +1065,7 @@ async def _upload_job(api: TxApiClient, job: str, paths: Sequence[str | os.PathL
     info = await api.info()
     client = _data_client(api, info, tls_options)
     record = await _resolve_job(api, job, create)
-    declared = {f["name"]: f for f in record.get("files", [])}
-    missing = []
-    for item in local:
-        entry = declared.get(item.name)
-        if entry is None:
-            missing.append(item)
-        elif entry["size"] != item.size:
-            raise FiledockError(ErrorCode.CONFLICT,
-                                f"job {record['name']!r} has a file named {item.name!r} of {entry['size']} bytes; "
-                                f"{item.path} has {item.size} bytes (use another job or name)")
+    declared, missing = undeclared(record, local)
     for start in range(0, len(missing), DECLARE_BATCH):
         chunk = missing[start:start + DECLARE_BATCH]
         for entry in await api.add_files(record["id"], [(item.name, item.size) for item in chunk]):
@@ -1118,21 +1110,8 @@ async def _upload_job(api: TxApiClient, job: str, paths: Sequence[str | os.PathL
 
 async def _verify_complete(reactor: Any, item: Any, record: dict[str, Any], report: JobProgress) -> UploadResult:
     """A file the server holds complete: hash the local one (in a thread) and compare, send nothing."""
-    local = await threads.deferToThreadPool(reactor, reactor.getThreadPool(), digest.hash_file, item.path)
-    result = UploadResult(item.name, item.size, record["key"], resumed_from=item.size, sent=0,
-                          crc32=local.crc32, digest=local.hexdigest())
-    report(item.name, SENT, item.size, item.size)
-    report(item.name, DURABLE, item.size, item.size)
-    if (wire.format_crc(local.crc32), result.digest, local.offset) != (record.get("crc32"), record.get("digest"),
-                                                                       item.size):
-        result.state = ErrorCode.DIGEST_MISMATCH.value
-        result.message = (f"{item.name}: the server's complete copy has CRC-32 {record.get('crc32')} and digest "
-                          f"{record.get('digest')}; {item.path} has {wire.format_crc(local.crc32)} and "
-                          f"{result.digest}")
-        return result
-    report(item.name, VERIFIED, item.size, item.size)
-    result.state = "complete"
-    return result
+    hasher = await threads.deferToThreadPool(reactor, reactor.getThreadPool(), digest.hash_file, item.path)
+    return compare_complete(item, record["key"], record.get("crc32"), record.get("digest"), hasher, report)
 
 
 def _data_client(api: TxApiClient, info: dict[str, Any], tls_options: Any) -> TxDataPortClient:

@@ -181,16 +181,7 @@ class JobUploader:
         """Resolve the job, find the local files and declare those the job lacks."""
         local = collect_files(paths)
         record = self._resolve_job(job, create)
-        declared = {f["name"]: f for f in record.get("files", [])}
-        missing = []
-        for item in local:
-            existing = declared.get(item.name)
-            if existing is None:
-                missing.append(item)
-            elif existing["size"] != item.size:
-                raise FiledockError(ErrorCode.CONFLICT,
-                                    f"job {record['name']!r} has a file named {item.name!r} of {existing['size']} "
-                                    f"bytes; {item.path} has {item.size} bytes (use another job or name)")
+        declared, missing = undeclared(record, local)
         for start in range(0, len(missing), DECLARE_BATCH):
             batch = missing[start:start + DECLARE_BATCH]
             reply = self.api.post(f"/v1/jobs/{_quote(record['id'])}/files",
@@ -315,24 +306,49 @@ class JobUploader:
         except OSError as exc:
             return UploadResult(local.name, local.size, planned.key, state=ErrorCode.INTERNAL_ERROR.value,
                                 message=f"{local.path}: {exc.strerror or exc}")
-        result = UploadResult(local.name, local.size, planned.key, resumed_from=local.size, sent=0,
-                              crc32=hasher.crc32, digest=hasher.hexdigest())
-        report(local.name, SENT, local.size, local.size)
-        report(local.name, DURABLE, local.size, local.size)
-        if (format_crc(hasher.crc32), result.digest, hasher.offset) != (planned.crc32, planned.digest, local.size):
-            result.state = ErrorCode.DIGEST_MISMATCH.value
-            result.message = (f"{local.name}: the server's complete copy has CRC-32 {planned.crc32} and digest "
-                              f"{planned.digest}; {local.path} has {format_crc(hasher.crc32)} and {result.digest}")
-            return result
-        report(local.name, VERIFIED, local.size, local.size)
-        result.state = "complete"
-        return result
+        return compare_complete(local, planned.key, planned.crc32, planned.digest, hasher, report)
 
     def _close_session(self, key: str) -> None:
         try:
             self.api.close_session(key)
         except FiledockError as exc:  # the uploads' outcome stands; an unclosed session just expires
             log.warning("could not close session: %s", exc)
+
+
+def undeclared(job: dict[str, Any], local: list[LocalFile]) -> tuple[dict[str, dict[str, Any]], list[LocalFile]]:
+    """The job's declared files by name, and the local files it has not declared yet.
+
+    Raises ``FiledockError(conflict)`` for a local file whose name the job has with another size.
+    """
+    declared = {f["name"]: f for f in job.get("files", [])}
+    missing = []
+    for item in local:
+        existing = declared.get(item.name)
+        if existing is None:
+            missing.append(item)
+        elif existing["size"] != item.size:
+            raise FiledockError(ErrorCode.CONFLICT,
+                                f"job {job['name']!r} has a file named {item.name!r} of {existing['size']} "
+                                f"bytes; {item.path} has {item.size} bytes (use another job or name)")
+    return declared, missing
+
+
+def compare_complete(local: LocalFile, key: str, crc32: str | None, digest: str | None, hasher: Any,
+                     report: JobProgress) -> UploadResult:
+    """The result for a file the server holds complete (CRC-32 ``crc32`` as the API shows it, ``digest``),
+    given the local file's hasher: ``complete`` if they agree, else ``digest-mismatch``; nothing is sent."""
+    result = UploadResult(local.name, local.size, key, resumed_from=local.size, sent=0,
+                          crc32=hasher.crc32, digest=hasher.hexdigest())
+    report(local.name, SENT, local.size, local.size)
+    report(local.name, DURABLE, local.size, local.size)
+    if (format_crc(hasher.crc32), result.digest, hasher.offset) != (crc32, digest, local.size):
+        result.state = ErrorCode.DIGEST_MISMATCH.value
+        result.message = (f"{local.name}: the server's complete copy has CRC-32 {crc32} and digest "
+                          f"{digest}; {local.path} has {format_crc(hasher.crc32)} and {result.digest}")
+        return result
+    report(local.name, VERIFIED, local.size, local.size)
+    result.state = "complete"
+    return result
 
 
 def _planned(local: LocalFile, record: dict[str, Any]) -> PlannedFile:
