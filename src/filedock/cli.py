@@ -126,6 +126,9 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     from filedock.fsck import run_fsck
 
     fsck, findings = run_fsck(args.data_dir, repair=args.repair, verify=not args.quick)
+    if fsck.server_running:
+        print("note: a server is using this data dir; uploads that change while fsck reads may show up as "
+              "findings (run it again, or with the server stopped, to be sure)", file=sys.stderr)
     if args.json:
         print(json.dumps({"files": fsck.checked_files, "bytes_verified": fsck.checked_bytes,
                           "findings": [f.to_json() for f in findings]}))
@@ -312,7 +315,14 @@ def _add_optional_commands(sub: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # a command with a list of positionals (download's NAME DEST) takes them around its options too
+    # (`download a.wav --job J out/`), which argparse alone does not do for a list
+    trailing = getattr(args, "trailing_positionals", None)
+    if extra and trailing and not any(item.startswith("-") for item in extra):
+        setattr(args, trailing, getattr(args, trailing) + extra)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args) or 0
     except FiledockError as exc:

@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from filedock.digest import hash_file
-from filedock.errors import FiledockError
 from filedock.store.blobs import BlobStore
 from filedock.store.model import FILE_COMPLETE, FileRecord
 from filedock.store.sqlite import SQLiteStore
@@ -137,17 +136,15 @@ class Fsck:
 
 def run_fsck(data_dir: str | Path, repair: bool = False, verify: bool = True) -> tuple[Fsck, list[Finding]]:
     """Check (and with ``repair``, mend) the data dir ``data_dir``."""
-    from filedock.server.service import lock_data_dir, open_store
+    from filedock.server.service import data_dir_in_use, lock_data_dir, open_store
 
-    lock = -1
-    try:
-        lock = lock_data_dir(data_dir)
-    except FiledockError:
-        if repair:
-            raise  # mending under a live server would race with it
+    # mending under a live server would race with it: --repair holds the lock throughout; a
+    # read-only check only asks, so a server may start while it runs (hours, on a big store)
+    lock = lock_data_dir(data_dir) if repair else -1
+    running = lock < 0 and data_dir_in_use(data_dir)
     store = open_store(data_dir)
     try:
-        fsck = Fsck(store, BlobStore(data_dir), repair=repair, verify=verify, server_running=lock < 0)
+        fsck = Fsck(store, BlobStore(data_dir), repair=repair, verify=verify, server_running=running)
         return fsck, fsck.run()
     finally:
         store.close()

@@ -552,9 +552,12 @@ class DataPortClient:
     # ------------------------------------------------------------ download
 
     def download_file(self, session_key: str, file_key: str, dest: str | os.PathLike, *,
-                      progress: ProgressCallback | None = None,
-                      cancel: threading.Event | None = None) -> UploadResult:
+                      progress: ProgressCallback | None = None, cancel: threading.Event | None = None,
+                      part: str | os.PathLike | None = None) -> UploadResult:
         """Download a complete file to ``dest``, resuming ``dest + ".part"`` if an earlier call left one.
+
+        ``part`` names the partial file instead (on the same filesystem as ``dest``); a
+        partial that is a symbolic link is refused (``OSError``), never followed.
 
         The bytes already in the ``.part`` are hashed once, the new ones as they
         arrive; ``dest`` appears (fsync'd, renamed) only if size, CRC-32 and digest
@@ -563,11 +566,11 @@ class DataPortClient:
         received, then ``durable`` and ``verified``.
         """
         dest = Path(dest)
-        part = dest.with_name(dest.name + ".part")
+        part = Path(part) if part is not None else dest.with_name(dest.name + ".part")
         report = _Reports(progress)
         _check_cancel(cancel)
         try:
-            fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             with open(fd, "r+b", buffering=0) as f:
                 state = _Download(hasher=hash_stream_cancellable(f, cancel))
                 state.resumed_from = state.hasher.offset

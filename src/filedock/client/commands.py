@@ -52,6 +52,7 @@ def add_parsers(sub: Any, client_flags: Callable[[argparse.ArgumentParser], None
     p.add_argument("targets", nargs="+", metavar="NAME DEST | DIR",
                    help="the file's name in the job and where to write it (a directory: under its name); "
                         "with --all, the directory")
+    p.set_defaults(trailing_positionals="targets")
     _transfer_flags(p)
     client_flags(p)
     p.set_defaults(func=cmd_download)
@@ -268,12 +269,11 @@ def cmd_download(args: argparse.Namespace) -> int:
 
     if args.all:
         if len(args.targets) != 1:
-            raise FiledockError(ErrorCode.BAD_REQUEST, "download --all takes one directory: "
-                                                       "filedock download --job JOB --all DIR")
+            raise ValueError("download --all takes one directory: filedock download --job JOB --all DIR")
         return _download_job(api_client(args), args, Path(args.targets[0]))
     if len(args.targets) != 2:
-        raise FiledockError(ErrorCode.BAD_REQUEST, "download takes a file name and where to write it: "
-                                                   "filedock download --job JOB NAME DEST (or --all DIR)")
+        raise ValueError("download takes a file name and where to write it: "
+                         "filedock download --job JOB NAME DEST (or --all DIR)")
     args.name, args.dest = args.targets[0], Path(args.targets[1])
     api = api_client(args)
     job = api.job(args.job)

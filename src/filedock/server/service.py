@@ -38,22 +38,42 @@ def lock_data_dir(data_dir: str | Path) -> int:
 
     One server per data dir: two would sweep each other's batches and race on the
     SQLite file's single writer. Raises ``FiledockError(conflict)`` if another
-    process holds it; the lock goes with the process, however it ends.
+    process holds it, ``FiledockError(internal-error)`` if the lock cannot be taken at
+    all (a filesystem without locks); the lock goes with the process, however it
+    ends (the descriptor is not inherited by children). The lock file is readable by
+    anyone, so whichever user created it, the service user can lock it.
     """
     import fcntl
 
     path = Path(data_dir)
     path.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    lock = path / LOCK_NAME
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise FiledockError(ErrorCode.INTERNAL_ERROR, f"cannot open {lock}: {exc.strerror or exc}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         raise FiledockError(ErrorCode.CONFLICT, f"another filedock process is using {path} "
                                                 "(a server, or fsck --repair); stop it first") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError as exc:
+        os.close(fd)
+        raise FiledockError(ErrorCode.INTERNAL_ERROR, f"cannot lock {lock}: {exc.strerror or exc} (a filesystem "
+                                                      "without file locks cannot hold a data dir)") from None
     return fd
+
+
+def data_dir_in_use(data_dir: str | Path) -> bool:
+    """Whether a server (or fsck --repair) holds the data dir now; the lock is not kept."""
+    try:
+        os.close(lock_data_dir(data_dir))
+    except FiledockError as exc:
+        if exc.code is ErrorCode.CONFLICT:
+            return True
+        raise
+    return False
 
 
 def open_store(data_dir: str | Path) -> SQLiteStore:
