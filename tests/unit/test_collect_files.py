@@ -55,3 +55,18 @@ def test_same_name_twice_is_a_conflict(tmp_path):
     with pytest.raises(FiledockError) as info:
         collect_files([tmp_path / "one", tmp_path / "f"])
     assert info.value.code is ErrorCode.CONFLICT
+
+
+def test_a_name_that_is_not_utf8_is_named_in_the_error_and_link_loops_are_skipped(tmp_path):
+    root = tmp_path / "tree"
+    root.mkdir()
+    (root / "ok.txt").write_bytes(b"ok")
+    os.symlink(root / "loop-b", root / "loop-a")
+    os.symlink(root / "loop-a", root / "loop-b")
+    assert [f.name for f in collect_files([root])] == ["ok.txt"]
+    bad = os.fsencode(root) + b"/caf\xe9.txt"
+    with open(bad, "wb") as f:
+        f.write(b"x")
+    with pytest.raises(FiledockError) as info:
+        collect_files([root])
+    assert info.value.code is ErrorCode.BAD_REQUEST and "not valid UTF-8" in info.value.message

@@ -14,6 +14,7 @@ to that directory, with ``/`` separators.
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import logging
 import os
 import ssl
@@ -125,10 +126,18 @@ def _walk(root: Path) -> Iterable[LocalFile]:
             path = os.path.join(dirpath, filename)
             try:
                 st = os.stat(path)
-            except FileNotFoundError:  # a dangling link, or gone while we looked
-                continue
+            except (FileNotFoundError, OSError) as exc:
+                if isinstance(exc, FileNotFoundError) or exc.errno == errno.ELOOP:
+                    continue  # a dangling link or a loop of links, or gone while we looked
+                raise
             if stat.S_ISREG(st.st_mode):  # sockets, FIFOs, devices: nothing to upload
-                yield LocalFile(Path(path), prefix + filename, st.st_size)
+                name = prefix + filename
+                try:
+                    name.encode("utf-8")
+                except UnicodeError:  # bytes that are not UTF-8 cannot be a name in the job
+                    raise FiledockError(ErrorCode.BAD_REQUEST, f"{path!r}: the file name is not valid UTF-8; "
+                                                               "rename it to upload it") from None
+                yield LocalFile(Path(path), name, st.st_size)
 
 
 def data_client_for(api: ApiClient, *, stall_timeout: float = 60.0, attempts: int = 5,
