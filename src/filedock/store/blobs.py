@@ -65,6 +65,15 @@ class Checkpoint:
     stamp: str
 
 
+def _write_hashed(fd: int, hasher: ContentHasher, data: bytes | memoryview) -> None:
+    """Append ``data`` to ``fd`` (short writes included) and hash exactly what was written."""
+    view = memoryview(data)
+    while len(view):
+        n = os.write(fd, view)
+        hasher.update(view[:n])
+        view = view[n:]
+
+
 def _dequeued(writer: "PartialWriter | BatchWriter", n: int) -> None:
     """On a pool thread: ``n`` of a writer's queued bytes are written. Once a caller told to pause
     (queue over ``HIGH_WATER``) sees the queue down to ``LOW_WATER``, ``on_drain`` is called, once."""
@@ -157,11 +166,7 @@ class PartialWriter:
         if self._error is not None:
             return  # the file is broken; keep nothing past the error
         try:
-            view = memoryview(data)
-            while len(view):
-                n = os.write(self._fd, view)
-                self.hasher.update(view[:n])
-                view = view[n:]
+            _write_hashed(self._fd, self.hasher, data)
             finished = self.hasher.take_finished_blocks()
             if finished:
                 if self._blocks_fd < 0:  # files under one block never need a block list
@@ -407,19 +412,10 @@ class BatchWriter:
     @staticmethod
     def _do(entry: BatchEntry, item: object) -> None:
         if item is _CREATE:
-            flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC
-            try:
-                entry.fd = os.open(entry.temp, flags, 0o640)
-            except FileNotFoundError:  # the staging directory was removed behind our back
-                entry.temp.parent.mkdir(parents=True, exist_ok=True)
-                entry.fd = os.open(entry.temp, flags, 0o640)
+            entry.fd = BlobStore._create(entry.temp.parent, entry.temp)  # the lane's directory made if gone
             entry.created = True
         else:
-            view = memoryview(item)
-            while len(view):
-                n = os.write(entry.fd, view)
-                entry.hasher.update(view[:n])
-                view = view[n:]
+            _write_hashed(entry.fd, entry.hasher, item)
 
     def _wait_lanes(self) -> None:
         """Until every lane has done what was queued before this call (idle lanes need no thread)."""
@@ -618,7 +614,7 @@ class BlobStore:
 
     @staticmethod
     def _create(directory: Path, part: Path) -> int:
-        """Open a partial afresh (emptied), making the job's directory on first use."""
+        """Open a file afresh (emptied) for writing, making its directory if it is not there."""
         flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC
         try:
             return os.open(part, flags, 0o640)
