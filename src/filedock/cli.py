@@ -42,6 +42,8 @@ def api_client(args: argparse.Namespace):
     conf = _config()
     url = args.server or os.environ.get("FILEDOCK_URL") or conf.get("url") or DEFAULT_URL
     token = args.token or os.environ.get("FILEDOCK_TOKEN") or conf.get("token")
+    args.token_source = ("--token" if args.token else "FILEDOCK_TOKEN" if os.environ.get("FILEDOCK_TOKEN")
+                         else str(config_path()) if conf.get("token") else None)
     ca = getattr(args, "cacert", None) or os.environ.get("FILEDOCK_CACERT") or conf.get("cacert")
     context = None
     if ca:
@@ -51,6 +53,16 @@ def api_client(args: argparse.Namespace):
     if getattr(args, "tls", False) and url.startswith("http://"):
         url = "https://" + url[len("http://"):]
     return ApiClient(url, token, ssl_context=context)
+
+
+def token_advice(args: argparse.Namespace) -> str:
+    """What to tell a CLI user whose token the server refused (or who sent none)."""
+    source = getattr(args, "token_source", None)
+    fix = ("set FILEDOCK_TOKEN or pass --token (`make run` keeps one in ./filedock-data/admin-token); "
+           "`filedock token create --data-dir DIR` makes a new one")
+    if source is None:
+        return f"no API token: {fix}"
+    return f"the server does not accept the token from {source} (revoked, or another server's): {fix}"
 
 
 def emit(args: argparse.Namespace, payload: Any, human: Callable[[Any], None] | None = None) -> None:
@@ -68,7 +80,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from twisted.internet import reactor
 
     from filedock.logs import start_logging
-    from filedock.server.service import FiledockServer, ServerOptions, open_store, write_ready_file
+    from filedock.server.service import FiledockServer, ServerOptions, first_run_token, write_ready_file
 
     limits = Limits().with_overrides(args.limit or [])
     start_logging(args.log_format)
@@ -76,27 +88,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = FiledockServer(ServerOptions(args.data_dir, args.api_listen, args.data_listen,
                                           args.public_host, limits, args.webhook or [],
                                           args.on_complete or []), reactor)
-    token = None
+    token = token_file = None
     if args.issue_admin_token:
-        store = open_store(args.data_dir)
-        store.delete_tokens("serve")
-        token = store.create_token("serve")
-        store.close()
+        token, token_file, _ = first_run_token(args.data_dir)
 
     def started(result):
         api_url, (host, port, tls) = result
         out = sys.stderr if args.log_format == "json" else sys.stdout  # keep stdout pure JSON lines
+        public = server.info()["data_port"]["host"]  # what clients are told, not the bind address
+        client_url = _with_host(api_url, args.public_host) if args.public_host else api_url
 
         def say(line: str) -> None:
             print(line, file=out, flush=True)
-        say(f"filedock API:       {api_url}")
-        say(f"filedock data port: {host}:{port}{' (TLS)' if tls else ''}")
+        say(f"filedock API:       {client_url}")
+        say(f"filedock data port: {_host_port(public, port)}{' (TLS)' if tls else ''}")
+        if public != host:
+            say(f"  (listening on {_host_port(host, port)}; clients are told {public})")
+        say(f"filedock dashboard: {client_url} (sign in with an API token)")
         if token and out.isatty():
-            say(f"filedock admin token: {token}")
-            say(f"  export FILEDOCK_URL={api_url} FILEDOCK_TOKEN={token}")
-        elif token:  # a log file or journal is no place for a whole token
-            where = "the ready file" if args.ready_file else "nowhere; use 'filedock token create'"
-            say(f"filedock admin token: {short_key(token)} (in full: {where})")
+            say(f"filedock admin token: {token} (kept in {token_file})")
+            say(f"  export FILEDOCK_URL={client_url} FILEDOCK_TOKEN={token}")
+        elif token:  # a log file or journal is no place for a whole token: say where it is
+            say(f"filedock admin token: {short_key(token)} (in full in {token_file.resolve()}, "
+                "readable by its owner only)")
+            say(f"  export FILEDOCK_URL={client_url} FILEDOCK_TOKEN=$(cat {token_file.resolve()})")
         if args.ready_file:
             write_ready_file(args.ready_file, {"api_url": api_url, "data_host": host, "data_port": port,
                                                "tls": tls, "token": token, "pid": os.getpid()})
@@ -110,6 +125,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     reactor.callWhenRunning(lambda: server.start().addCallbacks(started, failed))
     reactor.run()
     return server.exit_code
+
+
+def _with_host(url: str, host: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=_host_port(host, parts.port)))
+
+
+def _host_port(host: str, port: int | None) -> str:
+    host = f"[{host}]" if ":" in host else host
+    return f"{host}:{port}" if port is not None else host
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
@@ -326,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except FiledockError as exc:
+        if exc.code_str == ErrorCode.UNAUTHORIZED.value and hasattr(args, "token_source"):
+            exc = FiledockError(exc.code, token_advice(args))
         if getattr(args, "json", False):
             print(json.dumps({"error": {"code": exc.code_str, "message": exc.message}}))
         print(f"error: {exc.code_str}: {exc.message}", file=sys.stderr)

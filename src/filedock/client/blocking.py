@@ -85,28 +85,35 @@ class _Attempts:
 
 
 REPORT_BYTES = CHUNK
-"""Least progress between two ``sent`` reports in the middle of a transfer."""
+"""Progress between two ``sent`` reports in the middle of a transfer that always earns a report."""
+
+REPORT_SECONDS = 0.1
+"""Longest quiet time between two ``sent`` reports while bytes flow (a bar stays smooth on a slow link)."""
 
 
 class _Reports:
-    """The caller's progress callback, with a ``sent`` report at most every ``REPORT_BYTES`` bytes.
+    """The caller's progress callback, with a ``sent`` report whenever bytes have moved for
+    ``REPORT_SECONDS``, by 1% of the file, or by ``REPORT_BYTES``, whichever comes first.
 
     Forced reports (where a connection starts), the last ``sent`` (done == total) and
-    the other stages always pass, so the stages still arrive in order. Counting
-    bytes rather than time keeps the reports where they would be at any speed.
+    the other stages always pass, so the stages still arrive in order.
     """
 
-    def __init__(self, progress: ProgressCallback | None) -> None:
+    def __init__(self, progress: ProgressCallback | None, clock: Callable[[], float] = time.monotonic) -> None:
         self._progress = progress
         self._last = 0
+        self._clock = clock
+        self._last_at = clock()
 
     def __call__(self, stage: str, done: int, total: int, force: bool = False) -> None:
         if self._progress is None:
             return
+        now = self._clock()
         if stage == SENT and done != total and not force:
-            if abs(done - self._last) < REPORT_BYTES:
+            moved = abs(done - self._last)
+            if moved < min(REPORT_BYTES, max(total // 100, 1)) and now - self._last_at < REPORT_SECONDS:
                 return
-        self._last = done
+        self._last, self._last_at = done, now
         self._progress(stage, done, total)
 
 

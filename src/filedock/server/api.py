@@ -14,14 +14,18 @@ client writing files out under their names cannot be led outside its directory.
 from __future__ import annotations
 
 import functools
+import hashlib
+import hmac
 import io
 import json
 import re
+import secrets
+import time
 import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import unquote_to_bytes
+from urllib.parse import parse_qs, quote, unquote_to_bytes
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
@@ -202,8 +206,64 @@ def session_json(session: Session) -> dict[str, Any]:
 
 def job_summary(job: Job, files: list[FileRecord]) -> dict[str, Any]:
     """A job with how many files it declares and how many are complete."""
-    return job.to_json() | {"files_total": len(files),
-                            "files_complete": sum(f.state == FILE_COMPLETE for f in files)}
+    return job_counts_json(job, (len(files), sum(f.state == FILE_COMPLETE for f in files),
+                                 sum(f.size for f in files), sum(f.received for f in files)))
+
+
+def job_counts_json(job: Job, counts: tuple[int, int, int, int]) -> dict[str, Any]:
+    """A job with (files, complete files, bytes declared, bytes received) as the API shows them."""
+    files_total, files_complete, bytes_total, bytes_received = counts
+    return job.to_json() | {"files_total": files_total, "files_complete": files_complete,
+                            "bytes_total": bytes_total, "bytes_received": bytes_received}
+
+
+MAX_PAGE = 1000
+"""Most jobs or files one page (``?limit=``) may hold."""
+
+LINK_TTL = 300.0
+"""Seconds a signed download link (``POST /v1/files/<key>/link``) stays valid."""
+
+
+@dataclass(frozen=True)
+class Query:
+    """What a GET or DELETE handler gets instead of a body: the query string and conditional headers."""
+
+    params: dict[str, str] = field(default_factory=dict)
+    if_none_match: str | None = None
+
+    def page(self) -> tuple[int, int]:
+        """``(limit, offset)`` from ``?limit=&offset=``; no limit is ``-1`` (everything)."""
+        limit, offset = self._int("limit", -1), self._int("offset", 0)
+        if limit != -1 and not 1 <= limit <= MAX_PAGE:
+            raise _bad(f"'limit' is 1 to {MAX_PAGE}")
+        if offset < 0:
+            raise _bad("'offset' may not be negative")
+        return limit, offset
+
+    def _int(self, name: str, default: int) -> int:
+        raw = self.params.get(name)
+        if raw is None:
+            return default
+        if not raw.isdigit() or len(raw) > 12:
+            raise _bad(f"{name!r} must be a whole number")
+        return int(raw)
+
+
+def _query(request: IRequest) -> Query:
+    try:
+        raw = parse_qs((request.uri.split(b"?", 1) + [b""])[1].decode("utf-8"), max_num_fields=20)
+    except (UnicodeDecodeError, ValueError):
+        raise _bad("the query string is not valid") from None
+    match = request.getHeader(b"if-none-match")
+    return Query({k: v[-1] for k, v in raw.items()}, match.decode("latin-1").strip() if match else None)
+
+
+@dataclass(frozen=True)
+class FileBody:
+    """A reply that streams a complete file from disk (Range requests answered), never whole in memory."""
+
+    path: Path
+    name: str
 
 
 # ------------------------------------------------------------ routing and replies
@@ -246,7 +306,10 @@ class _Exchange:
 
     def send(self, reply: Reply) -> None:
         """Write the reply, unless nobody is listening any more."""
-        if isinstance(reply.payload, bytes):  # already encoded (metrics text)
+        if isinstance(reply.payload, FileBody):
+            self._send_file(reply)
+            return
+        if isinstance(reply.payload, bytes):  # already encoded (metrics text, an empty 304)
             data = reply.payload
         else:
             data = json.dumps(reply.payload).encode("ascii")  # \u escapes: even lone surrogates encode
@@ -261,6 +324,25 @@ class _Exchange:
         request.setHeader(b"Cache-Control", b"no-store")  # replies carry keys
         request.write(data)
         request.finish()
+
+    def _send_file(self, reply: Reply) -> None:
+        from twisted.web import static
+
+        if self.gone or self.request.finished:
+            return
+        request = self.request
+        filename = reply.payload.name.replace("\\", "/").rsplit("/", 1)[-1] or "download"
+        request.setHeader(b"Content-Disposition",
+                          f"attachment; filename*=UTF-8''{quote(filename, safe='')}".encode("ascii"))
+        request.setHeader(b"Cache-Control", b"no-store")
+        request.setHeader(b"X-Content-Type-Options", b"nosniff")
+        # twisted's static file: a producer that reads as the socket drains, Range and HEAD included
+        body = static.File(str(reply.payload.path), defaultType="application/octet-stream")
+        body.type, body.encoding = "application/octet-stream", None  # never rendered by a browser
+        out = body.render_GET(request)
+        if out != server.NOT_DONE_YET:  # HEAD, or the file vanished with its job
+            request.write(out)
+            request.finish()
 
 
 class _APIResource(resource.Resource):
@@ -290,6 +372,8 @@ class ControlAPI:
         self.limits = limits
         self.dataport = dataport
         self.info = info
+        self._epoch = secrets.token_hex(4)  # in every ETag: a restart's change count starts at 0 again
+        self._link_secret = secrets.token_bytes(32)
         self.routes = [
             Route.of("GET", "/v1/info", self._get_info),
             Route.of("GET", "/v1/jobs", self._list_jobs),
@@ -300,6 +384,8 @@ class ControlAPI:
             Route.of("POST", "/v1/jobs/{}/files", self._add_files),
             Route.of("POST", "/v1/jobs/{}/sessions", self._open_session),
             Route.of("GET", "/v1/files/{}", self._get_file),
+            Route.of("GET", "/v1/files/{}/content", self._file_content),
+            Route.of("POST", "/v1/files/{}/link", self._file_link),
             Route.of("DELETE", "/v1/sessions/{}", self._close_session),
             Route.of("GET", "/v1/uploads", self._list_uploads),
             Route.of("GET", "/metrics", self._metrics),
@@ -338,9 +424,10 @@ class ControlAPI:
 
     @defer.inlineCallbacks
     def _dispatch(self, request: IRequest):
-        yield self._authenticate(request)
+        if not self._signed_link(request):
+            yield self._authenticate(request)
         route, args = self._route(request)
-        body = self._read_body(request) if route.method in ("POST", "PATCH") else None
+        body = self._read_body(request) if route.method in ("POST", "PATCH") else _query(request)
         result = yield route.handler(body, *args)
         return result
 
@@ -409,11 +496,22 @@ class ControlAPI:
         return 200, {**base, **self.info()}
 
     @defer.inlineCallbacks
-    def _list_jobs(self, _body: None):
-        jobs: list[Job] = yield self.store.list_jobs()
-        files = yield defer.gatherResults([self.store.list_files(job.id) for job in jobs],
-                                          consumeErrors=True)
-        return 200, {"jobs": [job_summary(job, fs) for job, fs in zip(jobs, files)]}
+    def _list_jobs(self, query: Query):
+        # counted in SQL, one row per job on the page; unchanged since the caller's ETag: nothing read
+        limit, offset = query.page()
+        etag = yield self._etag()
+        if query.if_none_match == etag:
+            return 304, b"", {"ETag": etag}
+        summaries = yield self.store.job_summaries(limit, offset)
+        total = yield self.store.count_jobs()
+        return 200, {"jobs": [job_counts_json(job, counts) for job, *counts in summaries],
+                     "total": total}, {"ETag": etag}
+
+    @defer.inlineCallbacks
+    def _etag(self):
+        # read before the data: a write in between makes the tag older than the body, never newer
+        changes = yield self.store.change_count()
+        return f'"{self._epoch}-{changes}"'
 
     @defer.inlineCallbacks
     def _create_job(self, body: dict[str, Any]):
@@ -425,10 +523,18 @@ class ControlAPI:
         return 201, job.to_json()
 
     @defer.inlineCallbacks
-    def _get_job(self, _body: None, ref: str):
+    def _get_job(self, query: Query, ref: str):
+        limit, offset = query.page()
+        etag = yield self._etag()
+        if query.if_none_match == etag:
+            return 304, b"", {"ETag": etag}
         job = yield self._find_job(ref)
-        files: list[FileRecord] = yield self.store.list_files(job.id)
-        return 200, job_summary(job, files) | {"files": [f.to_json() for f in files]}
+        if limit == -1 and offset == 0:
+            files: list[FileRecord] = yield self.store.list_files(job.id)
+            return 200, job_summary(job, files) | {"files": [f.to_json() for f in files]}, {"ETag": etag}
+        counts = yield self.store.job_counts(job.id)
+        files = yield self.store.files_page(job.id, limit, offset)
+        return 200, job_counts_json(job, counts) | {"files": [f.to_json() for f in files]}, {"ETag": etag}
 
     @defer.inlineCallbacks
     def _update_job(self, body: dict[str, Any], ref: str):
@@ -507,6 +613,43 @@ class ControlAPI:
         if record is None:
             raise FiledockError(ErrorCode.NOT_FOUND, "no such file")
         return 200, record.to_json()
+
+    @defer.inlineCallbacks
+    def _complete_file(self, key: str):
+        record: FileRecord | None = yield self.store.get_file(key)
+        if record is None:
+            raise FiledockError(ErrorCode.NOT_FOUND, "no such file")
+        if record.state != FILE_COMPLETE:
+            raise FiledockError(ErrorCode.NOT_COMPLETE, f"the file is not complete yet ({record.received} of "
+                                                        f"{record.size} bytes)")
+        return record
+
+    @defer.inlineCallbacks
+    def _file_content(self, _query: Query, key: str):
+        record = yield self._complete_file(key)
+        return 200, FileBody(self.blobs.final_path(record.job_id, record.key), record.name)
+
+    @defer.inlineCallbacks
+    def _file_link(self, _body: dict[str, Any], key: str):
+        record = yield self._complete_file(key)
+        expires = int(time.time() + LINK_TTL)
+        url = f"/v1/files/{key}/content?expires={expires}&sig={self._link_signature(key, expires)}"
+        return 201, {"url": url, "expires": expires}
+
+    def _link_signature(self, key: str, expires: int) -> str:
+        return hmac.new(self._link_secret, f"{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+    def _signed_link(self, request: IRequest) -> bool:
+        """A GET of a file's content with a valid, unexpired signature from ``POST .../link``
+        (a browser's plain download cannot send an Authorization header)."""
+        if request.method not in (b"GET", b"HEAD"):
+            return False
+        match = re.fullmatch(rb"/v1/files/([0-9a-f-]{36})/content", request.path)
+        params = _query(request).params if match else {}
+        sig, expires = params.get("sig", ""), params.get("expires", "")
+        if not (sig and expires.isdigit() and len(expires) < 12 and int(expires) >= time.time()):
+            return False
+        return hmac.compare_digest(sig, self._link_signature(match.group(1).decode(), int(expires)))
 
     # ------------------------------------------------------------ sessions and uploads
 
@@ -594,7 +737,8 @@ class _KeysHidden:
 
     def __init__(self, request: IRequest) -> None:
         self._request = request
-        self.uri = hide_keys(request.uri.decode("latin-1"), "...").encode("latin-1")
+        uri = hide_keys(request.uri.decode("latin-1"), "...")
+        self.uri = re.sub(r"(sig=[0-9a-f]{8})[0-9a-f]+", r"\1...", uri).encode("latin-1")
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._request, name)

@@ -83,6 +83,43 @@ def open_store(data_dir: str | Path) -> SQLiteStore:
     return SQLiteStore(path / DB_NAME)
 
 
+ADMIN_TOKEN_NAME = "admin-token"
+"""The file in the data dir that keeps the first-run admin token (owner-only, 0600)."""
+
+
+def first_run_token(data_dir: str | Path) -> tuple[str, Path, bool]:
+    """The admin token ``serve --issue-admin-token`` hands out: (token, its file, newly made).
+
+    The token is kept in ``<data>/admin-token`` (mode 0600) so that it survives restarts:
+    a user who exported it once keeps working. A new one is made (and the one issued
+    before it revoked) only when the file is missing or holds a token the store no longer
+    accepts. The caller holds the data dir's lock.
+    """
+    path = Path(data_dir) / ADMIN_TOKEN_NAME
+    store = open_store(data_dir)
+    try:
+        try:
+            kept = path.read_text(encoding="ascii").strip()
+        except (FileNotFoundError, UnicodeDecodeError):
+            kept = ""
+        if kept and store.check_token(kept):
+            if path.stat().st_mode & 0o077:
+                os.chmod(path, 0o600)  # a copy from an older version, or a careless restore
+            return kept, path, False
+        store.delete_tokens("serve")
+        token = store.create_token("serve")
+    finally:
+        store.close()
+    tmp = path.with_name(f".{ADMIN_TOKEN_NAME}.tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "w", encoding="ascii") as f:
+        f.write(token + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return token, path, True
+
+
 @dataclass
 class ServerOptions:
     """What ``filedock serve`` is told."""

@@ -213,6 +213,44 @@ class SQLiteStore:
             db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
         return files
 
+    # ------------------------------------------------------------ summaries (what a dashboard polls)
+
+    def change_count(self) -> int:
+        """A number that grows with every row this store changes (an ``ETag`` for polls).
+
+        Counted by this connection, so it starts again at each open: callers pair it with
+        something that differs per process.
+        """
+        with self._lock:
+            return self._db.total_changes
+
+    def job_summaries(self, limit: int, offset: int = 0) -> list[tuple[Job, int, int, int, int]]:
+        """Jobs in creation order, a page of them, each with (files, complete files, bytes declared,
+        bytes received), counted in SQL: one row per job reaches Python, whatever the number of files."""
+        rows = self._read(
+            f"SELECT {', '.join('j.' + c.strip() for c in _JOB_COLS.split(','))}, COUNT(f.key), "
+            f"COALESCE(SUM(f.state = ?), 0), COALESCE(SUM(f.size), 0), COALESCE(SUM(f.received), 0) "
+            f"FROM (SELECT {_JOB_COLS} FROM jobs ORDER BY created, id LIMIT ? OFFSET ?) AS j "
+            f"LEFT JOIN files AS f ON f.job_id = j.id GROUP BY j.id ORDER BY j.created, j.id",
+            (FILE_COMPLETE, limit, offset))
+        return [(self._job(r[:6]), r[6], r[7], r[8], r[9]) for r in rows]
+
+    def job_counts(self, job_id: str) -> tuple[int, int, int, int]:
+        """One job's (files, complete files, bytes declared, bytes received), counted in SQL."""
+        return tuple(self._read(
+            "SELECT COUNT(*), COALESCE(SUM(state = ?), 0), COALESCE(SUM(size), 0), COALESCE(SUM(received), 0) "
+            "FROM files WHERE job_id = ?", (FILE_COMPLETE, job_id))[0])
+
+    def count_jobs(self) -> int:
+        """How many jobs there are."""
+        return self._read("SELECT COUNT(*) FROM jobs")[0][0]
+
+    def files_page(self, job_id: str, limit: int, offset: int = 0) -> list[FileRecord]:
+        """A page of a job's files in name order (``list_files`` is every one of them)."""
+        return [FileRecord(*r) for r in self._read(
+            f"SELECT {_FILE_COLS} FROM files WHERE job_id = ? ORDER BY name LIMIT ? OFFSET ?",
+            (job_id, limit, offset))]
+
     # ------------------------------------------------------------ files
 
     def add_file(self, job_id: str, name: str, size: int, quota: int | None = None) -> FileRecord:
