@@ -1,5 +1,7 @@
 """The ``filedock`` command line.
 
+Help texts are plain text (no reStructuredText): argparse prints them as they are.
+
 Client commands take ``--server URL --token T`` (or ``FILEDOCK_URL`` /
 ``FILEDOCK_TOKEN``, or ``url``/``token`` in ``$XDG_CONFIG_HOME/filedock/config.json``)
 and ``--json`` for machine-readable output. Exit status: 0 success, 1 failure, 2 usage.
@@ -173,13 +175,53 @@ def cmd_fsck(args: argparse.Namespace) -> int:
 
 def _print_jobs(payload: dict[str, Any]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table("id", "name", "state", "files", "created")
+    table = _table("id", "name", "state", "files", "created")
     for job in payload["jobs"]:
         files = f"{job.get('files_complete', '?')}/{job.get('files_total', '?')}"
-        table.add_row(job["id"], job["name"], job["state"], files, _when(job["created"]))
+        table.add_row(job["id"], escape(job["name"]), job["state"], files, _when(job["created"]))
     Console().print(table)
+
+
+def _table(*columns: str, title: str | None = None):
+    """A rich table whose cells wrap rather than cut (a narrow or piped terminal keeps whole names)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    return table
+
+
+def _print_job(job: dict[str, Any]) -> None:
+    """``job show``: the job's facts, then one row per file."""
+    from rich.console import Console
+    from rich.filesize import decimal
+    from rich.markup import escape
+
+    files = job.get("files", [])
+    received = sum(f["received"] for f in files)
+    size = sum(f["size"] for f in files)
+    console = Console()
+    console.print(f"[bold]job {escape(job['name'])}[/] ({job['id']}): {job['state']}, "
+                  f"{job.get('files_complete', 0)}/{job.get('files_total', len(files))} files complete, "
+                  f"{decimal(received)} of {decimal(size)}", soft_wrap=True)
+    console.print(f"created {_when(job['created'])}, updated {_when(job['updated'])}", soft_wrap=True)
+    for key, value in sorted(job.get("metadata", {}).items()):
+        console.print(f"  {escape(key)} = {escape(json.dumps(value, ensure_ascii=False))}", soft_wrap=True)
+    if not files:
+        console.print("no files")
+        return
+    table = _table("file", "state", "received", "size", "crc32", "digest", "uploaded")
+    for column in ("received", "size"):
+        table.columns[("file", "state", "received", "size").index(column)].justify = "right"
+    for f in files:
+        table.add_row(escape(f["name"]), f["state"], decimal(f["received"]), decimal(f["size"]),
+                      f.get("crc32") or "-", f.get("digest") or "-",
+                      _when(f["uploaded_at"]) if f.get("uploaded_at") else "-")
+    console.print(table)
 
 
 def _when(ts: float) -> str:
@@ -204,14 +246,30 @@ def cmd_job_create(args: argparse.Namespace) -> int:
 
 
 def cmd_job_show(args: argparse.Namespace) -> int:
-    emit(args, api_client(args).job(args.job))
+    emit(args, api_client(args).job(args.job), _print_job)
     return 0
 
 
 def cmd_job_delete(args: argparse.Namespace) -> int:
     from urllib.parse import quote
 
-    emit(args, api_client(args).request("DELETE", f"/v1/jobs/{quote(args.job, safe='')}"))
+    from rich.filesize import decimal
+
+    api = api_client(args)
+    job = api.job(args.job)
+    files = job.get("files", [])
+    if files and not args.yes:
+        what = (f"job {job['name']!r} ({job['id']}) holds {len(files)} file(s), "
+                f"{decimal(sum(f['received'] for f in files))} stored")
+        if not (sys.stdin.isatty() and sys.stderr.isatty()):
+            raise FiledockError(ErrorCode.BAD_REQUEST, f"{what}: pass --yes to delete it and its files "
+                                                       "(nobody at a terminal to ask)")
+        print(f"{what}. Delete it and its files for good? [y/N] ", end="", file=sys.stderr, flush=True)
+        if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+            print("not deleted", file=sys.stderr)
+            return 1
+    payload = api.request("DELETE", f"/v1/jobs/{quote(job['id'], safe='')}")
+    emit(args, payload, lambda p: print(f"deleted job {job['name']} ({p['deleted']}) and its {len(files)} file(s)"))
     return 0
 
 
@@ -244,59 +302,103 @@ def cmd_session_close(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- parser
 
 
+class HelpWithDefaults(argparse.HelpFormatter):
+    """Help that ends each option's text with its default, unless the text names it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (action.option_strings and "default" not in text and default not in (None, False, [], argparse.SUPPRESS)
+                and action.nargs != 0):
+            text += " (default: %(default)s)"
+        return text
+
+
+class CommandParser(argparse.ArgumentParser):
+    """The ``filedock`` parser: its subcommands' parsers share the help format."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpWithDefaults)
+        super().__init__(*args, **kwargs)
+
+
+JSON_HELP = "print JSON instead of tables (also accepted before the command: filedock --json ...)"
+
+
 def _client_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--server", help="control API URL (FILEDOCK_URL; default %s)" % DEFAULT_URL)
-    p.add_argument("--token", help="API token (FILEDOCK_TOKEN)")
+    p.add_argument("--server", metavar="URL",
+                   help="control API URL (else FILEDOCK_URL, the config file, or %s)" % DEFAULT_URL)
+    p.add_argument("--token", help="API token (else FILEDOCK_TOKEN or the config file; "
+                                   "'filedock token create' makes one)")
     p.add_argument("--tls", action="store_true", help="use https:// for the API and TLS on the data port")
-    p.add_argument("--cacert", help="PEM file of trust roots for TLS (FILEDOCK_CACERT)")
-    p.add_argument("--json", action="store_true", help="machine-readable JSON output")
+    p.add_argument("--cacert", metavar="PEM", help="PEM file of trust roots for TLS (else FILEDOCK_CACERT)")
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=JSON_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="filedock", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    import filedock
+
+    parser = CommandParser(
+        prog="filedock", description="Move very large files into jobs on a server: resumable, verified, durable.",
+        epilog="Client commands find the server and token in --server/--token, FILEDOCK_URL/FILEDOCK_TOKEN, or "
+               "$XDG_CONFIG_HOME/filedock/config.json. 'filedock COMMAND --help' tells more. Exit status: 0 "
+               "success, 1 failure, 2 usage.")
+    parser.add_argument("--version", action="version", version=f"filedock {filedock.__version__}")
+    parser.add_argument("--json", action="store_true", help=JSON_HELP)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.set_defaults(func=_help_of(parser))
 
     p = sub.add_parser("serve", help="run the server")
-    p.add_argument("--data-dir", default="./filedock-data")
-    p.add_argument("--api-listen", default="tcp:7480:interface=127.0.0.1", metavar="ENDPOINT")
-    p.add_argument("--data-listen", default="tcp:7481:interface=127.0.0.1:backlog=1024", metavar="ENDPOINT")
-    p.add_argument("--public-host", help="host name clients should use for the data port")
+    p.add_argument("--data-dir", default="./filedock-data", metavar="DIR",
+                   help="where files and the metadata database live")
+    p.add_argument("--api-listen", default="tcp:7480:interface=127.0.0.1", metavar="ENDPOINT",
+                   help="the control API's Twisted endpoint (ssl:... for TLS)")
+    p.add_argument("--data-listen", default="tcp:7481:interface=127.0.0.1:backlog=1024", metavar="ENDPOINT",
+                   help="the data port's Twisted endpoint (ssl:... for TLS)")
+    p.add_argument("--public-host", metavar="HOST",
+                   help="host name clients are told to use for the data port (default: the address it "
+                        "listens on; with TLS, the name the certificate carries)")
     p.add_argument("--issue-admin-token", action="store_true",
-                   help="replace the token issued at the last start and print a new one")
-    p.add_argument("--ready-file", help="write the listening addresses here as JSON once ready")
+                   help="keep an admin token in DIR/admin-token (owner-only; made if missing or revoked) and "
+                        "print it, or where it is when the output is not a terminal")
+    p.add_argument("--ready-file", metavar="PATH",
+                   help="write the listening addresses (and the token) here as JSON once ready")
     p.add_argument("--limit", action="append", metavar="NAME=VALUE",
-                   help="override a limit: " + ", ".join(Limits.names()))
-    p.add_argument("--log-format", choices=["text", "json"], default="text")
+                   help="override a limit (docs/deploy.md has each default): " + ", ".join(Limits.names()))
+    p.add_argument("--log-format", choices=["text", "json"], default="text", help="log lines as text or JSON")
     p.add_argument("--webhook", action="append", metavar="URL",
                    help="POST each job-completion event here as JSON (at least once, retried)")
     p.add_argument("--on-complete", action="append", metavar="COMMAND",
                    help="run this shell command with each job-completion event as JSON on stdin")
     p.set_defaults(func=cmd_serve)
 
-    token = sub.add_parser("token", help="API tokens").add_subparsers(dest="action", required=True)
+    token = _group(sub, "token", "API tokens")
     p = token.add_parser("create", help="print a new admin token")
-    p.add_argument("--data-dir", default="./filedock-data")
-    p.add_argument("--label", default="admin")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--data-dir", default="./filedock-data", metavar="DIR", help="the server's data dir")
+    p.add_argument("--label", default="admin", help="a name for the token, kept with it")
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=JSON_HELP)
     p.set_defaults(func=cmd_token_create)
 
     p = sub.add_parser("fsck", help="check that the store and the files on disk agree")
-    p.add_argument("--data-dir", default="./filedock-data")
+    p.add_argument("--data-dir", default="./filedock-data", metavar="DIR", help="the server's data dir")
     p.add_argument("--repair", action="store_true", help="fix what is safe (server stopped)")
     p.add_argument("--quick", action="store_true", help="check sizes only, do not re-hash complete files")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=JSON_HELP)
     p.set_defaults(func=cmd_fsck)
 
-    job = sub.add_parser("job", help="jobs").add_subparsers(dest="action", required=True)
+    job = _group(sub, "job", "jobs: create, show, delete")
     p = job.add_parser("create", help="create a job")
-    p.add_argument("name")
-    p.add_argument("--meta", action="append", metavar="KEY=VALUE")
+    p.add_argument("name", help="the job's name")
+    p.add_argument("--meta", action="append", metavar="KEY=VALUE", help="a metadata field (repeat for more)")
     _client_flags(p)
     p.set_defaults(func=cmd_job_create)
     for name, func, helptext in (("show", cmd_job_show, "a job and its files"),
                                  ("delete", cmd_job_delete, "delete a job and its files")):
         p = job.add_parser(name, help=helptext)
         p.add_argument("job", metavar="JOB", help="job id or name")
+        if name == "delete":
+            p.add_argument("--yes", action="store_true",
+                           help="do not ask before deleting a job that holds files (needed when not at a terminal)")
         _client_flags(p)
         p.set_defaults(func=func)
 
@@ -304,31 +406,48 @@ def build_parser() -> argparse.ArgumentParser:
     _client_flags(p)
     p.set_defaults(func=cmd_jobs)
 
-    file_ = sub.add_parser("file", help="files").add_subparsers(dest="action", required=True)
+    file_ = _group(sub, "file", "files: add, show")
     p = file_.add_parser("add", help="declare a file of a job")
-    p.add_argument("job", metavar="JOB")
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("size", metavar="SIZE")
+    p.add_argument("job", metavar="JOB", help="job id or name")
+    p.add_argument("name", metavar="NAME", help="the file's name in the job")
+    p.add_argument("size", metavar="SIZE", help="its size in bytes (1K, 2M, 3G: binary multiples)")
     _client_flags(p)
     p.set_defaults(func=cmd_file_add)
     p = file_.add_parser("show", help="a file's state")
-    p.add_argument("key", metavar="KEY")
+    p.add_argument("key", metavar="KEY", help="the file's key")
     _client_flags(p)
     p.set_defaults(func=cmd_file_show)
 
-    session = sub.add_parser("session", help="sessions").add_subparsers(dest="action", required=True)
+    session = _group(sub, "session", "sessions for the data port: open, close")
     p = session.add_parser("open", help="open a session for a job")
-    p.add_argument("job", metavar="JOB")
-    p.add_argument("--ttl", type=float, help="seconds until it expires")
+    p.add_argument("job", metavar="JOB", help="job id or name")
+    p.add_argument("--ttl", type=float, metavar="S",
+                   help="seconds until it expires (default: the server's session_ttl limit)")
     _client_flags(p)
     p.set_defaults(func=cmd_session_open)
     p = session.add_parser("close", help="close a session")
-    p.add_argument("key", metavar="KEY")
+    p.add_argument("key", metavar="KEY", help="the session's key")
     _client_flags(p)
     p.set_defaults(func=cmd_session_close)
 
     _add_optional_commands(sub)
     return parser
+
+
+def _help_of(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    """A command that lists what ``parser`` offers (``filedock`` or ``filedock job`` alone)."""
+    def show(_args: argparse.Namespace) -> int:
+        parser.print_help()
+        return 0
+
+    return show
+
+
+def _group(sub: Any, name: str, helptext: str) -> Any:
+    """A command with subcommands (``filedock job ...``); alone, it lists them."""
+    parser = sub.add_parser(name, help=helptext, description=helptext)
+    parser.set_defaults(func=_help_of(parser))
+    return parser.add_subparsers(dest="action", metavar="ACTION")
 
 
 def _add_optional_commands(sub: Any) -> None:

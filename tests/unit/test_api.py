@@ -691,6 +691,9 @@ class FailingStore:
     def list_jobs(self):
         raise RuntimeError("secret-detail-1234 /srv/private/path")
 
+    def job_summaries(self, *args: Any):  # what GET /v1/jobs asks of the store
+        raise RuntimeError("secret-detail-1234 /srv/private/path")
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
@@ -719,6 +722,11 @@ class GatedStore:
         self.entered.set()
         self.gate.wait(10)
         return self.inner.list_jobs()
+
+    def job_summaries(self, *args: Any):  # what GET /v1/jobs asks of the store
+        self.entered.set()
+        self.gate.wait(10)
+        return self.inner.job_summaries(*args)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)

@@ -32,7 +32,9 @@ def add_parsers(sub: Any, client_flags: Callable[[argparse.ArgumentParser], None
                        description="Upload files and directories into a job. Directories are walked; "
                                    "their files are named by their path under the directory. Run the "
                                    "same command again after an interruption to resume.")
-    p.add_argument("paths", nargs="+", metavar="FILE_OR_DIR", type=Path)
+    p.add_argument("paths", nargs="+", metavar="FILE_OR_DIR", type=Path,
+                   help="files (named by their base name) and directories (their files named by the path "
+                        "under the directory)")
     p.add_argument("--job", required=True, metavar="JOB", help="job id or name")
     p.add_argument("--create", action="store_true", help="create the job if there is none of that name")
     p.add_argument("--parallel", type=_positive(int), default=1, metavar="N",
