@@ -53,7 +53,7 @@ def test_job_file_session_commands(server):
     assert job["name"] == "takes" and job["metadata"] == {"studio": "B"} and job["state"] == "open"
     added = json.loads(filedock("file", "add", "takes", "a.wav", "1K", env=env).stdout)
     assert added["size"] == 1024 and re.fullmatch(r"[0-9a-f-]{36}", added["key"])
-    shown = json.loads(filedock("job", "show", job["id"], env=env).stdout)
+    shown = json.loads(filedock("job", "show", job["id"], "--json", env=env).stdout)
     assert shown["id"] == job["id"] and shown["state"] == "open"
     (f,) = shown["files"]
     assert {k: f[k] for k in ("name", "key", "size", "received", "state", "crc32", "digest")} == \

@@ -181,18 +181,17 @@ class _UploadBars:
 
     MANY = 20
 
-    def __init__(self, plan: Any) -> None:
-        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                                   TransferSpeedColumn)
-
-        self.bars = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                             TransferSpeedColumn(), TimeRemainingColumn(), console=_stderr_console())
+    def __init__(self, plan: Any, verb: str = "resuming") -> None:
+        self.bars = _progress_bars()
         self._lock = threading.Lock()
+        self._verb = verb
+        self._queued = {f.local.name for f in plan.files}
         self._done = {f.local.name: min(f.received, f.local.size) for f in plan.files}
         self._compact = len(plan.files) > self.MANY
-        self._tasks = {f.local.name: self.bars.add_task(_label(f.local.name), total=f.local.size,
+        # a file is "queued" until its first bytes move: no made-up rate or time left behind a big one
+        self._tasks = {f.local.name: self.bars.add_task(_mark(" ", f.local.name), total=f.local.size,
                                                         completed=self._done[f.local.name],
-                                                        visible=not self._compact)
+                                                        visible=not self._compact, queued=True)
                        for f in plan.files}
         self._count, self._finished = len(plan.files), 0
         self._job_label = f"[bold]job {_label(plan.job['name'])}"
@@ -214,18 +213,58 @@ class _UploadBars:
         if stage == SENT:
             with self._lock:
                 delta, self._done[name] = done - self._done[name], done
-            self.bars.update(task, completed=done, visible=True)
+                starting = name in self._queued
+                self._queued.discard(name)
+            if starting and 0 < done < total:  # said when it starts, not only in the final table
+                from rich.filesize import decimal
+                from rich.markup import escape
+
+                self.bars.console.print(f"{self._verb} {escape(name)} from {decimal(done)} "
+                                        f"of {decimal(total)}", soft_wrap=True)
+            self.bars.update(task, completed=done, visible=True, queued=False)
             self.bars.advance(self._job, delta)
         elif stage == VERIFIED:
-            self.bars.update(task, description=f"[green]✓[/] {_label(name)}", visible=not self._compact)
+            self.bars.update(task, description=_mark("[green]✓[/]", name), visible=not self._compact,
+                             queued=False)
 
     def result(self, result: UploadResult) -> None:
         with self._lock:
             self._finished += 1
         self.bars.update(self._job, description=self._job_description())
         if result.state != "complete":  # failures stay in sight
-            self.bars.update(self._tasks[result.name], description=f"[red]✗[/] {_label(result.name)}",
-                             visible=True)
+            self.bars.update(self._tasks[result.name], description=_mark("[red]✗[/]", result.name),
+                             visible=True, queued=False)
+
+
+def _mark(mark: str, name: str) -> str:
+    """A bar's description: a one-cell mark (blank, ✓ or ✗), so finishing never shifts the columns."""
+    return f"{mark} {_label(name)}"
+
+
+def _progress_bars():
+    """Bars on stderr: name, bar, bytes, rate, time left; a file not started yet says ``queued``."""
+    from rich.filesize import decimal
+    from rich.progress import (BarColumn, DownloadColumn, Progress, ProgressColumn, TextColumn,
+                               TimeRemainingColumn, TransferSpeedColumn)
+    from rich.text import Text
+
+    class WhenStarted(ProgressColumn):
+        """``inner`` for a task that has started; ``queued`` (or nothing) for one that waits."""
+
+        def __init__(self, inner: ProgressColumn, waiting: Callable[[Any], str]) -> None:
+            super().__init__()
+            self.inner, self.waiting = inner, waiting
+
+        def render(self, task: Any) -> Any:
+            if task.fields.get("queued") and not task.finished:
+                return Text(self.waiting(task), style="dim")
+            return self.inner.render(task)
+
+    return Progress(TextColumn("{task.description}"),
+                    WhenStarted(BarColumn(), lambda t: "queued".center(40)),
+                    WhenStarted(DownloadColumn(), lambda t: decimal(int(t.total or 0))),
+                    WhenStarted(TransferSpeedColumn(), lambda t: ""),
+                    WhenStarted(TimeRemainingColumn(), lambda t: ""), console=_stderr_console())
 
 
 def _label(name: str, width: int = 40) -> str:
@@ -242,7 +281,9 @@ def _print_summary(job: dict[str, Any], results: list[UploadResult], verb: str =
 
     table = Table(title=escape(f"job {job['name']} ({job['id']})"))
     for column in ("file", "size", "state", "resumed from", verb, "crc32", "digest"):
-        table.add_column(column, justify="right" if column in ("size", "resumed from", verb) else "left")
+        # fold, never cut: a narrow or piped terminal still shows every file's whole name
+        table.add_column(column, justify="right" if column in ("size", "resumed from", verb) else "left",
+                         overflow="fold")
     many = len(results) > _UploadBars.MANY
     for r in results:
         ok = r.state == "complete"
@@ -349,15 +390,22 @@ def _download_with_bar(data: Any, session_key: str, record: dict[str, Any], dest
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                TransferSpeedColumn)
 
-    bars = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                    TransferSpeedColumn(), TimeRemainingColumn(), console=_stderr_console())
-    task = bars.add_task(_label(record["name"]), total=record["size"])
+    bars = _progress_bars()
+    task = bars.add_task(_mark(" ", record["name"]), total=record["size"])
+    first = [True]
 
     def progress(stage: str, done: int, total: int) -> None:
         if stage == SENT:
+            if first[0] and 0 < done < total:
+                from rich.filesize import decimal
+                from rich.markup import escape
+
+                bars.console.print(f"resuming {escape(record['name'])} from {decimal(done)} of {decimal(total)}",
+                                   soft_wrap=True)
+            first[0] = False
             bars.update(task, completed=done, total=total)
         elif stage == VERIFIED:
-            bars.update(task, description=f"[green]✓[/] {_label(record['name'])}")
+            bars.update(task, description=_mark("[green]✓[/]", record["name"]))
 
     with bars:
         return data.download_file(session_key, record["key"], dest, progress=progress, cancel=threading.Event())
@@ -378,6 +426,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _print_uploads(payload: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.filesize import decimal
+    from rich.markup import escape
     from rich.table import Table
 
     uploads = payload["uploads"]
@@ -385,10 +434,13 @@ def _print_uploads(payload: dict[str, Any]) -> None:
         Console().print("no uploads in progress")
         return
     table = Table("job", "file", "key", "received", "size", "%", "resumed from", "rate", "seconds")
+    for column in table.columns:
+        column.overflow = "fold"
     for u in uploads:
         size, received, seconds = u.get("size", 0), u.get("received", 0), u.get("seconds", 0.0)
         rate = (received - u.get("resumed_from", 0)) / seconds if seconds else 0.0
-        table.add_row(str(u.get("job", ""))[:8], str(u.get("name", "")), str(u.get("key", "")), decimal(received),
+        job = u.get("job_name") or str(u.get("job", ""))[:8]
+        table.add_row(escape(job), escape(str(u.get("name", ""))), str(u.get("key", "")), decimal(received),
                       decimal(size), f"{100 * received / size:.1f}" if size else "100.0",
                       decimal(u.get("resumed_from", 0)), f"{decimal(int(rate))}/s", f"{seconds:.0f}")
     Console().print(table)

@@ -680,8 +680,17 @@ class ControlAPI:
         stats = self.dataport.stats if self.dataport is not None else DataPortStats()
         return 200, metrics.render(stats), {}, metrics.CONTENT_TYPE
 
-    def _list_uploads(self, _body: None) -> tuple[int, dict[str, Any]]:
-        return 200, {"uploads": self.dataport.active_uploads() if self.dataport is not None else []}
+    @defer.inlineCallbacks
+    def _list_uploads(self, _query: Query):
+        uploads = self.dataport.active_uploads() if self.dataport is not None else []
+        names: dict[str, str | None] = {}
+        for job_id in {u.get("job") for u in uploads}:  # one look-up per job in flight, not per file
+            job: Job | None = yield self.store.find_job(job_id) if job_id else None
+            names[job_id] = job.name if job is not None else None
+        # the byte counter lets a dashboard draw the server's throughput over time from its polls
+        received = self.dataport.stats.bytes_received if self.dataport is not None else 0
+        return 200, {"uploads": [u | {"job_name": names.get(u.get("job"))} for u in uploads],
+                     "bytes_received": received}
 
 
 _DASHBOARD_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
