@@ -174,7 +174,6 @@ def cmd_fsck(args: argparse.Namespace) -> int:
 
 
 def _print_jobs(payload: dict[str, Any]) -> None:
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
@@ -182,7 +181,14 @@ def _print_jobs(payload: dict[str, Any]) -> None:
     for job in payload["jobs"]:
         files = f"{job.get('files_complete', '?')}/{job.get('files_total', '?')}"
         table.add_row(job["id"], escape(job["name"]), job["state"], files, _when(job["created"]))
-    Console().print(table)
+    stdout_console().print(table)
+
+
+def stdout_console():
+    """A rich console on stdout: a terminal's width, or (piped) wide enough that no line wraps."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=100_000)
 
 
 def _table(*columns: str, title: str | None = None):
@@ -197,14 +203,13 @@ def _table(*columns: str, title: str | None = None):
 
 def _print_job(job: dict[str, Any]) -> None:
     """``job show``: the job's facts, then one row per file."""
-    from rich.console import Console
     from rich.filesize import decimal
     from rich.markup import escape
 
     files = job.get("files", [])
     received = sum(f["received"] for f in files)
     size = sum(f["size"] for f in files)
-    console = Console()
+    console = stdout_console()
     console.print(f"[bold]job {escape(job['name'])}[/] ({job['id']}): {job['state']}, "
                   f"{job.get('files_complete', 0)}/{job.get('files_total', len(files))} files complete, "
                   f"{decimal(received)} of {decimal(size)}", soft_wrap=True)

@@ -274,7 +274,7 @@ def _label(name: str, width: int = 40) -> str:
 
 
 def _print_summary(job: dict[str, Any], results: list[UploadResult], verb: str = "sent") -> None:
-    from rich.console import Console
+    from filedock.cli import stdout_console
     from rich.filesize import decimal
     from rich.markup import escape
     from rich.table import Table
@@ -298,9 +298,9 @@ def _print_summary(job: dict[str, Any], results: list[UploadResult], verb: str =
     table.caption = (f"{complete}/{len(results)} files complete, {decimal(total)} in the job, "
                      f"{decimal(sent)} {verb} now")
     if many and complete == len(results):  # nothing to list: just the totals
-        Console().print(f"job {escape(job['name'])} ({job['id']}): {table.caption}")
+        stdout_console().print(f"job {escape(job['name'])} ({job['id']}): {table.caption}")
     else:
-        Console().print(table)
+        stdout_console().print(table)
 
 
 # ---------------------------------------------------------------- download
@@ -424,14 +424,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _print_uploads(payload: dict[str, Any]) -> None:
-    from rich.console import Console
+    from filedock.cli import stdout_console
     from rich.filesize import decimal
     from rich.markup import escape
     from rich.table import Table
 
     uploads = payload["uploads"]
     if not uploads:
-        Console().print("no uploads in progress")
+        stdout_console().print("no uploads in progress")
         return
     table = Table("job", "file", "key", "received", "size", "%", "resumed from", "rate", "seconds")
     for column in table.columns:
@@ -443,4 +443,4 @@ def _print_uploads(payload: dict[str, Any]) -> None:
         table.add_row(escape(job), escape(str(u.get("name", ""))), str(u.get("key", "")), decimal(received),
                       decimal(size), f"{100 * received / size:.1f}" if size else "100.0",
                       decimal(u.get("resumed_from", 0)), f"{decimal(int(rate))}/s", f"{seconds:.0f}")
-    Console().print(table)
+    stdout_console().print(table)
