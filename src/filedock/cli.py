@@ -220,8 +220,11 @@ def _print_job(job: dict[str, Any]) -> None:
         console.print("no files")
         return
     table = _table("file", "state", "received", "size", "crc32", "digest", "uploaded")
-    for column in ("received", "size"):
-        table.columns[("file", "state", "received", "size").index(column)].justify = "right"
+    table.columns[0].min_width = 24  # a narrow terminal folds the digest before the name
+    for column in table.columns[1:5]:  # short values: whole on one line
+        column.no_wrap = True
+    for column in table.columns[2:4]:
+        column.justify = "right"
     for f in files:
         table.add_row(escape(f["name"]), f["state"], decimal(f["received"]), decimal(f["size"]),
                       f.get("crc32") or "-", f.get("digest") or "-",

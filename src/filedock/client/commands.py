@@ -258,6 +258,8 @@ def _progress_bars():
         def render(self, task: Any) -> Any:
             if task.fields.get("queued") and not task.finished:
                 return Text(self.waiting(task), style="dim")
+            if task.finished and isinstance(self.inner, TransferSpeedColumn) and task.finished_speed is None:
+                return Text("")  # done in one step: no rate to show, and "?" reads like a fault
             return self.inner.render(task)
 
     return Progress(TextColumn("{task.description}"),
