@@ -396,3 +396,47 @@ def test_dashboard_poll_reads_what_is_on_screen_not_the_store(dashboard_api):
     store.add_file(store.find_job("job-001").id, "new", 1)  # a change: a new tag, a fresh answer
     status, _, headers2, _ = poll("/v1/jobs?limit=100", {"If-None-Match": headers["ETag"]})
     assert status == 200 and headers2["ETag"] != headers["ETag"]
+
+
+def _counted_in_full(store: Any, job_id: str) -> tuple[int, int, int, int]:
+    files = store.list_files(job_id)
+    return (len(files), sum(f.state == "complete" for f in files), sum(f.size for f in files),
+            sum(f.received for f in files))
+
+
+def test_job_counts_follow_every_change_and_an_upgrade_fills_them(tmp_path, monkeypatch):
+    """The per-job counts the dashboard reads equal a full count after declaring, progress, completion,
+    reset, batch completion and job deletion, and after upgrading a database that already held files."""
+    from filedock.store import sqlite as sqlite_store
+    from filedock.store.sqlite import MIGRATIONS, SQLiteStore
+
+    path = tmp_path / "meta.sqlite3"
+    monkeypatch.setattr(sqlite_store, "MIGRATIONS", MIGRATIONS[:2])
+    old = SQLiteStore(path)
+    before = old.create_job("before", {})
+    a, b = old.add_files(before.id, [("a", 100), ("b", 50)])
+    old.record_progress(a.key, 40, 1, None)
+    old.record_complete(b.key, 2, "d" * 64)
+    old.create_job("empty", {})
+    old.close()
+    monkeypatch.setattr(sqlite_store, "MIGRATIONS", MIGRATIONS)
+    store = SQLiteStore(path)
+    assert store.job_counts(before.id) == _counted_in_full(store, before.id) == (2, 1, 150, 90)
+    assert store.job_counts(store.find_job("empty").id) == (0, 0, 0, 0)
+
+    job = store.create_job("after", {})
+    files = store.add_files(job.id, [(f"f{i}", 10 * (i + 1)) for i in range(6)])
+    store.record_progress(files[0].key, 5, 1, None)
+    store.record_progress(files[0].key, 7, 1, None)
+    store.record_complete(files[1].key, 3, "e" * 64)
+    store.record_complete_many([(files[2].key, 4, "f" * 64), (files[3].key, 5, "a" * 64)])
+    store.reset_file(files[0].key)
+    store.reset_file(files[2].key, force=True)
+    assert store.job_counts(job.id) == _counted_in_full(store, job.id)
+    summaries = {j.name: counts for j, *counts in store.job_summaries(-1)}
+    assert summaries == {name: list(_counted_in_full(store, store.find_job(name).id))
+                         for name in ("before", "empty", "after")}
+    store.delete_job(before.id)
+    assert store.job_counts(before.id) == (0, 0, 0, 0)
+    assert [j.name for j, *_ in store.job_summaries(-1)] == ["empty", "after"]
+    store.close()

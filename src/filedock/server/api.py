@@ -388,6 +388,7 @@ class ControlAPI:
             Route.of("POST", "/v1/files/{}/link", self._file_link),
             Route.of("DELETE", "/v1/sessions/{}", self._close_session),
             Route.of("GET", "/v1/uploads", self._list_uploads),
+            Route.of("GET", "/v1/stats", self._stats),
             Route.of("GET", "/metrics", self._metrics),
         ]
         self._resource = _APIResource(self)
@@ -687,10 +688,14 @@ class ControlAPI:
         for job_id in {u.get("job") for u in uploads}:  # one look-up per job in flight, not per file
             job: Job | None = yield self.store.find_job(job_id) if job_id else None
             names[job_id] = job.name if job is not None else None
-        # the byte counter lets a dashboard draw the server's throughput over time from its polls
-        received = self.dataport.stats.bytes_received if self.dataport is not None else 0
-        return 200, {"uploads": [u | {"job_name": names.get(u.get("job"))} for u in uploads],
-                     "bytes_received": received}
+        return 200, {"uploads": [u | {"job_name": names.get(u.get("job"))} for u in uploads]}
+
+    def _stats(self, _query: Query) -> tuple[int, dict[str, Any]]:
+        # counters that only grow: a dashboard draws the server's throughput over time from two polls
+        stats = getattr(self.dataport, "stats", None)
+        return 200, {"bytes_received": getattr(stats, "bytes_received", 0), "bytes_sent": getattr(stats, "bytes_sent", 0),
+                     "uploads_started": getattr(stats, "uploads_started", 0),
+                     "uploads_completed": getattr(stats, "uploads_completed", 0)}
 
 
 _DASHBOARD_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
