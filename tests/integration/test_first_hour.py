@@ -141,6 +141,7 @@ def test_first_run_token_survives_restarts_and_is_kept_owner_only(tmp_path):
         assert server.api.get("/v1/jobs") == {"jobs": []}
         log = server.log()
         assert token not in log
+        assert "Starting factory" not in log and " object at 0x" not in log  # no factory noise
         assert f"FILEDOCK_TOKEN=$(cat {kept.resolve()})" in log
         assert log.count(f"admin token: {token[:8]}…") == 2
     finally:
@@ -440,3 +441,47 @@ def test_job_counts_follow_every_change_and_an_upgrade_fills_them(tmp_path, monk
     assert store.job_counts(before.id) == (0, 0, 0, 0)
     assert [j.name for j, *_ in store.job_summaries(-1)] == ["empty", "after"]
     store.close()
+
+
+# ------------------------------------------------------------ item 7: docs in step
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_docs_name_every_limit_and_the_package_metadata_is_current():
+    """docs/deploy.md's table and docs/api.md's /v1/info example list every limit; pyproject's
+    license is an SPDX string (setuptools >= 77: no deprecation warning at install)."""
+    import tomllib
+    from dataclasses import asdict
+
+    from filedock.config import Limits
+
+    deploy = (ROOT / "docs" / "deploy.md").read_text()
+    api = (ROOT / "docs" / "api.md").read_text()
+    example = json.loads(re.search(r"### GET /v1/info.*?```json\n(.*?)```", api, re.S)[1])
+    for name in Limits.names():
+        assert f"| `{name}`" in deploy or f"`{name}` /" in deploy or f"/ `{name}`" in deploy, name
+    assert example["limits"] == asdict(Limits())
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert isinstance(project["project"]["license"], str)
+    assert any(re.fullmatch(r"setuptools>=(7[7-9]|[89]\d)", r) for r in project["build-system"]["requires"])
+
+
+def test_the_test_certificate_recipe_in_deploy_md_works(tmp_path):
+    """The openssl one-liner of docs/deploy.md makes a certificate a TLS server and the CLI accept."""
+    import shutil
+
+    if shutil.which("openssl") is None:
+        pytest.skip("the recipe needs the openssl command")
+    deploy = (ROOT / "docs" / "deploy.md").read_text()
+    recipe = re.search(r"(openssl req -x509 .*?)\n(?!\s)", deploy, re.S)[1].replace("\\\n", " ")
+    subprocess.run(recipe, shell=True, cwd=tmp_path, check=True, capture_output=True, timeout=60)
+    tls = (tmp_path / "key.pem", tmp_path / "cert.pem")
+    server = ServerProcess(tmp_path / "data", tls=tls, extra=["--public-host", "localhost"])
+    server.start()
+    try:
+        env = {**server.env(), "FILEDOCK_URL": server.url.replace("127.0.0.1", "localhost")}
+        assert filedock("--json", "jobs", env=env).stdout.strip() == '{"jobs": []}'
+    finally:
+        server.stop()

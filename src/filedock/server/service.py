@@ -151,6 +151,7 @@ class FiledockServer:
         self.events = EventDelivery(self.store, reactor, options.webhooks, options.commands)
         self.authority = StoreAuthority(self.store, self.limits, on_complete=self._file_complete)
         self.dataport = DataPortFactory(self.authority, self.blobs, self.limits, reactor)
+        self.dataport.noisy = False  # no "Starting factory <... object at 0x...>" lines in the log
         self.data_address: tuple[str, int, bool] | None = None
         self.api_address: tuple[str, int, bool] | None = None
         self._started_at = time.time()
@@ -171,7 +172,9 @@ class FiledockServer:
         """The control API's hardened ``Site`` (bounded bodies, keys cut in the access log)."""
         from filedock.server.api import ControlAPI
 
-        return ControlAPI(self.store, self.blobs, self.limits, self.dataport, self.info).site()
+        site = ControlAPI(self.store, self.blobs, self.limits, self.dataport, self.info).site()
+        site.noisy = False
+        return site
 
     @defer.inlineCallbacks
     def start(self):
