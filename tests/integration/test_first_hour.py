@@ -268,6 +268,23 @@ def test_upload_says_resuming_at_the_start_and_shows_queued_files(server, tmp_pa
     assert text.index("resuming big.bin") < text.index("4/4 files complete")
 
 
+def test_download_says_resuming_when_it_starts(server, tmp_path):
+    """A download with a .part from an earlier run: the terminal says `resuming NAME from ...` first."""
+    data = os.urandom(8 * 1024 * 1024)
+    job, files, session = server.job_with_files("dl-resume", {"big.bin": len(data)})
+    sock, _ = put(server, session["key"], files["big.bin"]["key"], len(data))
+    sock.sendall(data + f"DONE {digest_of(data)}\r\n".encode())
+    assert recv_line(sock).startswith(b"STORED")
+    sock.close()
+    dest = tmp_path / "big.bin"
+    Path(f"{dest}.part").write_bytes(data[:3_000_000])
+    rc, text = Terminal(cli_args("download", "--job", "dl-resume", "big.bin", str(dest)), env=server.env(),
+                        columns=120).finish()
+    assert rc == 0, text
+    assert re.search(r"resuming big\.bin from 3\.0 MB of 8\.4 MB", text), text
+    assert dest.read_bytes() == data
+
+
 # ------------------------------------------------------------ item 6: a complete file over HTTP
 
 
