@@ -515,10 +515,11 @@ STAGED_SHAPE = re.compile(r"[0-9a-f]{12}-[0-9]+")
 
 def allowed_data_dir_entry(rel: Path) -> bool:
     """Names the server itself makes in its data dir: jobs/<id>/<key>[.part|.blocks], the SQLite files,
-    staging/<lane>/<tag>-<n> (batches in flight)."""
+    staging/<lane>/<tag>-<n> (batches in flight), admin-token (serve --issue-admin-token)."""
     parts = rel.parts
     if len(parts) == 1:
-        return parts[0] in ("jobs", "lost+found", "staging", "filedock.lock") or parts[0].startswith("filedock.sqlite3")
+        return parts[0] in ("jobs", "lost+found", "staging", "filedock.lock", "admin-token") or \
+            parts[0].startswith("filedock.sqlite3")
     if parts[0] == "staging":
         return parts[1].isdigit() and (len(parts) == 2 or len(parts) == 3 and bool(STAGED_SHAPE.fullmatch(parts[2])))
     if parts[0] != "jobs" or not KEY_SHAPE.fullmatch(parts[1]):
