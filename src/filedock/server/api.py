@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import math
 import re
 import unicodedata
 from dataclasses import asdict, dataclass, field
@@ -71,6 +72,8 @@ HTTP_STATUS: dict[str, int] = {
 """The HTTP status for each error code; any other refusal is a 400."""
 
 _KEY_SHAPE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+# the log hides anything key-shaped whatever its case: a client may send a key in upper case
+_KEY_SHAPE_ANY_CASE = re.compile(_KEY_SHAPE.pattern, re.IGNORECASE)
 _REALM = 'Bearer realm="filedock"'
 
 
@@ -81,7 +84,7 @@ def http_status(code: str) -> int:
 
 def hide_keys(text: str, ellipsis: str = "…") -> str:
     """``text`` with every key (job id, file key, session key) cut to its first 8 characters."""
-    return _KEY_SHAPE.sub(lambda m: m.group()[:8] + ellipsis, text)
+    return _KEY_SHAPE_ANY_CASE.sub(lambda m: m.group()[:8] + ellipsis, text)
 
 
 def error_body(code: str, message: str) -> dict[str, Any]:
@@ -141,10 +144,12 @@ def check_job_name(name: str) -> str:
 
 
 def check_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
-    """Job metadata: a flat object of strings, numbers, booleans and nulls."""
+    """Job metadata: a flat object of strings, finite numbers, booleans and nulls."""
     for key, value in metadata.items():
         if value is not None and not isinstance(value, (str, int, float, bool)):
             raise _bad(f"metadata value {key[:100]!r} must be a string, number, boolean or null")
+        if isinstance(value, float) and not math.isfinite(value):  # JSON has no Infinity or NaN
+            raise _bad(f"metadata value {key[:100]!r} must be a finite number")
     return metadata
 
 
@@ -175,7 +180,7 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
     if not raw.strip():
         return {}
     try:
-        value = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+        value = json.loads(raw.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite_float)
     except UnicodeDecodeError:
         raise _bad("the body is not UTF-8") from None
     except RecursionError:
@@ -189,6 +194,14 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
 
 def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    # 1e999 parses as infinity, which json.dumps would send back as the non-JSON word Infinity
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is too large for a number")
+    return value
 
 
 # ------------------------------------------------------------ JSON shapes
@@ -355,11 +368,7 @@ class ControlAPI:
 
     @defer.inlineCallbacks
     def _authenticate(self, request: IRequest):
-        scheme, _, token = (request.getHeader(b"authorization") or b"").partition(b" ")
-        token = token.strip()
-        if scheme.lower() != b"bearer" or not token:
-            raise _Refusal(ErrorCode.UNAUTHORIZED, "send 'Authorization: Bearer <token>'",
-                           {"WWW-Authenticate": _REALM})
+        token = bearer_token(request)
         valid = yield self.store.check_token(token.decode("latin-1"))
         if not valid:
             log.info("control API: refused a token from {peer}", peer=_peer(request))
@@ -556,6 +565,18 @@ def _segment(raw: str) -> str:
         return unquote_to_bytes(raw).decode("utf-8")
     except UnicodeDecodeError:
         raise _bad("the path is not UTF-8") from None
+
+
+def bearer_token(request: IRequest) -> bytes:
+    """The token of the request's one ``Authorization: Bearer`` header; refuses none, a malformed one or two."""
+    headers = request.requestHeaders.getRawHeaders(b"authorization") or []
+    if len(headers) > 1:  # which one counts would be up to each proxy on the way: refuse
+        raise _bad("send one Authorization header, not several")
+    scheme, _, token = (headers[0] if headers else b"").partition(b" ")
+    token = token.strip()
+    if scheme.lower() != b"bearer" or not token:
+        raise _Refusal(ErrorCode.UNAUTHORIZED, "send 'Authorization: Bearer <token>'", {"WWW-Authenticate": _REALM})
+    return token
 
 
 def _peer(request: IRequest) -> str:
