@@ -57,6 +57,7 @@ HTTP_STATUS: dict[str, int] = {
     ErrorCode.UNKNOWN_FILE.value: 404,
     ErrorCode.UNKNOWN_SESSION.value: 404,
     ErrorCode.METHOD_NOT_ALLOWED.value: 405,
+    ErrorCode.IDLE_TIMEOUT.value: 408,
     ErrorCode.CONFLICT.value: 409,
     ErrorCode.QUOTA_EXCEEDED.value: 409,
     ErrorCode.SESSION_CLOSED.value: 409,
@@ -263,7 +264,7 @@ class _Exchange:
             data = reply.payload
         else:
             data = json.dumps(reply.payload).encode("ascii")  # \u escapes: even lone surrogates encode
-        if self.gone or self.request.finished:
+        if self.gone or self.request.finished or getattr(self.request, "answered_early", False):
             return
         request = self.request
         request.setResponseCode(reply.status)
@@ -324,8 +325,9 @@ class ControlAPI:
         return self._resource
 
     def site(self) -> server.Site:
-        """A ``Site`` for this API: bodies bounded in memory, keys hidden in the access log."""
-        return ControlSite(self._resource, self.limits.max_api_body)
+        """A ``Site`` for this API: tokens checked before bodies are read, connections and bodies
+        bounded in number, bytes and time, keys hidden in the access log."""
+        return ControlSite(self._resource, self.limits.max_api_body, api=self)
 
     # ------------------------------------------------------------ plumbing
 
@@ -366,12 +368,26 @@ class ControlAPI:
                     method=request.method.decode("latin-1"), path=hide_keys(request.path.decode("latin-1")))
         return Reply(500, error_body(ErrorCode.INTERNAL_ERROR.value, "internal error; the server log has details"))
 
+    def check_token(self, request: IRequest, token: bytes) -> defer.Deferred:
+        """Fires with True for a token the store knows; logs a refused one."""
+        def checked(valid: bool) -> bool:
+            if not valid:
+                log.info("control API: refused a token from {peer}", peer=_peer(request))
+            return bool(valid)
+        return self.store.check_token(token.decode("latin-1")).addCallback(checked)
+
     @defer.inlineCallbacks
     def _authenticate(self, request: IRequest):
+        early = getattr(request, "token_check", None)
+        if early is not None:  # a ControlSite checked the token before reading the body
+            valid = yield early
+            if not valid:
+                raise _Refusal(ErrorCode.UNAUTHORIZED, "the token is not valid",
+                               {"WWW-Authenticate": _REALM + ', error="invalid_token"'})
+            return
         token = bearer_token(request)
-        valid = yield self.store.check_token(token.decode("latin-1"))
+        valid = yield self.check_token(request, token)
         if not valid:
-            log.info("control API: refused a token from {peer}", peer=_peer(request))
             raise _Refusal(ErrorCode.UNAUTHORIZED, "the token is not valid",
                            {"WWW-Authenticate": _REALM + ', error="invalid_token"'})
 
@@ -621,6 +637,138 @@ class _KeysHidden:
         return getattr(self._request, name)
 
 
+def raw_reply(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> bytes:
+    """A whole HTTP/1.1 response with a JSON error body, for a connection about to be closed."""
+    body = json.dumps(error_body(code, message)).encode("ascii")
+    lines = [b"HTTP/1.1 %d %s" % (status, http.RESPONSES.get(status, b"Error")),
+             b"Content-Type: application/json", b"Content-Length: %d" % len(body),
+             b"Cache-Control: no-store", b"Connection: close"]
+    lines += [f"{name}: {value}".encode("latin-1") for name, value in (headers or {}).items()]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+class ControlRequest(server.Request):
+    """A request whose token is checked as soon as its headers are in, before its body is read.
+
+    A request without a valid token costs a header's worth of memory and one store
+    look-up: it is answered and its connection closed without reading a byte of its
+    body. A valid one reserves room for its body in the site's budget first.
+    """
+
+    token_check: defer.Deferred | None = None
+    answered_early = False
+
+    def gotLength(self, length: int | None) -> None:
+        site: ControlSite = self.channel.site
+        self.content = site.getContentFile(length)
+        if site.api is None:
+            return
+        method, path = self.channel._command, self.channel._path.split(b"?", 1)[0]
+        if method == b"GET" and path in (b"/", b"/dashboard"):
+            return  # the dashboard page needs no token
+        try:
+            token = bearer_token(self)
+        except FiledockError as err:
+            self.refuse_early(err)
+            return
+        transport = self.channel.transport
+        transport.pauseProducing()  # not one more byte of the body until the token is known
+        self.token_check = site.api.check_token(self, token).addCallback(self._admit, length)
+        self.token_check.addErrback(self._check_failed)
+
+    def _admit(self, valid: bool, length: int | None) -> bool:
+        site: ControlSite = self.channel.site
+        if self.answered_early or self.channel.transport is None:
+            return valid
+        if not valid:
+            self.refuse_early(_Refusal(ErrorCode.UNAUTHORIZED, "the token is not valid",
+                                       {"WWW-Authenticate": _REALM + ', error="invalid_token"'}))
+            return False
+        if not site.reserve_body(self, length):
+            self.refuse_early(FiledockError(ErrorCode.TOO_MANY_CONNECTIONS,
+                                            "too many request bodies are arriving at once; try again"))
+            return False
+        self.channel.admitted()
+        self.channel.transport.resumeProducing()
+        return True
+
+    def _check_failed(self, failure: Failure) -> bool:
+        log.failure("control API: could not check a token", failure)
+        self.refuse_early(FiledockError(ErrorCode.INTERNAL_ERROR, "internal error; the server log has details"))
+        return False
+
+    def refuse_early(self, err: FiledockError) -> None:
+        """Answer ``err`` now and close the connection, whatever of the request is still to come."""
+        if self.answered_early:
+            return
+        self.answered_early = True
+        self.content = BoundedBody(0)  # what is already buffered goes nowhere
+        self.requestHeaders.removeHeader(b"expect")  # no "100 Continue" after the refusal
+        headers = err.headers if isinstance(err, _Refusal) else {}
+        transport = self.channel.transport
+        if transport is not None:
+            transport.write(raw_reply(http_status(err.code_str), err.code_str, err.message, headers))
+            transport.loseConnection()
+
+
+class ControlChannel(http.HTTPChannel):
+    """An HTTP/1.1 connection to the control API with a deadline for each whole request.
+
+    From the connection's start (or the end of its previous request) the next request's
+    headers and body must arrive within ``api_request_timeout`` seconds, however slowly
+    they trickle in. A connection is *waiting* until a request's token is accepted; the
+    site may drop the oldest waiting connection to make room for a new one.
+    """
+
+    site: "ControlSite"
+    _deadline: Any = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._arm()
+        self.site.channel_opened(self)
+
+    def admitted(self) -> None:
+        """A request's token was accepted: this connection is no longer only waiting."""
+        self.site.channel_busy(self)
+
+    def allContentReceived(self) -> None:
+        self._disarm()
+        super().allContentReceived()
+
+    def requestDone(self, request: IRequest) -> None:
+        super().requestDone(request)
+        if self.transport is not None and not self.transport.disconnecting:
+            self._arm()
+            self.site.channel_waiting(self)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._disarm()
+        self.site.channel_closed(self)
+        super().connectionLost(reason)
+
+    def _arm(self) -> None:
+        self._disarm()
+        timeout = self.site.request_timeout
+        if timeout:
+            self._deadline = self.callLater(timeout, self._too_slow, timeout)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _too_slow(self, timeout: float) -> None:
+        self._deadline = None
+        if self.transport is None:
+            return
+        if self.requests:  # a request is half-way in: answer it, then close
+            self.transport.write(raw_reply(408, ErrorCode.IDLE_TIMEOUT.value,
+                                           f"the request did not arrive within {timeout:g} seconds"))
+        self.transport.loseConnection()
+        self.callLater(5.0, self.transport.abortConnection)  # a peer that reads nothing is dropped
+
+
 class ControlSite(server.Site):
     """A ``Site`` for the control API.
 
@@ -629,11 +777,75 @@ class ControlSite(server.Site):
     the access log shows keys cut short.
     """
 
-    def __init__(self, root: resource.IResource, max_body: int, **kwargs: Any) -> None:
+    protocol = ControlChannel  # plain HTTP/1.1 (the API does not offer HTTP/2)
+    requestFactory = ControlRequest
+
+    def __init__(self, root: resource.IResource, max_body: int, api: "ControlAPI | None" = None,
+                 **kwargs: Any) -> None:
         kwargs.setdefault("logFormatter", access_log_line)
         super().__init__(root, **kwargs)
         self.max_body = max_body
+        self.api = api
+        limits = api.limits if api is not None else Limits()
+        self.max_connections = limits.max_api_connections
+        self.request_timeout = limits.api_request_timeout
+        self.max_bodies_in_flight = limits.max_api_bodies_in_flight
+        self.bodies_in_flight = 0
+        self._busy: set[ControlChannel] = set()
+        self._waiting: dict[ControlChannel, None] = {}  # oldest first
 
     def getContentFile(self, length: int | None) -> BoundedBody:
         """Where a request's body goes while it arrives."""
         return BoundedBody(self.max_body)
+
+    # -- connections: at most max_connections; the oldest waiting one makes room for a new one
+
+    def channel_opened(self, channel: ControlChannel) -> None:
+        """A new connection: keep it, dropping the oldest waiting connection if the site is full."""
+        self._waiting[channel] = None
+        if len(self._waiting) + len(self._busy) <= self.max_connections:
+            return
+        oldest = next(iter(self._waiting))
+        if oldest is channel:  # every other connection is busy with an admitted request
+            self.channel_closed(channel)
+            channel.transport.write(raw_reply(503, ErrorCode.TOO_MANY_CONNECTIONS.value,
+                                              "the server has too many connections; try again"))
+            channel.transport.loseConnection()
+            return
+        self.channel_closed(oldest)
+        oldest.transport.abortConnection()
+
+    def channel_busy(self, channel: ControlChannel) -> None:
+        """The connection's request was admitted: it is not dropped to make room."""
+        if channel in self._waiting:
+            del self._waiting[channel]
+            self._busy.add(channel)
+
+    def channel_waiting(self, channel: ControlChannel) -> None:
+        """The connection waits for its next request."""
+        if channel in self._busy:
+            self._busy.discard(channel)
+            self._waiting[channel] = None
+
+    def channel_closed(self, channel: ControlChannel) -> None:
+        """The connection is gone (or going)."""
+        self._waiting.pop(channel, None)
+        self._busy.discard(channel)
+
+    def open_connections(self) -> int:
+        """How many connections the site counts now."""
+        return len(self._waiting) + len(self._busy)
+
+    # -- bodies: their bytes in memory at once are bounded
+
+    def reserve_body(self, request: ControlRequest, length: int | None) -> bool:
+        """Room for ``request``'s body (``length`` bytes, or the most it may hold if chunked), or False."""
+        need = min(self.max_body + 1 if length is None else length, self.max_body + 1)
+        if need and self.bodies_in_flight + need > self.max_bodies_in_flight:
+            return False
+        self.bodies_in_flight += need
+
+        def release(_: Any) -> None:
+            self.bodies_in_flight -= need
+        request.notifyFinish().addBoth(release)
+        return True
