@@ -37,7 +37,9 @@ from filedock.errors import ErrorCode, FiledockError, short_key
 from filedock.server.dataport import DataPortFactory
 from filedock.store.blobs import BlobStore
 from filedock.store.metadata import DeferredStore
-from filedock.store.model import FILE_COMPLETE, FileRecord, Job, Session
+from filedock.store.model import (
+    FILE_COMPLETE, SCOPE_ADMIN, SCOPE_READ, SCOPE_UPLOAD, SCOPES, FileRecord, Job, Session, TokenGrant,
+)
 
 log = Logger(namespace="filedock.api")
 
@@ -53,6 +55,7 @@ MAX_BATCH = 1000
 HTTP_STATUS: dict[str, int] = {
     ErrorCode.BAD_REQUEST.value: 400,
     ErrorCode.UNAUTHORIZED.value: 401,
+    ErrorCode.FORBIDDEN.value: 403,
     ErrorCode.NOT_FOUND.value: 404,
     ErrorCode.UNKNOWN_FILE.value: 404,
     ErrorCode.UNKNOWN_SESSION.value: 404,
@@ -211,7 +214,7 @@ def _finite_float(text: str) -> float:
 def session_json(session: Session) -> dict[str, Any]:
     """A session as the API shows it."""
     return {"key": session.key, "job": session.job_id, "created": session.created,
-            "expires": session.expires, "closed": session.closed}
+            "expires": session.expires, "closed": session.closed, "scope": session.scope}
 
 
 def job_summary(job: Job, files: list[FileRecord]) -> dict[str, Any]:
@@ -223,18 +226,37 @@ def job_summary(job: Job, files: list[FileRecord]) -> dict[str, Any]:
 # ------------------------------------------------------------ routing and replies
 
 
+ANY_SCOPE = SCOPES
+UPLOAD_SCOPES = (SCOPE_ADMIN, SCOPE_UPLOAD)
+READ_SCOPES = (SCOPE_ADMIN, SCOPE_READ)
+ADMIN_ONLY = (SCOPE_ADMIN,)
+
+TARGET_SERVER = "server"
+"""The route concerns no job (``/v1/info``): open to tokens of one job too."""
+TARGET_ALL_JOBS = "all-jobs"
+"""The route sees or changes many jobs, or the server's tokens: not for tokens of one job."""
+TARGET_JOB, TARGET_FILE, TARGET_SESSION = "job", "file", "session"
+"""The route's path argument names a job (id or name), a file key or a session key."""
+
+
 @dataclass(frozen=True)
 class Route:
-    """One endpoint: a method and a path pattern (``{}`` is one path segment)."""
+    """One endpoint: a method, a path pattern (``{}`` is one path segment), the token scopes it
+    accepts and what its path argument names (so a token of one job reaches only that job)."""
 
     method: str
     pattern: re.Pattern[str]
     handler: Callable[..., Any]
+    scopes: tuple[str, ...] = ADMIN_ONLY
+    target: str = TARGET_ALL_JOBS
+    wants_grant: bool = False
 
     @classmethod
-    def of(cls, method: str, path: str, handler: Callable[..., Any]) -> "Route":
+    def of(cls, method: str, path: str, handler: Callable[..., Any], scopes: tuple[str, ...] = ADMIN_ONLY,
+           target: str = TARGET_ALL_JOBS, wants_grant: bool = False) -> "Route":
         """A route for ``path``, e.g. ``"/v1/jobs/{}/files"``."""
-        return cls(method, re.compile(re.escape(path).replace(r"\{\}", "([^/]+)")), handler)
+        return cls(method, re.compile(re.escape(path).replace(r"\{\}", "([^/]+)")), handler, scopes, target,
+                   wants_grant)
 
 
 @dataclass(frozen=True)
@@ -305,18 +327,21 @@ class ControlAPI:
         self.dataport = dataport
         self.info = info
         self.routes = [
-            Route.of("GET", "/v1/info", self._get_info),
-            Route.of("GET", "/v1/jobs", self._list_jobs),
+            Route.of("GET", "/v1/info", self._get_info, ANY_SCOPE, TARGET_SERVER),
+            Route.of("GET", "/v1/jobs", self._list_jobs, READ_SCOPES),
             Route.of("POST", "/v1/jobs", self._create_job),
-            Route.of("GET", "/v1/jobs/{}", self._get_job),
-            Route.of("PATCH", "/v1/jobs/{}", self._update_job),
-            Route.of("DELETE", "/v1/jobs/{}", self._delete_job),
-            Route.of("POST", "/v1/jobs/{}/files", self._add_files),
-            Route.of("POST", "/v1/jobs/{}/sessions", self._open_session),
-            Route.of("GET", "/v1/files/{}", self._get_file),
-            Route.of("DELETE", "/v1/sessions/{}", self._close_session),
-            Route.of("GET", "/v1/uploads", self._list_uploads),
-            Route.of("GET", "/metrics", self._metrics),
+            Route.of("GET", "/v1/jobs/{}", self._get_job, ANY_SCOPE, TARGET_JOB),
+            Route.of("PATCH", "/v1/jobs/{}", self._update_job, ADMIN_ONLY, TARGET_JOB),
+            Route.of("DELETE", "/v1/jobs/{}", self._delete_job, ADMIN_ONLY, TARGET_JOB),
+            Route.of("POST", "/v1/jobs/{}/files", self._add_files, UPLOAD_SCOPES, TARGET_JOB),
+            Route.of("POST", "/v1/jobs/{}/sessions", self._open_session, ANY_SCOPE, TARGET_JOB, wants_grant=True),
+            Route.of("GET", "/v1/files/{}", self._get_file, ANY_SCOPE, TARGET_FILE),
+            Route.of("DELETE", "/v1/sessions/{}", self._close_session, ANY_SCOPE, TARGET_SESSION),
+            Route.of("GET", "/v1/uploads", self._list_uploads, READ_SCOPES),
+            Route.of("GET", "/metrics", self._metrics, READ_SCOPES),
+            Route.of("POST", "/v1/tokens", self._create_token),
+            Route.of("GET", "/v1/tokens", self._list_tokens),
+            Route.of("DELETE", "/v1/tokens/{}", self._revoke_token),
         ]
         self._resource = _APIResource(self)
 
@@ -353,11 +378,36 @@ class ControlAPI:
 
     @defer.inlineCallbacks
     def _dispatch(self, request: IRequest):
-        yield self._authenticate(request)
+        grant: TokenGrant = yield self._authenticate(request)
         route, args = self._route(request)
+        yield self._authorize(grant, route, args)
         body = self._read_body(request) if route.method in ("POST", "PATCH") else None
-        result = yield route.handler(body, *args)
+        result = yield route.handler(body, *args, **({"grant": grant} if route.wants_grant else {}))
         return result
+
+    @defer.inlineCallbacks
+    def _authorize(self, grant: TokenGrant, route: Route, args: list[str]):
+        """Refuse (403 forbidden) what ``grant``'s scope or job does not cover."""
+        if grant.scope not in route.scopes:
+            raise FiledockError(ErrorCode.FORBIDDEN, f"a token of scope {grant.scope!r} may not "
+                                                     f"{route.method} {route.pattern.pattern[:60]}")
+        if grant.job_id is None or route.target == TARGET_SERVER:
+            return
+        only_job = FiledockError(ErrorCode.FORBIDDEN, f"this token is for job {grant.job_id} only")
+        if route.target == TARGET_ALL_JOBS:
+            raise only_job
+        # a job is refused alike whether it exists or not: a token of one job learns nothing of others
+        if route.target == TARGET_JOB:
+            job: Job | None = yield self.store.find_job(args[0])
+            owner = job.id if job is not None else None
+        elif route.target == TARGET_FILE:
+            record: FileRecord | None = yield self.store.get_file(args[0])
+            owner = record.job_id if record is not None else grant.job_id  # unknown: the handler says 404
+        else:
+            session: Session | None = yield self.store.get_session(args[0])
+            owner = session.job_id if session is not None else grant.job_id
+        if owner != grant.job_id:
+            raise only_job
 
     def _refusal(self, failure: Failure, request: IRequest) -> Reply:
         if failure.check(FiledockError):
@@ -369,27 +419,28 @@ class ControlAPI:
         return Reply(500, error_body(ErrorCode.INTERNAL_ERROR.value, "internal error; the server log has details"))
 
     def check_token(self, request: IRequest, token: bytes) -> defer.Deferred:
-        """Fires with True for a token the store knows; logs a refused one."""
-        def checked(valid: bool) -> bool:
-            if not valid:
+        """Fires with the token's ``TokenGrant``, or None for a token the store does not know (logged)."""
+        def checked(grant: TokenGrant | None) -> TokenGrant | None:
+            if grant is None:
                 log.info("control API: refused a token from {peer}", peer=_peer(request))
-            return bool(valid)
+            return grant
         return self.store.check_token(token.decode("latin-1")).addCallback(checked)
 
     @defer.inlineCallbacks
     def _authenticate(self, request: IRequest):
         early = getattr(request, "token_check", None)
         if early is not None:  # a ControlSite checked the token before reading the body
-            valid = yield early
-            if not valid:
+            grant = yield early
+            if grant is None:
                 raise _Refusal(ErrorCode.UNAUTHORIZED, "the token is not valid",
                                {"WWW-Authenticate": _REALM + ', error="invalid_token"'})
-            return
+            return grant
         token = bearer_token(request)
-        valid = yield self.check_token(request, token)
-        if not valid:
+        grant = yield self.check_token(request, token)
+        if grant is None:
             raise _Refusal(ErrorCode.UNAUTHORIZED, "the token is not valid",
                            {"WWW-Authenticate": _REALM + ', error="invalid_token"'})
+        return grant
 
     def _route(self, request: IRequest) -> tuple[Route, list[str]]:
         method = request.method.decode("latin-1")
@@ -536,13 +587,13 @@ class ControlAPI:
     # ------------------------------------------------------------ sessions and uploads
 
     @defer.inlineCallbacks
-    def _open_session(self, body: dict[str, Any], ref: str):
+    def _open_session(self, body: dict[str, Any], ref: str, grant: TokenGrant):
         only_fields(body, ("ttl",))
         ttl = typed_field(body, "ttl", "a number", default=self.limits.session_ttl)
         if not 0 < ttl <= self.limits.max_session_ttl:
             raise _bad(f"'ttl' is more than 0 and at most {self.limits.max_session_ttl:g} seconds")
         job = yield self._find_job(ref)
-        session: Session = yield self.store.open_session(job.id, float(ttl))
+        session: Session = yield self.store.open_session(job.id, float(ttl), grant.scope)
         log.info("session opened: {session} for job {job}", session=short_key(session.key), job=short_key(job.id))
         return 201, session_json(session)
 
@@ -553,6 +604,38 @@ class ControlAPI:
             raise FiledockError(ErrorCode.NOT_FOUND, "no such session")
         session = yield self.store.close_session(key)
         return 200, session_json(session)
+
+    # ------------------------------------------------------------ tokens
+
+    @defer.inlineCallbacks
+    def _create_token(self, body: dict[str, Any]):
+        only_fields(body, ("label", "scope", "job"))
+        label = typed_field(body, "label", "a string", default="api")
+        if not 1 <= len(label) <= MAX_JOB_NAME or not label.isprintable():
+            raise _bad(f"a label has 1 to {MAX_JOB_NAME} printable characters")
+        scope = typed_field(body, "scope", "a string", default=SCOPE_ADMIN)
+        if scope not in SCOPES:
+            raise _bad(f"'scope' is one of {', '.join(SCOPES)}")
+        ref = typed_field(body, "job", "a string")
+        job_id = (yield self._find_job(ref)).id if ref is not None else None
+        token: str = yield self.store.create_token(label, scope, job_id)
+        grant: TokenGrant = yield self.store.check_token(token)
+        log.info("token created: {id} {label!r} scope {scope}{job}", id=grant.id, label=label, scope=scope,
+                 job=f" for job {short_key(job_id)}" if job_id else "")
+        return 201, {"token": token} | grant.to_json()
+
+    @defer.inlineCallbacks
+    def _list_tokens(self, _body: None):
+        grants: list[TokenGrant] = yield self.store.list_tokens()
+        return 200, {"tokens": [g.to_json() for g in grants]}
+
+    @defer.inlineCallbacks
+    def _revoke_token(self, _body: None, token_id: str):
+        revoked = yield self.store.revoke_token(token_id)
+        if not revoked:
+            raise FiledockError(ErrorCode.NOT_FOUND, "no such token")
+        log.info("token revoked: {id}", id=token_id[:16])
+        return 200, {"revoked": token_id}
 
     def _metrics(self, _body: None) -> tuple[int, bytes, dict[str, str], str]:
         from filedock.server import metrics
@@ -676,26 +759,26 @@ class ControlRequest(server.Request):
         self.token_check = site.api.check_token(self, token).addCallback(self._admit, length)
         self.token_check.addErrback(self._check_failed)
 
-    def _admit(self, valid: bool, length: int | None) -> bool:
+    def _admit(self, grant: TokenGrant | None, length: int | None) -> TokenGrant | None:
         site: ControlSite = self.channel.site
         if self.answered_early or self.channel.transport is None:
-            return valid
-        if not valid:
+            return grant
+        if grant is None:
             self.refuse_early(_Refusal(ErrorCode.UNAUTHORIZED, "the token is not valid",
                                        {"WWW-Authenticate": _REALM + ', error="invalid_token"'}))
-            return False
+            return None
         if not site.reserve_body(self, length):
             self.refuse_early(FiledockError(ErrorCode.TOO_MANY_CONNECTIONS,
                                             "too many request bodies are arriving at once; try again"))
-            return False
+            return None
         self.channel.admitted()
         self.channel.transport.resumeProducing()
-        return True
+        return grant
 
-    def _check_failed(self, failure: Failure) -> bool:
+    def _check_failed(self, failure: Failure) -> None:
         log.failure("control API: could not check a token", failure)
         self.refuse_early(FiledockError(ErrorCode.INTERNAL_ERROR, "internal error; the server log has details"))
-        return False
+        return None
 
     def refuse_early(self, err: FiledockError) -> None:
         """Answer ``err`` now and close the connection, whatever of the request is still to come."""

@@ -20,8 +20,8 @@ from typing import Any, Iterator
 
 from filedock.errors import ErrorCode, FiledockError
 from filedock.store.model import (
-    FILE_COMPLETE, FILE_PARTIAL, FILE_PENDING, JOB_COMPLETE, JOB_OPEN, Event, FileRecord, Job,
-    Session,
+    FILE_COMPLETE, FILE_PARTIAL, FILE_PENDING, JOB_COMPLETE, JOB_OPEN, SCOPE_ADMIN, SCOPES, Event, FileRecord,
+    Job, Session, TokenGrant,
 )
 
 MIGRATIONS: list[str] = [
@@ -77,11 +77,20 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE events ADD COLUMN delivered_to TEXT NOT NULL DEFAULT '[]'
     """,
+    # 3: scoped tokens (admin, upload, read; optionally one job), and sessions carry their token's scope
+    """
+    ALTER TABLE tokens ADD COLUMN scope TEXT NOT NULL DEFAULT 'admin';
+    ALTER TABLE tokens ADD COLUMN job_id TEXT REFERENCES jobs(id) ON DELETE CASCADE;
+    ALTER TABLE sessions ADD COLUMN scope TEXT NOT NULL DEFAULT 'admin'
+    """,
 ]
 
 _FILE_COLS = "key, job_id, name, size, received, state, crc32, digest, uploaded_at, updated, part_stamp"
 _JOB_COLS = "id, name, metadata, created, updated, state"
-_SESSION_COLS = "key, job_id, created, expires, closed"
+_SESSION_COLS = "key, job_id, created, expires, closed, scope"
+_TOKEN_COLS = "hash, label, scope, job_id, created"
+TOKEN_ID_LENGTH = 16
+"""Hex digits of a token's SHA-256 that name it (``TokenGrant.id``)."""
 
 
 def hash_token(token: str) -> str:
@@ -153,14 +162,38 @@ class SQLiteStore:
 
     # ------------------------------------------------------------ tokens
 
-    def create_token(self, label: str) -> str:
+    def create_token(self, label: str, scope: str = SCOPE_ADMIN, job_id: str | None = None) -> str:
+        """A new token (shown this once: only its hash is kept) with ``scope``, for one job if ``job_id``."""
+        if scope not in SCOPES:
+            raise FiledockError(ErrorCode.BAD_REQUEST, f"a scope is one of {', '.join(SCOPES)}")
         token = "fdk_" + secrets.token_urlsafe(32)
         with self._write() as db:
-            db.execute("INSERT INTO tokens VALUES (?, ?, ?)", (hash_token(token), label, self._clock()))
+            if job_id is not None and db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None:
+                raise FiledockError(ErrorCode.NOT_FOUND, "no such job")
+            db.execute(f"INSERT INTO tokens ({_TOKEN_COLS}) VALUES (?, ?, ?, ?, ?)",
+                       (hash_token(token), label, scope, job_id, self._clock()))
         return token
 
-    def check_token(self, token: str) -> bool:
-        return bool(self._read("SELECT 1 FROM tokens WHERE hash = ?", (hash_token(token),)))
+    @staticmethod
+    def _grant(row: tuple) -> TokenGrant:
+        return TokenGrant(row[0][:TOKEN_ID_LENGTH], row[1], row[2], row[3], row[4])
+
+    def check_token(self, token: str) -> TokenGrant | None:
+        """What ``token`` grants, or None for a token the store does not know."""
+        rows = self._read(f"SELECT {_TOKEN_COLS} FROM tokens WHERE hash = ?", (hash_token(token),))
+        return self._grant(rows[0]) if rows else None
+
+    def list_tokens(self) -> list[TokenGrant]:
+        """Every token's grant, oldest first (never the tokens themselves: they are not kept)."""
+        return [self._grant(r) for r in self._read(f"SELECT {_TOKEN_COLS} FROM tokens ORDER BY created")]
+
+    def revoke_token(self, token_id: str) -> bool:
+        """Delete the token named ``token_id`` (see ``TokenGrant.id``); False if there is none."""
+        if len(token_id) != TOKEN_ID_LENGTH or any(c not in "0123456789abcdef" for c in token_id):
+            return False
+        with self._write() as db:
+            return db.execute("DELETE FROM tokens WHERE substr(hash, 1, ?) = ?",
+                              (TOKEN_ID_LENGTH, token_id)).rowcount > 0
 
     def delete_tokens(self, label: str) -> int:
         with self._write() as db:
@@ -333,14 +366,14 @@ class SQLiteStore:
 
     # ------------------------------------------------------------ sessions
 
-    def open_session(self, job_id: str, ttl: float) -> Session:
+    def open_session(self, job_id: str, ttl: float, scope: str = SCOPE_ADMIN) -> Session:
         now = self._clock()
-        session = Session(new_key(), job_id, now, now + ttl, None)
+        session = Session(new_key(), job_id, now, now + ttl, None, scope)
         with self._write() as db:
             if db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None:
                 raise FiledockError(ErrorCode.NOT_FOUND, "no such job")
-            db.execute(f"INSERT INTO sessions ({_SESSION_COLS}) VALUES (?, ?, ?, ?, ?)",
-                       (session.key, job_id, now, session.expires, None))
+            db.execute(f"INSERT INTO sessions ({_SESSION_COLS}) VALUES (?, ?, ?, ?, ?, ?)",
+                       (session.key, job_id, now, session.expires, None, scope))
         return session
 
     def get_session(self, key: str) -> Session | None:
