@@ -69,15 +69,15 @@ class Fsck:
         return f"moved to {target}"
 
     def _check_record(self, r: FileRecord) -> list[Path]:
-        final = self.blobs.final_path(r.job_id, r.key)
-        part = self.blobs.part_path(r.job_id, r.key)
-        blocks = self.blobs.blocks_path(r.job_id, r.key)
+        final = self.blobs.final_path(r.job_id, r.blob_name)
+        part = self.blobs.part_path(r.job_id, r.blob_name)
+        blocks = self.blobs.blocks_path(r.job_id, r.blob_name)
         self.checked_files += 1
         if r.state == FILE_COMPLETE:
             self._check_complete(r, final)
             if part.exists():
                 self._found("stray-partial", part, "a partial next to a complete file", r.key,
-                            lambda: (self.blobs.discard(r.job_id, r.key), "deleted")[1])
+                            lambda: (self.blobs.discard(r.job_id, r.blob_name), "deleted")[1])
         else:
             if final.exists():
                 def unpublish():

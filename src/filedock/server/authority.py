@@ -36,6 +36,12 @@ class UploadTarget:
     crc32: int
     stamp: str | None
     name: str = ""
+    file_id: str = ""
+
+    @property
+    def blob_name(self) -> str:
+        """What the file's blobs are named on disk: its stable id (its key, if the authority has no ids)."""
+        return self.file_id or self.file_key
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,12 @@ class DownloadSource:
     crc32: int
     digest: str
     name: str = ""
+    file_id: str = ""
+
+    @property
+    def blob_name(self) -> str:
+        """What the file's blobs are named on disk: its stable id (its key, if the authority has no ids)."""
+        return self.file_id or self.file_key
 
 
 class ISessionAuthority(Interface):
@@ -152,10 +164,10 @@ class StoreAuthority:
                                               f"the file was declared with {record.size} bytes, not {size}")
             elif record.state == FILE_COMPLETE:
                 verdicts[key] = DownloadSource(record.job_id, key, record.size, record.crc32, record.digest,
-                                               record.name)
+                                               record.name, record.id)
             else:
                 verdicts[key] = UploadTarget(record.job_id, key, record.size, record.received, record.crc32,
-                                             record.part_stamp, record.name)
+                                             record.part_stamp, record.name, record.id)
         return verdicts
 
     @defer.inlineCallbacks
@@ -179,14 +191,15 @@ class StoreAuthority:
         if record.state == FILE_COMPLETE:
             raise FiledockError(ErrorCode.ALREADY_COMPLETE, "the file is complete already")
         return UploadTarget(record.job_id, record.key, record.size, record.received, record.crc32,
-                            record.part_stamp, record.name)
+                            record.part_stamp, record.name, record.id)
 
     @defer.inlineCallbacks
     def authorize_download(self, session_key: str, file_key: str):
         record = yield self._session_and_file(session_key, file_key, _READERS, "download")
         if record.state != FILE_COMPLETE:
             raise FiledockError(ErrorCode.NOT_COMPLETE, "the file is not complete yet")
-        return DownloadSource(record.job_id, record.key, record.size, record.crc32, record.digest, record.name)
+        return DownloadSource(record.job_id, record.key, record.size, record.crc32, record.digest, record.name,
+                              record.id)
 
     def record_progress(self, target: UploadTarget, offset: int, crc32: int, stamp: str):
         return self.store.record_progress(target.file_key, offset, crc32, stamp)

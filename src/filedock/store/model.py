@@ -49,6 +49,13 @@ class FileRecord:
     uploaded_at: float | None
     updated: float
     part_stamp: str | None = None
+    id: str = ""
+    """The file's stable id: its blobs' name on disk. Not a secret, and no key: ``key`` is."""
+
+    @property
+    def blob_name(self) -> str:
+        """What the file's blobs are named on disk (its id; its key for a record made without one)."""
+        return self.id or self.key
 
     def to_json(self) -> dict[str, Any]:
         return {
