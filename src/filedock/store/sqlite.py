@@ -100,6 +100,9 @@ MIGRATIONS: list[str] = [
     """,
 ]
 
+KEYS_HASHED_VERSION = 4
+"""The schema version from which no session or file key is stored in clear."""
+
 _FILE_COLS = "id, job_id, name, size, received, state, crc32, digest, uploaded_at, updated, part_stamp"
 _JOB_COLS = "id, name, metadata, created, updated, state"
 _SESSION_COLS = "key_hash, job_id, created, expires, closed, scope"
@@ -189,8 +192,12 @@ class SQLiteStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA busy_timeout=10000")
+        self._db.execute("PRAGMA secure_delete=ON")  # what a key's hash replaces is overwritten, not left in free pages
+        before = self.schema_version()
         self.migrate()
         self._rekey_files()
+        if before < KEYS_HASHED_VERSION <= self.schema_version():
+            self._scrub()
 
     # ------------------------------------------------------------ file keys
 
@@ -206,17 +213,23 @@ class SQLiteStore:
         """Fill in the key hashes the secret in use gives, if it is not the one they were made with
         (the first open after migration 4, or a secret deleted to change every file key)."""
         mark = hashlib.sha256(b"filedock secret mark\0" + self._secret).hexdigest()[:32]
-        if self.schema_version() < 4:  # a test pinning an older schema
+        if self.schema_version() < KEYS_HASHED_VERSION:  # a test pinning an older schema
             return
+        if self._read("SELECT 1 FROM settings WHERE name = 'file_key_secret' AND value = ?", (mark,)):
+            return  # the usual case: no write lock taken (fsck or `token create` next to a live server)
         with self._write() as db:
-            row = db.execute("SELECT value FROM settings WHERE name = 'file_key_secret'").fetchone()
-            if row is not None and row[0] == mark:
-                return
             ids = [r[0] for r in db.execute("SELECT id FROM files")]
             db.execute("UPDATE files SET key_hash = NULL")
             db.executemany("UPDATE files SET key_hash = ? WHERE id = ?",
                            [(hash_key(self.file_key(i)), i) for i in ids])
             db.execute("INSERT OR REPLACE INTO settings VALUES ('file_key_secret', ?)", (mark,))
+
+    def _scrub(self) -> None:
+        """Leave no copy of the keys migration 4 replaced: not in the WAL, not in a free page."""
+        with self._lock:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._db.execute("VACUUM")
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def _file(self, row: tuple) -> FileRecord:
         return FileRecord(self.file_key(row[0]), *row[1:], id=row[0])
