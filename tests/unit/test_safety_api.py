@@ -87,3 +87,64 @@ def test_fsck_names_the_crcs_when_only_the_crc_differs(tmp_path):
     assert f"{h.crc32 ^ 1:08x}" in finding.detail and f"{h.crc32:08x}" in finding.detail
     assert h.hexdigest() not in finding.detail
     store.close()
+
+
+class SlowTokenStore:
+    """A store whose token check waits until the test opens the gate."""
+
+    def __init__(self, inner: SQLiteStore) -> None:
+        import threading
+
+        self.inner = inner
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def check_token(self, token: str):
+        self.entered.set()
+        self.gate.wait(10)
+        return self.inner.check_token(token)
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("token", ["valid", "wrong"])
+@pytest.mark.parametrize("how", ["closes", "is-dropped-for-a-newer-one"])
+def test_client_gone_while_its_token_is_checked(make_server, token, how):
+    """The hardened site checks a token before reading the body; a client that leaves meanwhile (or
+    whose connection is dropped to make room for a new one) leaves no error behind, and the server
+    answers the next request."""
+    import dataclasses
+    import socket
+    import time
+
+    from twisted.logger import globalLogPublisher
+
+    from tests.unit.test_api import LIMITS, failures
+
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        gated: list[SlowTokenStore] = []
+        limits = dataclasses.replace(LIMITS, max_api_connections=1 if how != "closes" else 1024)
+        server: Server = make_server(hardened=True, limits=limits,
+                                     wrap=lambda inner: gated.append(SlowTokenStore(inner)) or gated[0])
+        port = server.port.getHost().port
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sent = server.token if token == "valid" else "fdk_wrong"
+        sock.sendall(f"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {sent}\r\n"
+                     f"Content-Length: 20\r\n\r\n".encode())
+        assert gated[0].entered.wait(10)
+        newer = socket.create_connection(("127.0.0.1", port), timeout=10)  # drops the first if the site is full
+        if how == "closes":
+            sock.close()
+        time.sleep(0.3)
+        gated[0].gate.set()
+        time.sleep(0.3)
+        newer.close()
+        sock.close()
+        time.sleep(0.2)
+        assert server.call("GET", "/v1/info").status == 200
+        assert failures(events) == []
+    finally:
+        globalLogPublisher.removeObserver(events.append)

@@ -760,9 +760,10 @@ class ControlRequest(server.Request):
         self.token_check.addErrback(self._check_failed)
 
     def _admit(self, grant: TokenGrant | None, length: int | None) -> TokenGrant | None:
-        site: ControlSite = self.channel.site
-        if self.answered_early or self.channel.transport is None:
-            return grant
+        channel = self.channel
+        if self.answered_early or channel is None or channel.transport is None:
+            return grant  # the client left while the store looked the token up
+        site: ControlSite = channel.site
         if grant is None:
             self.refuse_early(_Refusal(ErrorCode.UNAUTHORIZED, "the token is not valid",
                                        {"WWW-Authenticate": _REALM + ', error="invalid_token"'}))
@@ -771,8 +772,8 @@ class ControlRequest(server.Request):
             self.refuse_early(FiledockError(ErrorCode.TOO_MANY_CONNECTIONS,
                                             "too many request bodies are arriving at once; try again"))
             return None
-        self.channel.admitted()
-        self.channel.transport.resumeProducing()
+        channel.admitted()
+        channel.transport.resumeProducing()
         return grant
 
     def _check_failed(self, failure: Failure) -> None:
@@ -788,7 +789,7 @@ class ControlRequest(server.Request):
         self.content = BoundedBody(0)  # what is already buffered goes nowhere
         self.requestHeaders.removeHeader(b"expect")  # no "100 Continue" after the refusal
         headers = err.headers if isinstance(err, _Refusal) else {}
-        transport = self.channel.transport
+        transport = self.channel.transport if self.channel is not None else None
         if transport is not None:
             transport.write(raw_reply(http_status(err.code_str), err.code_str, err.message, headers))
             transport.loseConnection()
