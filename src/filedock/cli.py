@@ -145,9 +145,16 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     from filedock.server.service import open_store
 
     store = open_store(args.data_dir)
-    token = store.create_token(args.label)
-    store.close()
-    emit(args, {"token": token, "label": args.label}, lambda p: print(p["token"]))
+    try:
+        job = store.find_job(args.job) if args.job is not None else None
+        if args.job is not None and job is None:
+            print(f"error: not-found: no job {args.job!r}", file=sys.stderr)
+            return 1
+        token = store.create_token(args.label, args.scope, job.id if job else None)
+    finally:
+        store.close()
+    emit(args, {"token": token, "label": args.label, "scope": args.scope, "job": job.id if job else None},
+         lambda p: print(p["token"]))
     return 0
 
 
@@ -381,9 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     token = _group(sub, "token", "API tokens")
-    p = token.add_parser("create", help="print a new admin token")
+    p = token.add_parser("create", help="print a new token (admin unless --scope says otherwise)")
     p.add_argument("--data-dir", default="./filedock-data", metavar="DIR", help="the server's data dir")
     p.add_argument("--label", default="admin", help="a name for the token, kept with it")
+    p.add_argument("--scope", choices=["admin", "upload", "read"], default="admin",
+                   help="admin: everything; upload: declare, upload, resume and check files; "
+                        "read: list, show and download")
+    p.add_argument("--job", metavar="JOB", help="the token reaches this job (id or name) only")
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=JSON_HELP)
     p.set_defaults(func=cmd_token_create)
 

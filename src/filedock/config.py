@@ -26,6 +26,9 @@ class Limits:
     session_ttl: float = 24 * 3600.0
     max_session_ttl: float = 30 * 24 * 3600.0
     max_api_body: int = 1 * MiB
+    max_api_connections: int = 1024
+    api_request_timeout: float = 30.0
+    max_api_bodies_in_flight: int = 64 * MiB
     batch_max_files: int = 1000
     batch_max_bytes: int = 64 * MiB
     batch_item_max: int = 1 * MiB

@@ -33,6 +33,7 @@ class ErrorCode(str, enum.Enum):
     TAKEN_OVER = "taken-over"
     TOO_MANY_CONNECTIONS = "too-many-connections"
     INTERNAL_ERROR = "internal-error"
+    FORBIDDEN = "forbidden"
     # control API only
     BAD_REQUEST = "bad-request"
     UNAUTHORIZED = "unauthorized"

@@ -20,6 +20,7 @@ from filedock.digest import hash_file
 from filedock.store.blobs import BlobStore
 from filedock.store.model import FILE_COMPLETE, FileRecord
 from filedock.store.sqlite import SQLiteStore
+from filedock.wire import format_crc
 
 
 @dataclass(frozen=True)
@@ -68,15 +69,15 @@ class Fsck:
         return f"moved to {target}"
 
     def _check_record(self, r: FileRecord) -> list[Path]:
-        final = self.blobs.final_path(r.job_id, r.key)
-        part = self.blobs.part_path(r.job_id, r.key)
-        blocks = self.blobs.blocks_path(r.job_id, r.key)
+        final = self.blobs.final_path(r.job_id, r.blob_name)
+        part = self.blobs.part_path(r.job_id, r.blob_name)
+        blocks = self.blobs.blocks_path(r.job_id, r.blob_name)
         self.checked_files += 1
         if r.state == FILE_COMPLETE:
             self._check_complete(r, final)
             if part.exists():
                 self._found("stray-partial", part, "a partial next to a complete file", r.key,
-                            lambda: (self.blobs.discard(r.job_id, r.key), "deleted")[1])
+                            lambda: (self.blobs.discard(r.job_id, r.blob_name), "deleted")[1])
         else:
             if final.exists():
                 def unpublish():
@@ -105,7 +106,7 @@ class Fsck:
             h = hash_file(final)
             self.checked_bytes += size
             if h.hexdigest() != r.digest or h.crc32 != r.crc32:
-                self._found("digest-mismatch", final, f"recorded {r.digest}, disk has {h.hexdigest()}", r.key,
+                self._found("digest-mismatch", final, _mismatch(r, h.crc32, h.hexdigest()), r.key,
                             lambda: self._quarantine(r, final))
 
     def _quarantine(self, r: FileRecord, path: Path) -> str:
@@ -132,6 +133,13 @@ class Fsck:
     def _unlink(path: Path) -> str:
         path.unlink(missing_ok=True)
         return "deleted"
+
+
+def _mismatch(r: FileRecord, crc32: int, digest: str) -> str:
+    """What differs between a record and its bytes: the digest, or (when only it differs) the CRC-32."""
+    if digest != r.digest:
+        return f"recorded {r.digest}, disk has {digest}"
+    return f"recorded CRC-32 {format_crc(r.crc32)}, disk has {format_crc(crc32)} (the digest agrees)"
 
 
 def run_fsck(data_dir: str | Path, repair: bool = False, verify: bool = True) -> tuple[Fsck, list[Finding]]:

@@ -121,6 +121,21 @@ class ServerProcess:
             return ApiClient(self.url, self.token, ssl_context=ssl.create_default_context(cafile=str(self.tls[1])))
         return ApiClient(self.url, self.token)
 
+    def blob_path(self, job_id: str, key: str) -> Path:
+        """Where the complete file of ``key`` lives in the data dir: ``jobs/<job>/<file id>`` (its
+        ``.part`` and ``.blocks`` sit beside it). The id is read from the database (read-only)."""
+        import hashlib
+        import sqlite3
+
+        db = sqlite3.connect(f"file:{self.data_dir / 'filedock.sqlite3'}?mode=ro", uri=True, timeout=10)
+        try:
+            row = db.execute("SELECT id FROM files WHERE key_hash = ?",
+                             (hashlib.sha256(key.encode()).hexdigest(),)).fetchone()
+        finally:
+            db.close()
+        assert row is not None, f"no file of key {key[:8]}"
+        return self.data_dir / "jobs" / job_id / row[0]
+
     def connect(self, timeout: float = 30.0) -> socket.socket:
         """A plain TCP connection to the data port."""
         return socket.create_connection(self.data_addr, timeout=timeout)

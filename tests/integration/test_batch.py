@@ -64,7 +64,7 @@ def test_batch_stores_every_file_and_completes_the_job_once(server):
     for name, data in datas.items():
         key = files[name]["key"]
         assert stored[key] == wire.ItemStored(key, len(data), zlib.crc32(data), digest_of(data))
-        assert (server.data_dir / "jobs" / job["id"] / key).read_bytes() == data
+        assert server.blob_path(job["id"], key).read_bytes() == data
     shown = server.api.job(job["id"])
     assert shown["state"] == "complete" and all(f["state"] == "complete" for f in shown["files"])
     assert not [p for p in (server.data_dir / "jobs" / job["id"]).iterdir() if "." in p.name]  # no temp files
@@ -94,7 +94,7 @@ def test_batch_answers_each_file_on_its_own(server):
     state = {n: server.api.file(k)["state"] for n, k in key.items()}
     assert state == {"good": "complete", "same": "complete", "other": "complete", "size": "pending",
                      "digest": "pending"}
-    assert (server.data_dir / "jobs" / job["id"] / key["other"]).read_bytes() == done_same  # untouched
+    assert server.blob_path(job["id"], key["other"]).read_bytes() == done_same  # untouched
 
 
 def test_batch_cut_off_stores_nothing_and_leaves_no_trace(server):

@@ -102,7 +102,7 @@ def test_upload_stages_arrive_in_order_and_values_match(server, tmp_path):
     assert (format_crc(result.crc32), result.digest) == (crc, digest)
     record = server.api.file(key)
     assert (record["state"], record["crc32"], record["digest"]) == ("complete", crc, digest)
-    assert (server.data_dir / "jobs" / job["id"] / key).read_bytes() == path.read_bytes()
+    assert server.blob_path(job["id"], key).read_bytes() == path.read_bytes()
 
 
 def test_cancel_then_second_call_resumes_from_the_durable_offset(server, tmp_path):
@@ -203,7 +203,7 @@ def test_corrupted_partial_is_detected_as_digest_mismatch(server, tmp_path):
     client = client_for(server)
     record = cancelled_upload(server, client, session, key, path, 6 * MiB)
     assert record["received"] > 4096
-    part = server.data_dir / "jobs" / job["id"] / f"{key}.part"
+    part = server.blob_path(job["id"], key).with_suffix(".part")
     time.sleep(0.05)  # a later mtime, as any real change would leave
     with open(part, "r+b") as f:
         f.seek(1000)
@@ -261,7 +261,7 @@ def test_abort_deletes_the_partial(server, tmp_path):
     client.abort_file(session["key"], key)
     record = server.api.file(key)
     assert (record["state"], record["received"]) == ("pending", 0)
-    assert not (server.data_dir / "jobs" / job["id"] / f"{key}.part").exists()
+    assert not server.blob_path(job["id"], key).with_suffix(".part").exists()
     result = client.upload_file(session["key"], key, path)
     assert (result.resumed_from, result.sent) == (0, size)
 

@@ -363,7 +363,7 @@ def test_upload_job_batches_small_files_declared_in_one_call(server, reactor_thr
     assert [r.digest for r in first] == [digest.hash_file(tree / n).hexdigest() for n in names]
     assert record["state"] == "complete" and record["files_complete"] == 41
     for f in record["files"]:
-        assert (server.data_dir / "jobs" / record["id"] / f["key"]).read_bytes() == (tree / f["name"]).read_bytes()
+        assert server.blob_path(record["id"], f["key"]).read_bytes() == (tree / f["name"]).read_bytes()
     log = server.log()[log_before:]
     assert "batch complete: 40 of 40 files stored" in log
     declarations = [line for line in log.splitlines() if '"POST /v1/jobs/' in line and '/files HTTP/1.1"' in line]

@@ -121,7 +121,8 @@ def test_2007_long_upload_is_discarded(server):
     sock.sendall(f"{session['key']} {key} {len(data)}\r\n".encode() + data + b"extra bytes")
     assert wait_closed(sock) == b""  # a 2007 client is sent nothing
     job_dir = server.data_dir / "jobs" / files["f"]["job"]
-    wait_for(lambda: not list(job_dir.glob(f"{key}*")))  # the partial is deleted...
+    blob = server.blob_path(files["f"]["job"], key).name
+    wait_for(lambda: not list(job_dir.glob(f"{blob}*")))  # the partial is deleted...
     record = file_state(server, key)  # ...and the record says nothing was received
     assert record["state"] == "pending" and record["received"] == 0
 
@@ -143,7 +144,7 @@ def test_versioned_upload_answers_only_when_durable(server, payload):
     assert recv_line(sock) == f"STORED {len(payload)} {zlib.crc32(payload):08x} {digest_of(payload)}".encode()
     record = file_state(server, key)  # recorded before the reply
     assert record["state"] == "complete" and record["digest"] == digest_of(payload)
-    final = server.data_dir / "jobs" / job["id"] / key
+    final = server.blob_path(job["id"], key)
     assert final.read_bytes() == payload
     assert not final.with_name(key + ".part").exists()
 
@@ -202,7 +203,7 @@ def test_complete_file_refuses_a_second_upload(server):
     assert recv_line(sock).startswith(b"STORED ")
     sock, line = put(server, session["key"], key, len(data))
     assert line.startswith(b"ERR already-complete ")
-    assert (server.data_dir / "jobs" / job["id"] / key).read_bytes() == data
+    assert server.blob_path(job["id"], key).read_bytes() == data
 
 
 def test_digest_mismatch_is_refused_and_not_recorded(server):
@@ -286,7 +287,7 @@ def test_sigkill_mid_upload_then_resume_to_a_correct_file(tmp_path):
         assert 0 < offset <= 15_000_000
         sock.sendall(data[offset:] + f"DONE {digest_of(data)}\r\n".encode())
         assert recv_line(sock) == f"STORED {len(data)} {zlib.crc32(data):08x} {digest_of(data)}".encode()
-        assert (server.data_dir / "jobs" / job["id"] / key).read_bytes() == data
+        assert server.blob_path(job["id"], key).read_bytes() == data
 
 
 def test_sigterm_checkpoints_uploads_in_flight(tmp_path):

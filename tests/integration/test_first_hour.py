@@ -429,7 +429,8 @@ def test_job_counts_follow_every_change_and_an_upgrade_fills_them(tmp_path, monk
     from filedock.store.sqlite import MIGRATIONS, SQLiteStore
 
     path = tmp_path / "meta.sqlite3"
-    monkeypatch.setattr(sqlite_store, "MIGRATIONS", MIGRATIONS[:2])
+    counts_version = next(i for i, m in enumerate(MIGRATIONS) if "CREATE TABLE job_counts" in m)
+    monkeypatch.setattr(sqlite_store, "MIGRATIONS", MIGRATIONS[:counts_version])  # the schema just before
     old = SQLiteStore(path)
     before = old.create_job("before", {})
     a, b = old.add_files(before.id, [("a", 100), ("b", 50)])

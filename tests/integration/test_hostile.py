@@ -338,7 +338,8 @@ def run_barrage(tmp_path: Path, count: int, name: str) -> dict:
     with ServerProcess(tmp_path / "data", limits=["header_timeout=5", "idle_timeout=5"]) as server:
         target, files, protected_jobs, sac_job, sac_key = hostile_setup(server)
         records_before = snapshot_records(server, protected_jobs)
-        disk_before = snapshot_data_dir(server.data_dir, {sac_key})
+        sac_blob = server.blob_path(sac_job, sac_key).name  # the sacrificial file's name on disk
+        disk_before = snapshot_data_dir(server.data_dir, {sac_blob})
         started = time.monotonic()
         barrage = Barrage(server, target)
         barrage.run(structured(target, rng))
@@ -355,7 +356,7 @@ def run_barrage(tmp_path: Path, count: int, name: str) -> dict:
         print_figures(name, figures)
         assert not barrage.bad, f"{len(barrage.bad)} replies were neither an ERR line nor a close: {barrage.bad[:5]}"
         assert snapshot_records(server, protected_jobs) == records_before
-        assert snapshot_data_dir(server.data_dir, {sac_key}) == disk_before
+        assert snapshot_data_dir(server.data_dir, {sac_blob}) == disk_before
 
         # the sacrificial file was only ever sent its own bytes: it still completes with the right digest
         sac = server.api.file(sac_key)
@@ -514,12 +515,12 @@ STAGED_SHAPE = re.compile(r"[0-9a-f]{12}-[0-9]+")
 
 
 def allowed_data_dir_entry(rel: Path) -> bool:
-    """Names the server itself makes in its data dir: jobs/<id>/<key>[.part|.blocks], the SQLite files,
-    staging/<lane>/<tag>-<n> (batches in flight), admin-token (serve --issue-admin-token)."""
+    """Names the server itself makes in its data dir: jobs/<id>/<file id>[.part|.blocks], the SQLite files,
+    the file key secret, staging/<lane>/<tag>-<n> (batches in flight), admin-token (serve --issue-admin-token)."""
     parts = rel.parts
     if len(parts) == 1:
-        return parts[0] in ("jobs", "lost+found", "staging", "filedock.lock", "admin-token") or \
-            parts[0].startswith("filedock.sqlite3")
+        return (parts[0] in ("jobs", "lost+found", "staging", "filedock.lock", "filedock.secret", "admin-token")
+                or parts[0].startswith("filedock.sqlite3"))
     if parts[0] == "staging":
         return parts[1].isdigit() and (len(parts) == 2 or len(parts) == 3 and bool(STAGED_SHAPE.fullmatch(parts[2])))
     if parts[0] != "jobs" or not KEY_SHAPE.fullmatch(parts[1]):

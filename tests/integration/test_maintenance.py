@@ -29,7 +29,7 @@ def test_sweeper_removes_abandoned_partials(tmp_path):
         sock.sendall(data[:200_000])
         time.sleep(0.2)
         sock.close()
-        part = server.data_dir / "jobs" / job["id"] / f"{key}.part"
+        part = server.blob_path(job["id"], key).with_suffix(".part")
         wait_for(lambda: server.api.file(key)["state"] == "partial")
         assert part.exists()
         record = wait_for(lambda: (r := server.api.file(key))["state"] == "pending" and r, timeout=20)
@@ -50,7 +50,7 @@ def test_fsck_finds_and_repairs_damage(tmp_path):
     status, report = fsck(server.data_dir)
     assert status == 0 and report["findings"] == [] and report["bytes_verified"] == len(data)
 
-    final = server.data_dir / "jobs" / job["id"] / key
+    final = server.blob_path(job["id"], key)
     with open(final, "r+b") as f:
         f.seek(1234)
         f.write(b"\x00\xff\x00")

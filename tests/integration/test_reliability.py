@@ -87,7 +87,7 @@ def disk_values(path: Path) -> tuple[int, str, str]:
 
 
 def final_path(server: ServerProcess, job_id: str, key: str) -> Path:
-    return server.data_dir / "jobs" / job_id / key
+    return server.blob_path(job_id, key)
 
 
 def run_fsck(data_dir: Path) -> tuple[int, dict]:
@@ -450,7 +450,7 @@ def test_killed_client_leaves_a_resumable_partial_that_the_sweeper_removes(tmp_p
                 client.kill()
                 client.wait()
         record = settled(server, key)
-        part = final_path(server, job["id"], key).with_name(key + ".part")
+        part = final_path(server, job["id"], key).with_suffix(".part")
         assert record["state"] == "partial" and record["received"] > 0, record
         assert part.exists() and part.stat().st_size >= record["received"]
         received = record["received"]
@@ -560,7 +560,7 @@ def test_disk_full_up_front_and_mid_stream(small_disk, tmp_path):
             assert line.startswith(b"ERR no-space "), (name, line)
             assert wait_closed(sock) == b""
             assert server.api.file(files[name]["key"])["state"] == "pending"
-            assert not list((server.data_dir / "jobs").glob(f"*/{files[name]['key']}*"))
+            assert not list((server.data_dir / "jobs").glob(f"*/{server.blob_path(job['id'], files[name]['key']).name}*"))
 
         key = files["a"]["key"]
         sock, line = put(server, session["key"], key, len(data))

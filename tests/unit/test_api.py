@@ -301,7 +301,7 @@ def test_open_session_with_default_ttl(server):
     job = server.create_job()
     r = server.call("POST", "/v1/jobs/job-1/sessions")
     assert r.status == 201
-    assert set(r.body) == {"key", "job", "created", "expires", "closed"}
+    assert set(r.body) == {"key", "job", "created", "expires", "closed", "scope"}
     assert (r.body["job"], r.body["closed"]) == (job["id"], None)
     assert r.body["expires"] - r.body["created"] == pytest.approx(LIMITS.session_ttl)
     assert server.sqlite.get_session(r.body["key"]).job_id == job["id"]

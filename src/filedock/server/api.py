@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import io
 import json
+import math
 import re
 import secrets
 import time
@@ -40,7 +41,9 @@ from filedock.errors import ErrorCode, FiledockError, short_key
 from filedock.server.dataport import DataPortFactory
 from filedock.store.blobs import BlobStore
 from filedock.store.metadata import DeferredStore
-from filedock.store.model import FILE_COMPLETE, FileRecord, Job, Session
+from filedock.store.model import (
+    FILE_COMPLETE, SCOPE_ADMIN, SCOPE_READ, SCOPE_UPLOAD, SCOPES, FileRecord, Job, Session, TokenGrant,
+)
 
 log = Logger(namespace="filedock.api")
 
@@ -56,10 +59,12 @@ MAX_BATCH = 1000
 HTTP_STATUS: dict[str, int] = {
     ErrorCode.BAD_REQUEST.value: 400,
     ErrorCode.UNAUTHORIZED.value: 401,
+    ErrorCode.FORBIDDEN.value: 403,
     ErrorCode.NOT_FOUND.value: 404,
     ErrorCode.UNKNOWN_FILE.value: 404,
     ErrorCode.UNKNOWN_SESSION.value: 404,
     ErrorCode.METHOD_NOT_ALLOWED.value: 405,
+    ErrorCode.IDLE_TIMEOUT.value: 408,
     ErrorCode.CONFLICT.value: 409,
     ErrorCode.QUOTA_EXCEEDED.value: 409,
     ErrorCode.SESSION_CLOSED.value: 409,
@@ -75,6 +80,8 @@ HTTP_STATUS: dict[str, int] = {
 """The HTTP status for each error code; any other refusal is a 400."""
 
 _KEY_SHAPE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+# the log hides anything key-shaped whatever its case: a client may send a key in upper case
+_KEY_SHAPE_ANY_CASE = re.compile(_KEY_SHAPE.pattern, re.IGNORECASE)
 _REALM = 'Bearer realm="filedock"'
 
 
@@ -85,7 +92,7 @@ def http_status(code: str) -> int:
 
 def hide_keys(text: str, ellipsis: str = "…") -> str:
     """``text`` with every key (job id, file key, session key) cut to its first 8 characters."""
-    return _KEY_SHAPE.sub(lambda m: m.group()[:8] + ellipsis, text)
+    return _KEY_SHAPE_ANY_CASE.sub(lambda m: m.group()[:8] + ellipsis, text)
 
 
 def error_body(code: str, message: str) -> dict[str, Any]:
@@ -145,10 +152,12 @@ def check_job_name(name: str) -> str:
 
 
 def check_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
-    """Job metadata: a flat object of strings, numbers, booleans and nulls."""
+    """Job metadata: a flat object of strings, finite numbers, booleans and nulls."""
     for key, value in metadata.items():
         if value is not None and not isinstance(value, (str, int, float, bool)):
             raise _bad(f"metadata value {key[:100]!r} must be a string, number, boolean or null")
+        if isinstance(value, float) and not math.isfinite(value):  # JSON has no Infinity or NaN
+            raise _bad(f"metadata value {key[:100]!r} must be a finite number")
     return metadata
 
 
@@ -179,7 +188,7 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
     if not raw.strip():
         return {}
     try:
-        value = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+        value = json.loads(raw.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite_float)
     except UnicodeDecodeError:
         raise _bad("the body is not UTF-8") from None
     except RecursionError:
@@ -195,13 +204,21 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _finite_float(text: str) -> float:
+    # 1e999 parses as infinity, which json.dumps would send back as the non-JSON word Infinity
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is too large for a number")
+    return value
+
+
 # ------------------------------------------------------------ JSON shapes
 
 
 def session_json(session: Session) -> dict[str, Any]:
     """A session as the API shows it."""
     return {"key": session.key, "job": session.job_id, "created": session.created,
-            "expires": session.expires, "closed": session.closed}
+            "expires": session.expires, "closed": session.closed, "scope": session.scope}
 
 
 def job_summary(job: Job, files: list[FileRecord]) -> dict[str, Any]:
@@ -249,6 +266,9 @@ class Query:
         return int(raw)
 
 
+_LINK_PATH = re.compile(rb"/v1/files/([0-9a-f-]{36})/content")
+
+
 def _query(request: IRequest) -> Query:
     try:
         raw = parse_qs((request.uri.split(b"?", 1) + [b""])[1].decode("utf-8"), max_num_fields=20)
@@ -269,18 +289,37 @@ class FileBody:
 # ------------------------------------------------------------ routing and replies
 
 
+ANY_SCOPE = SCOPES
+UPLOAD_SCOPES = (SCOPE_ADMIN, SCOPE_UPLOAD)
+READ_SCOPES = (SCOPE_ADMIN, SCOPE_READ)
+ADMIN_ONLY = (SCOPE_ADMIN,)
+
+TARGET_SERVER = "server"
+"""The route concerns no job (``/v1/info``): open to tokens of one job too."""
+TARGET_ALL_JOBS = "all-jobs"
+"""The route sees or changes many jobs, or the server's tokens: not for tokens of one job."""
+TARGET_JOB, TARGET_FILE, TARGET_SESSION = "job", "file", "session"
+"""The route's path argument names a job (id or name), a file key or a session key."""
+
+
 @dataclass(frozen=True)
 class Route:
-    """One endpoint: a method and a path pattern (``{}`` is one path segment)."""
+    """One endpoint: a method, a path pattern (``{}`` is one path segment), the token scopes it
+    accepts and what its path argument names (so a token of one job reaches only that job)."""
 
     method: str
     pattern: re.Pattern[str]
     handler: Callable[..., Any]
+    scopes: tuple[str, ...] = ADMIN_ONLY
+    target: str = TARGET_ALL_JOBS
+    wants_grant: bool = False
 
     @classmethod
-    def of(cls, method: str, path: str, handler: Callable[..., Any]) -> "Route":
+    def of(cls, method: str, path: str, handler: Callable[..., Any], scopes: tuple[str, ...] = ADMIN_ONLY,
+           target: str = TARGET_ALL_JOBS, wants_grant: bool = False) -> "Route":
         """A route for ``path``, e.g. ``"/v1/jobs/{}/files"``."""
-        return cls(method, re.compile(re.escape(path).replace(r"\{\}", "([^/]+)")), handler)
+        return cls(method, re.compile(re.escape(path).replace(r"\{\}", "([^/]+)")), handler, scopes, target,
+                   wants_grant)
 
 
 @dataclass(frozen=True)
@@ -313,7 +352,7 @@ class _Exchange:
             data = reply.payload
         else:
             data = json.dumps(reply.payload).encode("ascii")  # \u escapes: even lone surrogates encode
-        if self.gone or self.request.finished:
+        if self.gone or self.request.finished or getattr(self.request, "answered_early", False):
             return
         request = self.request
         request.setResponseCode(reply.status)
@@ -375,21 +414,24 @@ class ControlAPI:
         self._epoch = secrets.token_hex(4)  # in every ETag: a restart's change count starts at 0 again
         self._link_secret = secrets.token_bytes(32)
         self.routes = [
-            Route.of("GET", "/v1/info", self._get_info),
-            Route.of("GET", "/v1/jobs", self._list_jobs),
+            Route.of("GET", "/v1/info", self._get_info, ANY_SCOPE, TARGET_SERVER),
+            Route.of("GET", "/v1/jobs", self._list_jobs, READ_SCOPES),
             Route.of("POST", "/v1/jobs", self._create_job),
-            Route.of("GET", "/v1/jobs/{}", self._get_job),
-            Route.of("PATCH", "/v1/jobs/{}", self._update_job),
-            Route.of("DELETE", "/v1/jobs/{}", self._delete_job),
-            Route.of("POST", "/v1/jobs/{}/files", self._add_files),
-            Route.of("POST", "/v1/jobs/{}/sessions", self._open_session),
-            Route.of("GET", "/v1/files/{}", self._get_file),
-            Route.of("GET", "/v1/files/{}/content", self._file_content),
-            Route.of("POST", "/v1/files/{}/link", self._file_link),
-            Route.of("DELETE", "/v1/sessions/{}", self._close_session),
-            Route.of("GET", "/v1/uploads", self._list_uploads),
-            Route.of("GET", "/v1/stats", self._stats),
-            Route.of("GET", "/metrics", self._metrics),
+            Route.of("GET", "/v1/jobs/{}", self._get_job, ANY_SCOPE, TARGET_JOB),
+            Route.of("PATCH", "/v1/jobs/{}", self._update_job, ADMIN_ONLY, TARGET_JOB),
+            Route.of("DELETE", "/v1/jobs/{}", self._delete_job, ADMIN_ONLY, TARGET_JOB),
+            Route.of("POST", "/v1/jobs/{}/files", self._add_files, UPLOAD_SCOPES, TARGET_JOB),
+            Route.of("POST", "/v1/jobs/{}/sessions", self._open_session, ANY_SCOPE, TARGET_JOB, wants_grant=True),
+            Route.of("GET", "/v1/files/{}", self._get_file, ANY_SCOPE, TARGET_FILE),
+            Route.of("GET", "/v1/files/{}/content", self._file_content, READ_SCOPES, TARGET_FILE),
+            Route.of("POST", "/v1/files/{}/link", self._file_link, READ_SCOPES, TARGET_FILE),
+            Route.of("DELETE", "/v1/sessions/{}", self._close_session, ANY_SCOPE, TARGET_SESSION),
+            Route.of("GET", "/v1/uploads", self._list_uploads, READ_SCOPES),
+            Route.of("GET", "/v1/stats", self._stats, READ_SCOPES),
+            Route.of("GET", "/metrics", self._metrics, READ_SCOPES),
+            Route.of("POST", "/v1/tokens", self._create_token),
+            Route.of("GET", "/v1/tokens", self._list_tokens),
+            Route.of("DELETE", "/v1/tokens/{}", self._revoke_token),
         ]
         self._resource = _APIResource(self)
 
@@ -398,8 +440,9 @@ class ControlAPI:
         return self._resource
 
     def site(self) -> server.Site:
-        """A ``Site`` for this API: bodies bounded in memory, keys hidden in the access log."""
-        return ControlSite(self._resource, self.limits.max_api_body)
+        """A ``Site`` for this API: tokens checked before bodies are read, connections and bodies
+        bounded in number, bytes and time, keys hidden in the access log."""
+        return ControlSite(self._resource, self.limits.max_api_body, api=self)
 
     # ------------------------------------------------------------ plumbing
 
@@ -425,12 +468,39 @@ class ControlAPI:
 
     @defer.inlineCallbacks
     def _dispatch(self, request: IRequest):
-        if not self._signed_link(request):
-            yield self._authenticate(request)
+        grant: TokenGrant | None = None
+        if not self.signed_link_valid(request.method, request.uri):  # a signed link is its own authority
+            grant = yield self._authenticate(request)
         route, args = self._route(request)
+        if grant is not None:
+            yield self._authorize(grant, route, args)
         body = self._read_body(request) if route.method in ("POST", "PATCH") else _query(request)
-        result = yield route.handler(body, *args)
+        result = yield route.handler(body, *args, **({"grant": grant} if route.wants_grant else {}))
         return result
+
+    @defer.inlineCallbacks
+    def _authorize(self, grant: TokenGrant, route: Route, args: list[str]):
+        """Refuse (403 forbidden) what ``grant``'s scope or job does not cover."""
+        if grant.scope not in route.scopes:
+            raise FiledockError(ErrorCode.FORBIDDEN, f"a token of scope {grant.scope!r} may not "
+                                                     f"{route.method} {route.pattern.pattern[:60]}")
+        if grant.job_id is None or route.target == TARGET_SERVER:
+            return
+        only_job = FiledockError(ErrorCode.FORBIDDEN, f"this token is for job {grant.job_id} only")
+        if route.target == TARGET_ALL_JOBS:
+            raise only_job
+        # a job is refused alike whether it exists or not: a token of one job learns nothing of others
+        if route.target == TARGET_JOB:
+            job: Job | None = yield self.store.find_job(args[0])
+            owner = job.id if job is not None else None
+        elif route.target == TARGET_FILE:
+            record: FileRecord | None = yield self.store.get_file(args[0])
+            owner = record.job_id if record is not None else grant.job_id  # unknown: the handler says 404
+        else:
+            session: Session | None = yield self.store.get_session(args[0])
+            owner = session.job_id if session is not None else grant.job_id
+        if owner != grant.job_id:
+            raise only_job
 
     def _refusal(self, failure: Failure, request: IRequest) -> Reply:
         if failure.check(FiledockError):
@@ -441,18 +511,29 @@ class ControlAPI:
                     method=request.method.decode("latin-1"), path=hide_keys(request.path.decode("latin-1")))
         return Reply(500, error_body(ErrorCode.INTERNAL_ERROR.value, "internal error; the server log has details"))
 
+    def check_token(self, request: IRequest, token: bytes) -> defer.Deferred:
+        """Fires with the token's ``TokenGrant``, or None for a token the store does not know (logged)."""
+        def checked(grant: TokenGrant | None) -> TokenGrant | None:
+            if grant is None:
+                log.info("control API: refused a token from {peer}", peer=_peer(request))
+            return grant
+        return self.store.check_token(token.decode("latin-1")).addCallback(checked)
+
     @defer.inlineCallbacks
     def _authenticate(self, request: IRequest):
-        scheme, _, token = (request.getHeader(b"authorization") or b"").partition(b" ")
-        token = token.strip()
-        if scheme.lower() != b"bearer" or not token:
-            raise _Refusal(ErrorCode.UNAUTHORIZED, "send 'Authorization: Bearer <token>'",
-                           {"WWW-Authenticate": _REALM})
-        valid = yield self.store.check_token(token.decode("latin-1"))
-        if not valid:
-            log.info("control API: refused a token from {peer}", peer=_peer(request))
+        early = getattr(request, "token_check", None)
+        if early is not None:  # a ControlSite checked the token before reading the body
+            grant = yield early
+            if grant is None:
+                raise _Refusal(ErrorCode.UNAUTHORIZED, "the token is not valid",
+                               {"WWW-Authenticate": _REALM + ', error="invalid_token"'})
+            return grant
+        token = bearer_token(request)
+        grant = yield self.check_token(request, token)
+        if grant is None:
             raise _Refusal(ErrorCode.UNAUTHORIZED, "the token is not valid",
                            {"WWW-Authenticate": _REALM + ', error="invalid_token"'})
+        return grant
 
     def _route(self, request: IRequest) -> tuple[Route, list[str]]:
         method = request.method.decode("latin-1")
@@ -629,7 +710,7 @@ class ControlAPI:
     @defer.inlineCallbacks
     def _file_content(self, _query: Query, key: str):
         record = yield self._complete_file(key)
-        return 200, FileBody(self.blobs.final_path(record.job_id, record.key), record.name)
+        return 200, FileBody(self.blobs.final_path(record.job_id, record.blob_name), record.name)
 
     @defer.inlineCallbacks
     def _file_link(self, _body: dict[str, Any], key: str):
@@ -641,13 +722,20 @@ class ControlAPI:
     def _link_signature(self, key: str, expires: int) -> str:
         return hmac.new(self._link_secret, f"{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
 
-    def _signed_link(self, request: IRequest) -> bool:
+    def signed_link_valid(self, method: bytes, uri: bytes) -> bool:
         """A GET of a file's content with a valid, unexpired signature from ``POST .../link``
-        (a browser's plain download cannot send an Authorization header)."""
-        if request.method not in (b"GET", b"HEAD"):
+        (a browser's plain download cannot send an Authorization header). Takes the raw request
+        line's parts, so that the API's early token check can ask before the request is parsed."""
+        if method not in (b"GET", b"HEAD"):
             return False
-        match = re.fullmatch(rb"/v1/files/([0-9a-f-]{36})/content", request.path)
-        params = _query(request).params if match else {}
+        path, _, query = uri.partition(b"?")
+        match = _LINK_PATH.fullmatch(path)
+        if match is None:
+            return False
+        try:
+            params = {k: v[-1] for k, v in parse_qs(query.decode("utf-8"), max_num_fields=20).items()}
+        except (UnicodeDecodeError, ValueError):
+            return False
         sig, expires = params.get("sig", ""), params.get("expires", "")
         if not (sig and expires.isdigit() and len(expires) < 12 and int(expires) >= time.time()):
             return False
@@ -656,13 +744,13 @@ class ControlAPI:
     # ------------------------------------------------------------ sessions and uploads
 
     @defer.inlineCallbacks
-    def _open_session(self, body: dict[str, Any], ref: str):
+    def _open_session(self, body: dict[str, Any], ref: str, grant: TokenGrant):
         only_fields(body, ("ttl",))
         ttl = typed_field(body, "ttl", "a number", default=self.limits.session_ttl)
         if not 0 < ttl <= self.limits.max_session_ttl:
             raise _bad(f"'ttl' is more than 0 and at most {self.limits.max_session_ttl:g} seconds")
         job = yield self._find_job(ref)
-        session: Session = yield self.store.open_session(job.id, float(ttl))
+        session: Session = yield self.store.open_session(job.id, float(ttl), grant.scope)
         log.info("session opened: {session} for job {job}", session=short_key(session.key), job=short_key(job.id))
         return 201, session_json(session)
 
@@ -673,6 +761,38 @@ class ControlAPI:
             raise FiledockError(ErrorCode.NOT_FOUND, "no such session")
         session = yield self.store.close_session(key)
         return 200, session_json(session)
+
+    # ------------------------------------------------------------ tokens
+
+    @defer.inlineCallbacks
+    def _create_token(self, body: dict[str, Any]):
+        only_fields(body, ("label", "scope", "job"))
+        label = typed_field(body, "label", "a string", default="api")
+        if not 1 <= len(label) <= MAX_JOB_NAME or not label.isprintable():
+            raise _bad(f"a label has 1 to {MAX_JOB_NAME} printable characters")
+        scope = typed_field(body, "scope", "a string", default=SCOPE_ADMIN)
+        if scope not in SCOPES:
+            raise _bad(f"'scope' is one of {', '.join(SCOPES)}")
+        ref = typed_field(body, "job", "a string")
+        job_id = (yield self._find_job(ref)).id if ref is not None else None
+        token: str = yield self.store.create_token(label, scope, job_id)
+        grant: TokenGrant = yield self.store.check_token(token)
+        log.info("token created: {id} {label!r} scope {scope}{job}", id=grant.id, label=label, scope=scope,
+                 job=f" for job {short_key(job_id)}" if job_id else "")
+        return 201, {"token": token} | grant.to_json()
+
+    @defer.inlineCallbacks
+    def _list_tokens(self, _body: None):
+        grants: list[TokenGrant] = yield self.store.list_tokens()
+        return 200, {"tokens": [g.to_json() for g in grants]}
+
+    @defer.inlineCallbacks
+    def _revoke_token(self, _body: None, token_id: str):
+        revoked = yield self.store.revoke_token(token_id)
+        if not revoked:
+            raise FiledockError(ErrorCode.NOT_FOUND, "no such token")
+        log.info("token revoked: {id}", id=token_id[:16])
+        return 200, {"revoked": token_id}
 
     def _metrics(self, _body: None) -> tuple[int, bytes, dict[str, str], str]:
         from filedock.server import metrics
@@ -714,6 +834,18 @@ def _segment(raw: str) -> str:
         return unquote_to_bytes(raw).decode("utf-8")
     except UnicodeDecodeError:
         raise _bad("the path is not UTF-8") from None
+
+
+def bearer_token(request: IRequest) -> bytes:
+    """The token of the request's one ``Authorization: Bearer`` header; refuses none, a malformed one or two."""
+    headers = request.requestHeaders.getRawHeaders(b"authorization") or []
+    if len(headers) > 1:  # which one counts would be up to each proxy on the way: refuse
+        raise _bad("send one Authorization header, not several")
+    scheme, _, token = (headers[0] if headers else b"").partition(b" ")
+    token = token.strip()
+    if scheme.lower() != b"bearer" or not token:
+        raise _Refusal(ErrorCode.UNAUTHORIZED, "send 'Authorization: Bearer <token>'", {"WWW-Authenticate": _REALM})
+    return token
 
 
 def _peer(request: IRequest) -> str:
@@ -759,6 +891,141 @@ class _KeysHidden:
         return getattr(self._request, name)
 
 
+def raw_reply(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> bytes:
+    """A whole HTTP/1.1 response with a JSON error body, for a connection about to be closed."""
+    body = json.dumps(error_body(code, message)).encode("ascii")
+    lines = [b"HTTP/1.1 %d %s" % (status, http.RESPONSES.get(status, b"Error")),
+             b"Content-Type: application/json", b"Content-Length: %d" % len(body),
+             b"Cache-Control: no-store", b"Connection: close"]
+    lines += [f"{name}: {value}".encode("latin-1") for name, value in (headers or {}).items()]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+class ControlRequest(server.Request):
+    """A request whose token is checked as soon as its headers are in, before its body is read.
+
+    A request without a valid token costs a header's worth of memory and one store
+    look-up: it is answered and its connection closed without reading a byte of its
+    body. A valid one reserves room for its body in the site's budget first.
+    """
+
+    token_check: defer.Deferred | None = None
+    answered_early = False
+
+    def gotLength(self, length: int | None) -> None:
+        site: ControlSite = self.channel.site
+        self.content = site.getContentFile(length)
+        if site.api is None:
+            return
+        method, path = self.channel._command, self.channel._path.split(b"?", 1)[0]
+        if method == b"GET" and path in (b"/", b"/dashboard"):
+            return  # the dashboard page needs no token
+        if site.api.signed_link_valid(method, self.channel._path):
+            return  # a download through a signed link carries no token
+        try:
+            token = bearer_token(self)
+        except FiledockError as err:
+            self.refuse_early(err)
+            return
+        transport = self.channel.transport
+        transport.pauseProducing()  # not one more byte of the body until the token is known
+        self.token_check = site.api.check_token(self, token).addCallback(self._admit, length)
+        self.token_check.addErrback(self._check_failed)
+
+    def _admit(self, grant: TokenGrant | None, length: int | None) -> TokenGrant | None:
+        channel = self.channel
+        if self.answered_early or channel is None or channel.transport is None:
+            return grant  # the client left while the store looked the token up
+        site: ControlSite = channel.site
+        if grant is None:
+            self.refuse_early(_Refusal(ErrorCode.UNAUTHORIZED, "the token is not valid",
+                                       {"WWW-Authenticate": _REALM + ', error="invalid_token"'}))
+            return None
+        if not site.reserve_body(self, length):
+            self.refuse_early(FiledockError(ErrorCode.TOO_MANY_CONNECTIONS,
+                                            "too many request bodies are arriving at once; try again"))
+            return None
+        channel.admitted()
+        channel.transport.resumeProducing()
+        return grant
+
+    def _check_failed(self, failure: Failure) -> None:
+        log.failure("control API: could not check a token", failure)
+        self.refuse_early(FiledockError(ErrorCode.INTERNAL_ERROR, "internal error; the server log has details"))
+        return None
+
+    def refuse_early(self, err: FiledockError) -> None:
+        """Answer ``err`` now and close the connection, whatever of the request is still to come."""
+        if self.answered_early:
+            return
+        self.answered_early = True
+        self.content = BoundedBody(0)  # what is already buffered goes nowhere
+        self.requestHeaders.removeHeader(b"expect")  # no "100 Continue" after the refusal
+        headers = err.headers if isinstance(err, _Refusal) else {}
+        transport = self.channel.transport if self.channel is not None else None
+        if transport is not None:
+            transport.write(raw_reply(http_status(err.code_str), err.code_str, err.message, headers))
+            transport.loseConnection()
+
+
+class ControlChannel(http.HTTPChannel):
+    """An HTTP/1.1 connection to the control API with a deadline for each whole request.
+
+    From the connection's start (or the end of its previous request) the next request's
+    headers and body must arrive within ``api_request_timeout`` seconds, however slowly
+    they trickle in. A connection is *waiting* until a request's token is accepted; the
+    site may drop the oldest waiting connection to make room for a new one.
+    """
+
+    site: "ControlSite"
+    _deadline: Any = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._arm()
+        self.site.channel_opened(self)
+
+    def admitted(self) -> None:
+        """A request's token was accepted: this connection is no longer only waiting."""
+        self.site.channel_busy(self)
+
+    def allContentReceived(self) -> None:
+        self._disarm()
+        super().allContentReceived()
+
+    def requestDone(self, request: IRequest) -> None:
+        super().requestDone(request)
+        if self.transport is not None and not self.transport.disconnecting:
+            self._arm()
+            self.site.channel_waiting(self)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._disarm()
+        self.site.channel_closed(self)
+        super().connectionLost(reason)
+
+    def _arm(self) -> None:
+        self._disarm()
+        timeout = self.site.request_timeout
+        if timeout:
+            self._deadline = self.callLater(timeout, self._too_slow, timeout)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _too_slow(self, timeout: float) -> None:
+        self._deadline = None
+        if self.transport is None:
+            return
+        if self.requests:  # a request is half-way in: answer it, then close
+            self.transport.write(raw_reply(408, ErrorCode.IDLE_TIMEOUT.value,
+                                           f"the request did not arrive within {timeout:g} seconds"))
+        self.transport.loseConnection()
+        self.callLater(5.0, self.transport.abortConnection)  # a peer that reads nothing is dropped
+
+
 class ControlSite(server.Site):
     """A ``Site`` for the control API.
 
@@ -767,11 +1034,75 @@ class ControlSite(server.Site):
     the access log shows keys cut short.
     """
 
-    def __init__(self, root: resource.IResource, max_body: int, **kwargs: Any) -> None:
+    protocol = ControlChannel  # plain HTTP/1.1 (the API does not offer HTTP/2)
+    requestFactory = ControlRequest
+
+    def __init__(self, root: resource.IResource, max_body: int, api: "ControlAPI | None" = None,
+                 **kwargs: Any) -> None:
         kwargs.setdefault("logFormatter", access_log_line)
         super().__init__(root, **kwargs)
         self.max_body = max_body
+        self.api = api
+        limits = api.limits if api is not None else Limits()
+        self.max_connections = limits.max_api_connections
+        self.request_timeout = limits.api_request_timeout
+        self.max_bodies_in_flight = limits.max_api_bodies_in_flight
+        self.bodies_in_flight = 0
+        self._busy: set[ControlChannel] = set()
+        self._waiting: dict[ControlChannel, None] = {}  # oldest first
 
     def getContentFile(self, length: int | None) -> BoundedBody:
         """Where a request's body goes while it arrives."""
         return BoundedBody(self.max_body)
+
+    # -- connections: at most max_connections; the oldest waiting one makes room for a new one
+
+    def channel_opened(self, channel: ControlChannel) -> None:
+        """A new connection: keep it, dropping the oldest waiting connection if the site is full."""
+        self._waiting[channel] = None
+        if len(self._waiting) + len(self._busy) <= self.max_connections:
+            return
+        oldest = next(iter(self._waiting))
+        if oldest is channel:  # every other connection is busy with an admitted request
+            self.channel_closed(channel)
+            channel.transport.write(raw_reply(503, ErrorCode.TOO_MANY_CONNECTIONS.value,
+                                              "the server has too many connections; try again"))
+            channel.transport.loseConnection()
+            return
+        self.channel_closed(oldest)
+        oldest.transport.abortConnection()
+
+    def channel_busy(self, channel: ControlChannel) -> None:
+        """The connection's request was admitted: it is not dropped to make room."""
+        if channel in self._waiting:
+            del self._waiting[channel]
+            self._busy.add(channel)
+
+    def channel_waiting(self, channel: ControlChannel) -> None:
+        """The connection waits for its next request."""
+        if channel in self._busy:
+            self._busy.discard(channel)
+            self._waiting[channel] = None
+
+    def channel_closed(self, channel: ControlChannel) -> None:
+        """The connection is gone (or going)."""
+        self._waiting.pop(channel, None)
+        self._busy.discard(channel)
+
+    def open_connections(self) -> int:
+        """How many connections the site counts now."""
+        return len(self._waiting) + len(self._busy)
+
+    # -- bodies: their bytes in memory at once are bounded
+
+    def reserve_body(self, request: ControlRequest, length: int | None) -> bool:
+        """Room for ``request``'s body (``length`` bytes, or the most it may hold if chunked), or False."""
+        need = min(self.max_body + 1 if length is None else length, self.max_body + 1)
+        if need and self.bodies_in_flight + need > self.max_bodies_in_flight:
+            return False
+        self.bodies_in_flight += need
+
+        def release(_: Any) -> None:
+            self.bodies_in_flight -= need
+        request.notifyFinish().addBoth(release)
+        return True

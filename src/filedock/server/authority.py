@@ -19,7 +19,10 @@ from zope.interface import Interface, implementer
 from filedock.config import Limits
 from filedock.errors import ErrorCode, FiledockError
 from filedock.store.metadata import DeferredStore
-from filedock.store.model import FILE_COMPLETE, Session
+from filedock.store.model import FILE_COMPLETE, SCOPE_ADMIN, SCOPE_READ, SCOPE_UPLOAD, Session
+
+_UPLOADERS = (SCOPE_ADMIN, SCOPE_UPLOAD)
+_READERS = (SCOPE_ADMIN, SCOPE_READ)
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,12 @@ class UploadTarget:
     crc32: int
     stamp: str | None
     name: str = ""
+    file_id: str = ""
+
+    @property
+    def blob_name(self) -> str:
+        """What the file's blobs are named on disk: its stable id (its key, if the authority has no ids)."""
+        return self.file_id or self.file_key
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,12 @@ class DownloadSource:
     crc32: int
     digest: str
     name: str = ""
+    file_id: str = ""
+
+    @property
+    def blob_name(self) -> str:
+        """What the file's blobs are named on disk: its stable id (its key, if the authority has no ids)."""
+        return self.file_id or self.file_key
 
 
 class ISessionAuthority(Interface):
@@ -114,22 +129,30 @@ class StoreAuthority:
             raise FiledockError(ErrorCode.SESSION_EXPIRED, "the session has expired")
         return session
 
+    @staticmethod
+    def _check_scope(session: Session, scopes: tuple[str, ...], verb: str) -> None:
+        if session.scope not in scopes:
+            raise FiledockError(ErrorCode.FORBIDDEN, f"the session was opened with a {session.scope} token: "
+                                                     f"it may not {verb}")
+
     @defer.inlineCallbacks
-    def _session_and_file(self, session_key: str, file_key: str):
+    def _session_and_file(self, session_key: str, file_key: str, scopes: tuple[str, ...], verb: str):
         session, record = yield self.store.session_and_file(session_key, file_key)
-        self._check_session(session)
+        self._check_scope(self._check_session(session), scopes, verb)
         if record is None or record.job_id != session.job_id:
             raise FiledockError(ErrorCode.UNKNOWN_FILE, "no such file in the session's job")
         return record
 
     @defer.inlineCallbacks
     def authorize_session(self, session_key: str):
-        session = yield self.store.get_session(session_key)
-        return self._check_session(session).job_id
+        session = self._check_session((yield self.store.get_session(session_key)))
+        self._check_scope(session, _UPLOADERS, "upload")
+        return session.job_id
 
     @defer.inlineCallbacks
     def authorize_batch(self, session_key: str, items: list[tuple[str, int]]):
         session = self._check_session((yield self.store.get_session(session_key)))
+        self._check_scope(session, _UPLOADERS, "upload")
         records = {r.key: r for r in (yield self.store.files_by_keys([key for key, _ in items]))}
         verdicts: dict[str, Any] = {}
         for key, size in items:
@@ -141,10 +164,10 @@ class StoreAuthority:
                                               f"the file was declared with {record.size} bytes, not {size}")
             elif record.state == FILE_COMPLETE:
                 verdicts[key] = DownloadSource(record.job_id, key, record.size, record.crc32, record.digest,
-                                               record.name)
+                                               record.name, record.id)
             else:
                 verdicts[key] = UploadTarget(record.job_id, key, record.size, record.received, record.crc32,
-                                             record.part_stamp, record.name)
+                                             record.part_stamp, record.name, record.id)
         return verdicts
 
     @defer.inlineCallbacks
@@ -159,7 +182,7 @@ class StoreAuthority:
 
     @defer.inlineCallbacks
     def authorize_upload(self, session_key: str, file_key: str, size: int):
-        record = yield self._session_and_file(session_key, file_key)
+        record = yield self._session_and_file(session_key, file_key, _UPLOADERS, "upload")
         if size is not None and size != record.size:
             raise FiledockError(ErrorCode.SIZE_MISMATCH,
                                 f"the file was declared with {record.size} bytes, not {size}")
@@ -168,14 +191,15 @@ class StoreAuthority:
         if record.state == FILE_COMPLETE:
             raise FiledockError(ErrorCode.ALREADY_COMPLETE, "the file is complete already")
         return UploadTarget(record.job_id, record.key, record.size, record.received, record.crc32,
-                            record.part_stamp, record.name)
+                            record.part_stamp, record.name, record.id)
 
     @defer.inlineCallbacks
     def authorize_download(self, session_key: str, file_key: str):
-        record = yield self._session_and_file(session_key, file_key)
+        record = yield self._session_and_file(session_key, file_key, _READERS, "download")
         if record.state != FILE_COMPLETE:
             raise FiledockError(ErrorCode.NOT_COMPLETE, "the file is not complete yet")
-        return DownloadSource(record.job_id, record.key, record.size, record.crc32, record.digest, record.name)
+        return DownloadSource(record.job_id, record.key, record.size, record.crc32, record.digest, record.name,
+                              record.id)
 
     def record_progress(self, target: UploadTarget, offset: int, crc32: int, stamp: str):
         return self.store.record_progress(target.file_key, offset, crc32, stamp)

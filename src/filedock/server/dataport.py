@@ -288,13 +288,14 @@ class DataPortProtocol(Protocol):
             target = yield f.authority.authorize_upload(req.session_key, req.file_key, req.size)
         if req.legacy and target.received:
             # a 2007 client always starts at byte 0: whatever partial we held is replaced
-            target = UploadTarget(target.job_id, target.file_key, target.size, 0, 0, None, target.name)
+            target = UploadTarget(target.job_id, target.file_key, target.size, 0, 0, None, target.name,
+                                  target.file_id)
         need = target.size - target.received
         promised = f.bytes_promised(exclude=self)
         if need > f.blobs.free_bytes() - f.limits.disk_reserve - promised:
             raise FiledockError(ErrorCode.NO_SPACE, f"the server cannot hold {need} more bytes"
                                 + (f" ({promised} are promised to uploads in progress)" if promised else ""))
-        open_partial = (f.blobs.open_partial, target.job_id, target.file_key, target.received, target.crc32,
+        open_partial = (f.blobs.open_partial, target.job_id, target.blob_name, target.received, target.crc32,
                         target.stamp)
         if target.received:  # a resume may read the partial back: off the reactor
             self.writer = yield f.in_thread(*open_partial)
@@ -550,6 +551,7 @@ class DataPortProtocol(Protocol):
             else:
                 f.uploads[e.key] = self  # a PUT arriving now waits for this batch to let go
                 self._batch_keys.append(e.key)
+                e.blob = verdict.blob_name
                 accepted.append((e, verdict))
                 lines.append(wire.ItemStored(e.key, e.size, e.crc32, e.digest))
             seen.add(e.key)
@@ -569,7 +571,7 @@ class DataPortProtocol(Protocol):
         source: DownloadSource = yield f.authority.authorize_download(req.session_key, req.file_key)
         if req.offset > source.size:
             raise FiledockError(ErrorCode.BAD_OFFSET, f"offset is past the end ({source.size} bytes)")
-        fh = yield f.in_thread(f.blobs.open_complete, source.job_id, source.file_key)
+        fh = yield f.in_thread(f.blobs.open_complete, source.job_id, source.blob_name)
         fh.seek(req.offset)
         f.stats.downloads += 1
         self.transport.write(self.conn.accept_download(source.size, source.crc32, source.digest))
@@ -590,7 +592,7 @@ class DataPortProtocol(Protocol):
         took_over = yield self._claim(req.session_key, req.file_key)
         if took_over:
             target = yield f.authority.authorize_upload(req.session_key, req.file_key, None)
-        yield f.in_thread(f.blobs.discard, target.job_id, target.file_key)
+        yield f.in_thread(f.blobs.discard, target.job_id, target.blob_name)
         yield f.authority.record_discard(target)
         self.transport.write(self.conn.accept_abort())
         self.transport.loseConnection()
@@ -636,7 +638,7 @@ class DataPortProtocol(Protocol):
             yield self._checkpointing
         if self._discard:
             writer.close()
-            yield f.in_thread(f.blobs.discard, target.job_id, target.file_key)
+            yield f.in_thread(f.blobs.discard, target.job_id, target.blob_name)
             yield f.authority.record_discard(target)
         elif not writer.closed:
             cp = yield f.in_thread(writer.checkpoint)

@@ -46,12 +46,16 @@ def lock_data_dir(data_dir: str | Path) -> int:
     import fcntl
 
     path = Path(data_dir)
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
     lock = path / LOCK_NAME
     try:
         fd = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o644)
     except OSError as exc:
         raise FiledockError(ErrorCode.INTERNAL_ERROR, f"cannot open {lock}: {exc.strerror or exc}") from None
+    try:
+        os.fchmod(fd, 0o644)  # whatever the umask (serve sets 077): it holds nothing, and every user may lock it
+    except OSError:
+        pass  # someone else's lock file: it is readable, or the open above had failed
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -79,7 +83,7 @@ def data_dir_in_use(data_dir: str | Path) -> bool:
 def open_store(data_dir: str | Path) -> SQLiteStore:
     """The SQLite store of a data dir, created and migrated if needed."""
     path = Path(data_dir)
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
     return SQLiteStore(path / DB_NAME)
 
 
@@ -120,6 +124,17 @@ def first_run_token(data_dir: str | Path) -> tuple[str, Path, bool]:
     return token, path, True
 
 
+def owner_only_data_dir(data_dir: str | Path) -> None:
+    """Make the data dir owner-only (0700), as filedock makes it: what older versions made 0755
+    (with a world-readable database) is closed at the door. Nothing is changed in a directory
+    someone else owns."""
+    path = Path(data_dir)
+    st = path.stat()
+    if st.st_uid == os.getuid() and st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+        log.info("data dir {path} made owner-only (0700)", path=str(path))
+
+
 @dataclass
 class ServerOptions:
     """What ``filedock serve`` is told."""
@@ -131,6 +146,9 @@ class ServerOptions:
     limits: Limits = field(default_factory=Limits)
     webhooks: list[str] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
+    umask: int | None = 0o077
+    """The process umask the server sets at start (None: leave it): whatever else writes into the
+    data dir (SQLite, a library) makes owner-only files too."""
 
 
 class FiledockServer:
@@ -144,7 +162,10 @@ class FiledockServer:
         self.options = options
         self.reactor = reactor
         self.limits = options.limits
+        if options.umask is not None:
+            os.umask(options.umask)
         self._lock = lock_data_dir(options.data_dir)
+        owner_only_data_dir(options.data_dir)
         self.sqlite = open_store(options.data_dir)
         self.store = DeferredStore(self.sqlite, reactor)
         self.blobs = BlobStore(options.data_dir)
@@ -213,7 +234,7 @@ class FiledockServer:
         for record in stale:
             if record.key in self.dataport.uploads:
                 continue
-            yield self.dataport.in_thread(self.blobs.discard, record.job_id, record.key)
+            yield self.dataport.in_thread(self.blobs.discard, record.job_id, record.blob_name)
             yield self.store.reset_file(record.key)
             swept += 1
             log.info("swept stale partial {key} of job {job} ({received} bytes)",

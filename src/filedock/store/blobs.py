@@ -171,7 +171,7 @@ class PartialWriter:
             if finished:
                 if self._blocks_fd < 0:  # files under one block never need a block list
                     # a writer without one started at 0: whatever an older upload left is stale
-                    self._blocks_fd = os.open(self.blocks, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+                    self._blocks_fd = os.open(self.blocks, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                 os.write(self._blocks_fd, finished)
             if self.hasher.offset - self._writeback_from >= self.WRITEBACK_BYTES:
                 durability.start_writeback(self._fd, self._writeback_from,
@@ -297,6 +297,7 @@ class BatchEntry:
     published: bool = False
     crc32: int = 0
     digest: str = ""
+    blob: str = ""  # the name on disk once published (the file's id); the key if not set
 
 
 class _Lane:
@@ -464,13 +465,14 @@ class BatchWriter:
     def publish(self, accepted: list[BatchEntry]) -> None:
         """Rename the accepted entries into place (old partials of them go), one directory fsync."""
         if accepted:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             self.directory_made_durable(self.directory)
             for entry in accepted:
-                os.replace(entry.temp, self.directory / entry.key)
+                name = _check_key(entry.blob or entry.key)
+                os.replace(entry.temp, self.directory / name)
                 entry.published = True
-                (self.directory / f"{entry.key}.part").unlink(missing_ok=True)
-                (self.directory / f"{entry.key}.blocks").unlink(missing_ok=True)
+                (self.directory / f"{name}.part").unlink(missing_ok=True)
+                (self.directory / f"{name}.blocks").unlink(missing_ok=True)
             durability.fsync_dir(self.directory)
         self.discard()
 
@@ -547,11 +549,11 @@ class BlobStore:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-        (self.root / "jobs").mkdir(parents=True, exist_ok=True)
+        (self.root / "jobs").mkdir(mode=0o700, parents=True, exist_ok=True)
         self.staging = [self.root / "staging" / str(n) for n in range(self.STAGING_LANES)]
         self._durable_dirs: set[Path] = set()  # job directories whose names are known durable
         for lane in self.staging:
-            lane.mkdir(parents=True, exist_ok=True)
+            lane.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def job_dir(self, job_id: str) -> Path:
         return self.root / "jobs" / _check_key(job_id)
@@ -583,18 +585,18 @@ class BlobStore:
             writer = PartialWriter(part, blocks, final, self._create(directory, part), -1, ContentHasher(), new=True)
             writer.dir_durable = self.job_dir_made_durable
             return writer
-        directory.mkdir(parents=True, exist_ok=True)  # only once both keys are checked
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)  # only once both keys are checked
         if offset and final.exists() and not part.exists():
             # renamed into place but never recorded complete (a crash in between):
             # its recorded prefix is still good: resume checks it like any other partial
             os.replace(final, part)
-        fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o640)
+        fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o600)
         blocks_fd = -1
         try:
             st = os.fstat(fd)
             if st.st_size < offset:  # the recorded prefix is gone: start again
                 offset, crc32, stamp = 0, 0, None
-            blocks_fd = os.open(blocks, os.O_RDWR | os.O_CREAT, 0o640)
+            blocks_fd = os.open(blocks, os.O_RDWR | os.O_CREAT, 0o600)
             whole = offset // BLOCK_SIZE
             trusted = offset == 0 or stamp == _stamp(st) or self._appended_since(stamp, st, offset) \
                 and _spot_check(fd, blocks_fd, whole)
@@ -617,10 +619,10 @@ class BlobStore:
         """Open a file afresh (emptied) for writing, making its directory if it is not there."""
         flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC
         try:
-            return os.open(part, flags, 0o640)
+            return os.open(part, flags, 0o600)
         except FileNotFoundError:
-            directory.mkdir(parents=True, exist_ok=True)
-            return os.open(part, flags, 0o640)
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            return os.open(part, flags, 0o600)
 
     @staticmethod
     def _appended_since(stamp: str | None, st: os.stat_result, offset: int) -> bool:

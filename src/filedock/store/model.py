@@ -49,6 +49,13 @@ class FileRecord:
     uploaded_at: float | None
     updated: float
     part_stamp: str | None = None
+    id: str = ""
+    """The file's stable id: its blobs' name on disk. Not a secret, and no key: ``key`` is."""
+
+    @property
+    def blob_name(self) -> str:
+        """What the file's blobs are named on disk (its id; its key for a record made without one)."""
+        return self.id or self.key
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -59,15 +66,47 @@ class FileRecord:
         }
 
 
+SCOPE_ADMIN = "admin"
+SCOPE_UPLOAD = "upload"
+SCOPE_READ = "read"
+SCOPES = (SCOPE_ADMIN, SCOPE_UPLOAD, SCOPE_READ)
+"""What a token (and a session opened with it) may do: everything; declare, upload, resume and
+check files; or list, show and download them."""
+
+
+@dataclass(frozen=True)
+class TokenGrant:
+    """What a token grants: a ``scope``, and one job only when ``job_id`` is set.
+
+    ``id`` names the token for listing and revoking; it is a prefix of the token's
+    SHA-256, so it grants nothing.
+    """
+
+    id: str
+    label: str
+    scope: str
+    job_id: str | None
+    created: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "label": self.label, "scope": self.scope, "job": self.job_id,
+                "created": self.created}
+
+
 @dataclass(frozen=True)
 class Session:
-    """Permission to move the files of one job until ``expires`` or until closed."""
+    """Permission to move the files of one job until ``expires`` or until closed.
+
+    ``scope`` is that of the token that opened it: an ``upload`` session cannot
+    download, a ``read`` session cannot upload.
+    """
 
     key: str
     job_id: str
     created: float
     expires: float
     closed: float | None
+    scope: str = SCOPE_ADMIN
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self) | {"job": self.job_id}

@@ -8,7 +8,9 @@ kept in ``schema_version``. Writes run in ``BEGIN IMMEDIATE`` transactions with
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import os
 import secrets
 import sqlite3
 import threading
@@ -18,10 +20,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from filedock.durability import fsync_dir
 from filedock.errors import ErrorCode, FiledockError
 from filedock.store.model import (
-    FILE_COMPLETE, FILE_PARTIAL, FILE_PENDING, JOB_COMPLETE, JOB_OPEN, Event, FileRecord, Job,
-    Session,
+    FILE_COMPLETE, FILE_PARTIAL, FILE_PENDING, JOB_COMPLETE, JOB_OPEN, SCOPE_ADMIN, SCOPES, Event, FileRecord,
+    Job, Session, TokenGrant,
 )
 
 MIGRATIONS: list[str] = [
@@ -77,7 +80,25 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE events ADD COLUMN delivered_to TEXT NOT NULL DEFAULT '[]'
     """,
-    # 3: each job's file counts and byte sums, kept by triggers as files change, so that a dashboard's
+    # 3: scoped tokens (admin, upload, read; optionally one job), and sessions carry their token's scope
+    """
+    ALTER TABLE tokens ADD COLUMN scope TEXT NOT NULL DEFAULT 'admin';
+    ALTER TABLE tokens ADD COLUMN job_id TEXT REFERENCES jobs(id) ON DELETE CASCADE;
+    ALTER TABLE sessions ADD COLUMN scope TEXT NOT NULL DEFAULT 'admin'
+    """,
+    # 4: no live key in clear. Sessions keep the SHA-256 of their key. A file is named by a stable id
+    # (its blobs' name on disk; for files made before, the old key, which stops being a key); its key
+    # is derived from the id with a secret kept outside the database, and found by its SHA-256
+    # (filled in at open, see _rekey_files). Event payloads name files by id from now on.
+    """
+    UPDATE sessions SET key = filedock_sha256(key);
+    ALTER TABLE sessions RENAME COLUMN key TO key_hash;
+    ALTER TABLE files RENAME COLUMN key TO id;
+    ALTER TABLE files ADD COLUMN key_hash TEXT;
+    CREATE UNIQUE INDEX files_key_hash ON files(key_hash);
+    CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)
+    """,
+    # 5: each job's file counts and byte sums, kept by triggers as files change, so that a dashboard's
     # poll reads one row per job on screen instead of every file of every job
     """
     CREATE TABLE job_counts (
@@ -88,7 +109,7 @@ MIGRATIONS: list[str] = [
         bytes_received INTEGER NOT NULL DEFAULT 0
     );
     INSERT INTO job_counts (job_id, files, complete, bytes_total, bytes_received)
-        SELECT jobs.id, COUNT(files.key), COALESCE(SUM(files.state = 'complete'), 0),
+        SELECT jobs.id, COUNT(files.id), COALESCE(SUM(files.state = 'complete'), 0),
                COALESCE(SUM(files.size), 0), COALESCE(SUM(files.received), 0)
         FROM jobs LEFT JOIN files ON files.job_id = jobs.id GROUP BY jobs.id;
     CREATE INDEX jobs_created ON jobs(created);
@@ -116,6 +137,9 @@ MIGRATIONS: list[str] = [
     """,
 ]
 
+KEYS_HASHED_VERSION = 4
+"""The schema version from which no session or file key is stored in clear."""
+
 
 def sql_statements(script: str) -> Iterator[str]:
     """A migration's statements, one by one (a trigger's body keeps its inner semicolons)."""
@@ -129,9 +153,13 @@ def sql_statements(script: str) -> Iterator[str]:
     if statement.strip(" \n;"):
         yield statement
 
-_FILE_COLS = "key, job_id, name, size, received, state, crc32, digest, uploaded_at, updated, part_stamp"
+
+_FILE_COLS = "id, job_id, name, size, received, state, crc32, digest, uploaded_at, updated, part_stamp"
 _JOB_COLS = "id, name, metadata, created, updated, state"
-_SESSION_COLS = "key, job_id, created, expires, closed"
+_SESSION_COLS = "key_hash, job_id, created, expires, closed, scope"
+_TOKEN_COLS = "hash, label, scope, job_id, created"
+TOKEN_ID_LENGTH = 16
+"""Hex digits of a token's SHA-256 that name it (``TokenGrant.id``)."""
 
 
 def hash_token(token: str) -> str:
@@ -140,23 +168,122 @@ def hash_token(token: str) -> str:
 
 
 def new_key() -> str:
-    """A session or file key: a UUID4, 122 random bits from the OS."""
+    """A session key, job id or file id: a UUID4, 122 random bits from the OS."""
     return str(uuid.uuid4())
+
+
+def hash_key(key: str) -> str:
+    """Session and file keys are stored as their SHA-256 too: 122 random bits need no slow hash."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+SECRET_SUFFIX = ".secret"
+"""The file key secret lives next to the database, as ``<database name without suffix>.secret``."""
+
+
+def load_secret(path: Path) -> bytes:
+    """The 32-byte secret file keys are derived with, made (owner-only) if there is none."""
+    try:
+        return bytes.fromhex(path.read_text().strip())
+    except FileNotFoundError:
+        pass
+    secret = secrets.token_bytes(32)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "w") as f:
+        f.write(secret.hex() + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return secret
+
+
+def _create_owner_only(path: Path) -> None:
+    """Create an empty database file, 0600, unless there is one. An existing one is never opened
+    here: closing any descriptor of it would drop the POSIX locks SQLite holds on it in this process."""
+    if path.exists():
+        return
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+
+
+def _owner_only(path: Path) -> None:
+    """Make a database file that exists owner-only (older versions made it 0644)."""
+    try:
+        if path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)
+    except FileNotFoundError:
+        pass
 
 
 class SQLiteStore:
     """``MetadataStore`` on one SQLite file. Safe to call from one thread at a time."""
 
-    def __init__(self, path: str | Path, clock=time.time) -> None:
+    def __init__(self, path: str | Path, clock=time.time, secret: bytes | None = None) -> None:
+        """Open (creating and migrating) the database at ``path``, owner-only.
+
+        File keys are derived with ``secret``; by default it is read from (or made in)
+        ``<path without suffix>.secret``, a file apart from the database, so that a copy
+        of the database alone grants nothing.
+        """
         self.path = str(path)
         self._clock = clock
         self._lock = threading.Lock()
+        db_path = Path(path)
+        _create_owner_only(db_path)  # SQLite's -wal and -shm files take the database's mode
+        for name in (db_path.name, db_path.name + "-wal", db_path.name + "-shm"):
+            _owner_only(db_path.with_name(name))
+        self._secret = secret if secret is not None else load_secret(db_path.with_suffix(SECRET_SUFFIX))
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.create_function("filedock_sha256", 1, hash_key, deterministic=True)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA busy_timeout=10000")
+        self._db.execute("PRAGMA secure_delete=ON")  # what a key's hash replaces is overwritten, not left in free pages
+        before = self.schema_version()
         self.migrate()
+        self._rekey_files()
+        if before < KEYS_HASHED_VERSION <= self.schema_version():
+            self._scrub()
+
+    # ------------------------------------------------------------ file keys
+
+    def file_key(self, file_id: str) -> str:
+        """The key of file ``file_id``: a UUID4 made of an HMAC of the id under the secret.
+
+        It can be shown again (in listings, in events) without being stored anywhere.
+        """
+        mac = hmac.new(self._secret, b"filedock file key\0" + file_id.encode("ascii"), hashlib.sha256).digest()
+        return str(uuid.UUID(bytes=mac[:16], version=4))
+
+    def _rekey_files(self) -> None:
+        """Fill in the key hashes the secret in use gives, if it is not the one they were made with
+        (the first open after migration 4, or a secret deleted to change every file key)."""
+        mark = hashlib.sha256(b"filedock secret mark\0" + self._secret).hexdigest()[:32]
+        if self.schema_version() < KEYS_HASHED_VERSION:  # a test pinning an older schema
+            return
+        if self._read("SELECT 1 FROM settings WHERE name = 'file_key_secret' AND value = ?", (mark,)):
+            return  # the usual case: no write lock taken (fsck or `token create` next to a live server)
+        with self._write() as db:
+            ids = [r[0] for r in db.execute("SELECT id FROM files")]
+            db.execute("UPDATE files SET key_hash = NULL")
+            db.executemany("UPDATE files SET key_hash = ? WHERE id = ?",
+                           [(hash_key(self.file_key(i)), i) for i in ids])
+            db.execute("INSERT OR REPLACE INTO settings VALUES ('file_key_secret', ?)", (mark,))
+
+    def _scrub(self) -> None:
+        """Leave no copy of the keys migration 4 replaced: not in the WAL, not in a free page."""
+        with self._lock:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._db.execute("VACUUM")
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def _file(self, row: tuple) -> FileRecord:
+        return FileRecord(self.file_key(row[0]), *row[1:], id=row[0])
 
     # ------------------------------------------------------------ plumbing
 
@@ -203,14 +330,38 @@ class SQLiteStore:
 
     # ------------------------------------------------------------ tokens
 
-    def create_token(self, label: str) -> str:
+    def create_token(self, label: str, scope: str = SCOPE_ADMIN, job_id: str | None = None) -> str:
+        """A new token (shown this once: only its hash is kept) with ``scope``, for one job if ``job_id``."""
+        if scope not in SCOPES:
+            raise FiledockError(ErrorCode.BAD_REQUEST, f"a scope is one of {', '.join(SCOPES)}")
         token = "fdk_" + secrets.token_urlsafe(32)
         with self._write() as db:
-            db.execute("INSERT INTO tokens VALUES (?, ?, ?)", (hash_token(token), label, self._clock()))
+            if job_id is not None and db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None:
+                raise FiledockError(ErrorCode.NOT_FOUND, "no such job")
+            db.execute(f"INSERT INTO tokens ({_TOKEN_COLS}) VALUES (?, ?, ?, ?, ?)",
+                       (hash_token(token), label, scope, job_id, self._clock()))
         return token
 
-    def check_token(self, token: str) -> bool:
-        return bool(self._read("SELECT 1 FROM tokens WHERE hash = ?", (hash_token(token),)))
+    @staticmethod
+    def _grant(row: tuple) -> TokenGrant:
+        return TokenGrant(row[0][:TOKEN_ID_LENGTH], row[1], row[2], row[3], row[4])
+
+    def check_token(self, token: str) -> TokenGrant | None:
+        """What ``token`` grants, or None for a token the store does not know."""
+        rows = self._read(f"SELECT {_TOKEN_COLS} FROM tokens WHERE hash = ?", (hash_token(token),))
+        return self._grant(rows[0]) if rows else None
+
+    def list_tokens(self) -> list[TokenGrant]:
+        """Every token's grant, oldest first (never the tokens themselves: they are not kept)."""
+        return [self._grant(r) for r in self._read(f"SELECT {_TOKEN_COLS} FROM tokens ORDER BY created")]
+
+    def revoke_token(self, token_id: str) -> bool:
+        """Delete the token named ``token_id`` (see ``TokenGrant.id``); False if there is none."""
+        if len(token_id) != TOKEN_ID_LENGTH or any(c not in "0123456789abcdef" for c in token_id):
+            return False
+        with self._write() as db:
+            return db.execute("DELETE FROM tokens WHERE substr(hash, 1, ?) = ?",
+                              (TOKEN_ID_LENGTH, token_id)).rowcount > 0
 
     def delete_tokens(self, label: str) -> int:
         with self._write() as db:
@@ -258,7 +409,7 @@ class SQLiteStore:
 
     def delete_job(self, job_id: str) -> list[FileRecord]:
         with self._write() as db:
-            files = [FileRecord(*r) for r in db.execute(
+            files = [self._file(r) for r in db.execute(
                 f"SELECT {_FILE_COLS} FROM files WHERE job_id = ?", (job_id,)).fetchall()]
             db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
         return files
@@ -296,7 +447,7 @@ class SQLiteStore:
 
     def files_page(self, job_id: str, limit: int, offset: int = 0) -> list[FileRecord]:
         """A page of a job's files in name order (``list_files`` is every one of them)."""
-        return [FileRecord(*r) for r in self._read(
+        return [self._file(r) for r in self._read(
             f"SELECT {_FILE_COLS} FROM files WHERE job_id = ? ORDER BY name LIMIT ? OFFSET ?",
             (job_id, limit, offset))]
 
@@ -308,8 +459,9 @@ class SQLiteStore:
     def add_files(self, job_id: str, entries: list[tuple[str, int]], quota: int | None = None) -> list[FileRecord]:
         """Declare files, all or none, in one transaction (a conflict or the quota refuses the lot)."""
         now = self._clock()
-        records = [FileRecord(new_key(), job_id, name, size, 0, FILE_PENDING, 0, None, None, now)
-                   for name, size in entries]
+        ids = [new_key() for _ in entries]
+        records = [FileRecord(self.file_key(i), job_id, name, size, 0, FILE_PENDING, 0, None, None, now, id=i)
+                   for i, (name, size) in zip(ids, entries)]
         try:
             with self._write() as db:
                 if db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None:
@@ -320,9 +472,9 @@ class SQLiteStore:
                     if used + sum(size for _, size in entries) > quota:
                         raise FiledockError(ErrorCode.QUOTA_EXCEEDED,
                                             f"job quota is {quota} bytes; {used} are declared already")
-                db.executemany(f"INSERT INTO files ({_FILE_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                               [(r.key, job_id, r.name, r.size, 0, FILE_PENDING, 0, None, None, now, None)
-                                for r in records])
+                db.executemany(f"INSERT INTO files ({_FILE_COLS}, key_hash) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                               [(r.id, job_id, r.name, r.size, 0, FILE_PENDING, 0, None, None, now, None,
+                                 hash_key(r.key)) for r in records])
                 db.execute("UPDATE jobs SET state = ?, updated = ? WHERE id = ?", (JOB_OPEN, now, job_id))
         except sqlite3.IntegrityError:
             names = ", ".join(repr(n) for n, _ in entries[:3])
@@ -332,19 +484,19 @@ class SQLiteStore:
         return records
 
     def list_files(self, job_id: str) -> list[FileRecord]:
-        return [FileRecord(*r) for r in self._read(
+        return [self._file(r) for r in self._read(
             f"SELECT {_FILE_COLS} FROM files WHERE job_id = ? ORDER BY name", (job_id,))]
 
     def get_file(self, key: str) -> FileRecord | None:
-        rows = self._read(f"SELECT {_FILE_COLS} FROM files WHERE key = ?", (key,))
-        return FileRecord(*rows[0]) if rows else None
+        rows = self._read(f"SELECT {_FILE_COLS} FROM files WHERE key_hash = ?", (hash_key(key),))
+        return self._file(rows[0]) if rows else None
 
     def record_progress(self, key: str, received: int, crc32: int, part_stamp: str | None) -> None:
         state = FILE_PARTIAL if received else FILE_PENDING
         with self._write() as db:
             db.execute("UPDATE files SET received = ?, crc32 = ?, part_stamp = ?, state = ?, updated = ? "
-                       "WHERE key = ? AND state != ?",
-                       (received, crc32, part_stamp, state, self._clock(), key, FILE_COMPLETE))
+                       "WHERE key_hash = ? AND state != ?",
+                       (received, crc32, part_stamp, state, self._clock(), hash_key(key), FILE_COMPLETE))
 
     def record_complete(self, key: str, crc32: int, digest: str) -> bool:
         """Mark a file complete; returns True if that made its job complete (exactly once)."""
@@ -361,13 +513,13 @@ class SQLiteStore:
 
     @staticmethod
     def _complete(db: sqlite3.Connection, key: str, crc32: int, digest: str, now: float) -> str:
-        row = db.execute("SELECT job_id, size FROM files WHERE key = ?", (key,)).fetchone()
+        row = db.execute("SELECT job_id, size FROM files WHERE key_hash = ?", (hash_key(key),)).fetchone()
         if row is None:
             raise FiledockError(ErrorCode.UNKNOWN_FILE, "the file was deleted during the upload")
         job_id, size = row
         db.execute("UPDATE files SET state = ?, received = ?, crc32 = ?, digest = ?, uploaded_at = ?, "
-                   "updated = ?, part_stamp = NULL WHERE key = ?",
-                   (FILE_COMPLETE, size, crc32, digest, now, now, key))
+                   "updated = ?, part_stamp = NULL WHERE key_hash = ?",
+                   (FILE_COMPLETE, size, crc32, digest, now, now, hash_key(key)))
         return job_id
 
     def _maybe_complete_job(self, db: sqlite3.Connection, job_id: str, now: float) -> bool:
@@ -384,15 +536,16 @@ class SQLiteStore:
         """The records of these keys (unknown keys are left out)."""
         out: list[FileRecord] = []
         for i in range(0, len(keys), 500):  # stay under SQLite's parameter limit
-            part = keys[i:i + 500]
-            out += [FileRecord(*r) for r in self._read(
-                f"SELECT {_FILE_COLS} FROM files WHERE key IN ({','.join('?' * len(part))})", tuple(part))]
+            part = [hash_key(key) for key in keys[i:i + 500]]
+            out += [self._file(r) for r in self._read(
+                f"SELECT {_FILE_COLS} FROM files WHERE key_hash IN ({','.join('?' * len(part))})", tuple(part))]
         return out
 
     def _add_event(self, db: sqlite3.Connection, job_id: str, kind: str, now: float) -> None:
         (name,) = db.execute("SELECT name FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        files = [{"name": r[0], "key": r[1], "size": r[2], "crc32": f"{r[3]:08x}", "digest": r[4]}
-                 for r in db.execute("SELECT name, key, size, crc32, digest FROM files WHERE job_id = ? "
+        # stored with file ids, never keys: pending_events derives each key when it hands the event out
+        files = [{"name": r[0], "id": r[1], "size": r[2], "crc32": f"{r[3]:08x}", "digest": r[4]}
+                 for r in db.execute("SELECT name, id, size, crc32, digest FROM files WHERE job_id = ? "
                                      "ORDER BY name", (job_id,))]
         event_id = new_key()
         payload = {"id": event_id, "type": kind, "job": {"id": job_id, "name": name}, "files": files,
@@ -404,52 +557,63 @@ class SQLiteStore:
         """Back to pending with nothing received; a complete file only with ``force`` (fsck)."""
         with self._write() as db:
             db.execute("UPDATE files SET received = 0, crc32 = 0, state = ?, part_stamp = NULL, digest = NULL, "
-                       "uploaded_at = NULL, updated = ? WHERE key = ? AND (state != ? OR ?)",
-                       (FILE_PENDING, self._clock(), key, FILE_COMPLETE, force))
+                       "uploaded_at = NULL, updated = ? WHERE key_hash = ? AND (state != ? OR ?)",
+                       (FILE_PENDING, self._clock(), hash_key(key), FILE_COMPLETE, force))
             if force:
-                db.execute("UPDATE jobs SET state = ? WHERE id = (SELECT job_id FROM files WHERE key = ?)",
-                           (JOB_OPEN, key))
+                db.execute("UPDATE jobs SET state = ? WHERE id = (SELECT job_id FROM files WHERE key_hash = ?)",
+                           (JOB_OPEN, hash_key(key)))
 
     def all_files(self) -> list[FileRecord]:
         """Every file record (fsck)."""
-        return [FileRecord(*r) for r in self._read(f"SELECT {_FILE_COLS} FROM files ORDER BY job_id, name")]
+        return [self._file(r) for r in self._read(f"SELECT {_FILE_COLS} FROM files ORDER BY job_id, name")]
 
     def stale_partials(self, older_than: float) -> list[FileRecord]:
-        return [FileRecord(*r) for r in self._read(
+        return [self._file(r) for r in self._read(
             f"SELECT {_FILE_COLS} FROM files WHERE state = ? AND updated < ?", (FILE_PARTIAL, older_than))]
 
     # ------------------------------------------------------------ sessions
 
-    def open_session(self, job_id: str, ttl: float) -> Session:
+    def open_session(self, job_id: str, ttl: float, scope: str = SCOPE_ADMIN) -> Session:
         now = self._clock()
-        session = Session(new_key(), job_id, now, now + ttl, None)
+        session = Session(new_key(), job_id, now, now + ttl, None, scope)
         with self._write() as db:
             if db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None:
                 raise FiledockError(ErrorCode.NOT_FOUND, "no such job")
-            db.execute(f"INSERT INTO sessions ({_SESSION_COLS}) VALUES (?, ?, ?, ?, ?)",
-                       (session.key, job_id, now, session.expires, None))
-        return session
+            db.execute(f"INSERT INTO sessions ({_SESSION_COLS}) VALUES (?, ?, ?, ?, ?, ?)",
+                       (hash_key(session.key), job_id, now, session.expires, None, scope))
+        return session  # the one time the key itself is at hand
 
     def get_session(self, key: str) -> Session | None:
-        rows = self._read(f"SELECT {_SESSION_COLS} FROM sessions WHERE key = ?", (key,))
-        return Session(*rows[0]) if rows else None
+        """The session of ``key`` (the record carries ``key`` as given: only its hash is stored)."""
+        rows = self._read(f"SELECT {_SESSION_COLS} FROM sessions WHERE key_hash = ?", (hash_key(key),))
+        return Session(key, *rows[0][1:]) if rows else None
 
     def session_and_file(self, session_key: str, file_key: str) -> tuple[Session | None, FileRecord | None]:
         """Both records a data-port request needs, in one call (one trip to the store thread)."""
         with self._lock:
-            srow = self._db.execute(f"SELECT {_SESSION_COLS} FROM sessions WHERE key = ?", (session_key,)).fetchone()
-            frow = self._db.execute(f"SELECT {_FILE_COLS} FROM files WHERE key = ?", (file_key,)).fetchone()
-        return (Session(*srow) if srow else None), (FileRecord(*frow) if frow else None)
+            srow = self._db.execute(f"SELECT {_SESSION_COLS} FROM sessions WHERE key_hash = ?",
+                                    (hash_key(session_key),)).fetchone()
+            frow = self._db.execute(f"SELECT {_FILE_COLS} FROM files WHERE key_hash = ?",
+                                    (hash_key(file_key),)).fetchone()
+        return (Session(session_key, *srow[1:]) if srow else None), (self._file(frow) if frow else None)
 
     def close_session(self, key: str) -> Session | None:
         with self._write() as db:
-            db.execute("UPDATE sessions SET closed = ? WHERE key = ? AND closed IS NULL", (self._clock(), key))
+            db.execute("UPDATE sessions SET closed = ? WHERE key_hash = ? AND closed IS NULL",
+                       (self._clock(), hash_key(key)))
         return self.get_session(key)
 
     # ------------------------------------------------------------ outbox
 
+    def _with_keys(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """An event payload as delivered: each file with its key (stored by id; events stored before
+        migration 4 name the id ``key``)."""
+        for entry in payload.get("files", []):
+            entry["key"] = self.file_key(entry.pop("id", None) or entry["key"])
+        return payload
+
     def pending_events(self, limit: int = 100) -> list[Event]:
-        return [Event(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], r[6], tuple(json.loads(r[7])))
+        return [Event(r[0], r[1], r[2], self._with_keys(json.loads(r[3])), r[4], r[5], r[6], tuple(json.loads(r[7])))
                 for r in self._read(
                     "SELECT id, job_id, kind, payload, created, attempts, delivered, delivered_to FROM events "
                     "WHERE delivered IS NULL ORDER BY created LIMIT ?", (limit,))]
