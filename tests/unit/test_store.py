@@ -292,10 +292,10 @@ def test_record_complete_completes_the_job_exactly_once(store, clock):
 
 
 def test_record_complete_unknown_file(store):
-    """Completing a file that is gone is unknown-file."""
+    """Completing a file that was deleted is gone (the upload's job went while it ran)."""
     with pytest.raises(FiledockError) as exc:
         store.record_complete(str(uuid.uuid4()), 0, "0" * 64)
-    assert exc.value.code is ErrorCode.UNKNOWN_FILE
+    assert exc.value.code is ErrorCode.GONE
 
 
 def test_adding_a_file_reopens_a_complete_job(store):
