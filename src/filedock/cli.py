@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the server")
     p.add_argument("--data-dir", default="./filedock-data")
-    p.add_argument("--api-listen", default="tcp:7480:interface=127.0.0.1", metavar="ENDPOINT")
+    p.add_argument("--api-listen", default="tcp:7480:interface=127.0.0.1:backlog=1024", metavar="ENDPOINT")
     p.add_argument("--data-listen", default="tcp:7481:interface=127.0.0.1:backlog=1024", metavar="ENDPOINT")
     p.add_argument("--public-host", help="host name clients should use for the data port")
     p.add_argument("--issue-admin-token", action="store_true",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,13 +84,28 @@ def open_store(data_dir: str | Path) -> SQLiteStore:
     return SQLiteStore(path / DB_NAME)
 
 
+LISTEN_BACKLOG = 1024
+"""The accept queue asked for on every TCP/TLS port (the kernel caps it at net.core.somaxconn).
+
+Twisted's default is 50: a burst of 2007-dialect uploads (which never get a reply, so never
+know) overflowed it and lost uploads silently."""
+
+
+def with_backlog(description: str, backlog: int = LISTEN_BACKLOG) -> str:
+    """``description`` with ``backlog=N`` added if it is a ``tcp``, ``ssl`` or ``unix`` endpoint without one."""
+    fields = re.split(r"(?<!\\):", description)
+    if fields[0] not in ("tcp", "tcp6", "ssl", "unix") or any(f.startswith("backlog=") for f in fields[1:]):
+        return description
+    return f"{description}:backlog={backlog}"
+
+
 @dataclass
 class ServerOptions:
     """What ``filedock serve`` is told."""
 
     data_dir: str = "./filedock-data"
-    api_listen: str = "tcp:7480:interface=127.0.0.1"
-    data_listen: str = "tcp:7481:interface=127.0.0.1:backlog=1024"
+    api_listen: str = f"tcp:7480:interface=127.0.0.1:backlog={LISTEN_BACKLOG}"
+    data_listen: str = f"tcp:7481:interface=127.0.0.1:backlog={LISTEN_BACKLOG}"
     public_host: str | None = None
     limits: Limits = field(default_factory=Limits)
     webhooks: list[str] = field(default_factory=list)
@@ -134,15 +150,16 @@ class FiledockServer:
         """The control API's hardened ``Site`` (bounded bodies, keys cut in the access log)."""
         from filedock.server.api import ControlAPI
 
-        return ControlAPI(self.store, self.blobs, self.limits, self.dataport, self.info).site()
+        return ControlAPI(_StoreTellingTheDataPort(self.store, self.dataport), self.blobs, self.limits,
+                          self.dataport, self.info).site()
 
     @defer.inlineCallbacks
     def start(self):
         """Listen on both ports; returns (api_url, data_host, data_port)."""
-        data_ep = endpoints.serverFromString(self.reactor, self.options.data_listen)
+        data_ep = endpoints.serverFromString(self.reactor, with_backlog(self.options.data_listen))
         data_port = yield data_ep.listen(self.dataport)
         self.data_address = _address(data_port, self.options.data_listen)
-        api_ep = endpoints.serverFromString(self.reactor, self.options.api_listen)
+        api_ep = endpoints.serverFromString(self.reactor, with_backlog(self.options.api_listen))
         api_port = yield api_ep.listen(self.api_site())
         self.api_address = _address(api_port, self.options.api_listen)
         self.events.start()
@@ -189,6 +206,33 @@ class FiledockServer:
 
     STAGING_GRACE = 60.0
     """Seconds a staging file is left alone even if its batch is unknown (one may be starting)."""
+
+
+class _StoreTellingTheDataPort:
+    """The control API's store, which also tells the data port when a job is deleted or a session
+    closed, so their connections end now (``gone``, ``session-closed``) instead of at their end."""
+
+    def __init__(self, store: DeferredStore, dataport: DataPortFactory) -> None:
+        self._store, self._dataport = store, dataport
+
+    def __getattr__(self, method: str) -> Any:
+        return getattr(self._store, method)
+
+    def delete_job(self, job_id: str) -> defer.Deferred:
+        self._dataport.end_job(job_id)
+
+        def deleted(result: Any) -> Any:
+            self._dataport.end_job(job_id)  # any that were authorized while the delete ran
+            return result
+
+        return self._store.delete_job(job_id).addCallback(deleted)
+
+    def close_session(self, key: str) -> defer.Deferred:
+        def closed(result: Any) -> Any:
+            self._dataport.end_session(key)
+            return result
+
+        return self._store.close_session(key).addCallback(closed)
 
 
 def _address(port: Any, description: str) -> tuple[str, int, bool]:
