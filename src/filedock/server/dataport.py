@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +41,7 @@ class DataPortStats:
     takeovers: int = 0
     downloads: int = 0
     active: int = 0
+    refused: int = 0  # connections refused (or ended) for the connection limits
     durable_buckets: tuple[float, ...] = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0)
     durable_counts: list[int] = field(default_factory=lambda: [0] * 10)
     durable_sum: float = 0.0
@@ -92,6 +93,7 @@ class DataPortFactory(Factory):
         self.batches: set[DataPortProtocol] = set()  # connections streaming a BATCH
         self.session_connections: Counter[str] = Counter()  # PUT and ABORT connections per session
         self.session_batches: Counter[str] = Counter()  # BATCH connections per session: a share of their own
+        self.slot_waiters: dict[str, deque[defer.Deferred]] = {}  # 2007 uploads waiting for a session slot
         self.authorized: set[DataPortProtocol] = set()  # connections whose session the authority accepted
         # connections that have not sent a whole request line yet, by peer (oldest first)
         self.unauthenticated: dict[str, dict[DataPortProtocol, None]] = {}
@@ -169,6 +171,15 @@ class DataPortFactory(Factory):
         """What is being uploaded now (for status and the dashboard): files, and batches as one entry each."""
         files = [p.describe() for p in self.uploads.values() if p.target is not None]
         return files + [p.describe_batch() for p in self.batches]
+
+    def wake_slot_waiter(self, session_key: str) -> None:
+        """A slot of ``session_key`` freed up: the longest-waiting 2007 upload of the session may take it."""
+        waiters = self.slot_waiters.get(session_key)
+        if waiters:
+            waiting = waiters.popleft()
+            if not waiters:
+                del self.slot_waiters[session_key]
+            waiting.callback(None)
 
     def in_thread(self, fn, *args) -> defer.Deferred:
         """Run blocking disk work off the reactor thread (or as ``run_blocking`` says, in tests)."""
@@ -248,6 +259,8 @@ class DataPortProtocol(Protocol):
         self.conn = wire.ServerConnection(max_line=f.limits.max_header)
         refusal = f.admit(self)
         if refusal is not None:
+            f.stats.refused += 1
+            log.info("connection from {peer} refused: {why}", peer=self.peer, why=refusal)
             self._send_error(ErrorCode.TOO_MANY_CONNECTIONS, refusal)
             return
         if hasattr(self.transport, "bufferSize"):
@@ -385,6 +398,10 @@ class DataPortProtocol(Protocol):
         f = self.factory
         target: UploadTarget = yield f.authority.authorize_upload(req.session_key, req.file_key, req.size)
         self._authorized(target.job_id)
+        if req.legacy:
+            yield self._session_slot(req.session_key, req.file_key)
+            if self._stopped():
+                return
         took_over = yield self._claim(req.session_key, req.file_key)
         if self._stopped():
             return  # taken over (or the job deleted) while we waited for the older connection
@@ -447,6 +464,23 @@ class DataPortProtocol(Protocol):
                                   target.name)
             self.target = target
         return target
+
+    @defer.inlineCallbacks
+    def _session_slot(self, session_key: str, file_key: str):
+        """A 2007 upload waits for one of its session's slots instead of being refused: its client
+        never reads a reply, so a refusal would lose the upload silently (a burst of 500 lost 462)."""
+        f = self.factory
+        while True:
+            old = f.uploads.get(file_key)
+            replacing = old is not None and old.session_key == session_key and old._slot is f.session_connections
+            if f.session_connections[session_key] - replacing < f.limits.max_connections_per_session:
+                return
+            waiting = defer.Deferred()
+            f.slot_waiters.setdefault(session_key, deque()).append(waiting)
+            yield waiting
+            if self._stopped():
+                f.wake_slot_waiter(session_key)  # pass the free slot on
+                return
 
     def _claim(self, session_key: str, file_key: str) -> defer.Deferred:
         """Become the one connection writing ``file_key``; an older one is taken over.
@@ -850,6 +884,8 @@ class DataPortProtocol(Protocol):
             if self._slot[self.session_key] <= 0:
                 del self._slot[self.session_key]
         self.released.callback(None)
+        if self.session_key is not None and self._slot is f.session_connections:
+            f.wake_slot_waiter(self.session_key)
 
     def _log_outcome(self, crc: int | None, digest: str | None) -> None:
         target = self.target
