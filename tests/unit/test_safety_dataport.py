@@ -193,3 +193,22 @@ def test_connections_without_a_request_have_a_budget_shared_fairly_between_peers
     proto.dataReceived(put_header(h, key, 10))  # a whole request line: no longer counted
     assert transport.value() == b"OFFSET 0\r\n"
     assert h.factory.unauthenticated_count == 4
+
+
+def test_every_listen_string_gets_a_large_backlog_unless_it_names_one():
+    """tcp, ssl and unix endpoints without a backlog get backlog=1024 (Twisted's default of 50 lost
+    bursts of 2007 uploads); one that names a backlog, or another kind of endpoint, is left alone; the
+    defaults of `filedock serve` carry it for both ports."""
+    from filedock.cli import build_parser
+    from filedock.server.service import ServerOptions, with_backlog
+
+    assert with_backlog("tcp:7481:interface=127.0.0.1") == "tcp:7481:interface=127.0.0.1:backlog=1024"
+    assert with_backlog("ssl:7481:privateKey=a\\:b.pem:certKey=c.pem") == \
+        "ssl:7481:privateKey=a\\:b.pem:certKey=c.pem:backlog=1024"
+    assert with_backlog("unix:/run/filedock.sock") == "unix:/run/filedock.sock:backlog=1024"
+    assert with_backlog("tcp:0:backlog=5") == "tcp:0:backlog=5"
+    assert with_backlog("systemd:domain=INET:index=0") == "systemd:domain=INET:index=0"
+    options = ServerOptions()
+    assert "backlog=1024" in options.api_listen and "backlog=1024" in options.data_listen
+    args = build_parser().parse_args(["serve"])
+    assert "backlog=1024" in args.api_listen and "backlog=1024" in args.data_listen
