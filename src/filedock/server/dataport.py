@@ -511,13 +511,26 @@ class DataPortProtocol(Protocol):
         """A newer connection wants this file (or the session was closed): stop, keep what is durable, let go."""
         if self._finishing or self._lost:
             return  # it ends by itself; the newer connection waits for ``released``
-        self._send_error(code, message)
+        self._end(code, message)
 
     def end_gone(self) -> None:
-        """The job was deleted: end now with ``gone``; the clean-up keeps and records nothing."""
+        """The job was deleted: end now with ``gone``; the clean-up keeps and records nothing.
+
+        An upload already finishing is left to finish: it ends in ``STORED`` (and the
+        job's deletion removes the file) or, if the deletion came first, in ``gone``.
+        """
         self._gone = True
         self._discard = True
-        self._send_error(ErrorCode.GONE, "the job was deleted; nothing of this upload is kept")
+        if self._finishing or self._lost:
+            return
+        self._end(ErrorCode.GONE, "the job was deleted; nothing of this upload is kept")
+
+    def _end(self, code: ErrorCode, message: str) -> None:
+        if self.conn.state is wire.ServerState.SENDING:  # mid-download an error line would read as file bytes
+            self._outcome = code.value
+            self.transport.abortConnection()
+            return
+        self._send_error(code, message)
 
     def _on_data(self, data: bytes | memoryview) -> None:
         try:
