@@ -212,3 +212,23 @@ def test_every_listen_string_gets_a_large_backlog_unless_it_names_one():
     assert "backlog=1024" in options.api_listen and "backlog=1024" in options.data_listen
     args = build_parser().parse_args(["serve"])
     assert "backlog=1024" in args.api_listen and "backlog=1024" in args.data_listen
+
+
+def test_a_full_database_is_no_space_and_the_store_works_again_after(tmp_path):
+    """SQLite's "database or disk is full" (here: max_page_count reached, the same SQLITE_FULL a full disk
+    gives) is FiledockError(no-space) from the store, not a raw OperationalError the API answers with
+    500; the failed transaction is rolled back, and once there is room the store writes again."""
+    from filedock.store.sqlite import SQLiteStore
+
+    store = SQLiteStore(tmp_path / "db.sqlite3")
+    job = store.create_job("first", {})
+    (pages,) = store._db.execute("PRAGMA page_count").fetchone()
+    store._db.execute(f"PRAGMA max_page_count = {pages}")
+    with pytest.raises(FiledockError) as exc:
+        store.add_files(job.id, [(f"file-{i:05d}-" + "x" * 200, 1) for i in range(2000)])
+    assert exc.value.code is ErrorCode.NO_SPACE
+    assert not store._db.in_transaction
+    assert store.list_files(job.id) == []
+    store._db.execute("PRAGMA max_page_count = 1073741823")
+    assert len(store.add_files(job.id, [("a", 1)])) == 1
+    store.close()

@@ -599,8 +599,15 @@ class BlobStore:
         the writer's ``offset`` is its size. Whenever the writer's (offset, CRC-32)
         differ from the ones passed in, ``needs_record`` is True: record a checkpoint
         before accepting bytes. Raises ``PrefixLost`` (having changed nothing) if the
-        partial is shorter than ``offset``.
+        partial is shorter than ``offset``; ``FiledockError(no-space)`` if the disk is full.
         """
+        try:
+            return self._open_partial(job_id, key, offset, crc32, stamp, recover)
+        except OSError as exc:
+            raise _no_space(exc) from exc
+
+    def _open_partial(self, job_id: str, key: str, offset: int, crc32: int, stamp: str | None,
+                      recover: bool) -> PartialWriter:
         directory = self.job_dir(job_id)
         part, blocks = self.part_path(job_id, key), self.blocks_path(job_id, key)
         final = self.final_path(job_id, key)
