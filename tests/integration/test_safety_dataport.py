@@ -286,12 +286,14 @@ def test_300_silent_sockets_from_one_address_do_not_lock_out_another(tmp_path):
         time.sleep(0.3)
         line = put_from(server, "127.0.0.2", session["key"], files["f"]["key"], data)
         held = len(flood) - len(readable_now(flood))
+        metrics = raw_http(server, "GET", "/metrics")[2]
         for sock in flood:
             sock.close()
     print_figures("silent-flood-300", {"legit_put_reply": line.decode()[:40], "flood_sockets_held": held,
                                        "flood_sockets_refused_first_round": len(refused)})
     assert line == b"OFFSET 0", line
     assert held <= 256
+    assert int(re.search(rb"filedock_connections_refused_total (\d+)", metrics)[1]) >= len(refused) > 0
 
 
 # ---------------------------------------------------------------- item 8: stalled BATCH headers

@@ -127,6 +127,9 @@ class DataPortFactory(Factory):
             if len(heaviest) <= len(mine) + 1:
                 return "the server holds too many connections"
             victim = next(iter(heaviest))
+            self.stats.refused += 1
+            log.info("connection from {peer} ended for a newcomer from {other}: no request yet",
+                     peer=victim.peer, other=proto.peer)
             victim.unauthenticated_leaves()
             victim._send_error(ErrorCode.TOO_MANY_CONNECTIONS, "the server holds too many connections; this "
                                                                "one sent no request in time")
