@@ -232,3 +232,31 @@ def test_a_full_database_is_no_space_and_the_store_works_again_after(tmp_path):
     store._db.execute("PRAGMA max_page_count = 1073741823")
     assert len(store.add_files(job.id, [("a", 1)])) == 1
     store.close()
+
+
+def test_abort_and_a_digest_mismatch_record_the_reset_before_deleting_the_partial(h):
+    """Whatever deletes a partial records the file back at 0 first: a crash in between leaves a record at
+    0 and a partial to be overwritten, never a record claiming bytes that are gone."""
+    data = os.urandom(200_000)
+    key = h.app.expect_file(h.job, "x", len(data))
+    part = h.blobs.part_path(h.job, key)
+    seen = []
+    record_discard = h.app.record_discard
+
+    def watch(target):
+        seen.append(part.exists())
+        return record_discard(target)
+
+    h.app.record_discard = watch
+    leave_a_partial(h, key, data, 100_000)
+    proto, transport = h.connect()
+    proto.dataReceived(f"FILEDOCK/1 ABORT {h.session} {key}\r\n".encode())
+    assert transport.value() == b"ABORTED\r\n"
+    h.close(proto, transport)
+    leave_a_partial(h, key, data, 100_000)
+    proto, transport = h.connect()
+    proto.dataReceived(put_header(h, key, len(data)) + data[100_000:] + b"DONE " + b"0" * 64 + b"\r\n")
+    assert b"ERR digest-mismatch " in transport.value()
+    h.close(proto, transport)
+    assert seen == [True, True]
+    assert not part.exists() and h.app.files[key].received == 0

@@ -819,8 +819,8 @@ class DataPortProtocol(Protocol):
             return
         if took_over:
             target = yield f.authority.authorize_upload(req.session_key, req.file_key, None)
+        yield f.authority.record_discard(target)  # the record first: it never claims bytes that are gone
         yield f.in_thread(f.blobs.discard, target.job_id, target.file_key)
-        yield f.authority.record_discard(target)
         self.transport.write(self.conn.accept_abort())
         self.transport.loseConnection()
 
@@ -875,8 +875,8 @@ class DataPortProtocol(Protocol):
             yield f.in_thread(f.blobs.forget, target.job_id, target.file_key)
         elif self._discard:
             writer.close()
+            yield f.authority.record_discard(target)  # the record first: it never claims bytes that are gone
             yield f.in_thread(f.blobs.discard, target.job_id, target.file_key)
-            yield f.authority.record_discard(target)
         elif not writer.closed:
             cp = yield f.in_thread(writer.checkpoint)
             writer.close()
