@@ -31,13 +31,20 @@ def part_path(server: ServerProcess, job_id: str, key: str):
     return server.data_dir / "jobs" / job_id / f"{key}.part"
 
 
+def part_size(server: ServerProcess, job_id: str, key: str) -> int:
+    """The partial's size on disk, -1 while there is none."""
+    try:
+        return part_path(server, job_id, key).stat().st_size
+    except FileNotFoundError:
+        return -1
+
+
 def leave_partial(server: ServerProcess, session: str, key: str, data: bytes, upto: int) -> dict:
     """A versioned upload that sends ``upto`` bytes and drops; returns the record once it is settled."""
     sock, line = put(server, session, key, len(data))
     assert line == b"OFFSET 0", line
     sock.sendall(data[:upto])
-    wait_for(lambda: part_path(server, server.job_id, key).exists()
-             and part_path(server, server.job_id, key).stat().st_size >= upto)
+    wait_for(lambda: part_size(server, server.job_id, key) >= upto)
     sock.close()
     record = settled(server, key)
     assert record["received"] == upto, record
@@ -61,7 +68,7 @@ def rewrite_then_kill(server: ServerProcess, job_id: str, key: str, sock: socket
     """Send ``other[:upto]`` on ``sock`` (an upload that rewrites the partial from 0), wait until the
     .part holds it, then SIGKILL the server: before that connection's first checkpoint."""
     sock.sendall(other[:upto])
-    wait_for(lambda: part_path(server, job_id, key).stat().st_size >= upto)
+    wait_for(lambda: part_size(server, job_id, key) >= upto)
     server.kill()
     sock.close()
 
@@ -168,7 +175,7 @@ def test_full_disk_after_the_last_byte_keeps_the_file_and_says_no_space(small_di
         sock, line = put(server, session["key"], key, len(data))
         assert line == b"OFFSET 0"
         sock.sendall(data)
-        wait_for(lambda: part_path(server, job["id"], key).stat().st_size == len(data))
+        wait_for(lambda: part_size(server, job["id"], key) == len(data))
         side = small_disk / "side-file"
         fill_disk(side)
         sock.sendall(f"DONE {digest_of(data)}\r\n".encode())
@@ -203,7 +210,7 @@ def test_deleting_a_job_during_an_upload_ends_it_with_gone_at_once(tmp_path):
         sock, line = put(server, session["key"], key, len(data))
         assert line == b"OFFSET 0"
         sock.sendall(data[:MiB])
-        wait_for(lambda: part_path(server, job["id"], key).exists())
+        wait_for(lambda: part_size(server, job["id"], key) >= 0)
         started = time.monotonic()
         server.api.request("DELETE", f"/v1/jobs/{job['id']}")
         reply = wait_closed(sock, timeout=10)
@@ -229,8 +236,7 @@ def test_closing_a_session_ends_its_uploads_and_keeps_their_partials(tmp_path):
         sock, line = put(server, session["key"], key, len(data))
         assert line == b"OFFSET 0"
         sock.sendall(data[:MiB])
-        wait_for(lambda: part_path(server, job["id"], key).exists()
-                 and part_path(server, job["id"], key).stat().st_size >= MiB)
+        wait_for(lambda: part_size(server, job["id"], key) >= MiB)
         server.api.close_session(session["key"])
         reply = wait_closed(sock, timeout=10)
         assert reply.startswith(b"ERR session-closed "), reply
@@ -410,7 +416,7 @@ def test_three_connections_on_one_file_in_quick_succession_last_wins_quietly(tmp
             a, line = put(server, session["key"], key, len(data))
             assert line == b"OFFSET 0"
             a.sendall(data[:16 * MiB])
-            wait_for(lambda: part_path(server, job["id"], key).stat().st_size >= 16 * MiB)
+            wait_for(lambda: part_size(server, job["id"], key) >= 16 * MiB)
             header = f"FILEDOCK/1 PUT {session['key']} {key} {len(data)}\r\n".encode()
             b, c = server.connect(), server.connect()
             b.sendall(header)
@@ -428,3 +434,32 @@ def test_three_connections_on_one_file_in_quick_succession_last_wins_quietly(tmp
     assert "no pending UploadRequest" not in log
     assert "Traceback" not in log and "CRITICAL" not in log.upper().replace("CRITICAL_", "")
     assert re.search(r"taken over", log)
+
+
+def test_full_disk_at_the_end_of_a_2007_upload_is_recorded_at_the_next_start(small_disk, tmp_path):
+    """A 2007 client never asks again: its upload's bytes all sent, the disk filled, then the close; the
+    file is fsync'd and renamed, its record fails. Once space is back, the next start records it complete,
+    hashed from disk (before: it stayed pending, with the whole file in place and fsck reporting
+    unrecorded-complete)."""
+    data = random.Random(15).randbytes(2 * MiB)
+    server = ServerProcess(small_disk / "data", limits=["disk_reserve=1M"], log_path=tmp_path / "server.log")
+    with server:
+        job, files, session = server.job_with_files("legacy-full", {"f": len(data)})
+        key = files["f"]["key"]
+        sock = server.connect()
+        sock.sendall(f"{session['key']} {key} {len(data)}\r\n".encode() + data)
+        wait_for(lambda: part_size(server, job["id"], key) == len(data))
+        side = small_disk / "side-file"
+        fill_disk(side)
+        sock.close()
+        wait_for(lambda: final_path(server, job["id"], key).exists())
+        time.sleep(0.5)
+        side.unlink()
+        server.kill()
+        server.start()
+        record = server.api.file(key)
+    status, report = run_fsck(server.data_dir)
+    print_figures("full-disk-2007-recorded-at-start", {"state_after_restart": record["state"],
+                                                       "fsck_findings": [f["kind"] for f in report["findings"]]})
+    assert record["state"] == "complete" and record["digest"] == digest_of(data), record
+    assert status == 0 and not report["findings"], report

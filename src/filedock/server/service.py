@@ -18,6 +18,7 @@ from twisted.internet import defer, endpoints, task
 from twisted.logger import Logger
 
 from filedock.config import Limits
+from filedock.digest import hash_file
 from filedock.errors import ErrorCode, FiledockError, short_key
 from filedock.server.authority import StoreAuthority
 from filedock.server.dataport import DataPortFactory
@@ -154,8 +155,32 @@ class FiledockServer:
                           self.dataport, self.info).site()
 
     @defer.inlineCallbacks
+    def record_unrecorded(self):
+        """Record complete the files that were renamed into place but whose record then failed.
+
+        A file is renamed into place only once it is fsync'd and checked, so such a file
+        is a finished upload whose ``STORED`` never went out (a crash or a full disk
+        between the rename and the record). A versioned client's next ``PUT`` would find
+        it; a 2007 client never asks again, so at start (before anyone can connect) each
+        one is hashed from disk and recorded complete. Returns how many.
+        """
+        found = 0
+        for record in (yield self.store.unfinished_files()):
+            final = self.blobs.final_path(record.job_id, record.key)
+            if not final.exists() or self.blobs.unrecorded_size(record.job_id, record.key) != record.size:
+                continue  # none, or not whole: left to resumes and fsck
+            hasher = yield self.dataport.in_thread(hash_file, final)
+            yield self.store.record_complete(record.key, hasher.crc32, hasher.hexdigest())
+            yield self.dataport.in_thread(self.blobs.discard, record.job_id, record.key)  # a stale partial
+            found += 1
+            log.info("recorded {key} of job {job} complete: it was in place but never recorded",
+                     key=short_key(record.key), job=short_key(record.job_id))
+        return found
+
+    @defer.inlineCallbacks
     def start(self):
         """Listen on both ports; returns (api_url, data_host, data_port)."""
+        yield self.record_unrecorded()
         data_ep = endpoints.serverFromString(self.reactor, with_backlog(self.options.data_listen))
         data_port = yield data_ep.listen(self.dataport)
         self.data_address = _address(data_port, self.options.data_listen)

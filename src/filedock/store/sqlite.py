@@ -344,6 +344,11 @@ class SQLiteStore:
         """Every file record (fsck)."""
         return [FileRecord(*r) for r in self._read(f"SELECT {_FILE_COLS} FROM files ORDER BY job_id, name")]
 
+    def unfinished_files(self) -> list[FileRecord]:
+        """Every file not complete (the start-up check for complete files never recorded)."""
+        return [FileRecord(*r) for r in self._read(f"SELECT {_FILE_COLS} FROM files WHERE state != ?",
+                                                   (FILE_COMPLETE,))]
+
     def stale_partials(self, older_than: float) -> list[FileRecord]:
         return [FileRecord(*r) for r in self._read(
             f"SELECT {_FILE_COLS} FROM files WHERE state = ? AND updated < ?", (FILE_PARTIAL, older_than))]
