@@ -125,7 +125,7 @@ def main(data_dir: str) -> None:
     def listening(port):
         print(f"data port 127.0.0.1:{port.getHost().port}\nsession {session}\nfile {file_key}", flush=True)
 
-    endpoints.serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory).addCallback(listening)
+    endpoints.serverFromString(reactor, "tcp:0:interface=127.0.0.1:backlog=1024").listen(factory).addCallback(listening)
     reactor.run()
 
 

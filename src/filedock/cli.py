@@ -366,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the server")
     p.add_argument("--data-dir", default="./filedock-data", metavar="DIR",
                    help="where files and the metadata database live")
-    p.add_argument("--api-listen", default="tcp:7480:interface=127.0.0.1", metavar="ENDPOINT",
+    p.add_argument("--api-listen", default="tcp:7480:interface=127.0.0.1:backlog=1024", metavar="ENDPOINT",
                    help="the control API's Twisted endpoint (ssl:... for TLS)")
     p.add_argument("--data-listen", default="tcp:7481:interface=127.0.0.1:backlog=1024", metavar="ENDPOINT",
                    help="the data port's Twisted endpoint (ssl:... for TLS)")

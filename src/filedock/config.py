@@ -15,6 +15,9 @@ class Limits:
     job_quota: int = 64 * TiB
     max_connections: int = 4096
     max_connections_per_session: int = 16
+    max_batches_per_session: int = 4
+    max_unauthenticated: int = 1024
+    max_unauthenticated_per_address: int = 256
     max_header: int = 4096
     header_timeout: float = 30.0
     idle_timeout: float = 120.0

@@ -32,6 +32,7 @@ class ErrorCode(str, enum.Enum):
     IDLE_TIMEOUT = "idle-timeout"
     TAKEN_OVER = "taken-over"
     TOO_MANY_CONNECTIONS = "too-many-connections"
+    GONE = "gone"
     INTERNAL_ERROR = "internal-error"
     FORBIDDEN = "forbidden"
     # control API only

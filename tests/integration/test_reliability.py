@@ -723,7 +723,9 @@ def idle_connections_do_not_starve_uploads(tmp_path: Path, held: int, size: int)
         try:
             opened_at = time.monotonic()
             for i in range(held):
-                sock = socket.create_connection(server.data_addr, timeout=30)
+                # 200 per loopback address: under max_unauthenticated_per_address, as many peers would be
+                source = (f"127.0.0.{1 + i // 200}", 0)
+                sock = socket.create_connection(server.data_addr, timeout=30, source_address=source)
                 if i % 3 == 1:
                     sock.sendall(b"FILEDOCK/1 PUT ")  # some hold half a header
                 idle.append(sock)

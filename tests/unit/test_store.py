@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from filedock.digest import BLOCK_HASH_SIZE, BLOCK_SIZE, ContentHasher
 from filedock.errors import ErrorCode, FiledockError
-from filedock.store.blobs import BlobStore, PartialWriter
+from filedock.store.blobs import BlobStore, PartialWriter, PrefixLost
 from filedock.store.model import FILE_COMPLETE, FILE_PARTIAL, FILE_PENDING, JOB_COMPLETE, JOB_OPEN
 from filedock.store.sqlite import MIGRATIONS, SQLiteStore, hash_token
 
@@ -292,10 +292,10 @@ def test_record_complete_completes_the_job_exactly_once(store, clock):
 
 
 def test_record_complete_unknown_file(store):
-    """Completing a file that is gone is unknown-file."""
+    """Completing a file that was deleted is gone (the upload's job went while it ran)."""
     with pytest.raises(FiledockError) as exc:
         store.record_complete(str(uuid.uuid4()), 0, "0" * 64)
-    assert exc.value.code is ErrorCode.UNKNOWN_FILE
+    assert exc.value.code is ErrorCode.GONE
 
 
 def test_adding_a_file_reopens_a_complete_job(store):
@@ -599,13 +599,17 @@ def test_missing_block_list_falls_back_to_rehash(blobs):
 
 
 def test_reopen_when_the_prefix_is_gone_starts_again(blobs):
-    """A recorded offset beyond what the .part holds means start again from 0."""
+    """A recorded offset beyond what the .part holds raises PrefixLost and changes nothing; once the
+    caller recorded the reset, it opens from 0 (the record never claims bytes the disk does not hold)."""
     job, key = new_key(), new_key()
     w = blobs.open_partial(job, key, 0, 0, None)
     w.write(b"abc")
     cp = w.checkpoint()
     w.close()
-    w = blobs.open_partial(job, key, 10, 99, cp.stamp)
+    with pytest.raises(PrefixLost):
+        blobs.open_partial(job, key, 10, 99, cp.stamp)
+    assert blobs.part_path(job, key).read_bytes() == b"abc"
+    w = blobs.open_partial(job, key, 0, 0, None)
     assert w.offset == 0
     assert w.hasher.crc32 == 0
     assert blobs.part_path(job, key).stat().st_size == 0
@@ -631,7 +635,8 @@ def test_reopen_at_zero_discards_old_bytes(blobs):
 
 
 def test_published_but_unrecorded_file_resumes(blobs):
-    """A file renamed into place but never recorded complete is taken back as the partial and verifies."""
+    """A file renamed into place but never recorded complete is taken back whole as the partial (it was
+    fsync'd before its rename), hashed again from disk, and flagged to be recorded before any byte."""
     job, key = new_key(), new_key()
     a = _SOURCE[:BLOCK_SIZE + 3]
     w = blobs.open_partial(job, key, 0, 0, None)
@@ -644,8 +649,8 @@ def test_published_but_unrecorded_file_resumes(blobs):
 
     w = blobs.open_partial(job, key, cp.offset, cp.crc32, cp.stamp)
     assert not blobs.final_path(job, key).exists()
-    assert w.offset == 100
-    w.write(a[100:])
+    assert w.offset == len(a)
+    assert w.needs_record
     assert w.seal() == (zlib.crc32(a), reference_digest(a))
     w.publish()
     assert blobs.final_path(job, key).read_bytes() == a

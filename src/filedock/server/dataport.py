@@ -7,9 +7,10 @@ the partial, checkpoints it, makes it durable and answers.
 
 from __future__ import annotations
 
+import ipaddress
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+from collections import Counter, deque
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from twisted.internet import defer, interfaces, threads
@@ -22,7 +23,7 @@ from filedock import wire
 from filedock.config import Limits
 from filedock.errors import ErrorCode, FiledockError, short_key
 from filedock.server.authority import DownloadSource, IBatchAuthority, ISessionAuthority, UploadTarget
-from filedock.store.blobs import BatchWriter, BlobStore, PartialWriter
+from filedock.store.blobs import BatchWriter, BlobStore, PartialWriter, PrefixLost
 
 log = Logger(namespace="filedock.dataport")
 
@@ -40,6 +41,7 @@ class DataPortStats:
     takeovers: int = 0
     downloads: int = 0
     active: int = 0
+    refused: int = 0  # connections refused (or ended) for the connection limits
     durable_buckets: tuple[float, ...] = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0)
     durable_counts: list[int] = field(default_factory=lambda: [0] * 10)
     durable_sum: float = 0.0
@@ -52,6 +54,23 @@ class DataPortStats:
         for i, bound in enumerate(self.durable_buckets):
             if seconds <= bound:
                 self.durable_counts[i] += 1
+
+
+def peer_group(addr: Any) -> str:
+    """Who a connection counts against for the per-address share: its IP address (an IPv6
+    address by its /64, which one host usually holds whole); one group for non-IP transports."""
+    host = getattr(addr, "host", None)
+    if not host:
+        return "-"
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if ip.version == 6:
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 class DataPortFactory(Factory):
@@ -72,14 +91,78 @@ class DataPortFactory(Factory):
         self.reactor = reactor
         self.uploads: dict[str, DataPortProtocol] = {}
         self.batches: set[DataPortProtocol] = set()  # connections streaming a BATCH
-        self.session_connections: Counter[str] = Counter()
+        self.session_connections: Counter[str] = Counter()  # PUT and ABORT connections per session
+        self.session_batches: Counter[str] = Counter()  # BATCH connections per session: a share of their own
+        self.slot_waiters: dict[str, deque[defer.Deferred]] = {}  # 2007 uploads waiting for a session slot
+        self.authorized: set[DataPortProtocol] = set()  # connections whose session the authority accepted
+        # connections that have not sent a whole request line yet, by peer (oldest first)
+        self.unauthenticated: dict[str, dict[DataPortProtocol, None]] = {}
+        self.unauthenticated_count = 0
         self.stats = DataPortStats()
         self._run_blocking = run_blocking
 
     def buildProtocol(self, addr: Any) -> "DataPortProtocol":
         proto = DataPortProtocol()
         proto.factory = self
+        proto.peer = peer_group(addr)
         return proto
+
+    # -- connections without a request yet: a budget of their own, shared fairly between peers
+
+    def admit(self, proto: "DataPortProtocol") -> str | None:
+        """Count a new connection as unauthenticated; or say why it is refused.
+
+        One peer holds at most ``max_unauthenticated_per_address`` such connections. When
+        all connections, or all unauthenticated ones, are in use, the newcomer takes the
+        slot of the oldest unauthenticated connection of the peer holding the most, if
+        that peer holds more than the newcomer's would: a flood from a few addresses
+        cannot lock the others out, and uploads under way are never the ones ended.
+        """
+        limits = self.limits
+        mine = self.unauthenticated.get(proto.peer, {})
+        if len(mine) >= limits.max_unauthenticated_per_address:
+            return "too many connections from your address have not sent a request"
+        if self.stats.active > limits.max_connections or self.unauthenticated_count >= limits.max_unauthenticated:
+            heaviest = max(self.unauthenticated.values(), key=len, default={})
+            if len(heaviest) <= len(mine) + 1:
+                return "the server holds too many connections"
+            victim = next(iter(heaviest))
+            self.stats.refused += 1
+            log.info("connection from {peer} ended for a newcomer from {other}: no request yet",
+                     peer=victim.peer, other=proto.peer)
+            victim.unauthenticated_leaves()
+            victim._send_error(ErrorCode.TOO_MANY_CONNECTIONS, "the server holds too many connections; this "
+                                                               "one sent no request in time")
+        self.unauthenticated.setdefault(proto.peer, {})[proto] = None
+        self.unauthenticated_count += 1
+        return None
+
+    def authenticated(self, proto: "DataPortProtocol") -> None:
+        """``proto`` sent a whole request line (or is gone): it no longer counts as unauthenticated."""
+        mine = self.unauthenticated.get(proto.peer)
+        if mine is not None and proto in mine:
+            del mine[proto]
+            self.unauthenticated_count -= 1
+            if not mine:
+                del self.unauthenticated[proto.peer]
+
+    # -- the API's hooks: a deleted job or a closed session ends its connections now
+
+    def end_job(self, job_id: str) -> int:
+        """The job was (or is being) deleted: end its connections with ``gone``; nothing of theirs is kept."""
+        ended = [p for p in list(self.authorized) if p.job_id == job_id]
+        for proto in ended:
+            proto.end_gone()
+        if ended:
+            log.info("job {job} deleted: ended {n} data-port connections", job=short_key(job_id), n=len(ended))
+        return len(ended)
+
+    def end_session(self, session_key: str) -> int:
+        """The session was closed: end its connections (``session-closed``; partials are kept)."""
+        ended = [p for p in list(self.authorized) if p.session_key == session_key]
+        for proto in ended:
+            proto.take_over(ErrorCode.SESSION_CLOSED, "the session was closed; the partial is kept")
+        return len(ended)
 
     def bytes_promised(self, exclude: Any = None) -> int:
         """Bytes the uploads in progress still have to write, and batches have queued: space spoken for."""
@@ -91,6 +174,15 @@ class DataPortFactory(Factory):
         """What is being uploaded now (for status and the dashboard): files, and batches as one entry each."""
         files = [p.describe() for p in self.uploads.values() if p.target is not None]
         return files + [p.describe_batch() for p in self.batches]
+
+    def wake_slot_waiter(self, session_key: str) -> None:
+        """A slot of ``session_key`` freed up: the longest-waiting 2007 upload of the session may take it."""
+        waiters = self.slot_waiters.get(session_key)
+        if waiters:
+            waiting = waiters.popleft()
+            if not waiters:
+                del self.slot_waiters[session_key]
+            waiting.callback(None)
 
     def in_thread(self, fn, *args) -> defer.Deferred:
         """Run blocking disk work off the reactor thread (or as ``run_blocking`` says, in tests)."""
@@ -137,6 +229,8 @@ class DataPortProtocol(Protocol):
         self.target: UploadTarget | None = None
         self.writer: PartialWriter | None = None
         self.session_key: str | None = None
+        self.job_id: str | None = None  # once the authority accepted the request
+        self.peer = "-"
         self.released = defer.Deferred()
         self.started = 0.0
         self.resumed_from = 0
@@ -154,6 +248,8 @@ class DataPortProtocol(Protocol):
         self._connected_at = 0.0
         self._since_space_check = 0
         self._cleaned = False
+        self._gone = False  # the job was deleted: keep nothing, record nothing
+        self._slot: Counter[str] | None = None  # the per-session counter this connection takes a slot in
         self.batch: BatchWriter | None = None
         self._batch_room = 0  # bytes a batch may still take before the disk is asked again
         self._batch_keys: list[str] = []
@@ -164,8 +260,11 @@ class DataPortProtocol(Protocol):
         f = self.factory
         f.stats.active += 1
         self.conn = wire.ServerConnection(max_line=f.limits.max_header)
-        if f.stats.active > f.limits.max_connections:
-            self._send_error(ErrorCode.TOO_MANY_CONNECTIONS, "the server holds too many connections")
+        refusal = f.admit(self)
+        if refusal is not None:
+            f.stats.refused += 1
+            log.info("connection from {peer} refused: {why}", peer=self.peer, why=refusal)
+            self._send_error(ErrorCode.TOO_MANY_CONNECTIONS, refusal)
             return
         if hasattr(self.transport, "bufferSize"):
             # Twisted reads 64 KiB per recv by default; 1 MiB cuts the per-read cost 16-fold
@@ -182,6 +281,7 @@ class DataPortProtocol(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:
         self._lost = True
         self.factory.stats.active -= 1
+        self.unauthenticated_leaves()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         if self.conn is not None and not self.conn.peer_closed:
@@ -192,6 +292,19 @@ class DataPortProtocol(Protocol):
 
     # ------------------------------------------------------------ event loop
 
+    def unauthenticated_leaves(self) -> None:
+        """This connection no longer counts against the unauthenticated budget."""
+        self.factory.authenticated(self)
+
+    def _authorized(self, job_id: str) -> None:
+        """The authority accepted this connection's session for ``job_id``."""
+        self.job_id = job_id
+        self.factory.authorized.add(self)
+
+    def _stopped(self) -> bool:
+        """Ended while a step waited (taken over, the job deleted, the peer gone): the step stops quietly."""
+        return self._lost or self._gone or self.conn.state is wire.ServerState.CLOSED
+
     def touch(self) -> None:
         """Note progress, for the idle timeout."""
         self._last_activity = self.factory.reactor.seconds()
@@ -201,6 +314,8 @@ class DataPortProtocol(Protocol):
             event = self.conn.next_event()
             if event is wire.NEED_DATA or event is wire.PAUSED:
                 return
+            if self.conn.state is not wire.ServerState.REQUEST:
+                self.unauthenticated_leaves()  # a whole request line is here; the authority decides at once
             if isinstance(event, wire.Data):
                 if self.batch is not None:
                     self._on_batch_data(event.data)
@@ -252,6 +367,8 @@ class DataPortProtocol(Protocol):
             if failure.check(FiledockError):
                 err = failure.value
                 self._send_error(err.code, err.message)
+            elif self._gone:  # the job's directory went while we used it: expected, not a bug
+                self._send_error(ErrorCode.GONE, "the job was deleted; nothing of this upload is kept")
             else:
                 log.failure("data port step failed", failure)
                 self._send_error(ErrorCode.INTERNAL_ERROR, "internal error; the partial is kept")
@@ -283,26 +400,30 @@ class DataPortProtocol(Protocol):
     def _on_upload(self, req: wire.UploadRequest):
         f = self.factory
         target: UploadTarget = yield f.authority.authorize_upload(req.session_key, req.file_key, req.size)
+        self._authorized(target.job_id)
+        if req.legacy:
+            yield self._session_slot(req.session_key, req.file_key)
+            if self._stopped():
+                return
         took_over = yield self._claim(req.session_key, req.file_key)
+        if self._stopped():
+            return  # taken over (or the job deleted) while we waited for the older connection
         if took_over:  # the older connection recorded more: ask again
             target = yield f.authority.authorize_upload(req.session_key, req.file_key, req.size)
         if req.legacy and target.received:
-            # a 2007 client always starts at byte 0: whatever partial we held is replaced
-            target = UploadTarget(target.job_id, target.file_key, target.size, 0, 0, None, target.name,
-                                  target.file_id)
-        need = target.size - target.received
+            # a 2007 client always starts at byte 0: whatever partial we held is replaced, and the record
+            # goes back to 0 (durably) before a byte of it is overwritten
+            yield f.authority.record_discard(target)
+            target = replace(target, received=0, crc32=0, stamp=None)
+        held = 0 if req.legacy else f.blobs.unrecorded_size(target.job_id, target.blob_name)
+        need = target.size - max(target.received, held)
         promised = f.bytes_promised(exclude=self)
         if need > f.blobs.free_bytes() - f.limits.disk_reserve - promised:
             raise FiledockError(ErrorCode.NO_SPACE, f"the server cannot hold {need} more bytes"
                                 + (f" ({promised} are promised to uploads in progress)" if promised else ""))
-        open_partial = (f.blobs.open_partial, target.job_id, target.blob_name, target.received, target.crc32,
-                        target.stamp)
-        if target.received:  # a resume may read the partial back: off the reactor
-            self.writer = yield f.in_thread(*open_partial)
-        else:  # a new partial is a create and an fstat: not worth a thread hop
-            self.writer = open_partial[0](*open_partial[1:])
-        self.writer.on_drain = lambda: f.reactor.callFromThread(self._hash_drained)
-        self.target = target
+        target = yield self._open_writer(target, recover=not req.legacy, inline=not (target.received or held))
+        if self._stopped():
+            return
         self.resumed_from = self.writer.offset
         self.started = time.monotonic()
         self._last_checkpoint = self.started
@@ -312,6 +433,57 @@ class DataPortProtocol(Protocol):
         self.transport.write(self.conn.accept_upload(self.writer.offset))
         self._schedule_idle(f.limits.idle_timeout)
 
+    @defer.inlineCallbacks
+    def _open_writer(self, target: UploadTarget, recover: bool, inline: bool):
+        """Open the partial as the record says; returns the target as recorded now.
+
+        At every instant the record claims no byte the disk does not hold: a partial
+        shorter than its record is recorded back at 0 before it is rewritten, and a
+        partial whose state differs from the record (a complete file never recorded, a
+        prefix hashed again) is checkpointed and recorded before a byte is accepted.
+        """
+        f = self.factory
+        args = (target.job_id, target.blob_name, target.received, target.crc32, target.stamp, recover)
+        try:
+            if inline:  # a new partial is a create and an fstat: not worth a thread hop
+                self.writer = f.blobs.open_partial(*args)
+            else:  # a resume may read the partial back: off the reactor
+                self.writer = yield f.in_thread(f.blobs.open_partial, *args)
+        except PrefixLost as exc:
+            log.warn("partial of {key} is shorter than its record ({why}): starting again from 0",
+                     key=short_key(target.file_key), why=str(exc))
+            yield f.authority.record_discard(target)
+            target = replace(target, received=0, crc32=0, stamp=None)
+            self.writer = yield f.in_thread(f.blobs.open_partial, *args[:2], 0, 0, None, False)
+        self.writer.on_drain = lambda: f.reactor.callFromThread(self._hash_drained)
+        self.target = target  # from here on, the clean-up closes the writer and records what it holds
+        if self.writer.needs_record:
+            cp = yield f.in_thread(self.writer.checkpoint)
+            yield f.authority.record_progress(target, cp.offset, cp.crc32, cp.stamp)
+            if cp.offset >= target.size:
+                log.info("file {key} was complete on disk but not recorded: resuming at its end",
+                         key=short_key(target.file_key))
+            target = replace(target, received=cp.offset, crc32=cp.crc32, stamp=cp.stamp)
+            self.target = target
+        return target
+
+    @defer.inlineCallbacks
+    def _session_slot(self, session_key: str, file_key: str):
+        """A 2007 upload waits for one of its session's slots instead of being refused: its client
+        never reads a reply, so a refusal would lose the upload silently (a burst of 500 lost 462)."""
+        f = self.factory
+        while True:
+            old = f.uploads.get(file_key)
+            replacing = old is not None and old.session_key == session_key and old._slot is f.session_connections
+            if f.session_connections[session_key] - replacing < f.limits.max_connections_per_session:
+                return
+            waiting = defer.Deferred()
+            f.slot_waiters.setdefault(session_key, deque()).append(waiting)
+            yield waiting
+            if self._stopped():
+                f.wake_slot_waiter(session_key)  # pass the free slot on
+                return
+
     def _claim(self, session_key: str, file_key: str) -> defer.Deferred:
         """Become the one connection writing ``file_key``; an older one is taken over.
 
@@ -319,10 +491,12 @@ class DataPortProtocol(Protocol):
         """
         f = self.factory
         old = f.uploads.get(file_key)
-        replacing = old is not None and old.session_key == session_key  # its slot is about to free up
+        # its slot is about to free up (a batch publishing the file holds a batch slot, not this kind)
+        replacing = old is not None and old.session_key == session_key and old._slot is f.session_connections
         if f.session_connections[session_key] - replacing >= f.limits.max_connections_per_session:
             raise FiledockError(ErrorCode.TOO_MANY_CONNECTIONS, "too many connections for this session")
         self.session_key = session_key
+        self._slot = f.session_connections
         f.session_connections[session_key] += 1
         f.uploads[file_key] = self
         if old is None:
@@ -334,11 +508,31 @@ class DataPortProtocol(Protocol):
         old.released.addBoth(lambda result: (let_go.callback(True), result)[1])
         return let_go
 
-    def take_over(self) -> None:
-        """A newer connection wants this file: stop, keep what is durable, let go."""
+    def take_over(self, code: ErrorCode = ErrorCode.TAKEN_OVER,
+                  message: str = "a newer connection took over this upload") -> None:
+        """A newer connection wants this file (or the session was closed): stop, keep what is durable, let go."""
         if self._finishing or self._lost:
             return  # it ends by itself; the newer connection waits for ``released``
-        self._send_error(ErrorCode.TAKEN_OVER, "a newer connection took over this upload")
+        self._end(code, message)
+
+    def end_gone(self) -> None:
+        """The job was deleted: end now with ``gone``; the clean-up keeps and records nothing.
+
+        An upload already finishing is left to finish: it ends in ``STORED`` (and the
+        job's deletion removes the file) or, if the deletion came first, in ``gone``.
+        """
+        self._gone = True
+        self._discard = True
+        if self._finishing or self._lost:
+            return
+        self._end(ErrorCode.GONE, "the job was deleted; nothing of this upload is kept")
+
+    def _end(self, code: ErrorCode, message: str) -> None:
+        if self.conn.state is wire.ServerState.SENDING:  # mid-download an error line would read as file bytes
+            self._outcome = code.value
+            self.transport.abortConnection()
+            return
+        self._send_error(code, message)
 
     def _on_data(self, data: bytes | memoryview) -> None:
         try:
@@ -379,8 +573,15 @@ class DataPortProtocol(Protocol):
 
         d = f.in_thread(writer.checkpoint).addCallback(record).addBoth(clear)
         self._checkpointing = d
-        d.addErrback(lambda fl: log.failure("checkpoint failed", fl))
+        d.addErrback(self._checkpoint_failed)
         return d
+
+    def _checkpoint_failed(self, failure: Failure) -> None:
+        if self._gone or failure.check(FiledockError):  # a full disk or a deleted job: one line, no traceback
+            log.warn("checkpoint of {key} failed: {error}", key=short_key(self.target.file_key),
+                     error=getattr(failure.value, "message", None) or type(failure.value).__name__)
+        else:
+            log.failure("checkpoint failed", failure)
 
     @defer.inlineCallbacks
     def _finish(self, client_digest: str | None):
@@ -398,7 +599,22 @@ class DataPortProtocol(Protocol):
                     self._discard = True
                     self._outcome = exc.code.value
                 raise
-            yield f.authority.record_complete(target, crc, digest)
+            except FileNotFoundError:  # the partial (or the job's directory) was deleted under us
+                self._gone = self._discard = True
+                raise FiledockError(ErrorCode.GONE, "the file was deleted during the upload; nothing is kept") \
+                    from None
+            try:
+                yield f.authority.record_complete(target, crc, digest)
+            except FiledockError as exc:
+                if exc.code is ErrorCode.NO_SPACE:
+                    # the file is durable and in place; a retry finds it there and resumes at its end
+                    log.warn("upload of {key}: the disk is full, its completion could not be recorded; "
+                             "the bytes are kept", key=short_key(target.file_key))
+                    raise FiledockError(ErrorCode.NO_SPACE, "the server's disk is full: the file's bytes are "
+                                                            "kept, and a retry resumes at its end") from None
+                if exc.code is ErrorCode.GONE:
+                    self._gone = self._discard = True
+                raise
             f.stats.observe_durable(time.monotonic() - sealed_at)
             f.stats.uploads_completed += 1
             self._outcome = "complete"
@@ -430,10 +646,14 @@ class DataPortProtocol(Protocol):
         if req.count > f.limits.batch_max_files:
             raise FiledockError(ErrorCode.TOO_LARGE, f"a batch holds at most {f.limits.batch_max_files} files")
         job_id = yield authority.authorize_session(req.session_key)
-        if f.session_connections[req.session_key] >= f.limits.max_connections_per_session:
-            raise FiledockError(ErrorCode.TOO_MANY_CONNECTIONS, "too many connections for this session")
+        self._authorized(job_id)
+        # batches have a share of their own: stalled ones (a session key is all they need) never take
+        # the slots of the session's uploads
+        if f.session_batches[req.session_key] >= f.limits.max_batches_per_session:
+            raise FiledockError(ErrorCode.TOO_MANY_CONNECTIONS, "too many batches for this session")
         self.session_key = req.session_key
-        f.session_connections[req.session_key] += 1
+        self._slot = f.session_batches
+        f.session_batches[req.session_key] += 1
         self.batch = f.blobs.open_batch(job_id)
         self.batch.on_drain = lambda: f.reactor.callFromThread(self._hash_drained)
         self._batch_room = self._room()
@@ -441,7 +661,7 @@ class DataPortProtocol(Protocol):
         f.batches.add(self)
         self.started = time.monotonic()
         self.transport.write(self.conn.accept_batch())
-        self._schedule_idle(f.limits.idle_timeout)
+        self._schedule_idle(f.limits.header_timeout)  # its first item line is due like a request line
 
     def _on_batch_item(self, item: wire.BatchItem) -> None:
         limits = self.factory.limits
@@ -502,6 +722,9 @@ class DataPortProtocol(Protocol):
             marks.append(time.monotonic())
             verdicts = yield authority.authorize_batch(self.session_key, [(e.key, e.size) for e in entries])
             lines, accepted = self._judge_batch(entries, verdicts)
+            for entry, target in accepted:
+                if target.received:  # its partial goes when the batch publishes: the record goes to 0 first
+                    yield f.authority.record_discard(target)
             marks.append(time.monotonic())
             yield f.in_thread(batch.publish, [entry for entry, _ in accepted])
             marks.append(time.monotonic())
@@ -569,6 +792,7 @@ class DataPortProtocol(Protocol):
     def _on_download(self, req: wire.DownloadRequest):
         f = self.factory
         source: DownloadSource = yield f.authority.authorize_download(req.session_key, req.file_key)
+        self._authorized(source.job_id)
         if req.offset > source.size:
             raise FiledockError(ErrorCode.BAD_OFFSET, f"offset is past the end ({source.size} bytes)")
         fh = yield f.in_thread(f.blobs.open_complete, source.job_id, source.blob_name)
@@ -589,11 +813,14 @@ class DataPortProtocol(Protocol):
     def _on_abort(self, req: wire.AbortRequest):
         f = self.factory
         target = yield f.authority.authorize_upload(req.session_key, req.file_key, None)
+        self._authorized(target.job_id)
         took_over = yield self._claim(req.session_key, req.file_key)
+        if self._stopped():
+            return
         if took_over:
             target = yield f.authority.authorize_upload(req.session_key, req.file_key, None)
+        yield f.authority.record_discard(target)  # the record first: it never claims bytes that are gone
         yield f.in_thread(f.blobs.discard, target.job_id, target.blob_name)
-        yield f.authority.record_discard(target)
         self.transport.write(self.conn.accept_abort())
         self.transport.loseConnection()
 
@@ -623,8 +850,15 @@ class DataPortProtocol(Protocol):
             return
         self._cleaned = True
         d = self._settle_partial()
-        d.addErrback(lambda fl: log.failure("could not record the partial", fl))
+        d.addErrback(self._settle_failed)
         d.addBoth(lambda _: self._release())
+
+    def _settle_failed(self, failure: Failure) -> None:
+        if failure.check(FiledockError):  # a full disk, a deleted file: expected, one line
+            log.warn("could not record the partial of {key}: {error}", error=failure.value.message,
+                     key=short_key(self.target.file_key) if self.target else "-")
+        else:
+            log.failure("could not record the partial", failure)
 
     @defer.inlineCallbacks
     def _settle_partial(self):
@@ -636,10 +870,13 @@ class DataPortProtocol(Protocol):
             return
         if self._checkpointing is not None:
             yield self._checkpointing
-        if self._discard:
+        if self._gone:  # the job was deleted: nothing to keep and no record to update
             writer.close()
+            yield f.in_thread(f.blobs.forget, target.job_id, target.blob_name)
+        elif self._discard:
+            writer.close()
+            yield f.authority.record_discard(target)  # the record first: it never claims bytes that are gone
             yield f.in_thread(f.blobs.discard, target.job_id, target.blob_name)
-            yield f.authority.record_discard(target)
         elif not writer.closed:
             cp = yield f.in_thread(writer.checkpoint)
             writer.close()
@@ -651,17 +888,20 @@ class DataPortProtocol(Protocol):
     def _release(self) -> None:
         f = self.factory
         f.batches.discard(self)
+        f.authorized.discard(self)
         if self.target is not None and f.uploads.get(self.target.file_key) is self:
             del f.uploads[self.target.file_key]
         elif self.conn is not None and isinstance(self.conn.request, (wire.UploadRequest, wire.AbortRequest)):
             key = self.conn.request.file_key
             if f.uploads.get(key) is self:
                 del f.uploads[key]
-        if self.session_key is not None:
-            f.session_connections[self.session_key] -= 1
-            if f.session_connections[self.session_key] <= 0:
-                del f.session_connections[self.session_key]
+        if self.session_key is not None and self._slot is not None:
+            self._slot[self.session_key] -= 1
+            if self._slot[self.session_key] <= 0:
+                del self._slot[self.session_key]
         self.released.callback(None)
+        if self.session_key is not None and self._slot is f.session_connections:
+            f.wake_slot_waiter(self.session_key)
 
     def _log_outcome(self, crc: int | None, digest: str | None) -> None:
         target = self.target
@@ -683,7 +923,8 @@ class DataPortProtocol(Protocol):
 
     def _check_idle(self) -> None:
         limits = self.factory.limits
-        waiting_header = self.conn.state is wire.ServerState.REQUEST
+        waiting_header = self.conn.state is wire.ServerState.REQUEST or (
+            self.batch is not None and not self.batch.entries and self.conn.state is wire.ServerState.BATCH_ITEM)
         limit = limits.header_timeout if waiting_header else limits.idle_timeout
         since = self._connected_at if waiting_header else self._last_activity
         idle = self.factory.reactor.seconds() - since  # a header must be complete in time, not just trickle

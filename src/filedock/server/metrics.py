@@ -38,6 +38,9 @@ def render(stats: DataPortStats) -> bytes:
     _metric(lines, "filedock_downloads_total", "counter", "Downloads started.", [("", stats.downloads)])
     _metric(lines, "filedock_active_connections", "gauge", "Open data-port connections.",
             [("", stats.active)])
+    _metric(lines, "filedock_connections_refused_total", "counter",
+            "Data-port connections refused, or ended before their request, by the connection limits.",
+            [("", stats.refused)])
     _histogram(lines, "filedock_durable_seconds", "Time from the last byte to durable (fsync, rename, record).",
                stats)
     return ("\n".join(lines) + "\n").encode()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from twisted.internet import defer, endpoints, task
 from twisted.logger import Logger
 
 from filedock.config import Limits
+from filedock.digest import hash_file
 from filedock.errors import ErrorCode, FiledockError, short_key
 from filedock.server.authority import StoreAuthority
 from filedock.server.dataport import DataPortFactory
@@ -135,13 +137,28 @@ def owner_only_data_dir(data_dir: str | Path) -> None:
         log.info("data dir {path} made owner-only (0700)", path=str(path))
 
 
+LISTEN_BACKLOG = 1024
+"""The accept queue asked for on every TCP/TLS port (the kernel caps it at net.core.somaxconn).
+
+Twisted's default is 50: a burst of 2007-dialect uploads (which never get a reply, so never
+know) overflowed it and lost uploads silently."""
+
+
+def with_backlog(description: str, backlog: int = LISTEN_BACKLOG) -> str:
+    """``description`` with ``backlog=N`` added if it is a ``tcp``, ``ssl`` or ``unix`` endpoint without one."""
+    fields = re.split(r"(?<!\\):", description)
+    if fields[0] not in ("tcp", "tcp6", "ssl", "unix") or any(f.startswith("backlog=") for f in fields[1:]):
+        return description
+    return f"{description}:backlog={backlog}"
+
+
 @dataclass
 class ServerOptions:
     """What ``filedock serve`` is told."""
 
     data_dir: str = "./filedock-data"
-    api_listen: str = "tcp:7480:interface=127.0.0.1"
-    data_listen: str = "tcp:7481:interface=127.0.0.1:backlog=1024"
+    api_listen: str = f"tcp:7480:interface=127.0.0.1:backlog={LISTEN_BACKLOG}"
+    data_listen: str = f"tcp:7481:interface=127.0.0.1:backlog={LISTEN_BACKLOG}"
     public_host: str | None = None
     limits: Limits = field(default_factory=Limits)
     webhooks: list[str] = field(default_factory=list)
@@ -193,17 +210,42 @@ class FiledockServer:
         """The control API's hardened ``Site`` (bounded bodies, keys cut in the access log)."""
         from filedock.server.api import ControlAPI
 
-        site = ControlAPI(self.store, self.blobs, self.limits, self.dataport, self.info).site()
+        site = ControlAPI(_StoreTellingTheDataPort(self.store, self.dataport), self.blobs, self.limits,
+                          self.dataport, self.info).site()
         site.noisy = False
         return site
 
     @defer.inlineCallbacks
+    def record_unrecorded(self):
+        """Record complete the files that were renamed into place but whose record then failed.
+
+        A file is renamed into place only once it is fsync'd and checked, so such a file
+        is a finished upload whose ``STORED`` never went out (a crash or a full disk
+        between the rename and the record). A versioned client's next ``PUT`` would find
+        it; a 2007 client never asks again, so at start (before anyone can connect) each
+        one is hashed from disk and recorded complete. Returns how many.
+        """
+        found = 0
+        for record in (yield self.store.unfinished_files()):
+            final = self.blobs.final_path(record.job_id, record.blob_name)
+            if not final.exists() or self.blobs.unrecorded_size(record.job_id, record.blob_name) != record.size:
+                continue  # none, or not whole: left to resumes and fsck
+            hasher = yield self.dataport.in_thread(hash_file, final)
+            yield self.store.record_complete(record.key, hasher.crc32, hasher.hexdigest())
+            yield self.dataport.in_thread(self.blobs.discard, record.job_id, record.blob_name)  # a stale partial
+            found += 1
+            log.info("recorded {key} of job {job} complete: it was in place but never recorded",
+                     key=short_key(record.key), job=short_key(record.job_id))
+        return found
+
+    @defer.inlineCallbacks
     def start(self):
         """Listen on both ports; returns (api_url, data_host, data_port)."""
-        data_ep = endpoints.serverFromString(self.reactor, self.options.data_listen)
+        yield self.record_unrecorded()
+        data_ep = endpoints.serverFromString(self.reactor, with_backlog(self.options.data_listen))
         data_port = yield data_ep.listen(self.dataport)
         self.data_address = _address(data_port, self.options.data_listen)
-        api_ep = endpoints.serverFromString(self.reactor, self.options.api_listen)
+        api_ep = endpoints.serverFromString(self.reactor, with_backlog(self.options.api_listen))
         api_port = yield api_ep.listen(self.api_site())
         self.api_address = _address(api_port, self.options.api_listen)
         self.events.start()
@@ -250,6 +292,33 @@ class FiledockServer:
 
     STAGING_GRACE = 60.0
     """Seconds a staging file is left alone even if its batch is unknown (one may be starting)."""
+
+
+class _StoreTellingTheDataPort:
+    """The control API's store, which also tells the data port when a job is deleted or a session
+    closed, so their connections end now (``gone``, ``session-closed``) instead of at their end."""
+
+    def __init__(self, store: DeferredStore, dataport: DataPortFactory) -> None:
+        self._store, self._dataport = store, dataport
+
+    def __getattr__(self, method: str) -> Any:
+        return getattr(self._store, method)
+
+    def delete_job(self, job_id: str) -> defer.Deferred:
+        self._dataport.end_job(job_id)
+
+        def deleted(result: Any) -> Any:
+            self._dataport.end_job(job_id)  # any that were authorized while the delete ran
+            return result
+
+        return self._store.delete_job(job_id).addCallback(deleted)
+
+    def close_session(self, key: str) -> defer.Deferred:
+        def closed(result: Any) -> Any:
+            self._dataport.end_session(key)
+            return result
+
+        return self._store.close_session(key).addCallback(closed)
 
 
 def _address(port: Any, description: str) -> tuple[str, int, bool]:

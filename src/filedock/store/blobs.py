@@ -56,6 +56,16 @@ def _no_space(exc: OSError) -> FiledockError | OSError:
     return exc
 
 
+class PrefixLost(Exception):
+    """The partial holds fewer bytes than its record claims (cut short behind the server's back).
+
+    Nothing was changed on disk: the caller must first record the file back at 0
+    (durably), then open it again from 0. Rewriting the prefix before that record
+    would leave a record claiming bytes the disk does not hold, if the server
+    crashed in between.
+    """
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """A durable partial: ``offset`` bytes fsync'd, their CRC-32, and the file's stamp."""
@@ -113,6 +123,7 @@ class PartialWriter:
         self.hasher = hasher
         self.accepted = hasher.offset
         self.closed = False
+        self.needs_record = False  # set by open_partial: the record does not describe this partial yet
         self.on_drain: Callable[[], None] | None = None
         self._unsynced_dir = new
         self.dir_durable: Callable[[Path], None] = lambda path: None  # the job dir's own name, once
@@ -567,38 +578,64 @@ class BlobStore:
     def blocks_path(self, job_id: str, key: str) -> Path:
         return self.job_dir(job_id) / f"{_check_key(key)}.blocks"
 
+    def unrecorded_size(self, job_id: str, key: str) -> int:
+        """Bytes of a complete file renamed into place whose completion was never recorded (0: none)."""
+        try:
+            return self.final_path(job_id, key).stat().st_size
+        except FileNotFoundError:
+            return 0
+
     def free_bytes(self) -> int:
         """Bytes available to us on the data dir's filesystem."""
         st = os.statvfs(self.root)
         return st.f_bavail * st.f_frsize
 
     def open_partial(self, job_id: str, key: str, offset: int, crc32: int,
-                     stamp: str | None) -> PartialWriter:
+                     stamp: str | None, recover: bool = True) -> PartialWriter:
         """Open ``key``'s partial to append from the durable ``offset``.
 
-        Bytes past ``offset`` (written but never recorded durable) are cut off.
+        Bytes past ``offset`` (written but never recorded durable) are cut off. A
+        complete file that was renamed into place but never recorded complete (a crash
+        or a full disk in between) is taken back whole (``recover``): it was fsync'd
+        before its rename, so all of it is durable; it is hashed again from disk and
+        the writer's ``offset`` is its size. Whenever the writer's (offset, CRC-32)
+        differ from the ones passed in, ``needs_record`` is True: record a checkpoint
+        before accepting bytes. Raises ``PrefixLost`` (having changed nothing) if the
+        partial is shorter than ``offset``; ``FiledockError(no-space)`` if the disk is full.
         """
+        try:
+            return self._open_partial(job_id, key, offset, crc32, stamp, recover)
+        except OSError as exc:
+            raise _no_space(exc) from exc
+
+    def _open_partial(self, job_id: str, key: str, offset: int, crc32: int, stamp: str | None,
+                      recover: bool) -> PartialWriter:
         directory = self.job_dir(job_id)
         part, blocks = self.part_path(job_id, key), self.blocks_path(job_id, key)
         final = self.final_path(job_id, key)
-        if not offset:  # a new upload: no block list to read, nothing to check
+        recovering = recover and final.exists()
+        if not offset and not recovering:  # a new upload: no block list to read, nothing to check
             writer = PartialWriter(part, blocks, final, self._create(directory, part), -1, ContentHasher(), new=True)
             writer.dir_durable = self.job_dir_made_durable
             return writer
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)  # only once both keys are checked
-        if offset and final.exists() and not part.exists():
-            # renamed into place but never recorded complete (a crash in between):
-            # its recorded prefix is still good: resume checks it like any other partial
+        recorded = (offset, crc32)
+        if recovering:
+            # renamed into place but never recorded complete: every byte was fsync'd before the
+            # rename, so the whole file is a durable partial (its block list went with the rename)
             os.replace(final, part)
+            blocks.unlink(missing_ok=True)
+            durability.fsync_dir(directory)
+            offset, stamp = os.stat(part).st_size, None
         fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o600)
         blocks_fd = -1
         try:
             st = os.fstat(fd)
-            if st.st_size < offset:  # the recorded prefix is gone: start again
-                offset, crc32, stamp = 0, 0, None
+            if st.st_size < offset:  # the recorded prefix is gone: the record must go back to 0 first
+                raise PrefixLost(f"the partial holds {st.st_size} bytes, not {offset}")
             blocks_fd = os.open(blocks, os.O_RDWR | os.O_CREAT, 0o600)
             whole = offset // BLOCK_SIZE
-            trusted = offset == 0 or stamp == _stamp(st) or self._appended_since(stamp, st, offset) \
+            trusted = not recovering and offset == 0 or stamp == _stamp(st) or self._appended_since(stamp, st, offset) \
                 and _spot_check(fd, blocks_fd, whole)
             os.ftruncate(fd, offset)
             hasher = self._resume_hasher(fd, blocks_fd, offset, crc32, whole, trusted)
@@ -612,6 +649,8 @@ class BlobStore:
             raise
         writer = PartialWriter(part, blocks, self.final_path(job_id, key), fd, blocks_fd, hasher, new=offset == 0)
         writer.dir_durable = self.job_dir_made_durable
+        # a prefix hashed again from disk may not be what the record says (changed behind our back)
+        writer.needs_record = (hasher.offset, hasher.crc32) != recorded
         return writer
 
     @staticmethod
@@ -697,6 +736,14 @@ class BlobStore:
         """Delete everything stored for one file."""
         self.discard(job_id, key)
         self.final_path(job_id, key).unlink(missing_ok=True)
+
+    def forget(self, job_id: str, key: str) -> None:
+        """Delete whatever an upload of a deleted file left (the job directory too, once empty)."""
+        self.delete_file(job_id, key)
+        try:
+            self.job_dir(job_id).rmdir()
+        except OSError:
+            pass  # not empty, or gone already
 
     def delete_job(self, job_id: str) -> None:
         """Delete a job's directory and all in it."""

@@ -162,6 +162,14 @@ TOKEN_ID_LENGTH = 16
 """Hex digits of a token's SHA-256 that name it (``TokenGrant.id``)."""
 
 
+def _disk_full(exc: sqlite3.OperationalError) -> Exception:
+    """SQLite's "database or disk is full" as the stable ``no-space`` error every caller
+    (data port and API alike) can answer with; any other error is returned as it is."""
+    if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc):
+        return FiledockError(ErrorCode.NO_SPACE, "the server's disk is full; nothing was changed, retry later")
+    return exc
+
+
 def hash_token(token: str) -> str:
     """Tokens are stored as their SHA-256: a stolen database grants nothing."""
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
@@ -290,17 +298,26 @@ class SQLiteStore:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise _disk_full(exc) from exc
             try:
                 yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.execute("COMMIT")  # a full disk may refuse the commit itself
+            except BaseException as exc:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.OperationalError):
+                    raise _disk_full(exc) from exc
                 raise
-            self._db.execute("COMMIT")
 
     def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:
-            return self._db.execute(sql, args).fetchall()
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.OperationalError as exc:
+                raise _disk_full(exc) from exc
 
     def schema_version(self) -> int:
         """The number of migrations applied."""
@@ -515,7 +532,7 @@ class SQLiteStore:
     def _complete(db: sqlite3.Connection, key: str, crc32: int, digest: str, now: float) -> str:
         row = db.execute("SELECT job_id, size FROM files WHERE key_hash = ?", (hash_key(key),)).fetchone()
         if row is None:
-            raise FiledockError(ErrorCode.UNKNOWN_FILE, "the file was deleted during the upload")
+            raise FiledockError(ErrorCode.GONE, "the file was deleted during the upload")
         job_id, size = row
         db.execute("UPDATE files SET state = ?, received = ?, crc32 = ?, digest = ?, uploaded_at = ?, "
                    "updated = ?, part_stamp = NULL WHERE key_hash = ?",
@@ -566,6 +583,11 @@ class SQLiteStore:
     def all_files(self) -> list[FileRecord]:
         """Every file record (fsck)."""
         return [self._file(r) for r in self._read(f"SELECT {_FILE_COLS} FROM files ORDER BY job_id, name")]
+
+    def unfinished_files(self) -> list[FileRecord]:
+        """Every file not complete (the start-up check for complete files never recorded)."""
+        return [self._file(r) for r in self._read(f"SELECT {_FILE_COLS} FROM files WHERE state != ?",
+                                                   (FILE_COMPLETE,))]
 
     def stale_partials(self, older_than: float) -> list[FileRecord]:
         return [self._file(r) for r in self._read(
