@@ -33,6 +33,10 @@ class ErrorCode(str, enum.Enum):
     TAKEN_OVER = "taken-over"
     TOO_MANY_CONNECTIONS = "too-many-connections"
     INTERNAL_ERROR = "internal-error"
+    # clients only: what a client finds out by itself
+    UNREACHABLE = "unreachable"
+    TLS_FAILED = "tls-failed"
+    CHANGED_DURING_UPLOAD = "changed-during-upload"
     # control API only
     BAD_REQUEST = "bad-request"
     UNAUTHORIZED = "unauthorized"

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import select
 import socket
 import ssl
@@ -28,8 +27,8 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 from filedock import durability, wire
-from filedock.client.model import (DURABLE, SENT, VERIFIED, Cancelled, ProgressCallback, UploadResult,
-                                   batch_result)
+from filedock.client.model import (DURABLE, SENT, VERIFIED, Cancelled, ProgressCallback, RetryPolicy,
+                                   UploadResult, batch_result)
 from filedock.digest import ContentHasher
 from filedock.errors import ErrorCode, FiledockError, short_key
 
@@ -48,8 +47,6 @@ partial or fsyncing, and the protocol has no keepalive to say so."""
 HASH_WAIT = 30.0
 """How long a connection whose body is sent waits for the local digest before it
 is closed (the server would time it out) and reopened once the digest is ready."""
-
-MAX_BACKOFF = 30.0
 
 RETRYABLE = frozenset({
     ErrorCode.TAKEN_OVER.value, ErrorCode.IDLE_TIMEOUT.value, ErrorCode.INTERNAL_ERROR.value,
@@ -636,16 +633,17 @@ class DataPortClient:
         try:
             sock = socket.create_connection((self.host, self.port), timeout=min(self.stall_timeout, 30.0))
         except OSError as exc:
-            raise _Dropped(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from None
+            raise _Dropped(data_port_unreachable(self.host, self.port, exc.strerror or str(exc)),
+                           ErrorCode.UNREACHABLE.value) from None
         try:
             _tune_socket(sock)
             if self.ssl_context is not None:
                 sock = self.ssl_context.wrap_socket(sock, server_hostname=self.host)
         except ssl.SSLCertVerificationError as exc:
             sock.close()
-            raise FiledockError(ErrorCode.UNAUTHORIZED,
-                                f"TLS: the data port {self.host}:{self.port} failed verification: "
-                                f"{exc.verify_message}") from None
+            raise FiledockError(ErrorCode.TLS_FAILED,
+                                data_port_certificate_message(self.host, self.port, exc.verify_code,
+                                                              exc.verify_message or str(exc))) from None
         except OSError as exc:
             sock.close()
             raise _Dropped(f"TLS handshake with {self.host}:{self.port} failed: {exc}") from None
@@ -668,13 +666,31 @@ class DataPortClient:
                 if failures >= self.attempts:
                     raise FiledockError(exc.code, f"{exc.message} (gave up after {failures} "
                                                   f"attempt{'s' if failures > 1 else ''} in a row)") from None
-                delay = min(MAX_BACKOFF, self.backoff * 2 ** (failures - 1)) * random.uniform(0.5, 1.5)
+                delay = RetryPolicy(self.attempts, self.backoff).delay(failures)
                 log.info("%s; reconnecting in %.1fs (attempt %d of %d)", exc.message, delay,
                          failures + 1, self.attempts)
             finally:
                 if link is not None:
                     link.close()
             _sleep(delay, cancel)
+
+
+def data_port_unreachable(host: str, port: int, reason: str) -> str:
+    """The message for a data port that does not accept connections, with what to check."""
+    return (f"cannot connect to the data port at {host}:{port} (the address the server gives in "
+            f"GET /v1/info): {reason}. Is the server running? If clients must reach it under another "
+            "name or address, start it with --public-host NAME")
+
+
+def data_port_certificate_message(host: str, port: int, verify_code: int, why: str) -> str:
+    """A data-port certificate that fails verification, put as what to do about it."""
+    if verify_code in (62, 64):  # hostname mismatch, IP address mismatch
+        return (f"the data port's certificate is not issued for {host!r}, the address the server gives for "
+                f"its data port ({host}:{port}; {why}): start the server with --public-host set to a name the "
+                "certificate carries, or give it a certificate that names "
+                f"{host}")
+    return (f"the data port's certificate ({host}:{port}) is not trusted ({why}): pass the CA certificate "
+            "that signed it with --cacert FILE (or FILEDOCK_CACERT)")
 
 
 def _explained(exc: FiledockError, name: str) -> FiledockError:

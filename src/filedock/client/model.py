@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -17,6 +18,24 @@ STAGES = (SENT, DURABLE, VERIFIED)
 
 ProgressCallback = Callable[[str, int, int], None]
 """``progress(stage, done_bytes, total_bytes)``."""
+
+
+MAX_BACKOFF = 30.0
+"""Longest wait between two attempts, in seconds."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a client rides through drops and restarts: ``attempts`` failures in a row before it gives
+    up, waiting a jittered exponential backoff (``backoff`` seconds, doubling, at most ``MAX_BACKOFF``)
+    between them. The data port and the control API use the same numbers."""
+
+    attempts: int = 5
+    backoff: float = 0.5
+
+    def delay(self, failures: int) -> float:
+        """Seconds to wait after the ``failures``-th failure in a row (from 1)."""
+        return min(MAX_BACKOFF, self.backoff * 2 ** (failures - 1)) * random.uniform(0.5, 1.5)
 
 
 class Cancelled(Exception):

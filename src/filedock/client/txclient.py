@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from io import BytesIO
 from typing import Any, BinaryIO, Callable, Sequence
 from urllib.parse import quote, urlsplit
@@ -49,8 +48,8 @@ from zope.interface import implementer
 
 from filedock import digest, durability, wire
 from filedock.client.blocking import REPLY_PATIENCE
-from filedock.client.model import (DURABLE, SENT, VERIFIED, Cancelled, ProgressCallback, UploadResult,
-                                   batch_result)
+from filedock.client.model import (DURABLE, SENT, VERIFIED, Cancelled, ProgressCallback, RetryPolicy,
+                                   UploadResult, batch_result)
 from filedock.client.uploader import (DECLARE_BATCH, JobProgress, batch_units, collect_files, compare_complete,
                                      undeclared)
 from filedock.errors import ErrorCode, FiledockError, short_key
@@ -321,8 +320,10 @@ class _Exchange(Protocol):
     def connect_failed(self, failure: Failure) -> None:
         """The endpoint could not connect (unless we cancelled it)."""
         if not self.result.called:
-            self.fail(FiledockError(ErrorCode.INTERNAL_ERROR,
-                                    f"cannot reach {self.peer}: {failure.getErrorMessage()}"))
+            self.fail(FiledockError(ErrorCode.UNREACHABLE,
+                                    f"cannot reach the data port {self.peer}: {failure.getErrorMessage()}; is the "
+                                    "server running? (a server reached under another name or address needs "
+                                    "--public-host)"))
 
     # -- outcomes
 
@@ -709,7 +710,7 @@ class TxDataPortClient:
     """
 
     RETRYABLE = frozenset({ErrorCode.INTERNAL_ERROR, ErrorCode.TAKEN_OVER, ErrorCode.IDLE_TIMEOUT,
-                           ErrorCode.TOO_MANY_CONNECTIONS})
+                           ErrorCode.TOO_MANY_CONNECTIONS, ErrorCode.UNREACHABLE})
 
     def __init__(self, reactor: Any, host: str, port: int, tls_options: Any = None,
                  connect_timeout: float = 30.0, hash_wait: float = HASH_WAIT, attempts: int = 5,
@@ -824,7 +825,7 @@ class TxDataPortClient:
                     if failures >= self.attempts:
                         raise FiledockError(exc.code, f"gave up after {failures} attempts without progress: "
                                                       f"{exc.message}") from None
-                    delay = self.backoff * 2 ** (failures - 1) * random.uniform(0.5, 1.5)
+                    delay = RetryPolicy(self.attempts, self.backoff).delay(failures)
                     log.info("{peer}: {why}; reconnecting in {delay:.2f}s", peer=peer, why=exc.message,
                              delay=delay)
                     await deferLater(self.reactor, delay)
@@ -863,7 +864,7 @@ class TxDataPortClient:
                     raise
                 if failures >= self.attempts:
                     raise FiledockError(exc.code, f"gave up after {failures} attempts: {exc.message}") from None
-                delay = self.backoff * 2 ** (failures - 1) * random.uniform(0.5, 1.5)
+                delay = RetryPolicy(self.attempts, self.backoff).delay(failures)
                 log.info("{peer}: {why}; sending the batch again in {delay:.2f}s", peer=peer, why=exc.message,
                          delay=delay)
                 try:
@@ -940,6 +941,14 @@ class _BodyCollector(Protocol):
 
 
 
+class _ApiTransient(Exception):
+    """One API attempt failed in a way a later attempt may cure (``error``: the 5xx answer, if any)."""
+
+    def __init__(self, reason: str, sent: bool, error: FiledockError | None = None) -> None:
+        super().__init__(reason)
+        self.reason, self.sent, self.error = reason, sent, error
+
+
 class TxApiClient:
     """The few control-API calls a Twisted client needs; each returns a Deferred of the JSON reply.
 
@@ -948,7 +957,8 @@ class TxApiClient:
     trusts the platform's roots).
     """
 
-    def __init__(self, reactor: Any, url: str, token: str | None, tls_policy: Any = None) -> None:
+    def __init__(self, reactor: Any, url: str, token: str | None, tls_policy: Any = None,
+                 retry: RetryPolicy | None = None) -> None:
         from twisted.web.client import Agent
 
         parts = urlsplit(url if "://" in url else f"http://{url}")
@@ -959,14 +969,62 @@ class TxApiClient:
         self.base = f"{parts.scheme}://{parts.netloc}"
         self.token = token
         self.agent = Agent(reactor, tls_policy) if tls_policy is not None else Agent(reactor)
+        self.retry = retry or RetryPolicy()
 
     def request(self, method: str, path: str, body: Any = None) -> defer.Deferred:
-        """One JSON request -> the decoded reply body."""
+        """One JSON request -> the decoded reply body.
+
+        Like the blocking ``ApiClient``: refused, reset, timed-out and 5xx requests are
+        tried again (``retry``: the data port's attempts and backoff), and a refusal that
+        only a lost earlier attempt explains is reconciled by the request's natural key
+        (``filedock.client.http.recover_plan``). ``unreachable`` / ``tls-failed`` say
+        what to check.
+        """
         return defer.ensureDeferred(self._request(method, path, body))
 
     async def _request(self, method: str, path: str, body: Any) -> Any:
+        from filedock.client.http import ApiError, recover_plan
+
+        try:
+            return await self._attempts(method, path, body)
+        except ApiError as exc:
+            plan = recover_plan(method, path, body, exc)
+            if plan is None:
+                raise
+            get_path, check = plan
+            try:
+                recovered = check(await self._attempts("GET", get_path, None))
+            except FiledockError:
+                raise exc from None
+            if recovered is None:
+                raise
+            return recovered
+
+    async def _attempts(self, method: str, path: str, body: Any) -> Any:
+        from filedock.client.http import unreachable_message
+
+        failures, repeated = 0, False
+        while True:
+            try:
+                return await self._once(method, path, body, repeated)
+            except _ApiTransient as exc:
+                repeated = repeated or exc.sent
+                failures += 1
+                if failures >= self.retry.attempts:
+                    if exc.error is not None:
+                        raise exc.error from None
+                    raise FiledockError(ErrorCode.UNREACHABLE,
+                                        unreachable_message(self.url, exc.reason, failures, None)) from None
+                delay = self.retry.delay(failures)
+                log.info("{method} {path}: {why}; trying again in {delay:.1f}s", method=method, path=path,
+                         why=exc.reason, delay=delay)
+                await deferLater(self.reactor, delay)
+
+    async def _once(self, method: str, path: str, body: Any, repeated: bool) -> Any:
         from twisted.web.client import FileBodyProducer
         from twisted.web.http_headers import Headers
+
+        from filedock.client.http import RETRY_STATUSES, ApiError
 
         headers = Headers({b"Accept": [b"application/json"]})
         if self.token:
@@ -982,17 +1040,47 @@ class TxApiClient:
             raw = await collector.done
         except defer.CancelledError:
             raise
+        except FiledockError:
+            raise
         except Exception as exc:
-            raise FiledockError(ErrorCode.INTERNAL_ERROR, f"cannot reach {self.url}: {exc}") from exc
+            raise self._failure(exc) from None
         try:
             payload = json.loads(raw) if raw else None
         except ValueError:
             payload = None
         if response.code >= 400:
             err = payload.get("error", {}) if isinstance(payload, dict) else {}
-            raise FiledockError(err.get("code", ErrorCode.INTERNAL_ERROR.value),
-                                err.get("message", f"HTTP {response.code} from {self.url}"))
+            error = ApiError(err.get("code", ErrorCode.INTERNAL_ERROR.value),
+                             err.get("message", f"HTTP {response.code} from {self.url}"), response.code, repeated)
+            if response.code in RETRY_STATUSES:
+                raise _ApiTransient(f"HTTP {response.code}: {error.message}", True, error)
+            raise error
         return payload
+
+    def _failure(self, exc: Exception) -> Exception:
+        """What one failed request means: final (a wrong address, a certificate) or worth another attempt."""
+        from twisted.web._newclient import ParseError, _WrapperException
+
+        reasons = [f.value for f in exc.reasons] if isinstance(exc, _WrapperException) else [exc]
+        for reason in reasons:
+            if isinstance(reason, ParseError) and bytes(reason.args[-1] if reason.args else b"")[:4] == b"ERR ":
+                return FiledockError(ErrorCode.UNREACHABLE,
+                                     f"{self.url} is a filedock data port, not the control API: use the API's "
+                                     "URL (`filedock serve` prints it as 'filedock API: ...'; port 7480 by default)")
+            if isinstance(reason, ParseError):
+                return FiledockError(ErrorCode.UNREACHABLE,
+                                     f"{self.url} did not answer in HTTP; is that the filedock API's address?")
+            if isinstance(reason, error.DNSLookupError):
+                return FiledockError(ErrorCode.UNREACHABLE,
+                                     f"cannot reach the filedock API at {self.url}: {reason}")
+            text = str(reason)
+            if "certificate verify failed" in text or type(reason).__name__ == "VerificationError":
+                return FiledockError(ErrorCode.TLS_FAILED,
+                                     f"the certificate of {self.url} failed verification ({text[:200]}): pass a "
+                                     "tls_policy that trusts its CA, and use a host name the certificate names")
+        sent = not isinstance(exc, error.ConnectError)
+        why = "; ".join(str(r) or type(r).__name__ for r in reasons)
+        return _ApiTransient(why, sent)
 
     # -- the calls clients make most
 
@@ -1134,4 +1222,4 @@ async def _resolve_job(api: TxApiClient, job: str, create: bool) -> dict[str, An
         if exc.code is not ErrorCode.NOT_FOUND or not create:
             raise
     created = await api.create_job(job)
-    return {**created, "files": []}  # a job just made has no files
+    return {"files": [], **created}  # a job just made has no files (one a lost attempt made may list some)

@@ -193,9 +193,8 @@ class JobUploader:
         declared, missing = undeclared(record, local)
         for start in range(0, len(missing), DECLARE_BATCH):
             batch = missing[start:start + DECLARE_BATCH]
-            reply = self.api.post(f"/v1/jobs/{_quote(record['id'])}/files",
-                                  {"files": [{"name": f.name, "size": f.size} for f in batch]})
-            declared.update((f["name"], f) for f in reply["files"])
+            records = self.api.add_files(record["id"], [(f.name, f.size) for f in batch])
+            declared.update((f["name"], f) for f in records)
         files = [_planned(item, declared[item.name]) for item in local]
         return UploadPlan(record, files)
 
@@ -209,7 +208,7 @@ class JobUploader:
                 raise FiledockError(ErrorCode.NOT_FOUND, f"no job {job!r}; create it with --create") from None
         created = self.api.create_job(job)
         log.info("created job %s (%s)", job, created["id"])
-        return {**created, "files": []}  # a job just made has no files
+        return {"files": [], **created}  # a job just made has no files (one a lost attempt made may list some)
 
     # ------------------------------------------------------------ running
 
@@ -363,12 +362,6 @@ def compare_complete(local: LocalFile, key: str, crc32: str | None, digest: str 
 def _planned(local: LocalFile, record: dict[str, Any]) -> PlannedFile:
     return PlannedFile(local, record["key"], record["state"], record.get("received", 0),
                        record.get("crc32"), record.get("digest"))
-
-
-def _quote(segment: str) -> str:
-    from urllib.parse import quote
-
-    return quote(segment, safe="")
 
 
 def _units(plan: UploadPlan, todo: list[int], limits: dict[str, Any], parallel: int = 1) -> list[list[int]]:
