@@ -55,8 +55,8 @@ def unreachable_message(url: str, reason: str, attempts: int, url_source: str | 
     """What a user reads when the API cannot be reached: the reason and what to check."""
     tries = f" (tried {attempts} times)" if attempts > 1 else ""
     source = url_source or "the API URL"
-    return (f"cannot reach the filedock API at {url}: {reason}{tries}. Is the server running, and is that "
-            f"its API address? {source} is {url}")
+    return (f"cannot reach the filedock API at {url}: {reason}{tries}. Is the server running? {source} is "
+            f"{url}; it should be the API's address, which `filedock serve` prints as 'filedock API: ...'")
 
 
 def tls_message(url: str, host: str, exc: ssl.SSLError) -> str:
