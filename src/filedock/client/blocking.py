@@ -28,7 +28,7 @@ from typing import Any, BinaryIO, Callable
 
 from filedock import durability, wire
 from filedock.client.model import (DURABLE, SENT, VERIFIED, Cancelled, ProgressCallback, RetryPolicy,
-                                   UploadResult, batch_result)
+                                   SourceStamp, SourceWatch, UploadResult, batch_result, changed_during_upload)
 from filedock.digest import ContentHasher
 from filedock.errors import ErrorCode, FiledockError, short_key
 
@@ -64,6 +64,10 @@ class _Dropped(Exception):
         super().__init__(message)
         self.message = message
         self.code = code
+
+
+class _SourceChanged(Exception):
+    """A batch file changed: close before DONE (nothing is stored) and send the batch again without it."""
 
 
 class _Reconnect(Exception):
@@ -299,7 +303,8 @@ class _Link:
 
 
 def _shrank(pos: int) -> FiledockError:
-    return FiledockError(ErrorCode.SIZE_MISMATCH, f"the local file ended at byte {pos}: it shrank while being sent")
+    return FiledockError(ErrorCode.CHANGED_DURING_UPLOAD, f"the local file ended at byte {pos}: it shrank during "
+                                                          "the upload; nothing was recorded complete")
 
 
 class _LocalDigest:
@@ -413,8 +418,8 @@ class DataPortClient:
     # ------------------------------------------------------------ upload
 
     def upload_file(self, session_key: str, file_key: str, path: str | os.PathLike, *, name: str | None = None,
-                    progress: ProgressCallback | None = None,
-                    cancel: threading.Event | None = None) -> UploadResult:
+                    progress: ProgressCallback | None = None, cancel: threading.Event | None = None,
+                    expect: SourceStamp | None = None) -> UploadResult:
         """Upload ``path`` as declared file ``file_key``, from wherever the server's durable copy ends.
 
         Returns a result with ``state == "complete"`` only after ``STORED`` and only if
@@ -422,28 +427,40 @@ class DataPortClient:
         ``FiledockError`` (the server's code, or ``digest-mismatch``) or ``Cancelled``;
         the server keeps the partial either way except after ``digest-mismatch``.
         A file complete on the server already is verified, not sent again.
+
+        ``expect`` is the file's stamp when it was declared (default: when opened). A
+        file whose size, modification time or inode is no longer that stamp before
+        ``DONE`` is not committed: the partial is dropped (``ABORT``) and
+        ``changed-during-upload`` raised. A change noticed after ``STORED`` raises it
+        too (the server then holds the file as it was read).
         """
         name = name if name is not None else Path(path).name
         report = _Reports(progress)
         _check_cancel(cancel)
         try:
             with open(path, "rb", buffering=0) as f:
-                size = os.fstat(f.fileno()).st_size
+                source = SourceWatch(path, f.fileno(), name, expect)
+                size = source.stamp.size
                 local = _LocalDigest(f, size, short_key(file_key))
                 try:
-                    return self._upload(session_key, file_key, f, size, name, local, report, cancel)
+                    return self._upload(session_key, file_key, f, size, name, local, report, cancel, source)
                 finally:
                     local.stop()
         except KeyboardInterrupt:
             raise Cancelled("interrupted") from None
 
     def _upload(self, session_key: str, file_key: str, f: BinaryIO, size: int, name: str,
-                local: _LocalDigest, report: _Reports, cancel: threading.Event | None) -> UploadResult:
+                local: _LocalDigest, report: _Reports, cancel: threading.Event | None,
+                source: SourceWatch) -> UploadResult:
         state = _Upload()
         try:
             stored = self._retrying(cancel, state, lambda link: self._upload_step(
-                link, session_key, file_key, f, size, local, state, report))
+                link, session_key, file_key, f, size, local, state, report, source))
         except FiledockError as exc:
+            if exc.code is ErrorCode.CHANGED_DURING_UPLOAD:
+                self._discard(session_key, file_key, cancel)  # its bytes belong to no one version
+                source.check()  # the stamp's own words, if the stamp shows it
+                raise _explained(exc, name) from None
             if exc.code is not ErrorCode.ALREADY_COMPLETE:
                 raise _explained(exc, name) from None
             # complete already (by us, with STORED lost in a drop, or by an earlier run): ask its values
@@ -452,6 +469,7 @@ class DataPortClient:
             if state.resumed_from is None:
                 state.resumed_from = size
             report(SENT, size, size)
+        source.check(stored=True)
         hasher = local.wait_cancellable(cancel)
         report(DURABLE, size, size)
         crc, digest = hasher.crc32, hasher.hexdigest()
@@ -464,8 +482,15 @@ class DataPortClient:
         return UploadResult(name=name, size=size, key=file_key, resumed_from=state.resumed_from or 0,
                             sent=state.sent, crc32=crc, digest=digest, state="complete")
 
+    def _discard(self, session_key: str, file_key: str, cancel: threading.Event | None) -> None:
+        """Drop a partial whose bytes may mix two versions of the local file (best effort)."""
+        try:
+            self.abort_file(session_key, file_key, cancel=cancel)
+        except (FiledockError, Cancelled) as exc:
+            log.info("could not drop the partial of %s: %s", short_key(file_key), exc)
+
     def _upload_step(self, link: _Link, session_key: str, file_key: str, f: BinaryIO, size: int,
-                     local: _LocalDigest, state: _Upload, report: _Reports) -> wire.Stored:
+                     local: _LocalDigest, state: _Upload, report: _Reports, source: SourceWatch) -> wire.Stored:
         link.send_all(link.conn.upload(session_key, file_key, size))
         offset = link.expect(wire.Offset, REPLY_PATIENCE).offset
         state.offered(offset)
@@ -487,6 +512,7 @@ class DataPortClient:
             link.close()
             local.wait_cancellable(link.cancel)
             raise _Reconnect()
+        source.check()  # DONE commits what was declared: never a file that changed meanwhile
         link.send_all(link.conn.done(hasher.hexdigest()))
         return link.expect(wire.Stored, REPLY_PATIENCE)
 
@@ -498,7 +524,8 @@ class DataPortClient:
 
     def upload_batch(self, session_key: str, files: list[tuple[str, str | os.PathLike, str]], *,
                      progress: Callable[[str, str, int, int], None] | None = None,
-                     cancel: threading.Event | None = None) -> list[UploadResult]:
+                     cancel: threading.Event | None = None,
+                     stamps: dict[str, SourceStamp] | None = None) -> list[UploadResult]:
         """Upload many small whole files on one connection (``BATCH``): ``files`` is (key, path, name).
 
         Each file is read once (it must fit in ``batch_item_max``), hashed and sent; the
@@ -507,15 +534,23 @@ class DataPortClient:
         CRC-32 and digest equal the local file's; refused files carry the server's code.
         A dropped connection sends the whole batch again (files already stored are
         answered from the record). ``progress(name, stage, done, total)`` per file.
+
+        ``stamps`` (by file key) are the files' stamps when declared. A file that is not
+        its stamp when read, or changes while read, is ``changed-during-upload``: the
+        connection is closed before ``DONE`` (the server stores nothing of it) and the
+        batch is sent again without that file. One that changes after the server stored
+        it is reported the same way.
         """
         report = progress or (lambda name, stage, done, total: None)
         mine: dict[str, tuple[int, int, str]] = {}
+        known = dict(stamps or {})
+        changed: dict[str, FiledockError] = {}
 
         def step(link: _Link) -> dict[str, Any]:
-            link.send_all(link.conn.batch(session_key, len(files)))
-            for key, path, name in files:
-                with open(path, "rb") as f:
-                    data = f.read()
+            remaining = [item for item in files if item[0] not in changed]
+            link.send_all(link.conn.batch(session_key, len(remaining)))
+            for key, path, name in remaining:
+                data = self._read_whole(key, path, name, known, changed)
                 h = ContentHasher()
                 h.update(data)
                 mine[key] = (len(data), h.crc32, h.hexdigest())
@@ -530,10 +565,45 @@ class DataPortClient:
                 answers[event.file_key] = event
 
         try:
-            answers = self._retrying(cancel, _Attempts(), step)
+            while True:
+                if all(key in changed for key, _, _ in files):
+                    answers = {}
+                    break
+                try:
+                    answers = self._retrying(cancel, _Attempts(), step)
+                    break
+                except _SourceChanged:
+                    continue  # closed before DONE: nothing of it was stored; again without that file
         except KeyboardInterrupt:
             raise Cancelled("interrupted") from None
-        return [batch_result(key, name, mine.get(key), answers.get(key), report) for key, _, name in files]
+        results = []
+        for key, path, name in files:
+            if key not in changed and key in known and isinstance(answers.get(key), wire.ItemStored):
+                change = known[key].change(SourceStamp.read(path))
+                if change:
+                    changed[key] = changed_during_upload(name, change, stored=True)
+            if key in changed:
+                size = known[key].size if key in known else 0
+                results.append(UploadResult(name, size, key, state=changed[key].code_str,
+                                            message=changed[key].message))
+            else:
+                results.append(batch_result(key, name, mine.get(key), answers.get(key), report))
+        return results
+
+    @staticmethod
+    def _read_whole(key: str, path: str | os.PathLike, name: str, known: dict[str, SourceStamp],
+                    changed: dict[str, FiledockError]) -> bytes:
+        """A batch file's bytes, read once; ``_SourceChanged`` if it is not the declared version."""
+        with open(path, "rb") as f:
+            before = SourceStamp.of(os.fstat(f.fileno()))
+            stamp = known.setdefault(key, before)
+            data = f.read()
+            change = stamp.change(before) or stamp.change(SourceStamp.of(os.fstat(f.fileno()))) or \
+                (f"shrank to {len(data)} bytes" if len(data) != stamp.size else None)
+        if change:
+            changed[key] = changed_during_upload(name, change, stored=False)
+            raise _SourceChanged()
+        return data
 
     def abort_file(self, session_key: str, file_key: str, *, cancel: threading.Event | None = None) -> None:
         """Give up an upload: the server deletes the partial and the file starts again from 0."""
