@@ -30,12 +30,26 @@ class Job:
         return asdict(self)
 
 
+REPLACEMENT_MARK = "\x01"
+"""A new version that waits to replace a file (``upload --replace``) is stored under the name
+``MARK + <the file's key> + MARK + <its name>``: a control character is never in a name a client
+may declare, so the two records never clash, and the key says which file it replaces. (Not NUL:
+SQLite's string functions stop at a NUL.)"""
+
+
+def replacement_name(replaced_key: str, name: str) -> str:
+    """The stored name of a new version of file ``replaced_key`` named ``name``."""
+    return f"{REPLACEMENT_MARK}{replaced_key}{REPLACEMENT_MARK}{name}"
+
+
 @dataclass(frozen=True)
 class FileRecord:
     """A declared file of a job and how much of it the server holds durably.
 
     ``received`` is the durable offset; ``crc32`` is the CRC-32 of those bytes (the
-    final CRC once complete); ``digest`` is set only when complete.
+    final CRC once complete); ``digest`` is set only when complete. A ``name`` that
+    starts with ``REPLACEMENT_MARK`` is a new version waiting to take the place of file
+    ``replaces`` once complete; listings leave it out.
     """
 
     key: str
@@ -50,13 +64,26 @@ class FileRecord:
     updated: float
     part_stamp: str | None = None
 
+    @property
+    def replaces(self) -> str | None:
+        """The key of the file this new version replaces once complete (None for a plain file)."""
+        return self.name.split(REPLACEMENT_MARK, 2)[1] if self.name.startswith(REPLACEMENT_MARK) else None
+
+    @property
+    def public_name(self) -> str:
+        """The name a client sees: a new version waiting to replace a file shows that file's name."""
+        return self.name.split(REPLACEMENT_MARK, 2)[2] if self.name.startswith(REPLACEMENT_MARK) else self.name
+
     def to_json(self) -> dict[str, Any]:
-        return {
-            "key": self.key, "job": self.job_id, "name": self.name, "size": self.size,
+        out = {
+            "key": self.key, "job": self.job_id, "name": self.public_name, "size": self.size,
             "received": self.received, "state": self.state,
             "crc32": format_crc(self.crc32) if self.state == FILE_COMPLETE else None,
             "digest": self.digest, "uploaded_at": self.uploaded_at,
         }
+        if self.replaces:
+            out["replaces"] = self.replaces
+        return out
 
 
 @dataclass(frozen=True)

@@ -15,13 +15,14 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
 from filedock.errors import ErrorCode, FiledockError
 from filedock.store.model import (
     FILE_COMPLETE, FILE_PARTIAL, FILE_PENDING, JOB_COMPLETE, JOB_OPEN, Event, FileRecord, Job,
-    Session,
+    Session, replacement_name,
 )
 
 MIGRATIONS: list[str] = [
@@ -80,6 +81,8 @@ MIGRATIONS: list[str] = [
 ]
 
 _FILE_COLS = "key, job_id, name, size, received, state, crc32, digest, uploaded_at, updated, part_stamp"
+_VISIBLE = "substr(name, 1, 1) != char(1)"
+"""Not a new version waiting to replace a file (``REPLACEMENT_MARK``): what listings and job states count."""
 _JOB_COLS = "id, name, metadata, created, updated, state"
 _SESSION_COLS = "key, job_id, created, expires, closed"
 
@@ -218,8 +221,15 @@ class SQLiteStore:
     def add_file(self, job_id: str, name: str, size: int, quota: int | None = None) -> FileRecord:
         return self.add_files(job_id, [(name, size)], quota)[0]
 
-    def add_files(self, job_id: str, entries: list[tuple[str, int]], quota: int | None = None) -> list[FileRecord]:
-        """Declare files, all or none, in one transaction (a conflict or the quota refuses the lot)."""
+    def add_files(self, job_id: str, entries: list[tuple[str, int]], quota: int | None = None,
+                  replace: frozenset[str] = frozenset()) -> list[FileRecord]:
+        """Declare files, all or none, in one transaction (a conflict or the quota refuses the lot).
+
+        A name in ``replace`` that the job holds already is declared as a new version of
+        that file (``FileRecord.replaces``): invisible in listings, it takes the file's place
+        when it is complete. A new version of that name waiting already is returned again
+        (with another size: started again from 0 at that size).
+        """
         now = self._clock()
         records = [FileRecord(new_key(), job_id, name, size, 0, FILE_PENDING, 0, None, None, now)
                    for name, size in entries]
@@ -233,10 +243,14 @@ class SQLiteStore:
                     if used + sum(size for _, size in entries) > quota:
                         raise FiledockError(ErrorCode.QUOTA_EXCEEDED,
                                             f"job quota is {quota} bytes; {used} are declared already")
+                new_keys = {r.key for r in records}
+                records = [self._new_version(db, r) if r.name in replace else r for r in records]
+                fresh = [r for r in records if r.key in new_keys]  # not a waiting version returned again
                 db.executemany(f"INSERT INTO files ({_FILE_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                                [(r.key, job_id, r.name, r.size, 0, FILE_PENDING, 0, None, None, now, None)
-                                for r in records])
-                db.execute("UPDATE jobs SET state = ?, updated = ? WHERE id = ?", (JOB_OPEN, now, job_id))
+                                for r in fresh])
+                if any(not r.replaces for r in fresh):
+                    db.execute("UPDATE jobs SET state = ?, updated = ? WHERE id = ?", (JOB_OPEN, now, job_id))
         except sqlite3.IntegrityError:
             names = ", ".join(repr(n) for n, _ in entries[:3])
             raise FiledockError(ErrorCode.CONFLICT, f"the job has a file named {names} already"
@@ -244,9 +258,28 @@ class SQLiteStore:
                 from None
         return records
 
+    def _new_version(self, db: sqlite3.Connection, record: FileRecord) -> FileRecord:
+        """``record`` as a new version of the job's file of its name (``add_files(replace=...)``)."""
+        old = db.execute("SELECT key FROM files WHERE job_id = ? AND name = ?",
+                         (record.job_id, record.name)).fetchone()
+        if old is None:
+            return record  # nothing to replace: a plain declaration
+        row = db.execute(f"SELECT {_FILE_COLS} FROM files WHERE job_id = ? AND name = ?",
+                         (record.job_id, replacement_name(old[0], record.name))).fetchone()
+        if row is not None:
+            waiting = FileRecord(*row)
+            if waiting.size != record.size:
+                db.execute("UPDATE files SET size = ?, received = 0, crc32 = 0, part_stamp = NULL, state = ?, "
+                           "updated = ? WHERE key = ?", (record.size, FILE_PENDING, self._clock(), waiting.key))
+                return replace(waiting, size=record.size, received=0, crc32=0, part_stamp=None,
+                               state=FILE_PENDING, updated=self._clock())
+            return waiting
+        return replace(record, name=replacement_name(old[0], record.name))
+
     def list_files(self, job_id: str) -> list[FileRecord]:
+        """The job's files by name (new versions still waiting to replace one are left out)."""
         return [FileRecord(*r) for r in self._read(
-            f"SELECT {_FILE_COLS} FROM files WHERE job_id = ? ORDER BY name", (job_id,))]
+            f"SELECT {_FILE_COLS} FROM files WHERE job_id = ? AND {_VISIBLE} ORDER BY name", (job_id,))]
 
     def get_file(self, key: str) -> FileRecord | None:
         rows = self._read(f"SELECT {_FILE_COLS} FROM files WHERE key = ?", (key,))
@@ -274,18 +307,21 @@ class SQLiteStore:
 
     @staticmethod
     def _complete(db: sqlite3.Connection, key: str, crc32: int, digest: str, now: float) -> str:
-        row = db.execute("SELECT job_id, size FROM files WHERE key = ?", (key,)).fetchone()
+        row = db.execute(f"SELECT {_FILE_COLS} FROM files WHERE key = ?", (key,)).fetchone()
         if row is None:
             raise FiledockError(ErrorCode.UNKNOWN_FILE, "the file was deleted during the upload")
-        job_id, size = row
+        record = FileRecord(*row)
         db.execute("UPDATE files SET state = ?, received = ?, crc32 = ?, digest = ?, uploaded_at = ?, "
                    "updated = ?, part_stamp = NULL WHERE key = ?",
-                   (FILE_COMPLETE, size, crc32, digest, now, now, key))
-        return job_id
+                   (FILE_COMPLETE, record.size, crc32, digest, now, now, key))
+        if record.replaces:  # a new version: it takes the old one's place in the same transaction
+            db.execute("DELETE FROM files WHERE key = ?", (record.replaces,))
+            db.execute("UPDATE files SET name = ? WHERE key = ?", (record.public_name, key))
+        return record.job_id
 
     def _maybe_complete_job(self, db: sqlite3.Connection, job_id: str, now: float) -> bool:
         """A job whose files are all complete becomes complete, once, with its event in the outbox."""
-        (left,) = db.execute("SELECT COUNT(*) FROM files WHERE job_id = ? AND state != ?",
+        (left,) = db.execute(f"SELECT COUNT(*) FROM files WHERE job_id = ? AND state != ? AND {_VISIBLE}",
                              (job_id, FILE_COMPLETE)).fetchone()
         became = db.execute("UPDATE jobs SET state = ?, updated = ? WHERE id = ? AND state != ?",
                             (JOB_COMPLETE, now, job_id, JOB_COMPLETE)).rowcount if left == 0 else 0
