@@ -273,3 +273,63 @@ def test_conflicting_files_are_named_and_the_rest_of_the_directory_goes_on(serve
     assert states == {"grown.txt": "complete", "same.txt": "complete", "kept.txt": "complete",
                       "new.txt": "complete"}
     assert "conflict" in run.stdout  # the summary table lists them
+
+
+def test_replace_uploads_new_versions_and_the_old_ones_stay_until_then(server, tmp_path):
+    """`upload --replace` after one file grew and one changed bytes (same size): exit 0, both complete
+    with the new bytes, each name once in the job, the old versions' bytes gone from the data dir
+    (fsck clean). While a new version is only partly sent, the job still lists and serves the old one."""
+    root = tmp_path / "dir"
+    root.mkdir()
+    (root / "grown.bin").write_bytes(os.urandom(2 * MiB))
+    (root / "same.bin").write_bytes(os.urandom(3 * MiB))
+    (root / "kept.txt").write_bytes(b"kept")
+    assert filedock(server, "upload", "--job", "rj", "--create", "--json", str(root)).returncode == 0
+    old_same = server.api.job("rj")["files"][2]
+    assert old_same["name"] == "same.bin"
+    (root / "grown.bin").write_bytes(os.urandom(4 * MiB))
+    (root / "same.bin").write_bytes(os.urandom(3 * MiB))
+
+    # a new version cut short: the old one is still what the job has
+    uploader = JobUploader(server.api)
+    plan = uploader.prepare("rj", [root / "grown.bin"], replace=True)
+    (planned,) = plan.files
+    assert planned.key != server.api.job("rj")["files"][0]["key"] and planned.state == "pending"
+    session = server.api.open_session(plan.job_id)
+    cancel_at = []
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage == SENT and done >= MiB:
+            cancel_at.append(done)
+            raise KeyboardInterrupt  # as Ctrl-C would
+
+    from filedock.client.model import Cancelled
+    with pytest.raises(Cancelled):
+        DataPortClient(*server.data_addr).upload_file(session["key"], planned.key, root / "grown.bin",
+                                                      progress=progress, expect=planned.local.stamp)
+    listed = {f["name"]: f for f in server.api.job("rj")["files"]}
+    assert sorted(listed) == ["grown.bin", "kept.txt", "same.bin"]
+    assert (listed["grown.bin"]["state"], listed["grown.bin"]["size"]) == ("complete", 2 * MiB)
+    assert server.api.job("rj")["state"] == "complete"
+
+    run = filedock(server, "upload", "--job", "rj", "--replace", "--json", str(root))
+    assert run.returncode == 0, run.stderr
+    rows = json_rows(run.stdout)
+    assert {n: r["state"] for n, r in rows.items()} == {"grown.bin": "complete", "same.bin": "complete",
+                                                        "kept.txt": "complete"}
+    assert rows["grown.bin"]["resumed_from"] > 0  # the cut-short new version was resumed
+    job = server.api.job("rj")
+    assert [f["name"] for f in job["files"]] == ["grown.bin", "kept.txt", "same.bin"]
+    assert {f["name"]: f["digest"] for f in job["files"]} == \
+        {n: hash_file(root / n).hexdigest() for n in ("grown.bin", "kept.txt", "same.bin")}
+    assert job["state"] == "complete" and job["files_total"] == 3
+    blobs = sorted(p.name for p in (server.data_dir / "jobs" / job["id"]).iterdir())
+    assert blobs == sorted(f["key"] for f in job["files"])  # the old versions' bytes are gone
+    assert old_same["key"] not in blobs
+    back = tmp_path / "back"
+    assert filedock(server, "download", "--job", "rj", "--all", str(back)).returncode == 0
+    for name in ("grown.bin", "same.bin"):
+        assert (back / name).read_bytes() == (root / name).read_bytes()
+    fsck = subprocess.run([sys.executable, "-m", "filedock", "fsck", "--data-dir", str(server.data_dir), "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert json.loads(fsck.stdout.splitlines()[-1])["findings"] == [], fsck.stdout

@@ -124,3 +124,32 @@ def test_repeated_delete_of_a_job_that_is_gone_is_done():
     assert check({"jobs": []}) == {"deleted": "old job"}
     assert check({"jobs": [{"id": "x", "name": "old job"}]}) is None
     assert recover_plan("POST", "/v1/jobs/J/sessions", {}, repeated) is None  # nothing to reconcile
+
+
+def test_store_new_version_waits_unlisted_then_takes_the_old_ones_place(tmp_path):
+    """The server side of `upload --replace`: a new version is declared beside the file, hidden from
+    the listing (the job stays complete with the old one), returned again by a second declaration
+    (reset if the size differs), and on completion replaces the old record in one transaction."""
+    from filedock.store.sqlite import SQLiteStore
+
+    store = SQLiteStore(tmp_path / "db.sqlite3")
+    job = store.create_job("j", {})
+    (old,) = store.add_files(job.id, [("a.bin", 3)])
+    store.record_complete(old.key, 1, "a" * 64)
+    (new,) = store.add_files(job.id, [("a.bin", 5)], replace=frozenset({"a.bin"}))
+    assert new.key != old.key and new.replaces == old.key and new.public_name == "a.bin"
+    assert new.to_json()["name"] == "a.bin" and new.to_json()["replaces"] == old.key
+    assert [(f.key, f.state) for f in store.list_files(job.id)] == [(old.key, "complete")]
+    assert store.find_job("j").state == "complete"
+    (again,) = store.add_files(job.id, [("a.bin", 5)], replace=frozenset({"a.bin"}))
+    assert again.key == new.key
+    (resized,) = store.add_files(job.id, [("a.bin", 7)], replace=frozenset({"a.bin"}))
+    assert (resized.key, resized.size, store.get_file(new.key).size) == (new.key, 7, 7)
+    with pytest.raises(FiledockError) as info:
+        store.add_files(job.id, [("a.bin", 7)])  # without replace: still a conflict
+    assert info.value.code is ErrorCode.CONFLICT
+    store.record_complete(new.key, 2, "b" * 64)
+    assert [(f.key, f.name, f.digest) for f in store.list_files(job.id)] == [(new.key, "a.bin", "b" * 64)]
+    assert store.get_file(old.key) is None and store.get_file(new.key).replaces is None
+    (plain,) = store.add_files(job.id, [("b.bin", 1)], replace=frozenset({"b.bin"}))
+    assert plain.replaces is None and plain.name == "b.bin"  # nothing to replace: a plain declaration

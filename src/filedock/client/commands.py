@@ -35,12 +35,16 @@ def add_parsers(sub: Any, client_flags: Callable[[argparse.ArgumentParser], None
                                    "by their path under DIR, without DIR's own name (session-42/sub1 holding "
                                    "a.txt -> a.txt, not sub1/a.txt). --prefix sub1/ puts them under sub1/. "
                                    "A file whose name the job holds with other bytes is a conflict: it is "
-                                   "reported and the others go on.")
+                                   "reported and the others go on (--replace uploads it as a new version).")
     p.add_argument("paths", nargs="+", metavar="FILE_OR_DIR", type=Path)
     p.add_argument("--job", required=True, metavar="JOB", help="job id or name")
     p.add_argument("--create", action="store_true", help="create the job if there is none of that name")
     p.add_argument("--prefix", default="", metavar="NAME/",
                    help="put every file under this folder-like name in the job (default: none)")
+    p.add_argument("--replace", action="store_true",
+                   help="upload a file whose name the job holds with other bytes as a new version; the job "
+                        "keeps the old one until the new one is complete and verified (default: report a "
+                        "conflict and leave it)")
     p.add_argument("--parallel", type=_positive(int), default=1, metavar="N",
                    help="files sent at once (default 1: one after another)")
     _transfer_flags(p)
@@ -130,7 +134,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
 
     api = api_client(args)
     uploader = JobUploader(api)
-    plan = uploader.prepare(args.job, args.paths, create=args.create, prefix=args.prefix)
+    plan = uploader.prepare(args.job, args.paths, create=args.create, prefix=args.prefix, replace=args.replace)
     uploader.data_client = _data_client(api, args)
     view = _JsonLines() if args.json else _UploadBars(plan)
     try:

@@ -251,11 +251,14 @@ class ApiClient:
     def add_file(self, job: str, name: str, size: int) -> dict[str, Any]:
         return self.post(f"/v1/jobs/{quote(job, safe='')}/files", {"name": name, "size": size})
 
-    def add_files(self, job: str, files: list[tuple[str, int]]) -> list[dict[str, Any]]:
+    def add_files(self, job: str, files: list[tuple[str, int]], replace: bool = False) -> list[dict[str, Any]]:
         """Declare up to 1000 files in one transaction -> their records, in order. A repeat after a lost
-        answer finds the files it declared (same names and sizes)."""
+        answer finds the files it declared (same names and sizes). ``replace``: each is a new version of
+        the job's file of that name, which it replaces once complete (docs/api.md); repeating it is
+        harmless (the server returns the version waiting already)."""
+        extra = {"replace": True} if replace else {}
         reply = self.post(f"/v1/jobs/{quote(job, safe='')}/files",
-                          {"files": [{"name": name, "size": size} for name, size in files]})
+                          {"files": [{"name": name, "size": size, **extra} for name, size in files]})
         return reply["files"]
 
     def open_session(self, job: str, ttl: float | None = None) -> dict[str, Any]:

@@ -1163,11 +1163,13 @@ class TxApiClient:
         """``POST /v1/jobs/<job>/files``: declare one file -> its record (with ``key``)."""
         return self.request("POST", f"/v1/jobs/{quote(job, safe='')}/files", {"name": name, "size": size})
 
-    def add_files(self, job: str, files: Sequence[tuple[str, int]]) -> defer.Deferred:
+    def add_files(self, job: str, files: Sequence[tuple[str, int]], replace: bool = False) -> defer.Deferred:
         """``POST /v1/jobs/<job>/files`` with ``{"files": [...]}``: declare up to 1000 files in one
-        transaction -> their records, in order."""
+        transaction -> their records, in order. ``replace``: new versions of files of those names
+        (see ``ApiClient.add_files``)."""
+        extra = {"replace": True} if replace else {}
         d = self.request("POST", f"/v1/jobs/{quote(job, safe='')}/files",
-                         {"files": [{"name": name, "size": size} for name, size in files]})
+                         {"files": [{"name": name, "size": size, **extra} for name, size in files]})
         return d.addCallback(lambda reply: reply["files"])
 
     def open_session(self, job: str, ttl: float | None = None) -> defer.Deferred:

@@ -77,6 +77,7 @@ class UploadPlan:
 
     job: dict[str, Any]
     files: list[PlannedFile]
+    replace: bool = False  # a complete file with other bytes is uploaded as a new version, not a conflict
 
     @property
     def job_id(self) -> str:
@@ -200,7 +201,7 @@ class JobUploader:
 
     def upload(self, job: str, paths: list[Path], *, create: bool = False, parallel: int = 1,
                progress: JobProgress | None = None, cancel: threading.Event | None = None,
-               prefix: str = "") -> list[UploadResult]:
+               prefix: str = "", replace: bool = False) -> list[UploadResult]:
         """Upload ``paths`` into ``job`` (an id or a name); one result per file, in order.
 
         A file that fails gets a result whose ``state`` is the error code (and
@@ -209,26 +210,38 @@ class JobUploader:
         ``FiledockError`` when the job cannot be resolved or the files cannot be declared,
         ``Cancelled`` on ``cancel.set()`` or Ctrl-C (the server keeps the partials: run
         again to resume). ``prefix`` goes before every name (``collect_files``).
+
+        ``replace``: a conflicting file is uploaded as a new version instead, which takes
+        the old one's place on the server only once it is complete and verified (the old
+        one stays meanwhile; an interrupted replacement resumes on the next run).
         """
-        plan = self.prepare(job, paths, create=create, prefix=prefix)
+        plan = self.prepare(job, paths, create=create, prefix=prefix, replace=replace)
         return self.run(plan, parallel=parallel, progress=progress, cancel=cancel)
 
     # ------------------------------------------------------------ planning
 
     def prepare(self, job: str, paths: Iterable[str | os.PathLike], *, create: bool = False,
-                prefix: str = "") -> UploadPlan:
+                prefix: str = "", replace: bool = False) -> UploadPlan:
         """Resolve the job, find the local files and declare those the job lacks; a file whose name the job
-        has with another size is planned as a ``conflict`` (not sent, the others are)."""
+        has with another size is planned as a ``conflict`` (not sent, the others are), or with ``replace``
+        declared as a new version of that file."""
         local = collect_files(paths, prefix)
         record = self._resolve_job(job, create)
         conflicts: dict[str, str] = {}
         declared, missing = undeclared(record, local, conflicts)
-        for start in range(0, len(missing), DECLARE_BATCH):
-            batch = missing[start:start + DECLARE_BATCH]
-            records = self.api.add_files(record["id"], [(f.name, f.size) for f in batch])
-            declared.update((f["name"], f) for f in records)
+        self._declare(record["id"], missing, declared)
+        if replace and conflicts:
+            self._declare(record["id"], [f for f in local if f.name in conflicts], declared, replace=True)
+            conflicts = {}
         files = [_planned(item, declared[item.name], conflicts.get(item.name)) for item in local]
-        return UploadPlan(record, files)
+        return UploadPlan(record, files, replace)
+
+    def _declare(self, job_id: str, files: list[LocalFile], declared: dict[str, dict[str, Any]],
+                 replace: bool = False) -> None:
+        for start in range(0, len(files), DECLARE_BATCH):
+            batch = files[start:start + DECLARE_BATCH]
+            records = self.api.add_files(job_id, [(f.name, f.size) for f in batch], replace=replace)
+            declared.update((f["name"], f) for f in records)
 
     def _resolve_job(self, job: str, create: bool) -> dict[str, Any]:
         try:
@@ -269,9 +282,15 @@ class JobUploader:
                 done(results[i])
             elif planned.state == "complete":
                 results[i] = self._verify_complete(planned, report, cancel)
+                if results[i].state == ErrorCode.CONFLICT.value and plan.replace:
+                    todo.append(i)  # same size, other bytes: a new version goes up below
+                    continue
                 done(results[i])
             else:
                 todo.append(i)
+        newer = [i for i in todo if plan.files[i].state == "complete"]
+        if newer:
+            plan = self._new_versions(plan, newer)
         if todo:
             data = self.data_client or self._default_data_client()
             limits = self._limits()
@@ -299,6 +318,15 @@ class JobUploader:
             finally:
                 self._close_session(session["key"])
         return [results[i] for i in range(len(plan.files))]
+
+    def _new_versions(self, plan: UploadPlan, indexes: list[int]) -> UploadPlan:
+        """The plan with these complete-but-different files declared as new versions to upload."""
+        declared: dict[str, dict[str, Any]] = {}
+        self._declare(plan.job_id, [plan.files[i].local for i in indexes], declared, replace=True)
+        files = list(plan.files)
+        for i in indexes:
+            files[i] = _planned(files[i].local, declared[files[i].local.name])
+        return UploadPlan(plan.job, files, plan.replace)
 
     def _limits(self) -> dict[str, Any]:
         limits = self.api.info().get("limits")
