@@ -29,6 +29,9 @@ from filedock.errors import ErrorCode, FiledockError
 
 log = logging.getLogger("filedock.client")
 
+HANDSHAKE_TIMEOUT = 5.0
+"""Seconds a TLS handshake may take before the port is asked whether it speaks plain HTTP."""
+
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
 """HTTP statuses a later attempt may cure (``507 no-space`` is not one: it needs a person)."""
 
@@ -59,7 +62,7 @@ def unreachable_message(url: str, reason: str, attempts: int, url_source: str | 
             f"{url}; it should be the API's address, which `filedock serve` prints as 'filedock API: ...'")
 
 
-def tls_message(url: str, host: str, exc: ssl.SSLError) -> str:
+def tls_message(url: str, host: str, exc: ssl.SSLError | TimeoutError) -> str:
     """A TLS failure put as what to do about it."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         why = exc.verify_message or str(exc)
@@ -68,7 +71,7 @@ def tls_message(url: str, host: str, exc: ssl.SSLError) -> str:
                     "the certificate names")
         return (f"the certificate of {url} is not trusted ({why}): pass the CA certificate that signed it "
                 "with --cacert FILE (or FILEDOCK_CACERT)")
-    return f"the TLS handshake with {url} failed ({exc.reason or exc})"
+    return f"the TLS handshake with {url} failed ({getattr(exc, 'reason', None) or exc or 'timed out'})"
 
 
 class ApiClient:
@@ -98,7 +101,9 @@ class ApiClient:
 
     def _connection(self) -> http.client.HTTPConnection:
         if self.tls:
-            return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout,
+            # a plain-HTTP server waits for a request line that a TLS hello never ends: a short handshake
+            # timeout finds that out in seconds (then _tls_failure asks in plain HTTP)
+            return http.client.HTTPSConnection(self.host, self.port, timeout=min(self.timeout, HANDSHAKE_TIMEOUT),
                                                context=self.ssl_context)
         return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
 
@@ -153,7 +158,13 @@ class ApiClient:
         conn = self._connection()
         sent = False
         try:
-            conn.connect()
+            try:
+                conn.connect()
+            except TimeoutError as exc:
+                if not self.tls:
+                    raise
+                raise self._tls_failure(exc, False) from None
+            conn.sock.settimeout(self.timeout)
             sent = True  # from here on the server may have acted on the request
             conn.request(method, path, body=data, headers=headers)
             resp = conn.getresponse()
@@ -196,7 +207,7 @@ class ApiClient:
                 f"{self.url_source or 'the API URL'} should name the API (`filedock serve` prints it as "
                 "'filedock API: ...'; port 7480 by default)")
 
-    def _tls_failure(self, exc: ssl.SSLError, sent: bool) -> Exception:
+    def _tls_failure(self, exc: ssl.SSLError | TimeoutError, sent: bool) -> Exception:
         """A certificate problem is final; a failed handshake is either a plain port (said so) or a drop."""
         if isinstance(exc, ssl.SSLCertVerificationError):
             return FiledockError(ErrorCode.TLS_FAILED, tls_message(self.url, self.host, exc))
