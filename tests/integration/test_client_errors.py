@@ -348,3 +348,16 @@ def test_certificate_for_a_name_while_the_server_advertises_an_ip(tmp_path):
         assert json.loads(ok.stdout)["state"] == "complete"
     finally:
         server.stop()
+
+
+def test_data_port_that_refuses_says_public_host(tmp_path):
+    """A server that advertises a data-port address nothing listens on (here --public-host 127.0.0.2
+    while it listens on 127.0.0.1): the upload ends `unreachable` with "--public-host" in the message,
+    not `internal-error`."""
+    src = tmp_path / "f.bin"
+    src.write_bytes(b"x" * 1000)
+    with ServerProcess(tmp_path / "data", extra=["--public-host", "127.0.0.2"]) as server:
+        run = filedock(server.env(), "upload", "--job", "far", "--create", "--attempts", "2", str(src))
+        assert run.returncode == 1
+        assert "error: unreachable: " in run.stderr and "data port at 127.0.0.2" in run.stderr
+        assert "--public-host" in run.stderr and "internal-error" not in run.stderr
