@@ -41,8 +41,12 @@ def api_client(args: argparse.Namespace):
     """The control-API client the flags, environment and config file describe."""
     from filedock.client.http import ApiClient
 
+    from filedock.client.model import RetryPolicy
+
     conf = _config()
     url = args.server or os.environ.get("FILEDOCK_URL") or conf.get("url") or DEFAULT_URL
+    source = ("--server" if args.server else "FILEDOCK_URL" if os.environ.get("FILEDOCK_URL")
+              else f"url in {config_path()}" if conf.get("url") else "the default URL")
     token = args.token or os.environ.get("FILEDOCK_TOKEN") or conf.get("token")
     args.token_source = ("--token" if args.token else "FILEDOCK_TOKEN" if os.environ.get("FILEDOCK_TOKEN")
                          else str(config_path()) if conf.get("token") else None)
@@ -54,7 +58,8 @@ def api_client(args: argparse.Namespace):
         context = ssl.create_default_context(cafile=ca)
     if getattr(args, "tls", False) and url.startswith("http://"):
         url = "https://" + url[len("http://"):]
-    return ApiClient(url, token, ssl_context=context)
+    return ApiClient(url, token, ssl_context=context, retry=RetryPolicy(attempts=getattr(args, "attempts", 5)),
+                     url_source=source)
 
 
 def token_advice(args: argparse.Namespace) -> str:

@@ -35,6 +35,10 @@ class ErrorCode(str, enum.Enum):
     GONE = "gone"
     INTERNAL_ERROR = "internal-error"
     FORBIDDEN = "forbidden"
+    # clients only: what a client finds out by itself
+    UNREACHABLE = "unreachable"
+    TLS_FAILED = "tls-failed"
+    CHANGED_DURING_UPLOAD = "changed-during-upload"
     # control API only
     BAD_REQUEST = "bad-request"
     UNAUTHORIZED = "unauthorized"

@@ -324,7 +324,7 @@ def test_tls_upload_resume_and_download(tmp_path):
         untrusting = DataPortClient("localhost", server.data_addr[1], ssl_context=ssl.create_default_context())
         with pytest.raises(FiledockError) as info:
             untrusting.upload_file(session["key"], key, path)
-        assert info.value.code is ErrorCode.UNAUTHORIZED
+        assert info.value.code is ErrorCode.TLS_FAILED  # not "unauthorized": no key was refused
 
 
 class StallingPeer:

@@ -169,6 +169,6 @@ def test_same_name_with_another_size_is_a_conflict(server, tmp_path):
     path.write_bytes(b"x" * 1001)
     run = filedock(server, "upload", "--job", "j", str(path))
     assert run.returncode == 1
-    assert run.stderr.startswith("error: conflict: ") and "f.bin" in run.stderr and "1001" in run.stderr
+    assert "\nerror: conflict: " in "\n" + run.stderr and "f.bin" in run.stderr and "1001" in run.stderr
     (record,) = server.api.job("j")["files"]
     assert (record["size"], record["state"]) == (1000, "complete")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import select
 import socket
 import ssl
@@ -28,8 +27,8 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 from filedock import durability, wire
-from filedock.client.model import (DURABLE, SENT, VERIFIED, Cancelled, ProgressCallback, UploadResult,
-                                   batch_result)
+from filedock.client.model import (DURABLE, SENT, VERIFIED, Cancelled, ProgressCallback, RetryPolicy,
+                                   SourceStamp, SourceWatch, UploadResult, batch_result, changed_during_upload)
 from filedock.digest import ContentHasher
 from filedock.errors import ErrorCode, FiledockError, short_key
 
@@ -49,8 +48,6 @@ HASH_WAIT = 30.0
 """How long a connection whose body is sent waits for the local digest before it
 is closed (the server would time it out) and reopened once the digest is ready."""
 
-MAX_BACKOFF = 30.0
-
 RETRYABLE = frozenset({
     ErrorCode.TAKEN_OVER.value, ErrorCode.IDLE_TIMEOUT.value, ErrorCode.INTERNAL_ERROR.value,
     ErrorCode.TOO_MANY_CONNECTIONS.value,
@@ -67,6 +64,10 @@ class _Dropped(Exception):
         super().__init__(message)
         self.message = message
         self.code = code
+
+
+class _SourceChanged(Exception):
+    """A batch file changed: close before DONE (nothing is stored) and send the batch again without it."""
 
 
 class _Reconnect(Exception):
@@ -309,7 +310,8 @@ class _Link:
 
 
 def _shrank(pos: int) -> FiledockError:
-    return FiledockError(ErrorCode.SIZE_MISMATCH, f"the local file ended at byte {pos}: it shrank while being sent")
+    return FiledockError(ErrorCode.CHANGED_DURING_UPLOAD, f"the local file ended at byte {pos}: it shrank during "
+                                                          "the upload; nothing was recorded complete")
 
 
 class _LocalDigest:
@@ -423,8 +425,8 @@ class DataPortClient:
     # ------------------------------------------------------------ upload
 
     def upload_file(self, session_key: str, file_key: str, path: str | os.PathLike, *, name: str | None = None,
-                    progress: ProgressCallback | None = None,
-                    cancel: threading.Event | None = None) -> UploadResult:
+                    progress: ProgressCallback | None = None, cancel: threading.Event | None = None,
+                    expect: SourceStamp | None = None) -> UploadResult:
         """Upload ``path`` as declared file ``file_key``, from wherever the server's durable copy ends.
 
         Returns a result with ``state == "complete"`` only after ``STORED`` and only if
@@ -432,28 +434,40 @@ class DataPortClient:
         ``FiledockError`` (the server's code, or ``digest-mismatch``) or ``Cancelled``;
         the server keeps the partial either way except after ``digest-mismatch``.
         A file complete on the server already is verified, not sent again.
+
+        ``expect`` is the file's stamp when it was declared (default: when opened). A
+        file whose size, modification time or inode is no longer that stamp before
+        ``DONE`` is not committed: the partial is dropped (``ABORT``) and
+        ``changed-during-upload`` raised. A change noticed after ``STORED`` raises it
+        too (the server then holds the file as it was read).
         """
         name = name if name is not None else Path(path).name
         report = _Reports(progress)
         _check_cancel(cancel)
         try:
             with open(path, "rb", buffering=0) as f:
-                size = os.fstat(f.fileno()).st_size
+                source = SourceWatch(path, f.fileno(), name, expect)
+                size = source.stamp.size
                 local = _LocalDigest(f, size, short_key(file_key))
                 try:
-                    return self._upload(session_key, file_key, f, size, name, local, report, cancel)
+                    return self._upload(session_key, file_key, f, size, name, local, report, cancel, source)
                 finally:
                     local.stop()
         except KeyboardInterrupt:
             raise Cancelled("interrupted") from None
 
     def _upload(self, session_key: str, file_key: str, f: BinaryIO, size: int, name: str,
-                local: _LocalDigest, report: _Reports, cancel: threading.Event | None) -> UploadResult:
+                local: _LocalDigest, report: _Reports, cancel: threading.Event | None,
+                source: SourceWatch) -> UploadResult:
         state = _Upload()
         try:
             stored = self._retrying(cancel, state, lambda link: self._upload_step(
-                link, session_key, file_key, f, size, local, state, report))
+                link, session_key, file_key, f, size, local, state, report, source))
         except FiledockError as exc:
+            if exc.code is ErrorCode.CHANGED_DURING_UPLOAD:
+                self._discard(session_key, file_key, cancel)  # its bytes belong to no one version
+                source.check()  # the stamp's own words, if the stamp shows it
+                raise _explained(exc, name) from None
             if exc.code is not ErrorCode.ALREADY_COMPLETE:
                 raise _explained(exc, name) from None
             # complete already (by us, with STORED lost in a drop, or by an earlier run): ask its values
@@ -462,6 +476,7 @@ class DataPortClient:
             if state.resumed_from is None:
                 state.resumed_from = size
             report(SENT, size, size)
+        source.check(stored=True)
         hasher = local.wait_cancellable(cancel)
         report(DURABLE, size, size)
         crc, digest = hasher.crc32, hasher.hexdigest()
@@ -474,8 +489,15 @@ class DataPortClient:
         return UploadResult(name=name, size=size, key=file_key, resumed_from=state.resumed_from or 0,
                             sent=state.sent, crc32=crc, digest=digest, state="complete")
 
+    def _discard(self, session_key: str, file_key: str, cancel: threading.Event | None) -> None:
+        """Drop a partial whose bytes may mix two versions of the local file (best effort)."""
+        try:
+            self.abort_file(session_key, file_key, cancel=cancel)
+        except (FiledockError, Cancelled) as exc:
+            log.info("could not drop the partial of %s: %s", short_key(file_key), exc)
+
     def _upload_step(self, link: _Link, session_key: str, file_key: str, f: BinaryIO, size: int,
-                     local: _LocalDigest, state: _Upload, report: _Reports) -> wire.Stored:
+                     local: _LocalDigest, state: _Upload, report: _Reports, source: SourceWatch) -> wire.Stored:
         link.send_all(link.conn.upload(session_key, file_key, size))
         offset = link.expect(wire.Offset, REPLY_PATIENCE).offset
         state.offered(offset)
@@ -497,6 +519,7 @@ class DataPortClient:
             link.close()
             local.wait_cancellable(link.cancel)
             raise _Reconnect()
+        source.check()  # DONE commits what was declared: never a file that changed meanwhile
         link.send_all(link.conn.done(hasher.hexdigest()))
         return link.expect(wire.Stored, REPLY_PATIENCE)
 
@@ -508,7 +531,8 @@ class DataPortClient:
 
     def upload_batch(self, session_key: str, files: list[tuple[str, str | os.PathLike, str]], *,
                      progress: Callable[[str, str, int, int], None] | None = None,
-                     cancel: threading.Event | None = None) -> list[UploadResult]:
+                     cancel: threading.Event | None = None,
+                     stamps: dict[str, SourceStamp] | None = None) -> list[UploadResult]:
         """Upload many small whole files on one connection (``BATCH``): ``files`` is (key, path, name).
 
         Each file is read once (it must fit in ``batch_item_max``), hashed and sent; the
@@ -517,15 +541,23 @@ class DataPortClient:
         CRC-32 and digest equal the local file's; refused files carry the server's code.
         A dropped connection sends the whole batch again (files already stored are
         answered from the record). ``progress(name, stage, done, total)`` per file.
+
+        ``stamps`` (by file key) are the files' stamps when declared. A file that is not
+        its stamp when read, or changes while read, is ``changed-during-upload``: the
+        connection is closed before ``DONE`` (the server stores nothing of it) and the
+        batch is sent again without that file. One that changes after the server stored
+        it is reported the same way.
         """
         report = progress or (lambda name, stage, done, total: None)
         mine: dict[str, tuple[int, int, str]] = {}
+        known = dict(stamps or {})
+        changed: dict[str, FiledockError] = {}
 
         def step(link: _Link) -> dict[str, Any]:
-            link.send_all(link.conn.batch(session_key, len(files)))
-            for key, path, name in files:
-                with open(path, "rb") as f:
-                    data = f.read()
+            remaining = [item for item in files if item[0] not in changed]
+            link.send_all(link.conn.batch(session_key, len(remaining)))
+            for key, path, name in remaining:
+                data = self._read_whole(key, path, name, known, changed)
                 h = ContentHasher()
                 h.update(data)
                 mine[key] = (len(data), h.crc32, h.hexdigest())
@@ -540,10 +572,45 @@ class DataPortClient:
                 answers[event.file_key] = event
 
         try:
-            answers = self._retrying(cancel, _Attempts(), step)
+            while True:
+                if all(key in changed for key, _, _ in files):
+                    answers = {}
+                    break
+                try:
+                    answers = self._retrying(cancel, _Attempts(), step)
+                    break
+                except _SourceChanged:
+                    continue  # closed before DONE: nothing of it was stored; again without that file
         except KeyboardInterrupt:
             raise Cancelled("interrupted") from None
-        return [batch_result(key, name, mine.get(key), answers.get(key), report) for key, _, name in files]
+        results = []
+        for key, path, name in files:
+            if key not in changed and key in known and isinstance(answers.get(key), wire.ItemStored):
+                change = known[key].change(SourceStamp.read(path))
+                if change:
+                    changed[key] = changed_during_upload(name, change, stored=True)
+            if key in changed:
+                size = known[key].size if key in known else 0
+                results.append(UploadResult(name, size, key, state=changed[key].code_str,
+                                            message=changed[key].message))
+            else:
+                results.append(batch_result(key, name, mine.get(key), answers.get(key), report))
+        return results
+
+    @staticmethod
+    def _read_whole(key: str, path: str | os.PathLike, name: str, known: dict[str, SourceStamp],
+                    changed: dict[str, FiledockError]) -> bytes:
+        """A batch file's bytes, read once; ``_SourceChanged`` if it is not the declared version."""
+        with open(path, "rb") as f:
+            before = SourceStamp.of(os.fstat(f.fileno()))
+            stamp = known.setdefault(key, before)
+            data = f.read()
+            change = stamp.change(before) or stamp.change(SourceStamp.of(os.fstat(f.fileno()))) or \
+                (f"shrank to {len(data)} bytes" if len(data) != stamp.size else None)
+        if change:
+            changed[key] = changed_during_upload(name, change, stored=False)
+            raise _SourceChanged()
+        return data
 
     def abort_file(self, session_key: str, file_key: str, *, cancel: threading.Event | None = None) -> None:
         """Give up an upload: the server deletes the partial and the file starts again from 0."""
@@ -643,16 +710,17 @@ class DataPortClient:
         try:
             sock = socket.create_connection((self.host, self.port), timeout=min(self.stall_timeout, 30.0))
         except OSError as exc:
-            raise _Dropped(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from None
+            raise _Dropped(data_port_unreachable(self.host, self.port, exc.strerror or str(exc)),
+                           ErrorCode.UNREACHABLE.value) from None
         try:
             _tune_socket(sock)
             if self.ssl_context is not None:
                 sock = self.ssl_context.wrap_socket(sock, server_hostname=self.host)
         except ssl.SSLCertVerificationError as exc:
             sock.close()
-            raise FiledockError(ErrorCode.UNAUTHORIZED,
-                                f"TLS: the data port {self.host}:{self.port} failed verification: "
-                                f"{exc.verify_message}") from None
+            raise FiledockError(ErrorCode.TLS_FAILED,
+                                data_port_certificate_message(self.host, self.port, exc.verify_code,
+                                                              exc.verify_message or str(exc))) from None
         except OSError as exc:
             sock.close()
             raise _Dropped(f"TLS handshake with {self.host}:{self.port} failed: {exc}") from None
@@ -675,13 +743,31 @@ class DataPortClient:
                 if failures >= self.attempts:
                     raise FiledockError(exc.code, f"{exc.message} (gave up after {failures} "
                                                   f"attempt{'s' if failures > 1 else ''} in a row)") from None
-                delay = min(MAX_BACKOFF, self.backoff * 2 ** (failures - 1)) * random.uniform(0.5, 1.5)
+                delay = RetryPolicy(self.attempts, self.backoff).delay(failures)
                 log.info("%s; reconnecting in %.1fs (attempt %d of %d)", exc.message, delay,
                          failures + 1, self.attempts)
             finally:
                 if link is not None:
                     link.close()
             _sleep(delay, cancel)
+
+
+def data_port_unreachable(host: str, port: int, reason: str) -> str:
+    """The message for a data port that does not accept connections, with what to check."""
+    return (f"cannot connect to the data port at {host}:{port} (the address the server gives in "
+            f"GET /v1/info): {reason}. Is the server running? If clients must reach it under another "
+            "name or address, start it with --public-host NAME")
+
+
+def data_port_certificate_message(host: str, port: int, verify_code: int, why: str) -> str:
+    """A data-port certificate that fails verification, put as what to do about it."""
+    if verify_code in (62, 64):  # hostname mismatch, IP address mismatch
+        return (f"the data port's certificate is not issued for {host!r}, the address the server gives for "
+                f"its data port ({host}:{port}; {why}): start the server with --public-host set to a name the "
+                "certificate carries, or give it a certificate that names "
+                f"{host}")
+    return (f"the data port's certificate ({host}:{port}) is not trusted ({why}): pass the CA certificate "
+            "that signed it with --cacert FILE (or FILEDOCK_CACERT)")
 
 
 def _explained(exc: FiledockError, name: str) -> FiledockError:

@@ -29,14 +29,24 @@ RESUME_HINT = "cancelled: the server keeps what it received; run the same comman
 def add_parsers(sub: Any, client_flags: Callable[[argparse.ArgumentParser], None]) -> None:
     """Add ``upload``, ``download`` and ``status`` to the ``filedock`` command's subparsers."""
     p = sub.add_parser("upload", help="upload files and directories into a job (resumable, verified)",
-                       description="Upload files and directories into a job. Directories are walked; "
-                                   "their files are named by their path under the directory. Run the "
-                                   "same command again after an interruption to resume.")
+                       description="Upload files and directories into a job. Run the same command again "
+                                   "after an interruption to resume. Names in the job: a FILE is named by "
+                                   "its last part (a/b/take.wav -> take.wav); the files under a DIR are named "
+                                   "by their path under DIR, without DIR's own name (session-42/sub1 holding "
+                                   "a.txt -> a.txt, not sub1/a.txt). --prefix sub1/ puts them under sub1/. "
+                                   "A file whose name the job holds with other bytes is a conflict: it is "
+                                   "reported and the others go on (--replace uploads it as a new version).")
     p.add_argument("paths", nargs="+", metavar="FILE_OR_DIR", type=Path,
                    help="files (named by their base name) and directories (their files named by the path "
                         "under the directory)")
     p.add_argument("--job", required=True, metavar="JOB", help="job id or name")
     p.add_argument("--create", action="store_true", help="create the job if there is none of that name")
+    p.add_argument("--prefix", default="", metavar="NAME/",
+                   help="put every file under this folder-like name in the job (default: none)")
+    p.add_argument("--replace", action="store_true",
+                   help="upload a file whose name the job holds with other bytes as a new version; the job "
+                        "keeps the old one until the new one is complete and verified (default: report a "
+                        "conflict and leave it)")
     p.add_argument("--parallel", type=_positive(int), default=1, metavar="N",
                    help="files sent at once (default 1: one after another)")
     _transfer_flags(p)
@@ -51,6 +61,9 @@ def add_parsers(sub: Any, client_flags: Callable[[argparse.ArgumentParser], None
                                    "there with the server's digest are verified, not fetched again.")
     p.add_argument("--job", required=True, metavar="JOB", help="job id or name")
     p.add_argument("--all", action="store_true", help="every complete file of the job, into the directory DIR")
+    p.add_argument("--force", action="store_true",
+                   help="replace a local file that holds other bytes (the job's copy is downloaded beside it, "
+                        "verified, then renamed over it); without it such a file is left alone")
     p.add_argument("targets", nargs="+", metavar="NAME DEST | DIR",
                    help="the file's name in the job and where to write it (a directory: under its name); "
                         "with --all, the directory")
@@ -123,7 +136,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
 
     api = api_client(args)
     uploader = JobUploader(api)
-    plan = uploader.prepare(args.job, args.paths, create=args.create)
+    plan = uploader.prepare(args.job, args.paths, create=args.create, prefix=args.prefix, replace=args.replace)
     uploader.data_client = _data_client(api, args)
     view = _JsonLines() if args.json else _UploadBars(plan)
     try:
@@ -329,18 +342,20 @@ def cmd_download(args: argparse.Namespace) -> int:
         raise FiledockError(ErrorCode.NOT_COMPLETE, f"{args.name!r} is not complete yet "
                                                     f"({record['received']} of {record['size']} bytes)")
     dest = args.dest / PurePosixPath(args.name).name if args.dest.is_dir() else args.dest
-    data = _data_client(api, args)
-    session = api.open_session(job["id"])
-    try:
-        result = _download_with_bar(data, session["key"], record, dest, quiet=args.json)
-    except (Cancelled, KeyboardInterrupt):
-        print(f"cancelled: {dest}.part is kept; run the same command again to resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    finally:
+    result = _local_copy(record, dest, args.force)
+    if result is None:
+        data = _data_client(api, args)
+        session = api.open_session(job["id"])
         try:
-            api.close_session(session["key"])
-        except FiledockError:
-            pass  # it expires on its own
+            result = _download_with_bar(data, session["key"], record, dest, quiet=args.json)
+        except (Cancelled, KeyboardInterrupt):
+            print(f"cancelled: {dest}.part is kept; run the same command again to resume", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        finally:
+            try:
+                api.close_session(session["key"])
+            except FiledockError:
+                pass  # it expires on its own
     result.name = args.name
     if args.json:
         print(json.dumps(result.to_json() | {"path": str(dest)}, sort_keys=True))
@@ -350,11 +365,19 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _local_copy(record: dict[str, Any], dest: Path, force: bool) -> UploadResult | None:
+    """DEST already there: a result if it has the job's bytes (verified, nothing fetched), None to fetch;
+    ``conflict`` if it holds other bytes and ``--force`` was not given (as ``--all`` refuses)."""
+    from filedock.client.downloader import local_copy
+
+    return local_copy(record, dest, replace=force)
+
+
 def _download_job(api: Any, args: argparse.Namespace, dest: Path) -> int:
     """``download --all``: every complete file of the job into ``dest``, one after another."""
     from filedock.client.downloader import JobDownloader
 
-    downloader = JobDownloader(api, _data_client(api, args))
+    downloader = JobDownloader(api, _data_client(api, args), replace=args.force)
     record = api.job(args.job)
     view = _JsonLines(dest) if args.json else _UploadBars(_DownloadPlan(record))
     try:

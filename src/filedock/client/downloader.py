@@ -38,11 +38,30 @@ _KEY = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}
 
 
 class _Refused(Exception):
-    """This one file cannot be downloaded: (code, message)."""
+    """This one file cannot be downloaded: (code, message). ``other_bytes``: only because a regular
+    file of that name holds other bytes (what ``--force`` replaces)."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, other_bytes: bool = False) -> None:
         super().__init__(message)
-        self.code, self.message = code, message
+        self.code, self.message, self.other_bytes = code, message, other_bytes
+
+
+def local_copy(entry: dict[str, Any], path: Path, *, replace: bool = False,
+               progress: JobProgress | None = None, cancel: threading.Event | None = None) -> UploadResult | None:
+    """A local file at ``path`` checked against the job's file ``entry`` (as ``GET /v1/jobs/<job>`` lists it).
+
+    -> a ``complete`` result if it has the server's size and digest (nothing to fetch),
+    None if there is no file there (or it holds other bytes and ``replace`` is set: fetch it
+    and rename over). Raises ``FiledockError(conflict)`` for other bytes without
+    ``replace``, and for a symbolic link or a non-regular file (never followed or replaced).
+    """
+    try:
+        return JobDownloader._present(entry, path, progress or (lambda name, stage, done, total: None),
+                                      cancel if cancel is not None else threading.Event())
+    except _Refused as exc:
+        if exc.other_bytes and replace:
+            return None
+        raise FiledockError(exc.code, exc.message) from None
 
 JobProgress = Callable[[str, str, int, int], None]
 ResultCallback = Callable[[UploadResult], None]
@@ -61,9 +80,10 @@ def local_path(root: Path, name: str) -> Path | None:
 class JobDownloader:
     """Downloads the complete files of a job into a directory (see the module docstring)."""
 
-    def __init__(self, api: ApiClient, data_client: DataPortClient) -> None:
+    def __init__(self, api: ApiClient, data_client: DataPortClient, replace: bool = False) -> None:
         self.api = api
         self.data_client = data_client
+        self.replace = replace  # a regular local file with other bytes is replaced (atomically), not refused
 
     def download(self, job: str, dest: str | os.PathLike, *, progress: JobProgress | None = None,
                  cancel: threading.Event | None = None, on_result: ResultCallback | None = None,
@@ -137,7 +157,12 @@ class JobDownloader:
         if entry.get("state") != "complete":
             raise _Refused(ErrorCode.NOT_COMPLETE, f"not complete on the server yet "
                                                    f"({entry.get('received', 0)} of {size} bytes)")
-        return self._present(entry, _existing_path(root, name), report, cancel)
+        try:
+            return self._present(entry, _existing_path(root, name), report, cancel)
+        except _Refused as exc:
+            if exc.other_bytes and self.replace:
+                return None  # fetched to the partial, verified, then renamed over it
+            raise
 
     @staticmethod
     def _present(entry: dict[str, Any], path: Path | None, report: JobProgress,
@@ -166,7 +191,7 @@ class JobDownloader:
                     return UploadResult(entry["name"], size, entry["key"], resumed_from=size, sent=0,
                                         crc32=hasher.crc32, digest=hasher.hexdigest(), state="complete")
         raise _Refused(ErrorCode.CONFLICT, f"{path} exists with other bytes; it is left alone (move it away to "
-                                           "download the job's copy)")
+                                           "download the job's copy, or pass --force to replace it)", other_bytes=True)
 
     def _fetch(self, root: Path, session_key: str, entry: dict[str, Any], report: JobProgress,
                cancel: threading.Event) -> UploadResult:

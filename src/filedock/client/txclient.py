@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from io import BytesIO
 from typing import Any, BinaryIO, Callable, Sequence
 from urllib.parse import quote, urlsplit
@@ -49,8 +48,8 @@ from zope.interface import implementer
 
 from filedock import digest, durability, wire
 from filedock.client.blocking import REPLY_PATIENCE
-from filedock.client.model import (DURABLE, SENT, VERIFIED, Cancelled, ProgressCallback, UploadResult,
-                                   batch_result)
+from filedock.client.model import (DURABLE, SENT, VERIFIED, Cancelled, ProgressCallback, RetryPolicy,
+                                   SourceStamp, SourceWatch, UploadResult, batch_result, changed_during_upload)
 from filedock.client.uploader import (DECLARE_BATCH, JobProgress, batch_units, collect_files, compare_complete,
                                      undeclared)
 from filedock.errors import ErrorCode, FiledockError, short_key
@@ -143,9 +142,9 @@ class _OrderedHasher:
             self._error = FiledockError(ErrorCode.INTERNAL_ERROR,
                                         f"cannot read {self._path}: {result.getErrorMessage()}")
         elif self.hasher.offset != end:
-            self._error = FiledockError(ErrorCode.SIZE_MISMATCH,
-                                        f"{self._path} ends at byte {self.hasher.offset}, not {end}: "
-                                        "did it change during the transfer?")
+            self._error = FiledockError(ErrorCode.CHANGED_DURING_UPLOAD,
+                                        f"{self._path} ends at byte {self.hasher.offset}, not {end}: it changed "
+                                        "during the transfer")
         if self._error is not None:
             self._settle(Failure(self._error))
             return
@@ -234,9 +233,9 @@ class FileStreamer:
         try:
             data = self.f.read(min(self.chunk_size, self.size - self.position))
             if not data:
-                raise FiledockError(ErrorCode.SIZE_MISMATCH,
-                                    f"the file ends at byte {self.position}, not {self.size}: "
-                                    "did it change during the upload?")
+                raise FiledockError(ErrorCode.CHANGED_DURING_UPLOAD,
+                                    f"the file ends at byte {self.position}, not {self.size}: it shrank during "
+                                    "the upload; nothing was recorded complete")
             position = self.position
             self.position += len(data)
             self.transport.write(data)
@@ -321,8 +320,10 @@ class _Exchange(Protocol):
     def connect_failed(self, failure: Failure) -> None:
         """The endpoint could not connect (unless we cancelled it)."""
         if not self.result.called:
-            self.fail(FiledockError(ErrorCode.INTERNAL_ERROR,
-                                    f"cannot reach {self.peer}: {failure.getErrorMessage()}"))
+            self.fail(FiledockError(ErrorCode.UNREACHABLE,
+                                    f"cannot reach the data port {self.peer}: {failure.getErrorMessage()}; is the "
+                                    "server running? (a server reached under another name or address needs "
+                                    "--public-host)"))
 
     # -- outcomes
 
@@ -415,10 +416,12 @@ class _UploadExchange(_Exchange):
     """
 
     def __init__(self, reactor: Any, peer: str, session_key: str, file_key: str, f: BinaryIO, size: int,
-                 hasher: _OrderedHasher, progress: ProgressCallback | None, hash_wait: float) -> None:
+                 hasher: _OrderedHasher, progress: ProgressCallback | None, hash_wait: float,
+                 check_source: Callable[[], None] = lambda: None) -> None:
         super().__init__(reactor, peer, progress)
         self.session_key, self.file_key, self.f, self.size = session_key, file_key, f, size
         self.hasher = hasher
+        self.check_source = check_source
         self.hash_wait = hash_wait
         self.offset: int | None = None
         self.sent = 0
@@ -459,6 +462,7 @@ class _UploadExchange(_Exchange):
 
     def _send_done(self, hasher: digest.ContentHasher) -> None:
         if not self.result.called:
+            self.check_source()  # DONE commits what was declared: never a file that changed meanwhile
             self.transport.write(self.conn.done(hasher.hexdigest()))
 
     def halt(self) -> None:
@@ -569,12 +573,25 @@ class _AbortExchange(_Exchange):
             self.succeed(None)
 
 
-def _read_group(paths: list[str]) -> list[tuple[bytes, int, str]]:
-    """In a thread: each small file's bytes, CRC-32 and digest (read once, hashed once)."""
+class _BatchSourceChanged(Exception):
+    """A file of a batch is not the version declared: the batch is closed before DONE (nothing stored)."""
+
+    def __init__(self, key: str, change: str) -> None:
+        super().__init__(change)
+        self.key, self.change = key, change
+
+
+def _read_group(items: list[tuple[str, str, SourceStamp]]) -> list[tuple[bytes, int, str]]:
+    """In a thread: each small file's bytes, CRC-32 and digest (read once, hashed once), checked against
+    its stamp (key, path, stamp) before and after the read; ``_BatchSourceChanged`` if it differs."""
     out = []
-    for path in paths:
+    for key, path, stamp in items:
         with open(path, "rb", buffering=0) as f:
+            before = SourceStamp.of(os.fstat(f.fileno()))
             data = f.read()
+            change = stamp.change(before) or stamp.change(SourceStamp.of(os.fstat(f.fileno())))
+        if change:
+            raise _BatchSourceChanged(key, change)
         h = digest.ContentHasher()
         h.update(data)
         out.append((data, h.crc32, h.hexdigest()))
@@ -594,9 +611,10 @@ class _BatchExchange(_Exchange):
     GROUP_BYTES = 4 << 20
 
     def __init__(self, reactor: Any, peer: str, session_key: str, files: list[tuple[str, str, str]],
-                 sizes: list[int], report: Callable[[str, str, int, int], None]) -> None:
+                 stamps: list[SourceStamp], report: Callable[[str, str, int, int], None]) -> None:
         super().__init__(reactor, peer, None)
-        self.session_key, self.files, self.sizes, self.report_file = session_key, files, sizes, report
+        self.session_key, self.files, self.stamps, self.report_file = session_key, files, stamps, report
+        self.sizes = [stamp.size for stamp in stamps]
         self.local: dict[str, tuple[int, int, str]] = {}
         self.answers: dict[str, Any] = {}
         self.sent = 0
@@ -640,7 +658,7 @@ class _BatchExchange(_Exchange):
 
     def _read(self, group: list[int]) -> defer.Deferred:
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), _read_group,
-                                         [self.files[i][1] for i in group])
+                                         [(self.files[i][0], self.files[i][1], self.stamps[i]) for i in group])
 
     async def _send_items(self) -> None:
         groups = self._groups()
@@ -709,7 +727,7 @@ class TxDataPortClient:
     """
 
     RETRYABLE = frozenset({ErrorCode.INTERNAL_ERROR, ErrorCode.TAKEN_OVER, ErrorCode.IDLE_TIMEOUT,
-                           ErrorCode.TOO_MANY_CONNECTIONS})
+                           ErrorCode.TOO_MANY_CONNECTIONS, ErrorCode.UNREACHABLE})
 
     def __init__(self, reactor: Any, host: str, port: int, tls_options: Any = None,
                  connect_timeout: float = 30.0, hash_wait: float = HASH_WAIT, attempts: int = 5,
@@ -724,7 +742,8 @@ class TxDataPortClient:
         return f"TxDataPortClient({self.host!r}, {self.port}, tls={self.tls_options is not None})"
 
     def upload_file(self, session_key: str, file_key: str, path: str | os.PathLike,
-                    progress: ProgressCallback | None = None, *, name: str | None = None) -> defer.Deferred:
+                    progress: ProgressCallback | None = None, *, name: str | None = None,
+                    expect: SourceStamp | None = None) -> defer.Deferred:
         """Upload ``path`` as declared file ``file_key``, from where the server's durable copy ends.
 
         -> ``UploadResult`` with ``state == "complete"``, only after ``STORED`` and only
@@ -735,8 +754,13 @@ class TxDataPortClient:
         server's code; ``digest-mismatch`` when the two ends disagree) or, after
         ``d.cancel()``, ``Cancelled``: the connection is closed cleanly and the
         server keeps the partial, so the next call resumes.
+
+        ``expect`` is the file's stamp when declared (default: when opened). A file whose
+        size, modification time or inode changed is not committed: no ``DONE``, the
+        partial is dropped, and the Deferred fails with ``changed-during-upload`` (also
+        when the change is noticed after ``STORED``: the server then holds the file as read).
         """
-        return defer.ensureDeferred(self._upload(session_key, file_key, os.fspath(path), progress, name))
+        return defer.ensureDeferred(self._upload(session_key, file_key, os.fspath(path), progress, name, expect))
 
     def download_file(self, session_key: str, file_key: str, dest: str | os.PathLike,
                       progress: ProgressCallback | None = None) -> defer.Deferred:
@@ -752,7 +776,8 @@ class TxDataPortClient:
         return defer.ensureDeferred(self._download(session_key, file_key, os.fspath(dest), progress))
 
     def upload_batch(self, session_key: str, files: Sequence[tuple[str, str | os.PathLike, str]],
-                     progress: Callable[[str, str, int, int], None] | None = None) -> defer.Deferred:
+                     progress: Callable[[str, str, int, int], None] | None = None,
+                     stamps: dict[str, SourceStamp] | None = None) -> defer.Deferred:
         """Upload many small whole files on one connection (``BATCH``) -> ``list[UploadResult]``.
 
         ``files`` is (file key, path, name) each; every file must be at most the
@@ -764,10 +789,12 @@ class TxDataPortClient:
         ``progress(name, stage, done, total)`` per file. ``d.cancel()`` before the
         whole batch is sent stores nothing of it; after that the server may still
         store it (``Cancelled`` says which): the next upload learns which files are
-        complete.
+        complete. ``stamps`` (by file key) are the files' stamps when declared: a file that
+        differs when read is ``changed-during-upload`` and the batch goes again without it
+        (closed before ``DONE``, so nothing of the first attempt is stored).
         """
         return defer.ensureDeferred(self._upload_batch(session_key, [(k, os.fspath(p), n) for k, p, n in files],
-                                                       progress))
+                                                       progress, stamps))
 
     def abort_file(self, session_key: str, file_key: str) -> defer.Deferred:
         """Give up an upload: the server deletes its partial -> None."""
@@ -776,20 +803,32 @@ class TxDataPortClient:
     # -- internals
 
     async def _upload(self, session_key: str, file_key: str, path: str, progress: ProgressCallback | None,
-                      name: str | None) -> UploadResult:
+                      name: str | None, expect: SourceStamp | None = None) -> UploadResult:
         name = name if name is not None else os.path.basename(path)
         report = progress or (lambda stage, done, total: None)
         peer = self._peer(file_key)
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+            source = SourceWatch(path, f.fileno(), name, expect)
+            size = source.stamp.size
             hasher = _OrderedHasher(self.reactor, path)
             try:
-                resumed_from, sent, stored = await self._put(session_key, file_key, f, size, hasher, report)
+                resumed_from, sent, stored = await self._put(session_key, file_key, f, size, hasher, report,
+                                                             source.check)
                 local = await hasher.finish(size)
             except defer.CancelledError:
                 raise Cancelled(f"{peer}: cancelled; the server keeps what it holds durably") from None
+            except FiledockError as exc:
+                if exc.code is not ErrorCode.CHANGED_DURING_UPLOAD:
+                    raise
+                try:  # its bytes belong to no one version: drop the partial (best effort)
+                    await self.abort_file(session_key, file_key)
+                except FiledockError as abort:
+                    log.info("{peer}: could not drop the partial: {why}", peer=peer, why=abort.message)
+                source.check()
+                raise FiledockError(exc.code, f"{name}: {exc.message}") from None
             finally:
                 hasher.stop()
+            source.check(stored=True)
         report(DURABLE, size, size)
         mine = (size, local.crc32, local.hexdigest())
         if (stored.size, stored.crc32, stored.digest) != mine:
@@ -801,7 +840,7 @@ class TxDataPortClient:
         return UploadResult(name, size, file_key, resumed_from, sent, stored.crc32, stored.digest, "complete")
 
     async def _put(self, session_key: str, file_key: str, f: BinaryIO, size: int, hasher: _OrderedHasher,
-                   report: ProgressCallback) -> tuple[int, int, wire.Stored]:
+                   report: ProgressCallback, check_source: Callable[[], None]) -> tuple[int, int, wire.Stored]:
         """PUT until ``STORED`` -> (resumed from, bytes sent, the server's values)."""
         peer = self._peer(file_key)
         resumed_from: int | None = None
@@ -809,7 +848,7 @@ class TxDataPortClient:
         failures, best = 0, -1
         while True:
             exchange = _UploadExchange(self.reactor, peer, session_key, file_key, f, size, hasher, report,
-                                       self.hash_wait)
+                                       self.hash_wait, check_source)
             watchdog = _StallWatch(self.reactor, exchange, self.stall_timeout)
             try:
                 stored = await self._run(exchange)
@@ -824,7 +863,7 @@ class TxDataPortClient:
                     if failures >= self.attempts:
                         raise FiledockError(exc.code, f"gave up after {failures} attempts without progress: "
                                                       f"{exc.message}") from None
-                    delay = self.backoff * 2 ** (failures - 1) * random.uniform(0.5, 1.5)
+                    delay = RetryPolicy(self.attempts, self.backoff).delay(failures)
                     log.info("{peer}: {why}; reconnecting in {delay:.2f}s", peer=peer, why=exc.message,
                              delay=delay)
                     await deferLater(self.reactor, delay)
@@ -843,27 +882,42 @@ class TxDataPortClient:
             return (size if resumed_from is None else resumed_from), sent, stored
 
     async def _upload_batch(self, session_key: str, files: list[tuple[str, str, str]],
-                            progress: Callable[[str, str, int, int], None] | None) -> list[UploadResult]:
+                            progress: Callable[[str, str, int, int], None] | None,
+                            stamps: dict[str, SourceStamp] | None = None) -> list[UploadResult]:
         report = progress or (lambda name, stage, done, total: None)
         if not files:
             return []
-        sizes = await threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
-                                                lambda: [os.stat(path).st_size for _, path, _ in files])
+        known = dict(stamps or {})
+        missing = [(key, path) for key, path, _ in files if key not in known]
+        found = await threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
+                                                lambda: [SourceStamp.of(os.stat(path)) for _, path in missing])
+        known.update((key, stamp) for (key, _), stamp in zip(missing, found))
         peer = f"{self.host}:{self.port} (batch of {len(files)} files)"
+        changed: dict[str, FiledockError] = {}
+        names = {key: name for key, _, name in files}
         failures = 0
+        answers: dict[str, Any] = {}
+        local: dict[str, tuple[int, int, str]] = {}
         while True:
-            exchange = _BatchExchange(self.reactor, peer, session_key, files, sizes, report)
+            remaining = [item for item in files if item[0] not in changed]
+            if not remaining:
+                break
+            exchange = _BatchExchange(self.reactor, peer, session_key, remaining,
+                                      [known[key] for key, _, _ in remaining], report)
             watchdog = _StallWatch(self.reactor, exchange, self.stall_timeout)
             try:
                 answers = await self._run(exchange)
+                local = exchange.local
                 break
+            except _BatchSourceChanged as exc:  # closed before DONE: nothing stored; again without it
+                changed[exc.key] = changed_during_upload(names[exc.key], exc.change, stored=False)
             except FiledockError as exc:
                 failures += 1
                 if exc.code not in self.RETRYABLE:
                     raise
                 if failures >= self.attempts:
                     raise FiledockError(exc.code, f"gave up after {failures} attempts: {exc.message}") from None
-                delay = self.backoff * 2 ** (failures - 1) * random.uniform(0.5, 1.5)
+                delay = RetryPolicy(self.attempts, self.backoff).delay(failures)
                 log.info("{peer}: {why}; sending the batch again in {delay:.2f}s", peer=peer, why=exc.message,
                          delay=delay)
                 try:
@@ -873,8 +927,18 @@ class TxDataPortClient:
                                     "of it: run again to learn which files are complete") from None
             finally:
                 watchdog.stop()
-        return [batch_result(key, name, exchange.local.get(key), answers.get(key), report)
-                for key, _, name in files]
+        results = []
+        for key, path, name in files:
+            if key not in changed and isinstance(answers.get(key), wire.ItemStored):
+                change = known[key].change(SourceStamp.read(path))
+                if change:
+                    changed[key] = changed_during_upload(name, change, stored=True)
+            if key in changed:
+                results.append(UploadResult(name, known[key].size, key, state=changed[key].code_str,
+                                            message=changed[key].message))
+            else:
+                results.append(batch_result(key, name, local.get(key), answers.get(key), report))
+        return results
 
     async def _download(self, session_key: str, file_key: str, dest: str,
                         progress: ProgressCallback | None) -> UploadResult:
@@ -940,6 +1004,14 @@ class _BodyCollector(Protocol):
 
 
 
+class _ApiTransient(Exception):
+    """One API attempt failed in a way a later attempt may cure (``error``: the 5xx answer, if any)."""
+
+    def __init__(self, reason: str, sent: bool, error: FiledockError | None = None) -> None:
+        super().__init__(reason)
+        self.reason, self.sent, self.error = reason, sent, error
+
+
 class TxApiClient:
     """The few control-API calls a Twisted client needs; each returns a Deferred of the JSON reply.
 
@@ -948,7 +1020,8 @@ class TxApiClient:
     trusts the platform's roots).
     """
 
-    def __init__(self, reactor: Any, url: str, token: str | None, tls_policy: Any = None) -> None:
+    def __init__(self, reactor: Any, url: str, token: str | None, tls_policy: Any = None,
+                 retry: RetryPolicy | None = None) -> None:
         from twisted.web.client import Agent
 
         parts = urlsplit(url if "://" in url else f"http://{url}")
@@ -959,14 +1032,62 @@ class TxApiClient:
         self.base = f"{parts.scheme}://{parts.netloc}"
         self.token = token
         self.agent = Agent(reactor, tls_policy) if tls_policy is not None else Agent(reactor)
+        self.retry = retry or RetryPolicy()
 
     def request(self, method: str, path: str, body: Any = None) -> defer.Deferred:
-        """One JSON request -> the decoded reply body."""
+        """One JSON request -> the decoded reply body.
+
+        Like the blocking ``ApiClient``: refused, reset, timed-out and 5xx requests are
+        tried again (``retry``: the data port's attempts and backoff), and a refusal that
+        only a lost earlier attempt explains is reconciled by the request's natural key
+        (``filedock.client.http.recover_plan``). ``unreachable`` / ``tls-failed`` say
+        what to check.
+        """
         return defer.ensureDeferred(self._request(method, path, body))
 
     async def _request(self, method: str, path: str, body: Any) -> Any:
+        from filedock.client.http import ApiError, recover_plan
+
+        try:
+            return await self._attempts(method, path, body)
+        except ApiError as exc:
+            plan = recover_plan(method, path, body, exc)
+            if plan is None:
+                raise
+            get_path, check = plan
+            try:
+                recovered = check(await self._attempts("GET", get_path, None))
+            except FiledockError:
+                raise exc from None
+            if recovered is None:
+                raise
+            return recovered
+
+    async def _attempts(self, method: str, path: str, body: Any) -> Any:
+        from filedock.client.http import unreachable_message
+
+        failures, repeated = 0, False
+        while True:
+            try:
+                return await self._once(method, path, body, repeated)
+            except _ApiTransient as exc:
+                repeated = repeated or exc.sent
+                failures += 1
+                if failures >= self.retry.attempts:
+                    if exc.error is not None:
+                        raise exc.error from None
+                    raise FiledockError(ErrorCode.UNREACHABLE,
+                                        unreachable_message(self.url, exc.reason, failures, None)) from None
+                delay = self.retry.delay(failures)
+                log.info("{method} {path}: {why}; trying again in {delay:.1f}s", method=method, path=path,
+                         why=exc.reason, delay=delay)
+                await deferLater(self.reactor, delay)
+
+    async def _once(self, method: str, path: str, body: Any, repeated: bool) -> Any:
         from twisted.web.client import FileBodyProducer
         from twisted.web.http_headers import Headers
+
+        from filedock.client.http import RETRY_STATUSES, ApiError
 
         headers = Headers({b"Accept": [b"application/json"]})
         if self.token:
@@ -982,17 +1103,47 @@ class TxApiClient:
             raw = await collector.done
         except defer.CancelledError:
             raise
+        except FiledockError:
+            raise
         except Exception as exc:
-            raise FiledockError(ErrorCode.INTERNAL_ERROR, f"cannot reach {self.url}: {exc}") from exc
+            raise self._failure(exc) from None
         try:
             payload = json.loads(raw) if raw else None
         except ValueError:
             payload = None
         if response.code >= 400:
             err = payload.get("error", {}) if isinstance(payload, dict) else {}
-            raise FiledockError(err.get("code", ErrorCode.INTERNAL_ERROR.value),
-                                err.get("message", f"HTTP {response.code} from {self.url}"))
+            error = ApiError(err.get("code", ErrorCode.INTERNAL_ERROR.value),
+                             err.get("message", f"HTTP {response.code} from {self.url}"), response.code, repeated)
+            if response.code in RETRY_STATUSES:
+                raise _ApiTransient(f"HTTP {response.code}: {error.message}", True, error)
+            raise error
         return payload
+
+    def _failure(self, exc: Exception) -> Exception:
+        """What one failed request means: final (a wrong address, a certificate) or worth another attempt."""
+        from twisted.web._newclient import ParseError, _WrapperException
+
+        reasons = [f.value for f in exc.reasons] if isinstance(exc, _WrapperException) else [exc]
+        for reason in reasons:
+            if isinstance(reason, ParseError) and bytes(reason.args[-1] if reason.args else b"")[:4] == b"ERR ":
+                return FiledockError(ErrorCode.UNREACHABLE,
+                                     f"{self.url} is a filedock data port, not the control API: use the API's "
+                                     "URL (`filedock serve` prints it as 'filedock API: ...'; port 7480 by default)")
+            if isinstance(reason, ParseError):
+                return FiledockError(ErrorCode.UNREACHABLE,
+                                     f"{self.url} did not answer in HTTP; is that the filedock API's address?")
+            if isinstance(reason, error.DNSLookupError):
+                return FiledockError(ErrorCode.UNREACHABLE,
+                                     f"cannot reach the filedock API at {self.url}: {reason}")
+            text = str(reason)
+            if "certificate verify failed" in text or type(reason).__name__ == "VerificationError":
+                return FiledockError(ErrorCode.TLS_FAILED,
+                                     f"the certificate of {self.url} failed verification ({text[:200]}): pass a "
+                                     "tls_policy that trusts its CA, and use a host name the certificate names")
+        sent = not isinstance(exc, error.ConnectError)
+        why = "; ".join(str(r) or type(r).__name__ for r in reasons)
+        return _ApiTransient(why, sent)
 
     # -- the calls clients make most
 
@@ -1012,11 +1163,13 @@ class TxApiClient:
         """``POST /v1/jobs/<job>/files``: declare one file -> its record (with ``key``)."""
         return self.request("POST", f"/v1/jobs/{quote(job, safe='')}/files", {"name": name, "size": size})
 
-    def add_files(self, job: str, files: Sequence[tuple[str, int]]) -> defer.Deferred:
+    def add_files(self, job: str, files: Sequence[tuple[str, int]], replace: bool = False) -> defer.Deferred:
         """``POST /v1/jobs/<job>/files`` with ``{"files": [...]}``: declare up to 1000 files in one
-        transaction -> their records, in order."""
+        transaction -> their records, in order. ``replace``: new versions of files of those names
+        (see ``ApiClient.add_files``)."""
+        extra = {"replace": True} if replace else {}
         d = self.request("POST", f"/v1/jobs/{quote(job, safe='')}/files",
-                         {"files": [{"name": name, "size": size} for name, size in files]})
+                         {"files": [{"name": name, "size": size, **extra} for name, size in files]})
         return d.addCallback(lambda reply: reply["files"])
 
     def open_session(self, job: str, ttl: float | None = None) -> defer.Deferred:
@@ -1038,7 +1191,7 @@ _ANY_ADDRESS = ("", "0.0.0.0", "::")
 
 
 def upload_job(api: TxApiClient, job: str, paths: Sequence[str | os.PathLike], progress: JobProgress | None = None,
-               *, create: bool = False, tls_options: Any = None) -> defer.Deferred:
+               *, create: bool = False, tls_options: Any = None, prefix: str = "") -> defer.Deferred:
     """Upload files (directories expanded) into a job one after another -> ``list[UploadResult]``.
 
     Small files (up to the server's ``batch_item_max``) go together in ``BATCH``es,
@@ -1055,13 +1208,16 @@ def upload_job(api: TxApiClient, job: str, paths: Sequence[str | os.PathLike], p
     flight. ``progress(name, stage, done, total)`` reports each file. The data
     port's address comes from ``GET /v1/info``; if it speaks TLS, ``tls_options``
     is used (default: ``optionsForClientTLS(host)`` with the platform's trust roots).
+    ``prefix`` goes before every name (``filedock.client.uploader.collect_files``). A
+    file that changes while it is sent fails it with ``changed-during-upload``.
     """
-    return defer.ensureDeferred(_upload_job(api, job, paths, progress, create, tls_options))
+    return defer.ensureDeferred(_upload_job(api, job, paths, progress, create, tls_options, prefix))
 
 
 async def _upload_job(api: TxApiClient, job: str, paths: Sequence[str | os.PathLike],
-                      progress: JobProgress | None, create: bool, tls_options: Any) -> list[UploadResult]:
-    local = collect_files(paths)
+                      progress: JobProgress | None, create: bool, tls_options: Any,
+                      prefix: str = "") -> list[UploadResult]:
+    local = collect_files(paths, prefix)
     info = await api.info()
     client = _data_client(api, info, tls_options)
     record = await _resolve_job(api, job, create)
@@ -1088,7 +1244,9 @@ async def _upload_job(api: TxApiClient, job: str, paths: Sequence[str | os.PathL
             items = [local[i] for i in unit]
             if len(items) > 1:
                 done = await client.upload_batch(session["key"], [(declared[item.name]["key"], item.path, item.name)
-                                                                  for item in items], report)
+                                                                  for item in items], report,
+                                                 {declared[item.name]["key"]: item.stamp for item in items
+                                                  if item.stamp is not None})
                 failed = next((r for r in done if r.state != "complete"), None)
                 if failed is not None:  # as in 2007: the first failure fails the job's Deferred
                     raise FiledockError(failed.state, f"{failed.name}: {failed.message}")
@@ -1099,7 +1257,7 @@ async def _upload_job(api: TxApiClient, job: str, paths: Sequence[str | os.PathL
             def one_file(stage: str, done: int, total: int, name: str = item.name) -> None:
                 report(name, stage, done, total)
             results[unit[0]] = await client.upload_file(session["key"], declared[item.name]["key"], item.path,
-                                                        one_file, name=item.name)
+                                                        one_file, name=item.name, expect=item.stamp)
         return [results[i] for i in range(len(local))]
     finally:
         try:
@@ -1134,4 +1292,4 @@ async def _resolve_job(api: TxApiClient, job: str, create: bool) -> dict[str, An
         if exc.code is not ErrorCode.NOT_FOUND or not create:
             raise
     created = await api.create_job(job)
-    return {**created, "files": []}  # a job just made has no files
+    return {"files": [], **created}  # a job just made has no files (one a lost attempt made may list some)

@@ -20,13 +20,13 @@ import os
 import ssl
 import stat
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from filedock.client.blocking import DataPortClient, hash_stream_cancellable
 from filedock.client.http import ApiClient
-from filedock.client.model import DURABLE, SENT, VERIFIED, Cancelled, UploadResult
+from filedock.client.model import DURABLE, SENT, VERIFIED, Cancelled, SourceStamp, UploadResult
 from filedock.errors import ErrorCode, FiledockError
 from filedock.wire import format_crc
 
@@ -46,16 +46,21 @@ _ANY_ADDRESS = ("", "0.0.0.0", "::")
 
 @dataclass(frozen=True)
 class LocalFile:
-    """A file to upload: where it is here, what it is called in the job, how big it is."""
+    """A file to upload: where it is here, what it is called in the job, how big it is, and its
+    ``SourceStamp`` when found (the upload checks the file is still that version before committing)."""
 
     path: Path
     name: str
     size: int
+    stamp: SourceStamp | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
 class PlannedFile:
-    """A local file matched to its declared file on the server, as the server saw it when planned."""
+    """A local file matched to its declared file on the server, as the server saw it when planned.
+
+    ``conflict`` says why it will not be sent (the job has that name with another size).
+    """
 
     local: LocalFile
     key: str
@@ -63,6 +68,7 @@ class PlannedFile:
     received: int = 0
     crc32: str | None = None
     digest: str | None = None
+    conflict: str | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,7 @@ class UploadPlan:
 
     job: dict[str, Any]
     files: list[PlannedFile]
+    replace: bool = False  # a complete file with other bytes is uploaded as a new version, not a conflict
 
     @property
     def job_id(self) -> str:
@@ -81,20 +88,40 @@ class UploadPlan:
         return sum(f.local.size for f in self.files)
 
 
-def collect_files(paths: Iterable[str | os.PathLike]) -> list[LocalFile]:
+def check_prefix(prefix: str) -> str:
+    """``--prefix``: a relative folder-like name put before every file's name, returned ending in ``/``
+    (``""`` stays ``""``). Raises ``FiledockError(bad-request)`` for an absolute prefix or a ``..``,
+    ``.`` or empty part."""
+    if not prefix:
+        return ""
+    parts = prefix.rstrip("/").split("/")
+    if prefix.startswith(("/", "\\")) or any(part in ("", ".", "..") for part in parts) or "\0" in prefix:
+        raise FiledockError(ErrorCode.BAD_REQUEST, f"--prefix {prefix!r}: a relative name like 'sub1/' "
+                                                   "(no leading /, no '.', '..' or empty parts)")
+    return "/".join(parts) + "/"
+
+
+def collect_files(paths: Iterable[str | os.PathLike], prefix: str = "") -> list[LocalFile]:
     """The regular files the paths name, directories expanded (sorted; symlinked directories not followed).
+
+    Naming: a file given directly is named by its last path component; a file found
+    under a given directory by its path relative to that directory (the directory's own
+    name is not part of it, like ``rsync dir/``). ``prefix`` (see ``check_prefix``) goes
+    before every name.
 
     Raises ``FiledockError(not-found)`` for a path that does not exist,
     ``FiledockError(bad-request)`` for a directory that cannot be read, and
     ``FiledockError(conflict)`` if two files would get the same name in the job.
     """
+    prefix = check_prefix(prefix)
     found: list[LocalFile] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found.extend(_walk(path))
+            found.extend(LocalFile(f.path, prefix + f.name, f.size, f.stamp) for f in _walk(path))
         elif path.is_file():
-            found.append(LocalFile(path, path.name, path.stat().st_size))
+            st = path.stat()
+            found.append(LocalFile(path, prefix + path.name, st.st_size, SourceStamp.of(st)))
         elif path.exists():
             raise FiledockError(ErrorCode.BAD_REQUEST, f"{path}: not a regular file or directory")
         else:
@@ -137,7 +164,7 @@ def _walk(root: Path) -> Iterable[LocalFile]:
                 except UnicodeError:  # bytes that are not UTF-8 cannot be a name in the job
                     raise FiledockError(ErrorCode.BAD_REQUEST, f"{path!r}: the file name is not valid UTF-8; "
                                                                "rename it to upload it") from None
-                yield LocalFile(Path(path), name, st.st_size)
+                yield LocalFile(Path(path), name, st.st_size, SourceStamp.of(st))
 
 
 def data_client_for(api: ApiClient, *, stall_timeout: float = 60.0, attempts: int = 5,
@@ -173,31 +200,48 @@ class JobUploader:
         self.data_client = data_client
 
     def upload(self, job: str, paths: list[Path], *, create: bool = False, parallel: int = 1,
-               progress: JobProgress | None = None, cancel: threading.Event | None = None) -> list[UploadResult]:
+               progress: JobProgress | None = None, cancel: threading.Event | None = None,
+               prefix: str = "", replace: bool = False) -> list[UploadResult]:
         """Upload ``paths`` into ``job`` (an id or a name); one result per file, in order.
 
         A file that fails gets a result whose ``state`` is the error code (and
-        ``message`` says why); the others carry on. Raises ``FiledockError`` when the
-        job cannot be resolved or the files cannot be declared, ``Cancelled`` on
-        ``cancel.set()`` or Ctrl-C (the server keeps the partials: run again to resume).
+        ``message`` says why); the others carry on. That includes a ``conflict``: a file
+        whose name the job has with another size, or complete with other bytes. Raises
+        ``FiledockError`` when the job cannot be resolved or the files cannot be declared,
+        ``Cancelled`` on ``cancel.set()`` or Ctrl-C (the server keeps the partials: run
+        again to resume). ``prefix`` goes before every name (``collect_files``).
+
+        ``replace``: a conflicting file is uploaded as a new version instead, which takes
+        the old one's place on the server only once it is complete and verified (the old
+        one stays meanwhile; an interrupted replacement resumes on the next run).
         """
-        plan = self.prepare(job, paths, create=create)
+        plan = self.prepare(job, paths, create=create, prefix=prefix, replace=replace)
         return self.run(plan, parallel=parallel, progress=progress, cancel=cancel)
 
     # ------------------------------------------------------------ planning
 
-    def prepare(self, job: str, paths: Iterable[str | os.PathLike], *, create: bool = False) -> UploadPlan:
-        """Resolve the job, find the local files and declare those the job lacks."""
-        local = collect_files(paths)
+    def prepare(self, job: str, paths: Iterable[str | os.PathLike], *, create: bool = False,
+                prefix: str = "", replace: bool = False) -> UploadPlan:
+        """Resolve the job, find the local files and declare those the job lacks; a file whose name the job
+        has with another size is planned as a ``conflict`` (not sent, the others are), or with ``replace``
+        declared as a new version of that file."""
+        local = collect_files(paths, prefix)
         record = self._resolve_job(job, create)
-        declared, missing = undeclared(record, local)
-        for start in range(0, len(missing), DECLARE_BATCH):
-            batch = missing[start:start + DECLARE_BATCH]
-            reply = self.api.post(f"/v1/jobs/{_quote(record['id'])}/files",
-                                  {"files": [{"name": f.name, "size": f.size} for f in batch]})
-            declared.update((f["name"], f) for f in reply["files"])
-        files = [_planned(item, declared[item.name]) for item in local]
-        return UploadPlan(record, files)
+        conflicts: dict[str, str] = {}
+        declared, missing = undeclared(record, local, conflicts)
+        self._declare(record["id"], missing, declared)
+        if replace and conflicts:
+            self._declare(record["id"], [f for f in local if f.name in conflicts], declared, replace=True)
+            conflicts = {}
+        files = [_planned(item, declared[item.name], conflicts.get(item.name)) for item in local]
+        return UploadPlan(record, files, replace)
+
+    def _declare(self, job_id: str, files: list[LocalFile], declared: dict[str, dict[str, Any]],
+                 replace: bool = False) -> None:
+        for start in range(0, len(files), DECLARE_BATCH):
+            batch = files[start:start + DECLARE_BATCH]
+            records = self.api.add_files(job_id, [(f.name, f.size) for f in batch], replace=replace)
+            declared.update((f["name"], f) for f in records)
 
     def _resolve_job(self, job: str, create: bool) -> dict[str, Any]:
         try:
@@ -209,7 +253,7 @@ class JobUploader:
                 raise FiledockError(ErrorCode.NOT_FOUND, f"no job {job!r}; create it with --create") from None
         created = self.api.create_job(job)
         log.info("created job %s (%s)", job, created["id"])
-        return {**created, "files": []}  # a job just made has no files
+        return {"files": [], **created}  # a job just made has no files (one a lost attempt made may list some)
 
     # ------------------------------------------------------------ running
 
@@ -232,11 +276,21 @@ class JobUploader:
         results: dict[int, UploadResult] = {}
         todo = []
         for i, planned in enumerate(plan.files):
-            if planned.state == "complete":
+            if planned.conflict is not None:
+                results[i] = UploadResult(planned.local.name, planned.local.size, planned.key,
+                                          state=ErrorCode.CONFLICT.value, message=planned.conflict)
+                done(results[i])
+            elif planned.state == "complete":
                 results[i] = self._verify_complete(planned, report, cancel)
+                if results[i].state == ErrorCode.CONFLICT.value and plan.replace:
+                    todo.append(i)  # same size, other bytes: a new version goes up below
+                    continue
                 done(results[i])
             else:
                 todo.append(i)
+        newer = [i for i in todo if plan.files[i].state == "complete"]
+        if newer:
+            plan = self._new_versions(plan, newer)
         if todo:
             data = self.data_client or self._default_data_client()
             limits = self._limits()
@@ -265,6 +319,15 @@ class JobUploader:
                 self._close_session(session["key"])
         return [results[i] for i in range(len(plan.files))]
 
+    def _new_versions(self, plan: UploadPlan, indexes: list[int]) -> UploadPlan:
+        """The plan with these complete-but-different files declared as new versions to upload."""
+        declared: dict[str, dict[str, Any]] = {}
+        self._declare(plan.job_id, [plan.files[i].local for i in indexes], declared, replace=True)
+        files = list(plan.files)
+        for i in indexes:
+            files[i] = _planned(files[i].local, declared[files[i].local.name])
+        return UploadPlan(plan.job, files, plan.replace)
+
     def _limits(self) -> dict[str, Any]:
         limits = self.api.info().get("limits")
         return limits if isinstance(limits, dict) else {}
@@ -274,7 +337,8 @@ class JobUploader:
                       cancel: threading.Event) -> list[UploadResult]:
         try:
             return data.upload_batch(session_key, [(p.key, p.local.path, p.local.name) for p in planned],
-                                     progress=report, cancel=cancel)
+                                     progress=report, cancel=cancel,
+                                     stamps={p.key: p.local.stamp for p in planned if p.local.stamp})
         except FiledockError as exc:
             return [UploadResult(p.local.name, p.local.size, p.key, state=exc.code_str, message=exc.message)
                     for p in planned]
@@ -298,7 +362,8 @@ class JobUploader:
         local = planned.local
         try:
             return data.upload_file(session_key, planned.key, local.path, name=local.name, cancel=cancel,
-                                    progress=lambda stage, done, total: report(local.name, stage, done, total))
+                                    progress=lambda stage, done, total: report(local.name, stage, done, total),
+                                    expect=local.stamp)
         except FiledockError as exc:
             return UploadResult(local.name, local.size, planned.key, state=exc.code_str, message=exc.message)
         except OSError as exc:  # the local file: unreadable, gone
@@ -324,10 +389,12 @@ class JobUploader:
             log.warning("could not close session: %s", exc)
 
 
-def undeclared(job: dict[str, Any], local: list[LocalFile]) -> tuple[dict[str, dict[str, Any]], list[LocalFile]]:
+def undeclared(job: dict[str, Any], local: list[LocalFile], conflicts: dict[str, str] | None = None,
+               ) -> tuple[dict[str, dict[str, Any]], list[LocalFile]]:
     """The job's declared files by name, and the local files it has not declared yet.
 
-    Raises ``FiledockError(conflict)`` for a local file whose name the job has with another size.
+    A local file whose name the job has with another size is a conflict: its message goes
+    into ``conflicts`` (by name) if given, else ``FiledockError(conflict)`` is raised.
     """
     declared = {f["name"]: f for f in job.get("files", [])}
     missing = []
@@ -336,9 +403,12 @@ def undeclared(job: dict[str, Any], local: list[LocalFile]) -> tuple[dict[str, d
         if existing is None:
             missing.append(item)
         elif existing["size"] != item.size:
-            raise FiledockError(ErrorCode.CONFLICT,
-                                f"job {job['name']!r} has a file named {item.name!r} of {existing['size']} "
-                                f"bytes; {item.path} has {item.size} bytes (use another job or name)")
+            message = (f"{item.name}: the local file differs from the job's copy: job {job['name']!r} has "
+                       f"{existing['size']} bytes under that name, {item.path} has {item.size}. Upload it under "
+                       "another name (--prefix), or with --replace to store it as a new version")
+            if conflicts is None:
+                raise FiledockError(ErrorCode.CONFLICT, message)
+            conflicts[item.name] = message
     return declared, missing
 
 
@@ -351,24 +421,20 @@ def compare_complete(local: LocalFile, key: str, crc32: str | None, digest: str 
     report(local.name, SENT, local.size, local.size)
     report(local.name, DURABLE, local.size, local.size)
     if (format_crc(hasher.crc32), result.digest, hasher.offset) != (crc32, digest, local.size):
-        result.state = ErrorCode.DIGEST_MISMATCH.value
-        result.message = (f"{local.name}: the server's complete copy has CRC-32 {crc32} and digest "
-                          f"{digest}; {local.path} has {format_crc(hasher.crc32)} and {result.digest}")
+        # the same size, other bytes: the user changed the file since it was uploaded (not a transfer fault)
+        result.state = ErrorCode.CONFLICT.value
+        result.message = (f"{local.name}: the local file differs from the job's copy (same size, other bytes: "
+                          f"the job's has CRC-32 {crc32}, {local.path} has {format_crc(hasher.crc32)}). Upload it "
+                          "under another name (--prefix), or with --replace to store it as a new version")
         return result
     report(local.name, VERIFIED, local.size, local.size)
     result.state = "complete"
     return result
 
 
-def _planned(local: LocalFile, record: dict[str, Any]) -> PlannedFile:
+def _planned(local: LocalFile, record: dict[str, Any], conflict: str | None = None) -> PlannedFile:
     return PlannedFile(local, record["key"], record["state"], record.get("received", 0),
-                       record.get("crc32"), record.get("digest"))
-
-
-def _quote(segment: str) -> str:
-    from urllib.parse import quote
-
-    return quote(segment, safe="")
+                       record.get("crc32"), record.get("digest"), conflict)
 
 
 def _units(plan: UploadPlan, todo: list[int], limits: dict[str, Any], parallel: int = 1) -> list[list[int]]:

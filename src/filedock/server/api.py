@@ -647,22 +647,29 @@ class ControlAPI:
     def _add_files(self, body: dict[str, Any], ref: str):
         batch = "files" in body
         entries = self._file_entries(body) if batch else [self._file_entry(body)]
+        replace = frozenset(name for name, _, new_version in entries if new_version)
+        entries = [(name, size) for name, size, _ in entries]
         job = yield self._find_job(ref)
         if batch:
-            yield self._check_batch(job, entries)
-        added: list[FileRecord] = yield self.store.add_files(job.id, entries, self.limits.job_quota)
+            yield self._check_batch(job, entries, replace)
+        added: list[FileRecord] = yield self.store.add_files(job.id, entries, self.limits.job_quota,
+                                                             replace=replace)
         records = [record.to_json() for record in added]
         return 201, {"files": records} if batch else records[0]
 
-    def _file_entry(self, entry: Any) -> tuple[str, int]:
+    def _file_entry(self, entry: Any) -> tuple[str, int, bool]:
+        """(name, size, replace) of one declared file."""
         if not isinstance(entry, dict):
             raise _bad("a file is an object with 'name' and 'size'")
-        only_fields(entry, ("name", "size"))
+        only_fields(entry, ("name", "size", "replace"))
         name = check_file_name(typed_field(entry, "name", "a string", required=True))
         size = check_size(typed_field(entry, "size", "an integer", required=True), self.limits)
-        return name, size
+        replace = entry.get("replace", False)
+        if not isinstance(replace, bool):
+            raise _bad("'replace' must be true or false")
+        return name, size, replace
 
-    def _file_entries(self, body: dict[str, Any]) -> list[tuple[str, int]]:
+    def _file_entries(self, body: dict[str, Any]) -> list[tuple[str, int, bool]]:
         only_fields(body, ("files",))
         items = typed_field(body, "files", "a list", required=True)
         if not 1 <= len(items) <= MAX_BATCH:
@@ -673,16 +680,16 @@ class ControlAPI:
                 entries.append(self._file_entry(item))
             except FiledockError as exc:
                 raise FiledockError(exc.code, f"files[{i}]: {exc.message}") from None
-        names = [name for name, _ in entries]
+        names = [name for name, _, _ in entries]
         if len(set(names)) != len(names):
             raise _bad("'files' names a file twice")
         return entries
 
     @defer.inlineCallbacks
-    def _check_batch(self, job: Job, entries: list[tuple[str, int]]):
+    def _check_batch(self, job: Job, entries: list[tuple[str, int]], replace: frozenset[str] = frozenset()):
         """Refuse a batch up front with the exact name or the quota (the store is all-or-nothing too)."""
         existing: list[FileRecord] = yield self.store.list_files(job.id)
-        taken = sorted({f.name for f in existing} & {name for name, _ in entries})
+        taken = sorted({f.name for f in existing} & {name for name, _ in entries} - replace)
         if taken:
             raise FiledockError(ErrorCode.CONFLICT, f"the job has a file named {taken[0][:200]!r} already")
         used, wanted, quota = sum(f.size for f in existing), sum(s for _, s in entries), self.limits.job_quota

@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
+from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
 from filedock.config import Limits
@@ -23,6 +24,8 @@ from filedock.store.model import FILE_COMPLETE, SCOPE_ADMIN, SCOPE_READ, SCOPE_U
 
 _UPLOADERS = (SCOPE_ADMIN, SCOPE_UPLOAD)
 _READERS = (SCOPE_ADMIN, SCOPE_READ)
+
+log = Logger(namespace="filedock.authority")
 
 
 @dataclass(frozen=True)
@@ -114,11 +117,30 @@ class StoreAuthority:
 
     def __init__(self, store: DeferredStore, limits: Limits = Limits(),
                  clock: Callable[[], float] = time.time,
-                 on_complete: Callable[[UploadTarget, bool], None] | None = None) -> None:
+                 on_complete: Callable[[UploadTarget, bool], None] | None = None,
+                 blobs: Any = None) -> None:
         self.store = store
         self.limits = limits
         self.clock = clock
         self.on_complete = on_complete
+        self.blobs = blobs  # where a file replaced by a new version (upload --replace) is deleted
+
+    @defer.inlineCallbacks
+    def _replaced(self, keys: list[str]):
+        """(job id, key) of the files that these new versions replace once recorded complete."""
+        records = yield self.store.files_by_keys(keys)
+        return [(r.job_id, r.replaces) for r in records if r.replaces]
+
+    @defer.inlineCallbacks
+    def _delete_replaced(self, replaced: list[tuple[str, str]]):
+        """After the commit that swapped the records: the old versions' bytes go (a crash before this
+        leaves an orphan that fsck reports and --repair removes)."""
+        if not replaced or self.blobs is None:
+            return
+        try:
+            yield threads.deferToThread(lambda: [self.blobs.delete_file(job_id, key) for job_id, key in replaced])
+        except Exception:
+            log.failure("could not delete a replaced file's bytes")
 
     def _check_session(self, session: Session | None) -> Session:
         if session is None:
@@ -164,15 +186,17 @@ class StoreAuthority:
                                               f"the file was declared with {record.size} bytes, not {size}")
             elif record.state == FILE_COMPLETE:
                 verdicts[key] = DownloadSource(record.job_id, key, record.size, record.crc32, record.digest,
-                                               record.name, record.id)
+                                               record.public_name, record.id)
             else:
                 verdicts[key] = UploadTarget(record.job_id, key, record.size, record.received, record.crc32,
-                                             record.part_stamp, record.name, record.id)
+                                             record.part_stamp, record.public_name, record.id)
         return verdicts
 
     @defer.inlineCallbacks
     def record_batch(self, items: list[tuple[UploadTarget, int, str]]):
+        replaced = yield self._replaced([t.file_key for t, _, _ in items])
         completed_jobs = yield self.store.record_complete_many([(t.file_key, crc, dig) for t, crc, dig in items])
+        yield self._delete_replaced(replaced)
         if self.on_complete is not None:
             done = set(completed_jobs)
             for target, _, _ in items:
@@ -191,7 +215,7 @@ class StoreAuthority:
         if record.state == FILE_COMPLETE:
             raise FiledockError(ErrorCode.ALREADY_COMPLETE, "the file is complete already")
         return UploadTarget(record.job_id, record.key, record.size, record.received, record.crc32,
-                            record.part_stamp, record.name, record.id)
+                            record.part_stamp, record.public_name, record.id)
 
     @defer.inlineCallbacks
     def authorize_download(self, session_key: str, file_key: str):
@@ -206,7 +230,9 @@ class StoreAuthority:
 
     @defer.inlineCallbacks
     def record_complete(self, target: UploadTarget, crc32: int, digest: str):
+        replaced = yield self._replaced([target.file_key])
         job_complete = yield self.store.record_complete(target.file_key, crc32, digest)
+        yield self._delete_replaced(replaced)
         if self.on_complete is not None:
             self.on_complete(target, job_complete)
         return job_complete

@@ -187,7 +187,7 @@ class FiledockServer:
         self.store = DeferredStore(self.sqlite, reactor)
         self.blobs = BlobStore(options.data_dir)
         self.events = EventDelivery(self.store, reactor, options.webhooks, options.commands)
-        self.authority = StoreAuthority(self.store, self.limits, on_complete=self._file_complete)
+        self.authority = StoreAuthority(self.store, self.limits, on_complete=self._file_complete, blobs=self.blobs)
         self.dataport = DataPortFactory(self.authority, self.blobs, self.limits, reactor)
         self.dataport.noisy = False  # no "Starting factory <... object at 0x...>" lines in the log
         self.data_address: tuple[str, int, bool] | None = None

@@ -30,12 +30,27 @@ class Job:
         return asdict(self)
 
 
+REPLACEMENT_MARK = "\x01"
+"""A new version that waits to replace a file (``upload --replace``) is stored under the name
+``MARK + <the file's id> + MARK + <its name>``: a control character is never in a name a client
+may declare, so the two records never clash, and the id (never a key: no key is stored) says
+which file it replaces. (Not NUL:
+SQLite's string functions stop at a NUL.)"""
+
+
+def replacement_name(replaced_id: str, name: str) -> str:
+    """The stored name of a new version of file ``replaced_id`` named ``name``."""
+    return f"{REPLACEMENT_MARK}{replaced_id}{REPLACEMENT_MARK}{name}"
+
+
 @dataclass(frozen=True)
 class FileRecord:
     """A declared file of a job and how much of it the server holds durably.
 
     ``received`` is the durable offset; ``crc32`` is the CRC-32 of those bytes (the
-    final CRC once complete); ``digest`` is set only when complete.
+    final CRC once complete); ``digest`` is set only when complete. A ``name`` that
+    starts with ``REPLACEMENT_MARK`` is a new version waiting to take the place of file
+    ``replaces`` once complete; listings leave it out.
     """
 
     key: str
@@ -51,19 +66,34 @@ class FileRecord:
     part_stamp: str | None = None
     id: str = ""
     """The file's stable id: its blobs' name on disk. Not a secret, and no key: ``key`` is."""
+    replaces_key: str | None = None
+    """The key of the file this new version replaces (what ``to_json`` shows; set by the store)."""
 
     @property
     def blob_name(self) -> str:
         """What the file's blobs are named on disk (its id; its key for a record made without one)."""
         return self.id or self.key
 
+    @property
+    def replaces(self) -> str | None:
+        """The id of the file this new version replaces once complete (None for a plain file)."""
+        return self.name.split(REPLACEMENT_MARK, 2)[1] if self.name.startswith(REPLACEMENT_MARK) else None
+
+    @property
+    def public_name(self) -> str:
+        """The name a client sees: a new version waiting to replace a file shows that file's name."""
+        return self.name.split(REPLACEMENT_MARK, 2)[2] if self.name.startswith(REPLACEMENT_MARK) else self.name
+
     def to_json(self) -> dict[str, Any]:
-        return {
-            "key": self.key, "job": self.job_id, "name": self.name, "size": self.size,
+        out = {
+            "key": self.key, "job": self.job_id, "name": self.public_name, "size": self.size,
             "received": self.received, "state": self.state,
             "crc32": format_crc(self.crc32) if self.state == FILE_COMPLETE else None,
             "digest": self.digest, "uploaded_at": self.uploaded_at,
         }
+        if self.replaces:
+            out["replaces"] = self.replaces_key
+        return out
 
 
 SCOPE_ADMIN = "admin"

@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -24,7 +25,7 @@ from filedock.durability import fsync_dir
 from filedock.errors import ErrorCode, FiledockError
 from filedock.store.model import (
     FILE_COMPLETE, FILE_PARTIAL, FILE_PENDING, JOB_COMPLETE, JOB_OPEN, SCOPE_ADMIN, SCOPES, Event, FileRecord,
-    Job, Session, TokenGrant,
+    Job, Session, TokenGrant, replacement_name,
 )
 
 MIGRATIONS: list[str] = [
@@ -155,6 +156,8 @@ def sql_statements(script: str) -> Iterator[str]:
 
 
 _FILE_COLS = "id, job_id, name, size, received, state, crc32, digest, uploaded_at, updated, part_stamp"
+_VISIBLE = "substr(name, 1, 1) != char(1)"
+"""Not a new version waiting to replace a file (``REPLACEMENT_MARK``): what listings and job states count."""
 _JOB_COLS = "id, name, metadata, created, updated, state"
 _SESSION_COLS = "key_hash, job_id, created, expires, closed, scope"
 _TOKEN_COLS = "hash, label, scope, job_id, created"
@@ -291,7 +294,8 @@ class SQLiteStore:
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def _file(self, row: tuple) -> FileRecord:
-        return FileRecord(self.file_key(row[0]), *row[1:], id=row[0])
+        record = FileRecord(self.file_key(row[0]), *row[1:], id=row[0])
+        return replace(record, replaces_key=self.file_key(record.replaces)) if record.replaces else record
 
     # ------------------------------------------------------------ plumbing
 
@@ -465,7 +469,7 @@ class SQLiteStore:
     def files_page(self, job_id: str, limit: int, offset: int = 0) -> list[FileRecord]:
         """A page of a job's files in name order (``list_files`` is every one of them)."""
         return [self._file(r) for r in self._read(
-            f"SELECT {_FILE_COLS} FROM files WHERE job_id = ? ORDER BY name LIMIT ? OFFSET ?",
+            f"SELECT {_FILE_COLS} FROM files WHERE job_id = ? AND {_VISIBLE} ORDER BY name LIMIT ? OFFSET ?",
             (job_id, limit, offset))]
 
     # ------------------------------------------------------------ files
@@ -473,8 +477,15 @@ class SQLiteStore:
     def add_file(self, job_id: str, name: str, size: int, quota: int | None = None) -> FileRecord:
         return self.add_files(job_id, [(name, size)], quota)[0]
 
-    def add_files(self, job_id: str, entries: list[tuple[str, int]], quota: int | None = None) -> list[FileRecord]:
-        """Declare files, all or none, in one transaction (a conflict or the quota refuses the lot)."""
+    def add_files(self, job_id: str, entries: list[tuple[str, int]], quota: int | None = None,
+                  replace: frozenset[str] = frozenset()) -> list[FileRecord]:
+        """Declare files, all or none, in one transaction (a conflict or the quota refuses the lot).
+
+        A name in ``replace`` that the job holds already is declared as a new version of
+        that file (``FileRecord.replaces``): invisible in listings, it takes the file's place
+        when it is complete. A new version of that name waiting already is returned again
+        (with another size: started again from 0 at that size).
+        """
         now = self._clock()
         ids = [new_key() for _ in entries]
         records = [FileRecord(self.file_key(i), job_id, name, size, 0, FILE_PENDING, 0, None, None, now, id=i)
@@ -489,10 +500,14 @@ class SQLiteStore:
                     if used + sum(size for _, size in entries) > quota:
                         raise FiledockError(ErrorCode.QUOTA_EXCEEDED,
                                             f"job quota is {quota} bytes; {used} are declared already")
+                new_ids = {r.id for r in records}
+                records = [self._new_version(db, r) if r.name in replace else r for r in records]
+                fresh = [r for r in records if r.id in new_ids]  # not a waiting version returned again
                 db.executemany(f"INSERT INTO files ({_FILE_COLS}, key_hash) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                                [(r.id, job_id, r.name, r.size, 0, FILE_PENDING, 0, None, None, now, None,
-                                 hash_key(r.key)) for r in records])
-                db.execute("UPDATE jobs SET state = ?, updated = ? WHERE id = ?", (JOB_OPEN, now, job_id))
+                                 hash_key(r.key)) for r in fresh])
+                if any(not r.replaces for r in fresh):
+                    db.execute("UPDATE jobs SET state = ?, updated = ? WHERE id = ?", (JOB_OPEN, now, job_id))
         except sqlite3.IntegrityError:
             names = ", ".join(repr(n) for n, _ in entries[:3])
             raise FiledockError(ErrorCode.CONFLICT, f"the job has a file named {names} already"
@@ -500,9 +515,28 @@ class SQLiteStore:
                 from None
         return records
 
+    def _new_version(self, db: sqlite3.Connection, record: FileRecord) -> FileRecord:
+        """``record`` as a new version of the job's file of its name (``add_files(replace=...)``)."""
+        old = db.execute("SELECT id FROM files WHERE job_id = ? AND name = ?",
+                         (record.job_id, record.name)).fetchone()
+        if old is None:
+            return record  # nothing to replace: a plain declaration
+        row = db.execute(f"SELECT {_FILE_COLS} FROM files WHERE job_id = ? AND name = ?",
+                         (record.job_id, replacement_name(old[0], record.name))).fetchone()
+        if row is not None:
+            waiting = self._file(row)
+            if waiting.size != record.size:
+                db.execute("UPDATE files SET size = ?, received = 0, crc32 = 0, part_stamp = NULL, state = ?, "
+                           "updated = ? WHERE id = ?", (record.size, FILE_PENDING, self._clock(), waiting.id))
+                return replace(waiting, size=record.size, received=0, crc32=0, part_stamp=None,
+                               state=FILE_PENDING, updated=self._clock())
+            return waiting
+        return replace(record, name=replacement_name(old[0], record.name), replaces_key=self.file_key(old[0]))
+
     def list_files(self, job_id: str) -> list[FileRecord]:
+        """The job's files by name (new versions still waiting to replace one are left out)."""
         return [self._file(r) for r in self._read(
-            f"SELECT {_FILE_COLS} FROM files WHERE job_id = ? ORDER BY name", (job_id,))]
+            f"SELECT {_FILE_COLS} FROM files WHERE job_id = ? AND {_VISIBLE} ORDER BY name", (job_id,))]
 
     def get_file(self, key: str) -> FileRecord | None:
         rows = self._read(f"SELECT {_FILE_COLS} FROM files WHERE key_hash = ?", (hash_key(key),))
@@ -530,18 +564,21 @@ class SQLiteStore:
 
     @staticmethod
     def _complete(db: sqlite3.Connection, key: str, crc32: int, digest: str, now: float) -> str:
-        row = db.execute("SELECT job_id, size FROM files WHERE key_hash = ?", (hash_key(key),)).fetchone()
+        row = db.execute(f"SELECT {_FILE_COLS} FROM files WHERE key_hash = ?", (hash_key(key),)).fetchone()
         if row is None:
             raise FiledockError(ErrorCode.GONE, "the file was deleted during the upload")
-        job_id, size = row
+        record = FileRecord(key, *row[1:], id=row[0])
         db.execute("UPDATE files SET state = ?, received = ?, crc32 = ?, digest = ?, uploaded_at = ?, "
-                   "updated = ?, part_stamp = NULL WHERE key_hash = ?",
-                   (FILE_COMPLETE, size, crc32, digest, now, now, hash_key(key)))
-        return job_id
+                   "updated = ?, part_stamp = NULL WHERE id = ?",
+                   (FILE_COMPLETE, record.size, crc32, digest, now, now, record.id))
+        if record.replaces:  # a new version: it takes the old one's place in the same transaction
+            db.execute("DELETE FROM files WHERE id = ?", (record.replaces,))
+            db.execute("UPDATE files SET name = ? WHERE id = ?", (record.public_name, record.id))
+        return record.job_id
 
     def _maybe_complete_job(self, db: sqlite3.Connection, job_id: str, now: float) -> bool:
         """A job whose files are all complete becomes complete, once, with its event in the outbox."""
-        (left,) = db.execute("SELECT COUNT(*) FROM files WHERE job_id = ? AND state != ?",
+        (left,) = db.execute(f"SELECT COUNT(*) FROM files WHERE job_id = ? AND state != ? AND {_VISIBLE}",
                              (job_id, FILE_COMPLETE)).fetchone()
         became = db.execute("UPDATE jobs SET state = ?, updated = ? WHERE id = ? AND state != ?",
                             (JOB_COMPLETE, now, job_id, JOB_COMPLETE)).rowcount if left == 0 else 0
