@@ -414,3 +414,94 @@ def test_batch_refuses_an_item_the_disk_cannot_hold(tmp_path):
     assert channel.calls[-1] == ("refused", ErrorCode.NO_SPACE)
     parts.close(batch)
     assert parts.stats.uploads_failed["disconnected"] == 1
+
+
+# ---------------------------------------------------------------- the connection as their channel
+
+
+@pytest.fixture
+def errors_logged():
+    """Every log event at ERROR or CRITICAL (log.failure) while the test runs."""
+    from twisted.logger import LogLevel, globalLogPublisher
+
+    events = []
+
+    def observe(event):
+        if event.get("log_level") in (LogLevel.critical, LogLevel.error):
+            events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield events
+    globalLogPublisher.removeObserver(observe)
+
+
+def connect(tmp_path: Path):
+    from tests.unit.test_dataport import Harness
+
+    h = Harness(tmp_path)
+    proto, transport = h.connect()
+    return h, proto, transport
+
+
+def test_a_2007_upload_finished_when_its_client_closes_says_nothing_and_logs_no_failure(tmp_path, errors_logged):
+    """The legacy dialect finishes after the peer is gone: recorded complete, no reply attempted, no error."""
+    from filedock.server.dataport import Lifecycle
+
+    h, proto, transport = connect(tmp_path)
+    data = b"legacy" * 1000
+    key = h.app.expect_file(h.job, "l", len(data))
+    proto.dataReceived(f"{h.session} {key} {len(data)}\r\n".encode() + data)
+    assert proto.phase is Lifecycle.TRANSFERRING
+    h.close(proto, transport)
+    assert h.app.files[key].complete
+    assert transport.value() == b""
+    assert proto.phase is Lifecycle.CLOSED and proto.released.called
+    assert not errors_logged
+
+
+def test_the_connection_lifecycle_runs_request_to_closed(tmp_path):
+    """AWAITING_REQUEST (counted as unauthenticated) -> TRANSFERRING -> FINISHING/ENDING -> LOST -> CLOSED,
+    and the status view and the registry are empty once it closed."""
+    from filedock.server.dataport import Lifecycle
+
+    h, proto, transport = connect(tmp_path)
+    assert proto.phase is Lifecycle.AWAITING_REQUEST and h.factory.unauthenticated_count == 1
+    data = b"v" * 5000
+    key = h.app.expect_file(h.job, "v", len(data))
+    proto.dataReceived(f"FILEDOCK/1 PUT {h.session} {key} {len(data)}\r\n".encode())
+    assert proto.phase is Lifecycle.TRANSFERRING and h.factory.unauthenticated_count == 0
+    assert [u["size"] for u in h.factory.active_uploads()] == [len(data)]
+    proto.dataReceived(data + f"DONE {digest_of(data)}\r\n".encode())
+    assert proto.phase is Lifecycle.ENDING
+    assert transport.value().split(b"\r\n")[1].startswith(b"STORED 5000 ")
+    h.close(proto, transport)
+    assert proto.phase is Lifecycle.CLOSED
+    assert h.factory.active_uploads() == []
+    assert fired(h.factory.registry.is_held(key)) is False
+
+
+def test_the_factory_takes_another_registry(tmp_path):
+    """Upload ownership is whatever IUploadRegistry the factory is given: the requests ask it, not the factory."""
+    from tests.unit.test_dataport import load_example
+    from filedock.server.dataport import DataPortFactory
+
+    class Counting(InProcessUploadRegistry):
+        acquired = 0
+
+        def acquire(self, *args):
+            Counting.acquired += 1
+            return super().acquire(*args)
+
+    app = load_example().AppSessions()
+    registry = Counting()
+    factory = DataPortFactory(app, BlobStore(tmp_path), Limits(disk_reserve=0), MemoryReactorClock(),
+                              run_blocking=lambda fn, *a: defer.maybeDeferred(fn, *a), registry=registry)
+    job = str(uuid.uuid4())
+    session, key = app.open_session(job), app.expect_file(job, "r", 10)
+    from twisted.internet.testing import StringTransport
+
+    proto, transport = factory.buildProtocol(None), StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(f"FILEDOCK/1 PUT {session} {key} 10\r\n".encode())
+    assert transport.value() == b"OFFSET 0\r\n"
+    assert Counting.acquired == 1 and fired(registry.is_held(key)) is True

@@ -31,7 +31,7 @@ class Abort(Request):
             target = yield s.authority.authorize_upload(req.session_key, req.file_key, None)
         yield s.authority.record_discard(target)  # the record first: it never claims bytes that are gone
         yield s.in_thread(s.blobs.discard, target.job_id, target.blob_name)
-        self.channel.accepted_abort()
+        self.channel.accepted_abort()  # a channel that ended meanwhile says nothing more
 
     def let_go(self) -> None:
         """The registry asks: a newer request for this file wants it."""

@@ -58,6 +58,8 @@ class BatchUpload(Request):
         s.registry.promise(self, self._bytes_to_come)
         self._room = yield self._free_room()
         self.job_id = job_id
+        if self.channel.ended():  # the session closed (or the job went) while the registry answered
+            return
         self.started = time.monotonic()
         s.stats.show(self, self.describe)
         self.channel.accepted_batch()

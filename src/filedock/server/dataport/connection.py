@@ -306,24 +306,33 @@ class DataPortProtocol(Protocol):
         self.factory.authorized.add(self)
 
     def accepted_upload(self, offset: int) -> None:
+        if self.phase in _ENDED:
+            return  # ended while the request decided: the client hears nothing more
         self.transport.write(self.conn.accept_upload(offset))
         self._enter(Lifecycle.TRANSFERRING)
         self.expect_within(self.factory.limits.idle_timeout)
 
     def stored(self, size: int, crc32: int, digest: str) -> None:
-        self._final_reply(self.conn.stored(size, crc32, digest))
+        if self.phase not in _ENDED:  # a 2007 upload finishes once its client is gone: nothing to say
+            self._final_reply(self.conn.stored(size, crc32, digest))
 
     def accepted_abort(self) -> None:
-        self._final_reply(self.conn.accept_abort())
+        if self.phase not in _ENDED:
+            self._final_reply(self.conn.accept_abort())
 
     def accepted_batch(self) -> None:
+        if self.phase in _ENDED:
+            return
         self.transport.write(self.conn.accept_batch())
         self._enter(Lifecycle.TRANSFERRING)
 
     def batch_results(self, lines: list) -> None:
-        self._final_reply(self.conn.batch_results(lines))
+        if self.phase not in _ENDED:
+            self._final_reply(self.conn.batch_results(lines))
 
     def accepted_download(self, size: int, crc32: int, digest: str) -> None:
+        if self.phase in _ENDED:
+            return
         self.transport.write(self.conn.accept_download(size, crc32, digest))
         self._enter(Lifecycle.TRANSFERRING)
 
@@ -341,10 +350,9 @@ class DataPortProtocol(Protocol):
             self.transport.loseConnection()
 
     def _final_reply(self, line: bytes) -> None:
-        if self.phase not in _GONE:
-            self.transport.write(line)
-            self._enter(Lifecycle.ENDING)
-            self.transport.loseConnection()
+        self.transport.write(line)
+        self._enter(Lifecycle.ENDING)
+        self.transport.loseConnection()
 
     def refused(self, code: ErrorCode, message: str) -> None:
         if self.request is not None:

@@ -55,6 +55,9 @@ class Download(Request):
         if req.offset > source.size:
             raise FiledockError(ErrorCode.BAD_OFFSET, f"offset is past the end ({source.size} bytes)")
         fh = yield s.in_thread(s.blobs.open_complete, source.job_id, source.blob_name)
+        if self.channel.ended():  # the job deleted (or the peer gone) while the file opened
+            fh.close()
+            return
         fh.seek(req.offset)
         s.stats.downloads += 1
         self.channel.accepted_download(source.size, source.crc32, source.digest)
