@@ -210,9 +210,6 @@ class BatchUpload(Request):
             self.services.registry.release(claim)
         self._claims = []
 
-    def busy(self) -> bool:
-        return self.finishing
-
     # -- ending
 
     @defer.inlineCallbacks

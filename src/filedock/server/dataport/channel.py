@@ -148,10 +148,6 @@ class Request:
         """True while the client owes a header line (its timeout is the header timeout)."""
         return False
 
-    def busy(self) -> bool:
-        """True while the server is the slow one (the disk behind): the client is not idle."""
-        return False
-
     def tick(self) -> None:
         """Called with the idle check: time-based work (checkpoints)."""
 

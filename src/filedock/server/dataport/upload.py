@@ -259,9 +259,6 @@ class Upload(Request):
         finally:
             self.finishing = False
 
-    def busy(self) -> bool:
-        return self.finishing
-
     # -- ending
 
     def discard_partial(self) -> None:
