@@ -153,11 +153,11 @@ def test_no_idle_timeout_while_our_own_disk_holds_the_client_back(h):
     key = h.app.expect_file(h.job, "f", len(data))
     proto, transport = h.connect()
     proto.dataReceived(f"FILEDOCK/1 PUT {h.session} {key} {len(data)}\r\n".encode() + data[:10_000])
-    proto._pause("hashing")
+    proto.pause_reading("hashing")
     for _ in range(30):
         h.clock.advance(Limits().idle_timeout / 10)
     assert b"ERR" not in transport.value()
-    proto._hash_drained()
+    proto.resume_reading("hashing")  # what the writer's on_drain does, from the reactor thread
     for _ in range(20):
         h.clock.advance(Limits().idle_timeout / 10)
     assert b"ERR idle-timeout " in transport.value()

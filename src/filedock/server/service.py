@@ -258,11 +258,7 @@ class FiledockServer:
 
     def drain(self, timeout: float = 20.0) -> defer.Deferred:
         """On shutdown: end every upload so each partial is checkpointed and recorded first."""
-        uploads = list(self.dataport.uploads.values())
-        for proto in uploads:
-            if proto.transport is not None:
-                proto.transport.abortConnection()
-        done = defer.DeferredList([p.released for p in uploads], consumeErrors=True)
+        done = defer.DeferredList(self.dataport.end_uploads(), consumeErrors=True)
         return done.addTimeout(timeout, self.reactor).addErrback(
             lambda f: log.warn("shutdown: some uploads did not checkpoint in time"))
 
@@ -274,7 +270,8 @@ class FiledockServer:
         stale = yield self.store.stale_partials(cutoff)
         swept = 0
         for record in stale:
-            if record.key in self.dataport.uploads:
+            held = yield self.dataport.registry.is_held(record.key)
+            if held:
                 continue
             yield self.dataport.in_thread(self.blobs.discard, record.job_id, record.blob_name)
             yield self.store.reset_file(record.key)
@@ -283,7 +280,7 @@ class FiledockServer:
                      key=short_key(record.key), job=short_key(record.job_id), received=record.received)
         # a batch's staging files live as long as its connection: any others were left by a crash
         # (anything from before this process started is a leftover at once)
-        active = {p.batch.tag for p in self.dataport.batches if p.batch is not None}
+        active = set(self.dataport.batch_tags)
         older_than = max(self._started_at, time.time() - self.STAGING_GRACE)
         staged = yield self.dataport.in_thread(self.blobs.sweep_staging, active, older_than)
         if staged:

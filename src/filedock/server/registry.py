@@ -1,0 +1,195 @@
+"""Who is uploading what: file claims, per-session connection shares and disk space promised.
+
+Every front end (the data port today, HTTP uploads next) asks an ``IUploadRegistry``
+before it writes a file, the way tusd's handlers ask their ``Locker``: acquire the
+file (with a callback the registry calls to ask the current holder to let go),
+release it when done. The interface is asynchronous so that a registry shared by
+several servers (PostgreSQL leases and advisory locks, a dead server's claims
+expiring) can replace ``InProcessUploadRegistry`` without touching the requests.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from typing import Any, Callable
+
+from twisted.internet import defer
+from zope.interface import Attribute, Interface, implementer
+
+from filedock.errors import ErrorCode, FiledockError, short_key
+
+
+class IUploadClaim(Interface):
+    """One holder's hold on one file, as ``IUploadRegistry.acquire`` granted it."""
+
+    file_key = Attribute("the file held")
+    session_key = Attribute("the session whose share the claim counts in, or None (a batch's file)")
+    took_over = Attribute("True if an older holder was asked to let go and did before this claim was granted")
+
+
+class IUploadRegistry(Interface):
+    """Upload ownership, shared by every front end of one (or several) servers.
+
+    Every method answers with a Deferred, even where the in-process registry
+    knows at once; ``release``/``leave``/``withdraw`` are fire-and-forget.
+    """
+
+    def acquire(file_key: str, session_key: str, limit: int, request_release: Callable[[], None]) -> defer.Deferred:
+        """Hold ``file_key`` and one of ``session_key``'s ``limit`` upload slots until ``release``.
+
+        If another holder has the file, its ``request_release`` is called and the
+        Deferred fires (with an ``IUploadClaim`` whose ``took_over`` is True) once it
+        released. A slot the older holder of the same file in the same session frees
+        counts as free. Fails with ``too-many-connections`` when the session's slots
+        are taken.
+        """
+
+    def try_acquire(file_key: str) -> defer.Deferred:
+        """Hold ``file_key`` if nobody does (no slot, no takeover); fires with the claim or None."""
+
+    def release(claim: IUploadClaim) -> None:
+        """Let go of ``claim`` (and its slot); a newer holder waiting for it goes ahead."""
+
+    def wait_for_slot(session_key: str, file_key: str, limit: int) -> defer.Deferred:
+        """Fires once ``acquire`` would find one of the session's slots free (2007 uploads wait,
+        because their clients never read a refusal). The waiter that no longer wants the slot
+        calls ``pass_slot_on``."""
+
+    def pass_slot_on(session_key: str) -> None:
+        """A woken waiter gave up: the next one waiting for a slot of ``session_key`` may go."""
+
+    def is_held(file_key: str) -> defer.Deferred:
+        """Fires with True while some holder has ``file_key`` (the sweeper leaves it alone)."""
+
+    def join_batch_share(session_key: str, limit: int) -> defer.Deferred:
+        """Take one of ``session_key``'s ``limit`` batch slots (a share apart from uploads, so stalled
+        batches never take the uploads' slots); fails with ``too-many-connections``."""
+
+    def leave_batch_share(session_key: str) -> None:
+        """Give back a slot ``join_batch_share`` gave."""
+
+    def promise(owner: Any, bytes_to_come: Callable[[], int]) -> None:
+        """``owner`` still has ``bytes_to_come()`` bytes to write: disk space spoken for."""
+
+    def withdraw(owner: Any) -> None:
+        """``owner`` has nothing more to write."""
+
+    def bytes_promised(exclude: Any = None) -> defer.Deferred:
+        """Fires with the bytes all owners (but ``exclude``) still have to write."""
+
+
+@implementer(IUploadClaim)
+class _Claim:
+    __slots__ = ("file_key", "session_key", "took_over", "request_release", "released")
+
+    def __init__(self, file_key: str, session_key: str | None, request_release: Callable[[], None]) -> None:
+        self.file_key, self.session_key, self.took_over = file_key, session_key, False
+        self.request_release = request_release
+        self.released = defer.Deferred()
+
+    def __repr__(self) -> str:
+        return f"<claim of {short_key(self.file_key)}>"
+
+
+@implementer(IUploadRegistry)
+class InProcessUploadRegistry:
+    """The registry of one server process: a few dicts, answers at once."""
+
+    def __init__(self) -> None:
+        self._claims: dict[str, _Claim] = {}
+        self._slots: Counter[str] = Counter()  # upload slots (PUT and ABORT) taken, per session
+        self._batch_slots: Counter[str] = Counter()
+        self._slot_waiters: dict[str, deque[defer.Deferred]] = {}
+        self._promises: dict[Any, Callable[[], int]] = {}
+
+    # -- files and upload slots
+
+    def acquire(self, file_key, session_key, limit, request_release):
+        old = self._claims.get(file_key)
+        if self._slots[session_key] - self._replacing(old, session_key) >= limit:
+            return defer.fail(FiledockError(ErrorCode.TOO_MANY_CONNECTIONS, "too many connections for this session"))
+        claim = _Claim(file_key, session_key, request_release)
+        self._slots[session_key] += 1
+        self._claims[file_key] = claim
+        if old is None:
+            return defer.succeed(claim)
+        claim.took_over = True
+        old.request_release()
+        let_go = defer.Deferred()
+        old.released.addBoth(lambda result: (let_go.callback(claim), result)[1])
+        return let_go
+
+    def try_acquire(self, file_key):
+        if file_key in self._claims:
+            return defer.succeed(None)
+        claim = self._claims[file_key] = _Claim(file_key, None, lambda: None)
+        return defer.succeed(claim)
+
+    def release(self, claim):
+        if self._claims.get(claim.file_key) is claim:
+            del self._claims[claim.file_key]
+        if claim.session_key is not None:
+            session = claim.session_key
+            self._slots[session] -= 1
+            if self._slots[session] <= 0:
+                del self._slots[session]
+        if not claim.released.called:
+            claim.released.callback(None)
+        if claim.session_key is not None:
+            self.pass_slot_on(claim.session_key)
+
+    def wait_for_slot(self, session_key, file_key, limit):
+        replacing = self._replacing(self._claims.get(file_key), session_key)
+        if self._slots[session_key] - replacing < limit:
+            return defer.succeed(None)
+        waiting = defer.Deferred()
+        self._slot_waiters.setdefault(session_key, deque()).append(waiting)
+        return waiting
+
+    def pass_slot_on(self, session_key):
+        waiters = self._slot_waiters.get(session_key)
+        if waiters:
+            waiting = waiters.popleft()
+            if not waiters:
+                del self._slot_waiters[session_key]
+            waiting.callback(None)
+
+    def is_held(self, file_key):
+        return defer.succeed(file_key in self._claims)
+
+    @staticmethod
+    def _replacing(old: _Claim | None, session_key: str) -> int:
+        # its slot is about to free up (a batch's claim holds no upload slot)
+        return int(old is not None and old.session_key == session_key)
+
+    # -- batches
+
+    def join_batch_share(self, session_key, limit):
+        if self._batch_slots[session_key] >= limit:
+            return defer.fail(FiledockError(ErrorCode.TOO_MANY_CONNECTIONS, "too many batches for this session"))
+        self._batch_slots[session_key] += 1
+        return defer.succeed(None)
+
+    def leave_batch_share(self, session_key):
+        self._batch_slots[session_key] -= 1
+        if self._batch_slots[session_key] <= 0:
+            del self._batch_slots[session_key]
+
+    # -- disk space
+
+    def promise(self, owner, bytes_to_come):
+        self._promises[owner] = bytes_to_come
+
+    def withdraw(self, owner):
+        self._promises.pop(owner, None)
+
+    def bytes_promised(self, exclude=None):
+        return defer.succeed(self.promised_now(exclude))
+
+    def promised_now(self, exclude: Any = None) -> int:
+        """``bytes_promised`` without the Deferred, for this process's own callers."""
+        return sum(to_come() for owner, to_come in self._promises.items() if owner is not exclude)
+
+    def session_slots(self, session_key: str) -> int:
+        """Upload slots ``session_key`` holds now (for tests and status)."""
+        return self._slots[session_key]
