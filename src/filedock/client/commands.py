@@ -17,7 +17,7 @@ import threading
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
-from filedock.client.model import SENT, VERIFIED, Cancelled, UploadResult
+from filedock.client.model import SENT, VERIFIED, Cancelled, TransferResult, UploadResult
 from filedock.errors import ErrorCode, FiledockError
 
 EXIT_FAILED = 1
@@ -173,7 +173,7 @@ class _JsonLines:
     def progress(self, name: str, stage: str, done: int, total: int) -> None:
         pass
 
-    def result(self, result: UploadResult) -> None:
+    def result(self, result: TransferResult) -> None:
         row = result.to_json()
         if self._root is not None:
             from filedock.client.downloader import local_path
@@ -240,7 +240,7 @@ class _UploadBars:
             self.bars.update(task, description=_mark("[green]✓[/]", name), visible=not self._compact,
                              queued=False)
 
-    def result(self, result: UploadResult) -> None:
+    def result(self, result: TransferResult) -> None:
         with self._lock:
             self._finished += 1
         self.bars.update(self._job, description=self._job_description())
@@ -288,7 +288,7 @@ def _label(name: str, width: int = 40) -> str:
     return escape(name if len(name) <= width else "…" + name[-(width - 1):])
 
 
-def _print_summary(job: dict[str, Any], results: list[UploadResult], verb: str = "sent") -> None:
+def _print_summary(job: dict[str, Any], results: list[TransferResult], verb: str = "sent") -> None:
     from filedock.cli import stdout_console
     from rich.filesize import decimal
     from rich.markup import escape
@@ -365,7 +365,7 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
-def _local_copy(record: dict[str, Any], dest: Path, force: bool) -> UploadResult | None:
+def _local_copy(record: dict[str, Any], dest: Path, force: bool) -> TransferResult | None:
     """DEST already there: a result if it has the job's bytes (verified, nothing fetched), None to fetch;
     ``conflict`` if it holds other bytes and ``--force`` was not given (as ``--all`` refuses)."""
     from filedock.client.downloader import local_copy
@@ -409,7 +409,7 @@ class _DownloadPlan:
 
 
 def _download_with_bar(data: Any, session_key: str, record: dict[str, Any], dest: Path,
-                       quiet: bool) -> UploadResult:
+                       quiet: bool) -> TransferResult:
     if quiet:
         return data.download_file(session_key, record["key"], dest, cancel=threading.Event())
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,

@@ -26,8 +26,8 @@ from typing import Any, Callable, Iterable
 
 from filedock.client.blocking import DataPortClient, hash_stream_cancellable
 from filedock.client.http import ApiClient
-from filedock.client.model import DURABLE, SENT, VERIFIED, Cancelled, SourceStamp, UploadResult
-from filedock.errors import ErrorCode, FiledockError
+from filedock.client.model import DURABLE, SENT, VERIFIED, Cancelled, Outcome, SourceStamp, UploadResult
+from filedock.errors import ErrorCode, FiledockError, LocalFileError
 from filedock.wire import format_crc
 
 log = logging.getLogger("filedock.client")
@@ -277,12 +277,12 @@ class JobUploader:
         todo = []
         for i, planned in enumerate(plan.files):
             if planned.conflict is not None:
-                results[i] = UploadResult(planned.local.name, planned.local.size, planned.key,
-                                          state=ErrorCode.CONFLICT.value, message=planned.conflict)
+                results[i] = UploadResult.failed(planned.local.name, planned.local.size, planned.key,
+                                                 FiledockError(ErrorCode.CONFLICT, planned.conflict))
                 done(results[i])
             elif planned.state == "complete":
                 results[i] = self._verify_complete(planned, report, cancel)
-                if results[i].state == ErrorCode.CONFLICT.value and plan.replace:
+                if results[i].outcome is Outcome.CONFLICT and plan.replace:
                     todo.append(i)  # same size, other bytes: a new version goes up below
                     continue
                 done(results[i])
@@ -340,11 +340,10 @@ class JobUploader:
                                      progress=report, cancel=cancel,
                                      stamps={p.key: p.local.stamp for p in planned if p.local.stamp})
         except FiledockError as exc:
-            return [UploadResult(p.local.name, p.local.size, p.key, state=exc.code_str, message=exc.message)
-                    for p in planned]
+            return [UploadResult.failed(p.local.name, p.local.size, p.key, exc) for p in planned]
         except OSError as exc:  # a local file: unreadable, gone
-            return [UploadResult(p.local.name, p.local.size, p.key, state=ErrorCode.INTERNAL_ERROR.value,
-                                 message=f"{exc.filename}: {exc.strerror or exc}") for p in planned]
+            error = LocalFileError.of(exc)
+            return [UploadResult.failed(p.local.name, p.local.size, p.key, error) for p in planned]
 
     @staticmethod
     def _connections_per_session(limits: dict[str, Any]) -> int:
@@ -365,10 +364,10 @@ class JobUploader:
                                     progress=lambda stage, done, total: report(local.name, stage, done, total),
                                     expect=local.stamp)
         except FiledockError as exc:
-            return UploadResult(local.name, local.size, planned.key, state=exc.code_str, message=exc.message)
+            return UploadResult.failed(local.name, local.size, planned.key, exc)
         except OSError as exc:  # the local file: unreadable, gone
-            return UploadResult(local.name, local.size, planned.key, state=ErrorCode.INTERNAL_ERROR.value,
-                                message=f"{local.path}: {exc.strerror or exc}")
+            return UploadResult.failed(local.name, local.size, planned.key,
+                                       LocalFileError(f"{local.path}: {exc.strerror or exc}"))
 
     @staticmethod
     def _verify_complete(planned: PlannedFile, report: JobProgress, cancel: threading.Event) -> UploadResult:
@@ -378,8 +377,8 @@ class JobUploader:
             with open(local.path, "rb", buffering=0) as f:
                 hasher = hash_stream_cancellable(f, cancel)
         except OSError as exc:
-            return UploadResult(local.name, local.size, planned.key, state=ErrorCode.INTERNAL_ERROR.value,
-                                message=f"{local.path}: {exc.strerror or exc}")
+            return UploadResult.failed(local.name, local.size, planned.key,
+                                       LocalFileError(f"{local.path}: {exc.strerror or exc}"))
         return compare_complete(local, planned.key, planned.crc32, planned.digest, hasher, report)
 
     def _close_session(self, key: str) -> None:
@@ -422,13 +421,13 @@ def compare_complete(local: LocalFile, key: str, crc32: str | None, digest: str 
     report(local.name, DURABLE, local.size, local.size)
     if (format_crc(hasher.crc32), result.digest, hasher.offset) != (crc32, digest, local.size):
         # the same size, other bytes: the user changed the file since it was uploaded (not a transfer fault)
-        result.state = ErrorCode.CONFLICT.value
+        result.outcome, result.code = Outcome.CONFLICT, ErrorCode.CONFLICT
         result.message = (f"{local.name}: the local file differs from the job's copy (same size, other bytes: "
                           f"the job's has CRC-32 {crc32}, {local.path} has {format_crc(hasher.crc32)}). Upload it "
                           "under another name (--prefix), or with --replace to store it as a new version")
         return result
     report(local.name, VERIFIED, local.size, local.size)
-    result.state = "complete"
+    result.outcome = Outcome.COMPLETE
     return result
 
 
