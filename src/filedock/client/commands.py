@@ -17,7 +17,7 @@ import threading
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
-from filedock.client.model import SENT, VERIFIED, Cancelled, TransferResult, UploadResult
+from filedock.client.model import SENT, VERIFIED, Cancelled, TransferResult
 from filedock.errors import ErrorCode, FiledockError
 
 EXIT_FAILED = 1
