@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from filedock import digest, wire
 from filedock.client.model import SENT, Cancelled, Outcome, ProgressCallback, UploadResult
 from filedock.client.txclient import FileStreamer
-from filedock.client.uploader import JobProgress
+from filedock.client.jobplan import JobProgress
 from filedock.errors import ErrorCode, FiledockError, short_key
 
 CHUNK_SIZE = 64 * 1024

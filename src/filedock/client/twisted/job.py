@@ -12,8 +12,8 @@ from filedock import digest
 from filedock.client.model import UploadResult
 from filedock.client.twisted.api import TxApiClient
 from filedock.client.twisted.dataport import TxDataPortClient
-from filedock.client.uploader import (DECLARE_BATCH, JobProgress, batch_units, collect_files, compare_complete,
-                                     undeclared)
+from filedock.client.jobplan import (DECLARE_BATCH, JobPlan, JobProgress, UploadPlan, Verify, collect_files,
+                                     compare_complete, planned_file, undeclared)
 from filedock.errors import ErrorCode, FiledockError
 
 _ANY_ADDRESS = ("", "0.0.0.0", "::")
@@ -37,7 +37,7 @@ def upload_job(api: TxApiClient, job: str, paths: Sequence[str | os.PathLike], p
     flight. ``progress(name, stage, done, total)`` reports each file. The data
     port's address comes from ``GET /v1/info``; if it speaks TLS, ``tls_options``
     is used (default: ``optionsForClientTLS(host)`` with the platform's trust roots).
-    ``prefix`` goes before every name (``filedock.client.uploader.collect_files``). A
+    ``prefix`` goes before every name (``filedock.client.jobplan.collect_files``). A
     file that changes while it is sent fails it with ``changed-during-upload``.
     """
     return defer.ensureDeferred(_upload_job(api, job, paths, progress, create, tls_options, prefix))
@@ -55,39 +55,31 @@ async def _upload_job(api: TxApiClient, job: str, paths: Sequence[str | os.PathL
         chunk = missing[start:start + DECLARE_BATCH]
         for entry in await api.add_files(record["id"], [(item.name, item.size) for item in chunk]):
             declared[entry["name"]] = entry
+    plan = JobPlan(UploadPlan(record, [planned_file(item, declared[item.name]) for item in local]), fail_fast=True)
     report = progress or (lambda name, stage, done, total: None)
     session = await api.open_session(record["id"])
     try:
-        results: dict[int, UploadResult] = {}
-        todo = []
-        for i, item in enumerate(local):
-            if declared[item.name]["state"] == "complete":  # verified here, not sent again
-                results[i] = await _verify_complete(api.reactor, item, declared[item.name], report)
-                if not results[i].ok:
-                    raise FiledockError(results[i].code, results[i].message)
-            else:
-                todo.append(i)
+        for action in plan.start():  # as in 2007: the first failure fails the job's Deferred
+            if isinstance(action, Verify):  # held complete: verified here, not sent again
+                item = local[action.index]
+                plan.verified(action.index, await _verify_complete(api.reactor, item, declared[item.name], report))
         limits = info.get("limits") if isinstance(info.get("limits"), dict) else {}
-        for unit in batch_units([local[i].size for i in todo], limits):
-            unit = [todo[j] for j in unit]
-            items = [local[i] for i in unit]
+        for unit in plan.units(limits):
+            items = [plan.plan.files[i] for i in unit]
             if len(items) > 1:
-                done = await client.upload_batch(session["key"], [(declared[item.name]["key"], item.path, item.name)
-                                                                  for item in items], report,
-                                                 {declared[item.name]["key"]: item.stamp for item in items
-                                                  if item.stamp is not None})
-                failed = next((r for r in done if not r.ok), None)
-                if failed is not None:  # as in 2007: the first failure fails the job's Deferred
-                    raise FiledockError(failed.code, f"{failed.name}: {failed.message}")
-                results.update(zip(unit, done))
+                done = await client.upload_batch(session["key"], [(p.key, p.local.path, p.local.name) for p in items],
+                                                 report, {p.key: p.local.stamp for p in items
+                                                          if p.local.stamp is not None})
+                for i, result in zip(unit, done):
+                    plan.finished(i, result)
                 continue
-            (item,) = items
+            (planned,) = items
 
-            def one_file(stage: str, done: int, total: int, name: str = item.name) -> None:
+            def one_file(stage: str, done: int, total: int, name: str = planned.local.name) -> None:
                 report(name, stage, done, total)
-            results[unit[0]] = await client.upload_file(session["key"], declared[item.name]["key"], item.path,
-                                                        one_file, name=item.name, expect=item.stamp)
-        return [results[i] for i in range(len(local))]
+            plan.finished(unit[0], await client.upload_file(session["key"], planned.key, planned.local.path, one_file,
+                                                            name=planned.local.name, expect=planned.local.stamp))
+        return plan.ordered()
     finally:
         try:
             await api.close_session(session["key"])
