@@ -11,7 +11,8 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from filedock import digest, wire
-from filedock.client.model import DURABLE, SENT, VERIFIED, Cancelled, ProgressCallback, SourceStamp, SourceWatch, UploadResult
+from filedock.client.model import (DURABLE, SENT, VERIFIED, Cancelled, ProgressCallback, SourceStamp, SourceWatch,
+                                   UploadResult)
 from filedock.client.transfer import (AwaitDigest, Connect, DropPartial, Fail, Finish, QueryStored, Sleep,
                                       UploadAttempt)
 from filedock.client.twisted.exchange import RequestExchange, StallWatch
