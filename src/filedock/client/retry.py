@@ -29,6 +29,9 @@ RETRYABLE_REFUSALS = frozenset({
 timed ours out or had too many, or it failed inside (a restart may cure it). Every other
 refusal is final."""
 
+RETRY_STATUSES = frozenset({500, 502, 503, 504})
+"""Control-API HTTP statuses a later attempt may cure (``507 no-space`` is not one: it needs a person)."""
+
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -42,6 +45,12 @@ class RetryPolicy:
     def delay(self, failures: int) -> float:
         """Seconds to wait after the ``failures``-th failure in a row (from 1)."""
         return min(MAX_BACKOFF, self.backoff * 2 ** (failures - 1)) * random.uniform(0.5, 1.5)
+
+    @staticmethod
+    def retryable_status(status: int) -> bool:
+        """Whether a control-API answer with this HTTP status is worth another attempt (a refused,
+        reset or timed-out request always is)."""
+        return status in RETRY_STATUSES
 
     @staticmethod
     def retryable(error: BaseException) -> bool:

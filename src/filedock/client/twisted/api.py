@@ -136,7 +136,7 @@ class TxApiClient:
         from twisted.web.client import FileBodyProducer
         from twisted.web.http_headers import Headers
 
-        from filedock.client.http import RETRY_STATUSES, ApiError
+        from filedock.client.http import ApiError
 
         headers = Headers({b"Accept": [b"application/json"]})
         if self.token:
@@ -164,7 +164,7 @@ class TxApiClient:
             err = payload.get("error", {}) if isinstance(payload, dict) else {}
             error = ApiError(err.get("code", ErrorCode.INTERNAL_ERROR.value),
                              err.get("message", f"HTTP {response.code} from {self.url}"), response.code, repeated)
-            if response.code in RETRY_STATUSES:
+            if self.retry.retryable_status(response.code):
                 raise ApiTransient(f"HTTP {response.code}: {error.message}", True, error)
             raise error
         return payload
