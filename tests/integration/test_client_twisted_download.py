@@ -152,3 +152,77 @@ def test_twisted_download_refuses_a_symlinked_part_like_the_blocking_one(reactor
         peer.close()
     assert "symbolic link" in info.value.message
     assert victim.read_bytes() == b"precious" and not dest.exists() and peer.offsets == []
+
+
+class AnsweringPeer:
+    """A fake data port that answers every request line with ``reply`` and then holds the connection."""
+
+    def __init__(self, reply: bytes) -> None:
+        self.reply = reply
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.connections: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections.append(conn)
+            header = b""
+            while not header.endswith(b"\n"):
+                piece = conn.recv(1)
+                if not piece:
+                    break
+                header += piece
+            conn.sendall(self.reply)
+
+    def close(self) -> None:
+        self.listener.close()
+        for conn in self.connections:
+            conn.close()
+
+
+def test_a_local_file_the_twisted_client_cannot_read_is_not_retried(reactor_thread, tmp_path, monkeypatch):
+    """Reading back the resumed prefix fails (EACCES): the upload fails at once with a LocalFileError on
+    its first connection (before: ``internal-error``, retried until the attempts ran out)."""
+    from filedock.client.twisted import streaming
+
+    def unreadable(self, start, length):
+        raise PermissionError(13, "Permission denied", self._path)
+
+    monkeypatch.setattr(streaming.OrderedHasher, "_hash_range", unreadable)
+    peer = AnsweringPeer(b"OFFSET 5\r\n")
+    src = tmp_path / "x.bin"
+    src.write_bytes(b"0123456789")
+    client = TxDataPortClient(reactor_thread, "127.0.0.1", peer.port, attempts=3, backoff=0.05)
+    try:
+        with pytest.raises(LocalFileError) as info:
+            in_reactor(reactor_thread, client.upload_file, SESSION, FILE, src, timeout=30)
+    finally:
+        peer.close()
+    assert info.value.code_str == "internal-error" and "Permission denied" in info.value.message
+    assert len(peer.connections) == 1
+
+
+def test_a_garbled_reply_is_the_servers_fault_and_final_in_both_clients(reactor_thread, tmp_path):
+    """A reply that is not the protocol's: ``bad-reply`` (RemoteProtocolError), not ``malformed-header``
+    (which blames the client's header), and not retried, by the blocking and the Twisted client alike."""
+    from filedock.errors import ErrorCode, RemoteProtocolError
+
+    peer = AnsweringPeer(b"HELLO\r\n")
+    src = tmp_path / "x.bin"
+    src.write_bytes(b"0123456789")
+    try:
+        with pytest.raises(RemoteProtocolError) as blocking_error:
+            DataPortClient("127.0.0.1", peer.port, attempts=3, backoff=0.05).upload_file(SESSION, FILE, src)
+        twisted = TxDataPortClient(reactor_thread, "127.0.0.1", peer.port, attempts=3, backoff=0.05)
+        with pytest.raises(RemoteProtocolError) as twisted_error:
+            in_reactor(reactor_thread, twisted.upload_file, SESSION, FILE, src, timeout=30)
+    finally:
+        peer.close()
+    for error in (blocking_error.value, twisted_error.value):
+        assert error.code is ErrorCode.BAD_REPLY and "HELLO" in error.message
+    assert len(peer.connections) == 2  # one each

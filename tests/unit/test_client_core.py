@@ -259,3 +259,75 @@ def test_result_outcome_and_the_cli_fields():
         assert (failed.outcome, failed.state, failed.ok, failed.to_json()["state"]) == (outcome, state, False, state)
     assert UploadResult("a", 1, "k").state == "pending"
     assert DownloadResult.failed("a", 1, "k", FiledockError(ErrorCode.NOT_COMPLETE, "later")).state == "not-complete"
+
+
+# ---------------------------------------------------------------- a job plan
+
+
+def _plan(states: list[str], replace: bool = False, conflict_at: int | None = None):
+    from pathlib import Path
+
+    from filedock.client.jobplan import LocalFile, PlannedFile, UploadPlan
+
+    files = [PlannedFile(LocalFile(Path(f"/src/f{i}"), f"f{i}", 10 + i), f"key{i}", state,
+                         conflict="f{i}: other size" if i == conflict_at else None)
+             for i, state in enumerate(states)]
+    return UploadPlan({"id": "job", "name": "j", "files": []}, files, replace)
+
+
+def _result(name: str, outcome: Outcome, code: ErrorCode | None = None) -> UploadResult:
+    return UploadResult(name, 10, "k", outcome=outcome, code=code, message="why")
+
+
+def test_job_plan_verifies_complete_files_reports_conflicts_and_sends_the_rest():
+    """A conflict is reported at once, a complete file is verified, the others are sent; every file
+    gets its result and the others carry on after a failure (JobUploader's rule)."""
+    from filedock.client.jobplan import JobPlan, Reported, Verify
+
+    job = JobPlan(_plan(["pending", "complete", "partial", "pending"], conflict_at=0))
+    assert job.start() == [Reported(0), Verify(1)]
+    assert job.results[0].outcome is Outcome.CONFLICT and job.results[0].state == "conflict"
+    assert job.verified(1, _result("f1", Outcome.COMPLETE)) is True
+    assert job.units({}) == [[2], [3]]
+    job.finished(2, _result("f2", Outcome.FAILED, ErrorCode.SIZE_MISMATCH))
+    job.finished(3, _result("f3", Outcome.COMPLETE))
+    assert [r.state for r in job.ordered()] == ["conflict", "complete", "size-mismatch", "complete"]
+
+
+def test_job_plan_fail_fast_stops_at_the_first_failure():
+    """``fail_fast`` (upload_job, as in 2007): the first file that is not complete raises its error,
+    named."""
+    from filedock.client.jobplan import JobPlan
+
+    job = JobPlan(_plan(["pending", "pending"]), fail_fast=True)
+    job.start()
+    job.finished(0, _result("f0", Outcome.COMPLETE))
+    with pytest.raises(FiledockError) as info:
+        job.finished(1, _result("f1", Outcome.FAILED, ErrorCode.SIZE_MISMATCH))
+    assert info.value.code is ErrorCode.SIZE_MISMATCH and info.value.message == "f1: why"
+    with pytest.raises(FiledockError) as info:
+        JobPlan(_plan(["pending"], conflict_at=0), fail_fast=True).start()
+    assert info.value.code is ErrorCode.CONFLICT
+
+
+def test_job_plan_replace_sends_a_complete_file_with_other_bytes_as_a_new_version():
+    """With ``replace``, a verified conflict is not reported: it is declared anew and sent, in order."""
+    from filedock.client.jobplan import JobPlan, Verify
+
+    job = JobPlan(_plan(["complete", "pending"], replace=True))
+    assert job.start() == [Verify(0)]
+    conflict = _result("f0", Outcome.CONFLICT, ErrorCode.CONFLICT)
+    assert job.verified(0, conflict) is False and job.newer == [0]
+    job.declared_new_versions({"f0": {"key": "newkey", "state": "pending"}})
+    assert job.plan.files[0].key == "newkey" and job.newer == []
+    assert job.units({}) == [[0], [1]]
+
+
+def test_job_plan_batches_small_files_within_the_servers_limits():
+    """Files up to ``batch_item_max`` go together, at most ``batch_max_files`` a batch."""
+    from filedock.client.jobplan import JobPlan
+
+    job = JobPlan(_plan(["pending"] * 5))
+    job.start()
+    limits = {"batch_item_max": 12, "batch_max_files": 2, "batch_max_bytes": 1000}
+    assert job.units(limits) == [[0, 1], [2], [3], [4]]  # f3 and f4 are 13 and 14 bytes: alone
