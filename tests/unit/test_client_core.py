@@ -331,3 +331,45 @@ def test_job_plan_batches_small_files_within_the_servers_limits():
     job.start()
     limits = {"batch_item_max": 12, "batch_max_files": 2, "batch_max_bytes": 1000}
     assert job.units(limits) == [[0, 1], [2], [3], [4]]  # f3 and f4 are 13 and 14 bytes: alone
+
+
+# ---------------------------------------------------------------- a batch
+
+
+def test_batch_leaves_out_a_changed_file_and_verifies_the_rest():
+    """A file that is not its stamp when read leaves the batch (sent again without it); a stored file
+    whose stamp changed afterwards is changed-during-upload too; the rest are verified."""
+    from filedock.client.model import SourceStamp
+    from filedock.client.transfer import BatchAttempt
+
+    stamp = SourceStamp(10, 1, 1, 1)
+    files = [("ka", "/a", "a"), ("kb", "/b", "b"), ("kc", "/c", "c")]
+    attempt = BatchAttempt(files, {"ka": stamp, "kb": stamp, "kc": stamp}, FAST)
+    assert attempt.start() == Connect()
+    attempt.item_read("ka", 10, 7, DIGEST)
+    assert attempt.source_changed("kb", "was modified") == Connect()
+    assert [key for key, _, _ in attempt.remaining] == ["ka", "kc"]
+    attempt.item_read("ka", 10, 7, DIGEST)
+    attempt.item_read("kc", 10, 7, DIGEST)
+    attempt.answered({"ka": wire.ItemStored("ka", 10, 7, DIGEST), "kc": wire.ItemStored("kc", 10, 7, DIGEST)})
+    assert attempt.to_check() == [("ka", "/a"), ("kc", "/c")]
+    seen: list[tuple] = []
+    results = attempt.results({"ka": stamp, "kc": SourceStamp(11, 2, 1, 1)}, lambda *event: seen.append(event))
+    assert [r.state for r in results] == ["complete", "changed-during-upload", "changed-during-upload"]
+    assert "nothing was recorded complete" in results[1].message
+    assert "stored it complete" in results[2].message
+    assert ("a", "verified", 10, 10) in seen
+
+
+def test_batch_retries_drops_then_gives_up_and_ends_when_every_file_changed():
+    """Drops are retried within the budget; a batch whose every file changed has nothing left to send."""
+    from filedock.client.model import SourceStamp
+    from filedock.client.transfer import BatchAttempt
+
+    attempt = BatchAttempt([("ka", "/a", "a")], {"ka": SourceStamp(1, 1, 1, 1)}, FAST)
+    drop = TransportFailure("reset")
+    assert isinstance(attempt.failed(drop), Sleep) and isinstance(attempt.failed(drop), Sleep)
+    assert isinstance(attempt.failed(drop), Fail)
+    assert isinstance(attempt.failed(RefusedByServer(ErrorCode.UNKNOWN_SESSION, "no")), Fail)
+    assert attempt.source_changed("ka", "was deleted") is None
+    assert [r.state for r in attempt.results({}, lambda *e: None)] == ["changed-during-upload"]

@@ -27,10 +27,9 @@ from typing import Any, BinaryIO, Callable
 
 from filedock import durability, wire
 from filedock.client.model import (DURABLE, SENT, VERIFIED, Cancelled, DownloadResult, ProgressCallback,
-                                   RetryPolicy, SourceStamp, SourceWatch, UploadResult, batch_result,
-                                   changed_during_upload)
+                                   RetryPolicy, SourceStamp, SourceWatch, UploadResult)
 from filedock.client.retry import REPLY_PATIENCE, RETRYABLE_REFUSALS, GiveUp, RetryBudget
-from filedock.client.transfer import (AwaitDigest, Connect, DownloadAttempt, DropPartial, Fail, Finish,
+from filedock.client.transfer import (AwaitDigest, BatchAttempt, Connect, DownloadAttempt, DropPartial, Fail, Finish,
                                       QueryStored, Restart, SendBody, Sleep, UploadAttempt, reply_error)
 from filedock.digest import ContentHasher
 from filedock.errors import ErrorCode, FiledockError, TransportFailure, short_key
@@ -55,6 +54,10 @@ _MAX_PIECE = 64 * CHUNK
 
 class _SourceChanged(Exception):
     """A batch file changed: close before DONE (nothing is stored) and send the batch again without it."""
+
+    def __init__(self, key: str, change: str) -> None:
+        super().__init__(change)
+        self.key, self.change = key, change
 
 
 class _Reconnect(Exception):
@@ -516,19 +519,17 @@ class DataPortClient:
         it is reported the same way.
         """
         report = progress or (lambda name, stage, done, total: None)
-        mine: dict[str, tuple[int, int, str]] = {}
-        known = dict(stamps or {})
-        changed: dict[str, FiledockError] = {}
+        attempt = BatchAttempt(files, stamps, self.policy)
 
         def step(link: _Link) -> dict[str, Any]:
-            remaining = [item for item in files if item[0] not in changed]
+            remaining = attempt.remaining
             link.send_all(link.conn.batch(session_key, len(remaining)))
             for key, path, name in remaining:
-                data = self._read_whole(key, path, name, known, changed)
+                data = self._read_whole(key, path, attempt.stamps)
                 h = ContentHasher()
                 h.update(data)
-                mine[key] = (len(data), h.crc32, h.hexdigest())
-                link.send_all(link.conn.batch_item(key, len(data), mine[key][2]) + data)
+                attempt.item_read(key, len(data), h.crc32, h.hexdigest())
+                link.send_all(link.conn.batch_item(key, len(data), h.hexdigest()) + data)
                 report(name, SENT, len(data), len(data))
             link.send_all(link.conn.done())
             answers: dict[str, Any] = {}
@@ -539,33 +540,20 @@ class DataPortClient:
                 answers[event.file_key] = event
 
         try:
-            while True:
-                if all(key in changed for key, _, _ in files):
-                    answers = {}
-                    break
+            action = attempt.start()
+            while action is not None:
                 try:
-                    answers = self._retrying(cancel, step)
+                    # a drop is retried inside with the attempt's budget; a changed file leaves the batch
+                    attempt.answered(self._retrying(cancel, step, attempt.budget))
                     break
-                except _SourceChanged:
-                    continue  # closed before DONE: nothing of it was stored; again without that file
+                except _SourceChanged as exc:  # closed before DONE: nothing of it was stored
+                    action = attempt.source_changed(exc.key, exc.change)
         except KeyboardInterrupt:
             raise Cancelled("interrupted") from None
-        results = []
-        for key, path, name in files:
-            if key not in changed and key in known and isinstance(answers.get(key), wire.ItemStored):
-                change = known[key].change(SourceStamp.read(path))
-                if change:
-                    changed[key] = changed_during_upload(name, change, stored=True)
-            if key in changed:
-                size = known[key].size if key in known else 0
-                results.append(UploadResult.failed(name, size, key, changed[key]))
-            else:
-                results.append(batch_result(key, name, mine.get(key), answers.get(key), report))
-        return results
+        return attempt.results({key: SourceStamp.read(path) for key, path in attempt.to_check()}, report)
 
     @staticmethod
-    def _read_whole(key: str, path: str | os.PathLike, name: str, known: dict[str, SourceStamp],
-                    changed: dict[str, FiledockError]) -> bytes:
+    def _read_whole(key: str, path: str | os.PathLike, known: dict[str, SourceStamp]) -> bytes:
         """A batch file's bytes, read once; ``_SourceChanged`` if it is not the declared version."""
         with open(path, "rb") as f:
             before = SourceStamp.of(os.fstat(f.fileno()))
@@ -574,8 +562,7 @@ class DataPortClient:
             change = stamp.change(before) or stamp.change(SourceStamp.of(os.fstat(f.fileno()))) or \
                 (f"shrank to {len(data)} bytes" if len(data) != stamp.size else None)
         if change:
-            changed[key] = changed_during_upload(name, change, stored=False)
-            raise _SourceChanged()
+            raise _SourceChanged(key, change)
         return data
 
     def abort_file(self, session_key: str, file_key: str, *, cancel: threading.Event | None = None) -> None:
@@ -707,9 +694,10 @@ class DataPortClient:
             raise TransportFailure(f"TLS handshake with {self.host}:{self.port} failed: {exc}") from None
         return _Link(sock, cancel, self.stall_timeout)
 
-    def _retrying(self, cancel: threading.Event | None, step: Callable[[_Link], Any]) -> Any:
+    def _retrying(self, cancel: threading.Event | None, step: Callable[[_Link], Any],
+                  budget: RetryBudget | None = None) -> Any:
         """``step(link)`` on new connections until it returns; what ``RetryPolicy`` retries is, with backoff."""
-        budget = RetryBudget(self.policy)
+        budget = budget if budget is not None else RetryBudget(self.policy)
         while True:
             _check_cancel(cancel)
             link: _Link | None = None

@@ -1,6 +1,6 @@
 """Sans-IO state of one file's transfer across connections: what to do next, and what it came to.
 
-``UploadAttempt`` and ``DownloadAttempt`` hold everything one ``upload_file`` or
+``UploadAttempt``, ``DownloadAttempt`` and ``BatchAttempt`` hold everything one ``upload_file`` or
 ``download_file`` call decides, whoever drives it: where to resume, what counts as
 progress, which failures are retried (through ``RetryBudget``), when the partial is
 dropped, when a download starts again from 0, and whether the two ends agree about
@@ -14,14 +14,16 @@ clock or a thread: the blocking client (``blocking.py``) and the Twisted client
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from filedock import wire
-from filedock.client.model import DownloadResult, Outcome, UploadResult
+from filedock.client.model import (DownloadResult, Outcome, SourceStamp, UploadResult, batch_result,
+                                   changed_during_upload)
 from filedock.client.retry import RETRYABLE_REFUSALS, GiveUp, RetryBudget, RetryPolicy, Sleep
 from filedock.errors import ErrorCode, FiledockError, RefusedByServer, RemoteProtocolError, TransportFailure
 
 __all__ = ["Connect", "SendBody", "SendDone", "AwaitDigest", "QueryStored", "DropPartial", "Restart", "Sleep",
-           "Finish", "Fail", "UploadAttempt", "DownloadAttempt", "reply_error"]
+           "Finish", "Fail", "UploadAttempt", "DownloadAttempt", "BatchAttempt", "reply_error"]
 
 
 @dataclass(frozen=True)
@@ -258,6 +260,85 @@ class DownloadAttempt:
                 "download again"), discard=True)
         return Finish(DownloadResult(self.name, start.size, self.file_key, self.resumed_from, self.received,
                                      start.crc32, start.digest, Outcome.COMPLETE))
+
+
+
+class BatchAttempt:
+    """One ``BATCH`` of small whole files, sent again until the server answers it.
+
+    ``files`` are (file key, path, name); ``stamps`` (by key) the files' ``SourceStamp``
+    when declared (a driver adds the missing ones when it reads the file). Driving it:
+    ``start()``; send ``remaining`` and report each file read with ``item_read``; a file
+    that is not its stamp when read: ``source_changed`` (the connection is closed before
+    ``DONE``, so nothing of it is stored) -> the batch again without it; the server's
+    answers: ``answered``; a failure: ``failed``. Then ``to_check()`` names the files
+    the server stored, whose stamps the driver reads again, and ``results`` gives one
+    result per file, in order.
+    """
+
+    def __init__(self, files: list[tuple[str, object, str]], stamps: dict[str, SourceStamp] | None = None,
+                 policy: RetryPolicy = RetryPolicy()) -> None:
+        self.files = files
+        self.stamps: dict[str, SourceStamp] = dict(stamps or {})
+        self.budget = RetryBudget(policy)
+        self.changed: dict[str, FiledockError] = {}
+        self.local: dict[str, tuple[int, int, str]] = {}
+        self.answers: dict[str, object] = {}
+
+    @property
+    def remaining(self) -> list[tuple[str, object, str]]:
+        """The files still to send (those that changed are left out)."""
+        return [item for item in self.files if item[0] not in self.changed]
+
+    def start(self) -> Connect | None:
+        """Another connection for ``remaining``; None when no file is left to send."""
+        return Connect() if self.remaining else None
+
+    def item_read(self, key: str, size: int, crc32: int, digest: str) -> None:
+        """A file was read (and hashed) to be sent with these values."""
+        self.local[key] = (size, crc32, digest)
+
+    def source_changed(self, key: str, change: str) -> Connect | None:
+        """File ``key`` is not the version declared: leave it out and send the rest again."""
+        name = next(name for k, _, name in self.files if k == key)
+        self.changed[key] = changed_during_upload(name, change, stored=False)
+        return self.start()
+
+    def answered(self, answers: dict[str, object]) -> None:
+        """The server's ``STORED``/``FAILED`` per file (by key), up to ``END``."""
+        self.answers = answers
+
+    def failed(self, error: FiledockError) -> Sleep | Fail:
+        """The connection ended before ``END``: send the batch again, or give up."""
+        decision = self.budget.failed(error)
+        return Fail(decision.error) if isinstance(decision, GiveUp) else decision
+
+    def to_check(self) -> list[tuple[str, object]]:
+        """(key, path) of the files the server stored: their stamps must still hold."""
+        return [(key, path) for key, path, _ in self.files if key not in self.changed and key in self.stamps
+                and isinstance(self.answers.get(key), wire.ItemStored)]
+
+    def results(self, now: dict[str, SourceStamp | None], report: Callable[[str, str, int, int], None],
+                ) -> list[UploadResult]:
+        """One result per file, in order; ``now``: the current stamps of ``to_check()``'s files.
+
+        ``complete`` only where the server's size, CRC-32 and digest equal the local ones;
+        a file that changed (before it was sent, or after it was stored) is
+        ``changed-during-upload``; a refused file carries the server's code.
+        """
+        for key, _ in self.to_check():
+            change = self.stamps[key].change(now.get(key))
+            if change:
+                name = next(name for k, _, name in self.files if k == key)
+                self.changed[key] = changed_during_upload(name, change, stored=True)
+        results = []
+        for key, _, name in self.files:
+            if key in self.changed:
+                stamp = self.stamps.get(key)
+                results.append(UploadResult.failed(name, stamp.size if stamp else 0, key, self.changed[key]))
+            else:
+                results.append(batch_result(key, name, self.local.get(key), self.answers.get(key), report))
+        return results
 
 
 def reply_error(event: object) -> FiledockError:

@@ -11,8 +11,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from filedock import digest, wire
-from filedock.client.model import SENT, Cancelled, SourceStamp, UploadResult, batch_result, changed_during_upload
-from filedock.client.retry import GiveUp, RetryBudget
+from filedock.client.model import SENT, Cancelled, SourceStamp, UploadResult
+from filedock.client.transfer import BatchAttempt, Connect, Fail, Sleep
 from filedock.client.twisted.exchange import RequestExchange, StallWatch
 from filedock.client.twisted.streaming import CHUNK_SIZE
 from filedock.errors import FiledockError
@@ -51,17 +51,18 @@ class BatchExchange(RequestExchange):
     Files are read and hashed in a thread, ``GROUP_BYTES`` at a time with the next
     group read while this one is written, and written only while the transport
     takes them (it pauses us as a push producer): memory stays at about two groups.
-    ``local`` gets (size, crc32, digest) of every file as sent.
+    The attempt hears (size, crc32, digest) of every file as it is read (``item_read``).
     """
 
     GROUP_BYTES = 4 << 20
 
-    def __init__(self, reactor: Any, peer: str, session_key: str, files: list[tuple[str, str, str]],
-                 stamps: list[SourceStamp], report: Callable[[str, str, int, int], None]) -> None:
+    def __init__(self, reactor: Any, peer: str, session_key: str, attempt: BatchAttempt,
+                 report: Callable[[str, str, int, int], None]) -> None:
         super().__init__(reactor, peer, None)
-        self.session_key, self.files, self.stamps, self.report_file = session_key, files, stamps, report
-        self.sizes = [stamp.size for stamp in stamps]
-        self.local: dict[str, tuple[int, int, str]] = {}
+        self.session_key, self.attempt, self.report_file = session_key, attempt, report
+        self.files = attempt.remaining
+        self.stamps = [attempt.stamps[key] for key, _, _ in self.files]
+        self.sizes = [stamp.size for stamp in self.stamps]
         self.answers: dict[str, Any] = {}
         self.sent = 0
         self.awaiting_reply = False  # DONE is out: only the server's answer is missing
@@ -114,7 +115,7 @@ class BatchExchange(RequestExchange):
             upcoming = self._read(groups[index + 1]) if index + 1 < len(groups) else None
             for i, (data, crc, hexdigest) in zip(group, contents):
                 key, _, name = self.files[i]
-                self.local[key] = (len(data), crc, hexdigest)
+                self.attempt.item_read(key, len(data), crc, hexdigest)
                 line = self.conn.batch_item(key, len(data), hexdigest)
                 for start in range(0, max(len(data), 1), CHUNK_SIZE):  # a slow link still shows progress
                     while self._resume is not None and not self._stopped:
@@ -164,52 +165,38 @@ async def upload_batch(client: Any, session_key: str, files: list[tuple[str, str
     report = progress or (lambda name, stage, done, total: None)
     if not files:
         return []
-    known = dict(stamps or {})
-    missing = [(key, path) for key, path, _ in files if key not in known]
+    attempt = BatchAttempt(files, stamps, client.policy)
+    missing = [(key, path) for key, path, _ in files if key not in attempt.stamps]
     found = await threads.deferToThreadPool(client.reactor, client.reactor.getThreadPool(),
                                             lambda: [SourceStamp.of(os.stat(path)) for _, path in missing])
-    known.update((key, stamp) for (key, _), stamp in zip(missing, found))
+    attempt.stamps.update((key, stamp) for (key, _), stamp in zip(missing, found))
     peer = f"{client.host}:{client.port} (batch of {len(files)} files)"
-    changed: dict[str, FiledockError] = {}
-    names = {key: name for key, _, name in files}
-    budget = RetryBudget(client.policy)
-    answers: dict[str, Any] = {}
-    local: dict[str, tuple[int, int, str]] = {}
-    while True:
-        remaining = [item for item in files if item[0] not in changed]
-        if not remaining:
-            break
-        exchange = BatchExchange(client.reactor, peer, session_key, remaining,
-                                  [known[key] for key, _, _ in remaining], report)
-        watchdog = StallWatch(client.reactor, exchange, client.stall_timeout)
-        try:
-            answers = await client.run(exchange)
-            local = exchange.local
-            break
-        except BatchSourceChanged as exc:  # closed before DONE: nothing stored; again without it
-            changed[exc.key] = changed_during_upload(names[exc.key], exc.change, stored=False)
-        except FiledockError as exc:
-            decision = budget.failed(exc)
-            if isinstance(decision, GiveUp):
-                raise decision.error from None
-            delay = decision.seconds
-            log.info("{peer}: {why}; sending the batch again in {delay:.2f}s", peer=peer, why=exc.message,
-                     delay=delay)
+    action: Any = attempt.start()
+    while action is not None:
+        if isinstance(action, Connect):
+            exchange = BatchExchange(client.reactor, peer, session_key, attempt, report)
+            watchdog = StallWatch(client.reactor, exchange, client.stall_timeout)
             try:
-                await deferLater(client.reactor, delay)
+                attempt.answered(await client.run(exchange))
+                action = None
+            except BatchSourceChanged as exc:  # closed before DONE: nothing stored; again without it
+                action = attempt.source_changed(exc.key, exc.change)
+            except FiledockError as exc:
+                action = attempt.failed(exc)
+                if isinstance(action, Sleep):
+                    log.info("{peer}: {why}; sending the batch again in {delay:.2f}s", peer=peer,
+                             why=exc.message, delay=action.seconds)
+            finally:
+                watchdog.stop()
+        elif isinstance(action, Sleep):
+            try:
+                await deferLater(client.reactor, action.seconds)
             except defer.CancelledError:
                 raise Cancelled(f"{peer}: cancelled between attempts; the server may have stored part "
                                 "of it: run again to learn which files are complete") from None
-        finally:
-            watchdog.stop()
-    results = []
-    for key, path, name in files:
-        if key not in changed and isinstance(answers.get(key), wire.ItemStored):
-            change = known[key].change(SourceStamp.read(path))
-            if change:
-                changed[key] = changed_during_upload(name, change, stored=True)
-        if key in changed:
-            results.append(UploadResult.failed(name, known[key].size, key, changed[key]))
-        else:
-            results.append(batch_result(key, name, local.get(key), answers.get(key), report))
-    return results
+            action = attempt.start()
+        elif isinstance(action, Fail):
+            raise action.error
+    now = await threads.deferToThreadPool(client.reactor, client.reactor.getThreadPool(),
+                                          lambda: {key: SourceStamp.read(path) for key, path in attempt.to_check()})
+    return attempt.results(now, report)
