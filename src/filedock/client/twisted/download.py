@@ -33,6 +33,7 @@ class DownloadExchange(RequestExchange):
         self.hasher, self.attempt = hasher, attempt
         self.offset = attempt.have
         self.size = 0
+        self.awaiting_reply = True  # until DATA: the server may be busy (the stall watch allows REPLY_PATIENCE)
 
     def request(self) -> bytes:
         return self.conn.download(self.session_key, self.file_key, self.offset)
@@ -43,6 +44,7 @@ class DownloadExchange(RequestExchange):
             if restart is not None:
                 self.succeed(restart)
                 return
+            self.awaiting_reply = False
             self.size = event.size
             self.hasher.need(self.offset)
             self.report(SENT, self.offset, self.size)

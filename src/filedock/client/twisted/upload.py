@@ -46,6 +46,7 @@ class UploadExchange(RequestExchange):
         self.hash_wait = hash_wait
         self.offset: int | None = None
         self.sent = 0
+        self.awaiting_reply = True  # for OFFSET, then for STORED: the stall watch allows REPLY_PATIENCE
         self.streamer: FileStreamer | None = None
         self._late: Any = None
 
@@ -59,6 +60,7 @@ class UploadExchange(RequestExchange):
             self.succeed(event)
 
     def _send_from(self, offset: int) -> None:
+        self.awaiting_reply = False
         self.offset = offset
         offset = self.attempt.offset(offset).offset
         self.f.seek(offset)
@@ -87,6 +89,7 @@ class UploadExchange(RequestExchange):
         if not self.result.called:
             send_done = self.attempt.digest_ready(hasher.crc32, hasher.hexdigest())
             self.check_source()  # DONE commits what was declared: never a file that changed meanwhile
+            self.awaiting_reply = True
             self.transport.write(self.conn.done(send_done.digest))
 
     def halt(self) -> None:
