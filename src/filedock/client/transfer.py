@@ -95,7 +95,8 @@ def _explained(error: FiledockError, name: str) -> FiledockError:
     if error.message.startswith(f"{name}: "):
         return error
     hint = " (the stored partial did not match the local file)" if error.code is ErrorCode.DIGEST_MISMATCH else ""
-    explained = type(error).__new__(type(error))
+    explained = type(error).__new__(type(error))  # the same class (what is retried depends on it)
+    explained.__dict__.update(error.__dict__)
     FiledockError.__init__(explained, error.code, f"{name}: {error.message}{hint}")
     return explained
 

@@ -80,6 +80,10 @@ class TxDataPortClient:
         deletes the ``.part`` and fails with ``digest-mismatch``), then the file is
         fsync'd and renamed to ``dest``. Progress: ``SENT`` while bytes arrive,
         then ``DURABLE`` and ``VERIFIED``. ``d.cancel()`` keeps the ``.part``.
+
+        A dropped or stalled connection (nothing moved for ``stall_timeout``) is
+        reconnected as the client's ``RetryPolicy`` allows, from the ``.part``'s length.
+        A ``.part`` that is a symbolic link is refused (``LocalFileError``), never followed.
         """
         return defer.ensureDeferred(download.download_file(self, session_key, file_key, os.fspath(dest), progress))
 
