@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from filedock.client import commands
 from filedock.config import Limits, parse_quantity
 from filedock.errors import ErrorCode, FiledockError, short_key
 
@@ -475,12 +476,8 @@ def _group(sub: Any, name: str, helptext: str) -> Any:
 
 
 def _add_optional_commands(sub: Any) -> None:
-    """Commands that live in their own modules (upload, download, status, fsck)."""
-    try:
-        from filedock.client import commands
-    except ImportError:
-        return
-    commands.add_parsers(sub, _client_flags)
+    """Commands that live in their own modules (upload, download, status), given what they need from here."""
+    commands.add_parsers(sub, _client_flags, commands.CliServices(api_client, stdout_console, emit))
 
 
 def main(argv: list[str] | None = None) -> int:

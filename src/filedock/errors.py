@@ -39,6 +39,7 @@ class ErrorCode(str, enum.Enum):
     UNREACHABLE = "unreachable"
     TLS_FAILED = "tls-failed"
     CHANGED_DURING_UPLOAD = "changed-during-upload"
+    BAD_REPLY = "bad-reply"  # the server's reply broke the protocol (never sent by a server)
     # control API only
     BAD_REQUEST = "bad-request"
     UNAUTHORIZED = "unauthorized"
@@ -63,6 +64,50 @@ class FiledockError(Exception):
     def code_str(self) -> str:
         """The code as it appears on the wire."""
         return self.code.value if isinstance(self.code, ErrorCode) else self.code
+
+
+class RefusedByServer(FiledockError):
+    """The server answered with an error (``ERR <code>`` or a JSON error body): ``code`` is its code."""
+
+
+class TransportFailure(FiledockError):
+    """The connection could not be made, broke, or stalled: nothing the server decided.
+
+    ``code`` is ``unreachable`` when no connection could be made, else ``internal-error``.
+    """
+
+    def __init__(self, message: str, code: ErrorCode | str = ErrorCode.INTERNAL_ERROR) -> None:
+        super().__init__(code, message)
+
+
+class LocalFileError(FiledockError):
+    """A local file could not be read or written (``OSError``); another attempt would not help.
+
+    Its code stays ``internal-error`` where results and the CLI show it (their values never change).
+    """
+
+    def __init__(self, message: str, code: ErrorCode | str = ErrorCode.INTERNAL_ERROR) -> None:
+        super().__init__(code, message)
+
+    @classmethod
+    def of(cls, exc: OSError, path: object = None) -> "LocalFileError":
+        """The error for ``exc``, naming the file."""
+        where = exc.filename if exc.filename is not None else path
+        return cls(f"{where}: {exc.strerror or exc}" if where is not None else str(exc.strerror or exc))
+
+
+class RemoteProtocolError(FiledockError):
+    """The server said something the protocol does not allow (code ``bad-reply``): not the client's fault."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.BAD_REPLY, message)
+
+
+class LocalProtocolError(FiledockError):
+    """This client tried something the protocol does not allow (a bug here, code ``internal-error``)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.INTERNAL_ERROR, message)
 
 
 def short_key(key: str) -> str:

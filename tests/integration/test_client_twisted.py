@@ -173,7 +173,7 @@ def test_resume_with_late_local_digest_reconnects(server, reactor_thread, tmp_pa
     """When the local digest of a resumed prefix is not ready once the body is sent, the client
     closes (the server checkpoints), waits for the digest, reconnects with nothing left to send
     and still ends STORED and verified; ``sent`` counts each byte once."""
-    from filedock.client import txclient
+    from filedock.client.twisted import streaming, upload
 
     size = 6 * 1024 * 1024
     src = random_file(tmp_path / "late.bin", size)
@@ -193,13 +193,13 @@ def test_resume_with_late_local_digest_reconnects(server, reactor_thread, tmp_pa
     with pytest.raises(Cancelled):
         in_reactor(reactor_thread, start)
     held = wait_for(lambda: (r := server.api.file(key))["state"] == "partial" and r)["received"]
-    hash_range = txclient._OrderedHasher._hash_range
-    monkeypatch.setattr(txclient._OrderedHasher, "_hash_range",
+    hash_range = streaming.OrderedHasher._hash_range
+    monkeypatch.setattr(streaming.OrderedHasher, "_hash_range",
                         lambda self, start, length: (time.sleep(0.5), hash_range(self, start, length)))
     offsets: list[int] = []
     patient = TxDataPortClient(reactor_thread, host, port, hash_wait=0.05)
-    monkeypatch.setattr(txclient._UploadExchange, "_send_from",
-                        lambda self, offset, send=txclient._UploadExchange._send_from:
+    monkeypatch.setattr(upload.UploadExchange, "_send_from",
+                        lambda self, offset, send=upload.UploadExchange._send_from:
                         (offsets.append(offset), send(self, offset)))
 
     result = in_reactor(reactor_thread, patient.upload_file, session["key"], key, src)

@@ -22,15 +22,17 @@ import socket
 import ssl
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 from filedock import durability, wire
-from filedock.client.model import (DURABLE, SENT, VERIFIED, Cancelled, ProgressCallback, RetryPolicy,
-                                   SourceStamp, SourceWatch, UploadResult, batch_result, changed_during_upload)
+from filedock.client.model import (DURABLE, SENT, VERIFIED, Cancelled, DownloadResult, ProgressCallback,
+                                   RetryPolicy, SourceStamp, SourceWatch, UploadResult)
+from filedock.client.retry import REPLY_PATIENCE, RETRYABLE_REFUSALS, GiveUp, RetryBudget
+from filedock.client.transfer import (AwaitDigest, BatchAttempt, Connect, DownloadAttempt, DropPartial, Fail, Finish,
+                                      QueryStored, Restart, SendBody, Sleep, UploadAttempt, reply_error)
 from filedock.digest import ContentHasher
-from filedock.errors import ErrorCode, FiledockError, short_key
+from filedock.errors import ErrorCode, FiledockError, TransportFailure, short_key
 
 log = logging.getLogger("filedock.client")
 
@@ -40,49 +42,26 @@ CHUNK = 1 << 20
 POLL_SECONDS = 0.25
 """Longest a blocked socket call waits before cancellation and stalls are checked."""
 
-REPLY_PATIENCE = 300.0
-"""Least time to wait for OFFSET, STORED or DATA: the server may be re-hashing a
-partial or fsyncing, and the protocol has no keepalive to say so."""
-
 HASH_WAIT = 30.0
 """How long a connection whose body is sent waits for the local digest before it
 is closed (the server would time it out) and reopened once the digest is ready."""
 
-RETRYABLE = frozenset({
-    ErrorCode.TAKEN_OVER.value, ErrorCode.IDLE_TIMEOUT.value, ErrorCode.INTERNAL_ERROR.value,
-    ErrorCode.TOO_MANY_CONNECTIONS.value,
-})
-"""Server error codes a new connection may cure. Every other code is final."""
+RETRYABLE = frozenset(code.value for code in RETRYABLE_REFUSALS)
+"""Server error codes a new connection may cure (``filedock.client.retry`` decides; kept for callers)."""
 
 _MAX_PIECE = 64 * CHUNK
-
-
-class _Dropped(Exception):
-    """The connection broke in a way a new connection may cure."""
-
-    def __init__(self, message: str, code: str = ErrorCode.INTERNAL_ERROR.value) -> None:
-        super().__init__(message)
-        self.message = message
-        self.code = code
 
 
 class _SourceChanged(Exception):
     """A batch file changed: close before DONE (nothing is stored) and send the batch again without it."""
 
+    def __init__(self, key: str, change: str) -> None:
+        super().__init__(change)
+        self.key, self.change = key, change
+
 
 class _Reconnect(Exception):
     """Start again on a new connection at once; not a failure (nothing went wrong)."""
-
-
-@dataclass
-class _Attempts:
-    """What the retry loop needs from a transfer: did the last connection make real progress?
-
-    For an upload that is a larger server offset than any before (bytes merely
-    handed to the kernel prove nothing); for a download, bytes received.
-    """
-
-    moved: bool = False
 
 
 REPORT_BYTES = CHUNK
@@ -123,15 +102,7 @@ def _check_cancel(cancel: threading.Event | None) -> None:
         raise Cancelled("cancelled")
 
 
-def _reply_error(event: Any) -> Exception:
-    """The exception for a reply that is not the one expected."""
-    if isinstance(event, wire.ServerError):
-        if event.code in RETRYABLE:
-            return _Dropped(f"the server said {event.code}: {event.message}", event.code)
-        return event.exception()
-    if isinstance(event, wire.EndOfStream):
-        return _Dropped("the server closed the connection")
-    return FiledockError(ErrorCode.MALFORMED_HEADER, f"unexpected reply from the server: {event!r}")
+_reply_error = reply_error
 
 
 def _tune_socket(sock: socket.socket) -> None:
@@ -169,10 +140,10 @@ class _Link:
         self._last = time.monotonic()
 
     def check(self) -> None:
-        """Raise ``Cancelled`` if cancelled, ``_Dropped`` if nothing moved for too long."""
+        """Raise ``Cancelled`` if cancelled, ``TransportFailure`` if nothing moved for too long."""
         _check_cancel(self.cancel)
         if time.monotonic() - self._last > self.patience:
-            raise _Dropped(f"nothing moved for {self.patience:g} seconds")
+            raise TransportFailure(f"nothing moved for {self.patience:g} seconds")
 
     # -- sending
 
@@ -306,7 +277,7 @@ class _Link:
             event = self.conn.next_event()
             if isinstance(event, wire.ServerError):
                 return _reply_error(event)
-        return _Dropped(f"connection lost: {exc.strerror or exc}")
+        return TransportFailure(f"connection lost: {exc.strerror or exc}")
 
 
 def _shrank(pos: int) -> FiledockError:
@@ -370,33 +341,6 @@ class _LocalDigest:
         self._thread.join()
 
 
-@dataclass
-class _Upload(_Attempts):
-    """One ``upload_file`` call's running totals across connections."""
-
-    resumed_from: int | None = None
-    sent: int = 0
-    best_offset: int = -1
-
-    def offered(self, offset: int) -> None:
-        """The server holds ``offset`` bytes: progress if more than on any earlier connection."""
-        if self.resumed_from is None:
-            self.resumed_from = offset
-        if offset > self.best_offset:
-            self.moved = self.best_offset >= 0
-            self.best_offset = offset
-
-
-@dataclass
-class _Download(_Attempts):
-    """One ``download_file`` call's state across connections."""
-
-    hasher: ContentHasher | None = None
-    resumed_from: int = 0
-    received: int = 0
-    start: wire.DownloadStart | None = None
-
-
 class DataPortClient:
     """Blocking uploads and downloads of single files through a filedock data port.
 
@@ -418,6 +362,11 @@ class DataPortClient:
         self.stall_timeout = stall_timeout
         self.attempts = max(1, attempts)
         self.backoff = backoff
+
+    @property
+    def policy(self) -> RetryPolicy:
+        """``attempts`` and ``backoff`` as the ``RetryPolicy`` every transfer of this client follows."""
+        return RetryPolicy(self.attempts, self.backoff)
 
     def __repr__(self) -> str:
         return f"DataPortClient({self.host!r}, {self.port}, tls={self.ssl_context is not None})"
@@ -459,35 +408,47 @@ class DataPortClient:
     def _upload(self, session_key: str, file_key: str, f: BinaryIO, size: int, name: str,
                 local: _LocalDigest, report: _Reports, cancel: threading.Event | None,
                 source: SourceWatch) -> UploadResult:
-        state = _Upload()
-        try:
-            stored = self._retrying(cancel, state, lambda link: self._upload_step(
-                link, session_key, file_key, f, size, local, state, report, source))
-        except FiledockError as exc:
-            if exc.code is ErrorCode.CHANGED_DURING_UPLOAD:
+        """Drive an ``UploadAttempt``: it decides, this does the I/O."""
+        attempt = UploadAttempt(name, file_key, size, self.policy)
+        action: Any = attempt.start()
+        while True:
+            if isinstance(action, Connect):
+                action = self._upload_connection(attempt, session_key, file_key, f, local, report, source, cancel)
+            elif isinstance(action, Sleep):
+                log.info("%s: reconnecting in %.1fs (attempt %d of %d)", name, action.seconds,
+                         attempt.budget.failures + 1, self.attempts)
+                _sleep(action.seconds, cancel)
+                action = attempt.start()
+            elif isinstance(action, AwaitDigest):
+                log.info("body of %s sent; waiting for the local digest before DONE", short_key(file_key))
+                local.wait_cancellable(cancel)
+                action = attempt.start()
+            elif isinstance(action, QueryStored):
+                # complete already (by us, with STORED lost in a drop, or by an earlier run): ask its values
+                stored = self._retrying(cancel, lambda link: self._complete_values(
+                    link, session_key, file_key, action.size))
+                report(SENT, size, size)
+                action = self._stored(attempt, stored, local, report, source, cancel)
+            elif isinstance(action, DropPartial):
                 self._discard(session_key, file_key, cancel)  # its bytes belong to no one version
                 source.check()  # the stamp's own words, if the stamp shows it
-                raise _explained(exc, name) from None
-            if exc.code is not ErrorCode.ALREADY_COMPLETE:
-                raise _explained(exc, name) from None
-            # complete already (by us, with STORED lost in a drop, or by an earlier run): ask its values
-            stored = self._retrying(cancel, state, lambda link: self._complete_values(
-                link, session_key, file_key, size))
-            if state.resumed_from is None:
-                state.resumed_from = size
-            report(SENT, size, size)
+                raise action.error
+            elif isinstance(action, Fail):
+                raise action.error
+            elif isinstance(action, Finish):
+                report(VERIFIED, size, size)
+                return action.result
+            else:
+                raise AssertionError(f"unknown action {action!r}")
+
+    @staticmethod
+    def _stored(attempt: UploadAttempt, stored: wire.Stored, local: _LocalDigest, report: _Reports,
+                source: SourceWatch, cancel: threading.Event | None) -> Any:
+        """The server made the file complete: check the local file kept still, then the verdict."""
         source.check(stored=True)
         hasher = local.wait_cancellable(cancel)
-        report(DURABLE, size, size)
-        crc, digest = hasher.crc32, hasher.hexdigest()
-        if (stored.size, stored.crc32, stored.digest) != (size, crc, digest):
-            raise FiledockError(ErrorCode.DIGEST_MISMATCH,
-                                f"{name}: the server stored {stored.size} bytes with CRC-32 "
-                                f"{wire.format_crc(stored.crc32)} and digest {stored.digest}, but the local "
-                                f"file has {size} bytes, CRC-32 {wire.format_crc(crc)}, digest {digest}")
-        report(VERIFIED, size, size)
-        return UploadResult(name=name, size=size, key=file_key, resumed_from=state.resumed_from or 0,
-                            sent=state.sent, crc32=crc, digest=digest, state="complete")
+        report(DURABLE, attempt.size, attempt.size)
+        return attempt.stored(stored) or attempt.digest_ready(hasher.crc32, hasher.hexdigest())
 
     def _discard(self, session_key: str, file_key: str, cancel: threading.Event | None) -> None:
         """Drop a partial whose bytes may mix two versions of the local file (best effort)."""
@@ -496,32 +457,41 @@ class DataPortClient:
         except (FiledockError, Cancelled) as exc:
             log.info("could not drop the partial of %s: %s", short_key(file_key), exc)
 
-    def _upload_step(self, link: _Link, session_key: str, file_key: str, f: BinaryIO, size: int,
-                     local: _LocalDigest, state: _Upload, report: _Reports, source: SourceWatch) -> wire.Stored:
-        link.send_all(link.conn.upload(session_key, file_key, size))
-        offset = link.expect(wire.Offset, REPLY_PATIENCE).offset
-        state.offered(offset)
-        report(SENT, offset, size, force=True)
-        done = offset
+    def _upload_connection(self, attempt: UploadAttempt, session_key: str, file_key: str, f: BinaryIO,
+                           local: _LocalDigest, report: _Reports, source: SourceWatch,
+                           cancel: threading.Event | None) -> Any:
+        """One connection of an upload -> the attempt's next action."""
+        link: _Link | None = None
+        try:
+            link = self._connect(cancel)
+            size = attempt.size
+            link.send_all(link.conn.upload(session_key, file_key, size))
+            body: SendBody = attempt.offset(link.expect(wire.Offset, REPLY_PATIENCE).offset)
+            report(SENT, body.offset, size, force=True)
+            done = body.offset
 
-        def sent(n: int) -> None:
-            nonlocal done
-            done += n
-            state.sent += n
-            report(SENT, done, size)
+            def sent(n: int) -> None:
+                nonlocal done
+                done += n
+                attempt.body_sent(n)
+                report(SENT, done, size)
 
-        link.send_body(f, offset, size - offset, sent)
-        hasher = local.wait(min(HASH_WAIT, self.stall_timeout))
-        if hasher is None:
-            # the body is out but our digest is not ready (a resume after a long prefix): the server
-            # would time the silent connection out; let it checkpoint everything, come back later
-            log.info("body of %s sent; waiting for the local digest before DONE", short_key(file_key))
-            link.close()
-            local.wait_cancellable(link.cancel)
-            raise _Reconnect()
-        source.check()  # DONE commits what was declared: never a file that changed meanwhile
-        link.send_all(link.conn.done(hasher.hexdigest()))
-        return link.expect(wire.Stored, REPLY_PATIENCE)
+            link.send_body(f, body.offset, body.count, sent)
+            hasher = local.wait(min(HASH_WAIT, self.stall_timeout))
+            if hasher is None:
+                # the body is out but our digest is not ready (a resume after a long prefix): the server
+                # would time the silent connection out; let it checkpoint everything, come back later
+                return attempt.digest_late()
+            send_done = attempt.digest_ready(hasher.crc32, hasher.hexdigest())
+            source.check()  # DONE commits what was declared: never a file that changed meanwhile
+            link.send_all(link.conn.done(send_done.digest))
+            stored = link.expect(wire.Stored, REPLY_PATIENCE)
+        except FiledockError as exc:
+            return attempt.failed(exc)
+        finally:
+            if link is not None:
+                link.close()
+        return self._stored(attempt, stored, local, report, source, cancel)
 
     def _complete_values(self, link: _Link, session_key: str, file_key: str, size: int) -> wire.Stored:
         """The size, CRC-32 and digest the server recorded for a complete file (a GET of zero bytes)."""
@@ -549,19 +519,17 @@ class DataPortClient:
         it is reported the same way.
         """
         report = progress or (lambda name, stage, done, total: None)
-        mine: dict[str, tuple[int, int, str]] = {}
-        known = dict(stamps or {})
-        changed: dict[str, FiledockError] = {}
+        attempt = BatchAttempt(files, stamps, self.policy)
 
         def step(link: _Link) -> dict[str, Any]:
-            remaining = [item for item in files if item[0] not in changed]
+            remaining = attempt.remaining
             link.send_all(link.conn.batch(session_key, len(remaining)))
             for key, path, name in remaining:
-                data = self._read_whole(key, path, name, known, changed)
+                data = self._read_whole(key, path, attempt.stamps)
                 h = ContentHasher()
                 h.update(data)
-                mine[key] = (len(data), h.crc32, h.hexdigest())
-                link.send_all(link.conn.batch_item(key, len(data), mine[key][2]) + data)
+                attempt.item_read(key, len(data), h.crc32, h.hexdigest())
+                link.send_all(link.conn.batch_item(key, len(data), h.hexdigest()) + data)
                 report(name, SENT, len(data), len(data))
             link.send_all(link.conn.done())
             answers: dict[str, Any] = {}
@@ -572,34 +540,20 @@ class DataPortClient:
                 answers[event.file_key] = event
 
         try:
-            while True:
-                if all(key in changed for key, _, _ in files):
-                    answers = {}
-                    break
+            action = attempt.start()
+            while action is not None:
                 try:
-                    answers = self._retrying(cancel, _Attempts(), step)
+                    # a drop is retried inside with the attempt's budget; a changed file leaves the batch
+                    attempt.answered(self._retrying(cancel, step, attempt.budget))
                     break
-                except _SourceChanged:
-                    continue  # closed before DONE: nothing of it was stored; again without that file
+                except _SourceChanged as exc:  # closed before DONE: nothing of it was stored
+                    action = attempt.source_changed(exc.key, exc.change)
         except KeyboardInterrupt:
             raise Cancelled("interrupted") from None
-        results = []
-        for key, path, name in files:
-            if key not in changed and key in known and isinstance(answers.get(key), wire.ItemStored):
-                change = known[key].change(SourceStamp.read(path))
-                if change:
-                    changed[key] = changed_during_upload(name, change, stored=True)
-            if key in changed:
-                size = known[key].size if key in known else 0
-                results.append(UploadResult(name, size, key, state=changed[key].code_str,
-                                            message=changed[key].message))
-            else:
-                results.append(batch_result(key, name, mine.get(key), answers.get(key), report))
-        return results
+        return attempt.results({key: SourceStamp.read(path) for key, path in attempt.to_check()}, report)
 
     @staticmethod
-    def _read_whole(key: str, path: str | os.PathLike, name: str, known: dict[str, SourceStamp],
-                    changed: dict[str, FiledockError]) -> bytes:
+    def _read_whole(key: str, path: str | os.PathLike, known: dict[str, SourceStamp]) -> bytes:
         """A batch file's bytes, read once; ``_SourceChanged`` if it is not the declared version."""
         with open(path, "rb") as f:
             before = SourceStamp.of(os.fstat(f.fileno()))
@@ -608,8 +562,7 @@ class DataPortClient:
             change = stamp.change(before) or stamp.change(SourceStamp.of(os.fstat(f.fileno()))) or \
                 (f"shrank to {len(data)} bytes" if len(data) != stamp.size else None)
         if change:
-            changed[key] = changed_during_upload(name, change, stored=False)
-            raise _SourceChanged()
+            raise _SourceChanged(key, change)
         return data
 
     def abort_file(self, session_key: str, file_key: str, *, cancel: threading.Event | None = None) -> None:
@@ -619,7 +572,7 @@ class DataPortClient:
             link.expect(wire.Aborted, REPLY_PATIENCE)
 
         try:
-            self._retrying(cancel, _Attempts(), step)
+            self._retrying(cancel, step)
         except KeyboardInterrupt:
             raise Cancelled("interrupted") from None
 
@@ -627,7 +580,7 @@ class DataPortClient:
 
     def download_file(self, session_key: str, file_key: str, dest: str | os.PathLike, *,
                       progress: ProgressCallback | None = None, cancel: threading.Event | None = None,
-                      part: str | os.PathLike | None = None) -> UploadResult:
+                      part: str | os.PathLike | None = None) -> DownloadResult:
         """Download a complete file to ``dest``, resuming ``dest + ".part"`` if an earlier call left one.
 
         ``part`` names the partial file instead (on the same filesystem as ``dest``); a
@@ -646,63 +599,78 @@ class DataPortClient:
         try:
             fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             with open(fd, "r+b", buffering=0) as f:
-                state = _Download(hasher=hash_stream_cancellable(f, cancel))
-                state.resumed_from = state.hasher.offset
-                start = self._retrying(cancel, state, lambda link: self._download_step(
-                    link, session_key, file_key, f, state, report))
-                self._verify_download(start, state, part, dest)
+                result = self._download(session_key, file_key, f, dest.name, part, report, cancel)
                 os.fsync(f.fileno())
             durability.publish(part, dest)
         except KeyboardInterrupt:
             raise Cancelled("interrupted") from None
-        report(DURABLE, start.size, start.size)
-        report(VERIFIED, start.size, start.size)
-        return UploadResult(name=dest.name, size=start.size, key=file_key, resumed_from=state.resumed_from,
-                            sent=state.received, crc32=start.crc32, digest=start.digest, state="complete")
+        report(DURABLE, result.size, result.size)
+        report(VERIFIED, result.size, result.size)
+        return result
 
-    def _download_step(self, link: _Link, session_key: str, file_key: str, f: BinaryIO, state: _Download,
-                       report: _Reports) -> wire.DownloadStart:
-        link.send_all(link.conn.download(session_key, file_key, state.hasher.offset))
-        try:
-            start = link.expect(wire.DownloadStart, REPLY_PATIENCE)
-        except FiledockError as exc:
-            if exc.code is ErrorCode.BAD_OFFSET and state.hasher.offset:
-                _restart(f, state)  # our .part is longer than the file: not a prefix of it
-                raise _Reconnect() from None
-            raise
-        if state.start is not None and (start.size, start.digest) != (state.start.size, state.start.digest):
-            _restart(f, state)  # the server's file changed between connections
-            raise _Reconnect()
-        state.start = start
+    def _download(self, session_key: str, file_key: str, f: BinaryIO, name: str, part: Path, report: _Reports,
+                  cancel: threading.Event | None) -> DownloadResult:
+        """Drive a ``DownloadAttempt`` over the open partial ``f``."""
+        hasher = hash_stream_cancellable(f, cancel)
+        attempt = DownloadAttempt(name, file_key, self.policy)
+        action: Any = attempt.start(hasher.offset)
+        while True:
+            if isinstance(action, Connect):
+                link: _Link | None = None
+                try:
+                    link = self._connect(cancel)
+                    action = self._download_connection(link, session_key, file_key, f, hasher, attempt, report,
+                                                       action.offset)
+                except FiledockError as exc:
+                    action = attempt.failed(exc)
+                finally:
+                    if link is not None:
+                        link.close()
+            elif isinstance(action, Restart):
+                log.info("the partial download is not a prefix of the server's file; starting again from 0")
+                f.truncate(0)
+                f.seek(0)
+                hasher = ContentHasher()
+                action = attempt.restarted()
+            elif isinstance(action, Sleep):
+                log.info("%s: reconnecting in %.1fs (attempt %d of %d)", name, action.seconds,
+                         attempt.budget.failures + 1, self.attempts)
+                _sleep(action.seconds, cancel)
+                action = attempt.connect()
+            elif isinstance(action, Fail):
+                if action.discard:
+                    part.unlink(missing_ok=True)
+                raise action.error
+            elif isinstance(action, Finish):
+                return action.result
+            else:
+                raise AssertionError(f"unknown action {action!r}")
+
+    @staticmethod
+    def _download_connection(link: _Link, session_key: str, file_key: str, f: BinaryIO, hasher: ContentHasher,
+                             attempt: DownloadAttempt, report: _Reports, offset: int) -> Any:
+        """One connection of a download -> the attempt's next action."""
+        link.send_all(link.conn.download(session_key, file_key, offset))
+        start = link.expect(wire.DownloadStart, REPLY_PATIENCE)
+        restart = attempt.started(start)
+        if restart is not None:
+            return restart  # the server's file changed between connections
         link.patience = link.stall_timeout
         fd = f.fileno()
-        report(SENT, state.hasher.offset, start.size, force=True)
+        report(SENT, hasher.offset, start.size, force=True)
         while True:
             event = link.next_event()
             if isinstance(event, wire.Data):
                 view = memoryview(event.data)
                 while len(view):
                     view = view[os.write(fd, view):]
-                state.hasher.update(event.data)
-                state.received += len(event.data)
-                state.moved = True
-                report(SENT, state.hasher.offset, start.size)
+                hasher.update(event.data)
+                attempt.body_received(len(event.data))
+                report(SENT, hasher.offset, start.size)
             elif isinstance(event, wire.BodyComplete):
-                return start
+                return attempt.complete(hasher.crc32, hasher.hexdigest())
             else:
-                raise _reply_error(event)
-
-    @staticmethod
-    def _verify_download(start: wire.DownloadStart, state: _Download, part: Path, dest: Path) -> None:
-        hasher = state.hasher
-        ours = (hasher.offset, hasher.crc32, hasher.hexdigest())
-        if ours != (start.size, start.crc32, start.digest):
-            part.unlink(missing_ok=True)
-            raise FiledockError(ErrorCode.DIGEST_MISMATCH,
-                                f"{dest.name}: received {ours[0]} bytes with CRC-32 {wire.format_crc(ours[1])} "
-                                f"and digest {ours[2]}, but the server has {start.size} bytes, CRC-32 "
-                                f"{wire.format_crc(start.crc32)}, digest {start.digest}; the partial download "
-                                f"({state.resumed_from} bytes resumed) was deleted, download again")
+                raise reply_error(event)
 
     # ------------------------------------------------------------ connections and retries
 
@@ -710,8 +678,8 @@ class DataPortClient:
         try:
             sock = socket.create_connection((self.host, self.port), timeout=min(self.stall_timeout, 30.0))
         except OSError as exc:
-            raise _Dropped(data_port_unreachable(self.host, self.port, exc.strerror or str(exc)),
-                           ErrorCode.UNREACHABLE.value) from None
+            raise TransportFailure(data_port_unreachable(self.host, self.port, exc.strerror or str(exc)),
+                                   ErrorCode.UNREACHABLE) from None
         try:
             _tune_socket(sock)
             if self.ssl_context is not None:
@@ -723,33 +691,31 @@ class DataPortClient:
                                                               exc.verify_message or str(exc))) from None
         except OSError as exc:
             sock.close()
-            raise _Dropped(f"TLS handshake with {self.host}:{self.port} failed: {exc}") from None
+            raise TransportFailure(f"TLS handshake with {self.host}:{self.port} failed: {exc}") from None
         return _Link(sock, cancel, self.stall_timeout)
 
-    def _retrying(self, cancel: threading.Event | None, state: _Attempts, step: Callable[[_Link], Any]) -> Any:
-        """``step(link)`` on new connections until it returns; drops are retried with backoff."""
-        failures = 0
+    def _retrying(self, cancel: threading.Event | None, step: Callable[[_Link], Any],
+                  budget: RetryBudget | None = None) -> Any:
+        """``step(link)`` on new connections until it returns; what ``RetryPolicy`` retries is, with backoff."""
+        budget = budget if budget is not None else RetryBudget(self.policy)
         while True:
             _check_cancel(cancel)
-            state.moved = False
             link: _Link | None = None
             try:
                 link = self._connect(cancel)
                 return step(link)
             except _Reconnect:
                 continue
-            except _Dropped as exc:
-                failures = 1 if state.moved else failures + 1
-                if failures >= self.attempts:
-                    raise FiledockError(exc.code, f"{exc.message} (gave up after {failures} "
-                                                  f"attempt{'s' if failures > 1 else ''} in a row)") from None
-                delay = RetryPolicy(self.attempts, self.backoff).delay(failures)
-                log.info("%s; reconnecting in %.1fs (attempt %d of %d)", exc.message, delay,
-                         failures + 1, self.attempts)
+            except FiledockError as exc:
+                decision = budget.failed(exc)
+                if isinstance(decision, GiveUp):
+                    raise decision.error from None
+                log.info("%s; reconnecting in %.1fs (attempt %d of %d)", exc.message, decision.seconds,
+                         budget.failures + 1, self.attempts)
             finally:
                 if link is not None:
                     link.close()
-            _sleep(delay, cancel)
+            _sleep(decision.seconds, cancel)
 
 
 def data_port_unreachable(host: str, port: int, reason: str) -> str:
@@ -768,12 +734,6 @@ def data_port_certificate_message(host: str, port: int, verify_code: int, why: s
                 f"{host}")
     return (f"the data port's certificate ({host}:{port}) is not trusted ({why}): pass the CA certificate "
             "that signed it with --cacert FILE (or FILEDOCK_CACERT)")
-
-
-def _explained(exc: FiledockError, name: str) -> FiledockError:
-    """A server refusal with the file's name in it (and what to do, where there is something to do)."""
-    hint = {ErrorCode.DIGEST_MISMATCH: " (the stored partial did not match the local file)"}.get(exc.code, "")
-    return FiledockError(exc.code, f"{name}: {exc.message}{hint}")
 
 
 def _sleep(seconds: float, cancel: threading.Event | None) -> None:
@@ -796,14 +756,3 @@ def hash_stream_cancellable(f: BinaryIO, cancel: threading.Event | None) -> Cont
         if not n:
             return hasher
         hasher.update(buf[:n])
-
-
-def _restart(f: BinaryIO, state: _Download) -> None:
-    log.info("the partial download is not a prefix of the server's file; starting again from 0")
-    f.truncate(0)
-    f.seek(0)
-    state.hasher = ContentHasher()
-    state.resumed_from = 0
-    state.start = None
-
-

@@ -14,10 +14,11 @@ import functools
 import json
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
-from filedock.client.model import SENT, VERIFIED, Cancelled, UploadResult
+from filedock.client.model import SENT, VERIFIED, Cancelled, TransferResult
 from filedock.errors import ErrorCode, FiledockError
 
 EXIT_FAILED = 1
@@ -26,7 +27,17 @@ EXIT_INTERRUPTED = 130
 RESUME_HINT = "cancelled: the server keeps what it received; run the same command again to resume"
 
 
-def add_parsers(sub: Any, client_flags: Callable[[argparse.ArgumentParser], None]) -> None:
+@dataclass(frozen=True)
+class CliServices:
+    """What these commands take from the CLI around them. ``filedock.cli`` passes them in, so this
+    module never imports it (the two used to import each other)."""
+
+    api_client: Callable[[argparse.Namespace], Any]  # the ApiClient the flags, environment and config describe
+    stdout_console: Callable[[], Any]  # a rich console on stdout
+    emit: Callable[..., None]  # JSON with --json, else the human form
+
+
+def add_parsers(sub: Any, client_flags: Callable[[argparse.ArgumentParser], None], services: CliServices) -> None:
     """Add ``upload``, ``download`` and ``status`` to the ``filedock`` command's subparsers."""
     p = sub.add_parser("upload", help="upload files and directories into a job (resumable, verified)",
                        description="Upload files and directories into a job. Run the same command again "
@@ -51,7 +62,7 @@ def add_parsers(sub: Any, client_flags: Callable[[argparse.ArgumentParser], None
                    help="files sent at once (default 1: one after another)")
     _transfer_flags(p)
     client_flags(p)
-    p.set_defaults(func=cmd_upload)
+    p.set_defaults(func=cmd_upload, services=services)
 
     p = sub.add_parser("download", help="download a file of a job, or all of them (resumable, verified)",
                        usage="filedock download --job JOB NAME DEST | filedock download --job JOB --all DIR",
@@ -70,11 +81,11 @@ def add_parsers(sub: Any, client_flags: Callable[[argparse.ArgumentParser], None
     p.set_defaults(trailing_positionals="targets")
     _transfer_flags(p)
     client_flags(p)
-    p.set_defaults(func=cmd_download)
+    p.set_defaults(func=cmd_download, services=services)
 
     p = sub.add_parser("status", help="uploads in progress on the server")
     client_flags(p)
-    p.set_defaults(func=cmd_status)
+    p.set_defaults(func=cmd_status, services=services)
 
 
 def _transfer_flags(p: argparse.ArgumentParser) -> None:
@@ -131,10 +142,9 @@ def _print_error(code: str, message: str) -> None:
 
 @_local_errors
 def cmd_upload(args: argparse.Namespace) -> int:
-    from filedock.cli import api_client
     from filedock.client.uploader import JobUploader
 
-    api = api_client(args)
+    api = args.services.api_client(args)
     uploader = JobUploader(api)
     plan = uploader.prepare(args.job, args.paths, create=args.create, prefix=args.prefix, replace=args.replace)
     uploader.data_client = _data_client(api, args)
@@ -150,7 +160,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
     for r in failed:
         _print_error(r.state, r.message or f"{r.name}: not uploaded")
     if not args.json:
-        _print_summary(plan.job, results)
+        _print_summary(args.services.stdout_console(), plan.job, results)
     return EXIT_FAILED if failed else 0
 
 
@@ -173,7 +183,7 @@ class _JsonLines:
     def progress(self, name: str, stage: str, done: int, total: int) -> None:
         pass
 
-    def result(self, result: UploadResult) -> None:
+    def result(self, result: TransferResult) -> None:
         row = result.to_json()
         if self._root is not None:
             from filedock.client.downloader import local_path
@@ -240,7 +250,7 @@ class _UploadBars:
             self.bars.update(task, description=_mark("[green]✓[/]", name), visible=not self._compact,
                              queued=False)
 
-    def result(self, result: UploadResult) -> None:
+    def result(self, result: TransferResult) -> None:
         with self._lock:
             self._finished += 1
         self.bars.update(self._job, description=self._job_description())
@@ -288,8 +298,7 @@ def _label(name: str, width: int = 40) -> str:
     return escape(name if len(name) <= width else "…" + name[-(width - 1):])
 
 
-def _print_summary(job: dict[str, Any], results: list[UploadResult], verb: str = "sent") -> None:
-    from filedock.cli import stdout_console
+def _print_summary(console: Any, job: dict[str, Any], results: list[TransferResult], verb: str = "sent") -> None:
     from rich.filesize import decimal
     from rich.markup import escape
     from rich.table import Table
@@ -313,9 +322,9 @@ def _print_summary(job: dict[str, Any], results: list[UploadResult], verb: str =
     table.caption = (f"{complete}/{len(results)} files complete, {decimal(total)} in the job, "
                      f"{decimal(sent)} {verb} now")
     if many and complete == len(results):  # nothing to list: just the totals
-        stdout_console().print(f"job {escape(job['name'])} ({job['id']}): {table.caption}")
+        console.print(f"job {escape(job['name'])} ({job['id']}): {table.caption}")
     else:
-        stdout_console().print(table)
+        console.print(table)
 
 
 # ---------------------------------------------------------------- download
@@ -323,8 +332,7 @@ def _print_summary(job: dict[str, Any], results: list[UploadResult], verb: str =
 
 @_local_errors
 def cmd_download(args: argparse.Namespace) -> int:
-    from filedock.cli import api_client
-
+    api_client = args.services.api_client
     if args.all:
         if len(args.targets) != 1:
             raise ValueError("download --all takes one directory: filedock download --job JOB --all DIR")
@@ -365,7 +373,7 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
-def _local_copy(record: dict[str, Any], dest: Path, force: bool) -> UploadResult | None:
+def _local_copy(record: dict[str, Any], dest: Path, force: bool) -> TransferResult | None:
     """DEST already there: a result if it has the job's bytes (verified, nothing fetched), None to fetch;
     ``conflict`` if it holds other bytes and ``--force`` was not given (as ``--all`` refuses)."""
     from filedock.client.downloader import local_copy
@@ -392,7 +400,7 @@ def _download_job(api: Any, args: argparse.Namespace, dest: Path) -> int:
     for r in failed:
         _print_error(r.state, r.message or f"{r.name}: not downloaded")
     if not args.json:
-        _print_summary(job, results, verb="received")
+        _print_summary(args.services.stdout_console(), job, results, verb="received")
     return EXIT_FAILED if failed else 0
 
 
@@ -409,7 +417,7 @@ class _DownloadPlan:
 
 
 def _download_with_bar(data: Any, session_key: str, record: dict[str, Any], dest: Path,
-                       quiet: bool) -> UploadResult:
+                       quiet: bool) -> TransferResult:
     if quiet:
         return data.download_file(session_key, record["key"], dest, cancel=threading.Event())
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
@@ -440,23 +448,21 @@ def _download_with_bar(data: Any, session_key: str, record: dict[str, Any], dest
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from filedock.cli import api_client, emit
-
-    payload = api_client(args).get("/v1/uploads")
+    payload = args.services.api_client(args).get("/v1/uploads")
     uploads = payload.get("uploads", []) if isinstance(payload, dict) else payload
-    emit(args, {"uploads": uploads}, _print_uploads)
+    console = args.services.stdout_console
+    args.services.emit(args, {"uploads": uploads}, lambda shown: _print_uploads(console(), shown))
     return 0
 
 
-def _print_uploads(payload: dict[str, Any]) -> None:
-    from filedock.cli import stdout_console
+def _print_uploads(console: Any, payload: dict[str, Any]) -> None:
     from rich.filesize import decimal
     from rich.markup import escape
     from rich.table import Table
 
     uploads = payload["uploads"]
     if not uploads:
-        stdout_console().print("no uploads in progress")
+        console.print("no uploads in progress")
         return
     table = Table("job", "file", "key", "received", "size", "%", "resumed from", "rate", "seconds")
     for column in table.columns:
@@ -468,4 +474,4 @@ def _print_uploads(payload: dict[str, Any]) -> None:
         table.add_row(escape(job), escape(str(u.get("name", ""))), str(u.get("key", "")), decimal(received),
                       decimal(size), f"{100 * received / size:.1f}" if size else "100.0",
                       decimal(u.get("resumed_from", 0)), f"{decimal(int(rate))}/s", f"{seconds:.0f}")
-    stdout_console().print(table)
+    console.print(table)

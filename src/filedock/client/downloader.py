@@ -27,7 +27,7 @@ from typing import Any, Callable
 from filedock.client.blocking import DataPortClient, hash_stream_cancellable
 from filedock.client.http import ApiClient
 from filedock import durability
-from filedock.client.model import DURABLE, SENT, VERIFIED, Cancelled, UploadResult
+from filedock.client.model import DURABLE, SENT, VERIFIED, Cancelled, DownloadResult, Outcome
 from filedock.errors import ErrorCode, FiledockError
 from filedock.wire import format_crc
 
@@ -47,7 +47,7 @@ class _Refused(Exception):
 
 
 def local_copy(entry: dict[str, Any], path: Path, *, replace: bool = False,
-               progress: JobProgress | None = None, cancel: threading.Event | None = None) -> UploadResult | None:
+               progress: JobProgress | None = None, cancel: threading.Event | None = None) -> DownloadResult | None:
     """A local file at ``path`` checked against the job's file ``entry`` (as ``GET /v1/jobs/<job>`` lists it).
 
     -> a ``complete`` result if it has the server's size and digest (nothing to fetch),
@@ -64,7 +64,7 @@ def local_copy(entry: dict[str, Any], path: Path, *, replace: bool = False,
         raise FiledockError(exc.code, exc.message) from None
 
 JobProgress = Callable[[str, str, int, int], None]
-ResultCallback = Callable[[UploadResult], None]
+ResultCallback = Callable[[DownloadResult], None]
 
 
 def local_path(root: Path, name: str) -> Path | None:
@@ -87,7 +87,7 @@ class JobDownloader:
 
     def download(self, job: str, dest: str | os.PathLike, *, progress: JobProgress | None = None,
                  cancel: threading.Event | None = None, on_result: ResultCallback | None = None,
-                 record: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[UploadResult]]:
+                 record: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[DownloadResult]]:
         """Download every file of ``job`` (an id or a name) into ``dest`` -> (the job, one result per file).
 
         A file that could not be downloaded has a result whose ``state`` is the error
@@ -105,7 +105,7 @@ class JobDownloader:
         record = record if record is not None else self.api.job(job)
         files = [f for f in record.get("files", []) if isinstance(f, dict)]
         files.sort(key=lambda f: str(f.get("name")))
-        results: list[UploadResult] = []
+        results: list[DownloadResult] = []
         session = None
         try:
             for entry in files:
@@ -134,14 +134,14 @@ class JobDownloader:
         return record, results
 
     @staticmethod
-    def _failed(entry: dict[str, Any], code: ErrorCode | str, message: str) -> UploadResult:
-        state = code.value if isinstance(code, ErrorCode) else str(code)
+    def _failed(entry: dict[str, Any], code: ErrorCode | str, message: str) -> DownloadResult:
         name, size, key = entry.get("name"), entry.get("size"), entry.get("key")
-        return UploadResult(name if isinstance(name, str) else repr(name), size if isinstance(size, int) else 0,
-                            key if isinstance(key, str) else "", state=state, message=message)
+        return DownloadResult.failed(name if isinstance(name, str) else repr(name),
+                                     size if isinstance(size, int) else 0, key if isinstance(key, str) else "",
+                                     FiledockError(code, message))
 
     def _one(self, root: Path, entry: dict[str, Any], report: JobProgress,
-             cancel: threading.Event) -> UploadResult | None:
+             cancel: threading.Event) -> DownloadResult | None:
         """A file's result without fetching it (refused, not complete, already here), or None to fetch it."""
         name, size, key = entry.get("name"), entry.get("size"), entry.get("key")
         if not (isinstance(name, str) and isinstance(size, int) and isinstance(key, str) and _KEY.fullmatch(key)):
@@ -166,7 +166,7 @@ class JobDownloader:
 
     @staticmethod
     def _present(entry: dict[str, Any], path: Path | None, report: JobProgress,
-                 cancel: threading.Event) -> UploadResult | None:
+                 cancel: threading.Event) -> DownloadResult | None:
         """A local file already at ``path``: verified against the server's values (None if there is none)."""
         if path is None:
             return None
@@ -188,13 +188,13 @@ class JobDownloader:
                     size = entry["size"]
                     for stage in (SENT, DURABLE, VERIFIED):
                         report(entry["name"], stage, size, size)
-                    return UploadResult(entry["name"], size, entry["key"], resumed_from=size, sent=0,
-                                        crc32=hasher.crc32, digest=hasher.hexdigest(), state="complete")
+                    return DownloadResult(entry["name"], size, entry["key"], resumed_from=size, sent=0,
+                                          crc32=hasher.crc32, digest=hasher.hexdigest(), outcome=Outcome.COMPLETE)
         raise _Refused(ErrorCode.CONFLICT, f"{path} exists with other bytes; it is left alone (move it away to "
                                            "download the job's copy, or pass --force to replace it)", other_bytes=True)
 
     def _fetch(self, root: Path, session_key: str, entry: dict[str, Any], report: JobProgress,
-               cancel: threading.Event) -> UploadResult:
+               cancel: threading.Event) -> DownloadResult:
         name = entry["name"]
         try:
             path, made = _make_parents(root, name)

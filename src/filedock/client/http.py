@@ -24,19 +24,16 @@ import time
 from typing import Any, Callable
 from urllib.parse import quote, unquote, urlsplit
 
-from filedock.client.model import RetryPolicy
-from filedock.errors import ErrorCode, FiledockError
+from filedock.client.retry import RETRY_STATUSES, RetryPolicy  # noqa: F401  (RETRY_STATUSES: public here before)
+from filedock.errors import ErrorCode, FiledockError, RefusedByServer
 
 log = logging.getLogger("filedock.client")
 
 HANDSHAKE_TIMEOUT = 5.0
 """Seconds a TLS handshake may take before the port is asked whether it speaks plain HTTP."""
 
-RETRY_STATUSES = frozenset({500, 502, 503, 504})
-"""HTTP statuses a later attempt may cure (``507 no-space`` is not one: it needs a person)."""
 
-
-class ApiError(FiledockError):
+class ApiError(RefusedByServer):
     """A control-API refusal. ``repeated``: an earlier attempt of the same request may have reached
     the server (it was sent and then lost, or answered 5xx), so the refusal may be of our own making."""
 
@@ -197,7 +194,7 @@ class ApiClient:
             err = (payload or {}).get("error", {}) if isinstance(payload, dict) else {}
             error = ApiError(err.get("code", ErrorCode.INTERNAL_ERROR.value),
                              err.get("message", f"HTTP {resp.status} from {self.url}"), resp.status, repeated)
-            if resp.status in RETRY_STATUSES:
+            if RetryPolicy.retryable_status(resp.status):
                 raise _Transient(f"HTTP {resp.status}: {error.message}", True, error)
             raise error
         return payload

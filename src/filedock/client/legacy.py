@@ -22,9 +22,9 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 
 from filedock import digest, wire
-from filedock.client.model import SENT, Cancelled, ProgressCallback, UploadResult
+from filedock.client.model import SENT, Cancelled, Outcome, ProgressCallback, UploadResult
 from filedock.client.txclient import FileStreamer
-from filedock.client.uploader import JobProgress
+from filedock.client.jobplan import JobProgress
 from filedock.errors import ErrorCode, FiledockError, short_key
 
 CHUNK_SIZE = 64 * 1024
@@ -71,7 +71,7 @@ class LegacyUploadProtocol(Protocol):
             return
         if self._written and reason.check(error.ConnectionDone):
             self.done.callback(UploadResult(os.path.basename(self.path), self.size, self.file_key, 0,
-                                            self.size, self.hasher.crc32, self.hasher.hexdigest(), SENT))
+                                            self.size, self.hasher.crc32, self.hasher.hexdigest(), Outcome.SENT))
             return
         sent = self.streamer.position if self.streamer is not None else 0
         self.done.errback(FiledockError(ErrorCode.INTERNAL_ERROR,

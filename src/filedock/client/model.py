@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import enum
 import os
-import random
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from filedock.errors import ErrorCode, FiledockError
+from filedock.client.retry import MAX_BACKOFF, RetryPolicy  # noqa: F401  (public here since before retry.py)
+from filedock.errors import ErrorCode, FiledockError, RefusedByServer, RemoteProtocolError
 from filedock.wire import ItemFailed, ItemStored, format_crc
 
 # Progress stages, reported in this order for every file.
@@ -19,24 +20,6 @@ STAGES = (SENT, DURABLE, VERIFIED)
 
 ProgressCallback = Callable[[str, int, int], None]
 """``progress(stage, done_bytes, total_bytes)``."""
-
-
-MAX_BACKOFF = 30.0
-"""Longest wait between two attempts, in seconds."""
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How a client rides through drops and restarts: ``attempts`` failures in a row before it gives
-    up, waiting a jittered exponential backoff (``backoff`` seconds, doubling, at most ``MAX_BACKOFF``)
-    between them. The data port and the control API use the same numbers."""
-
-    attempts: int = 5
-    backoff: float = 0.5
-
-    def delay(self, failures: int) -> float:
-        """Seconds to wait after the ``failures``-th failure in a row (from 1)."""
-        return min(MAX_BACKOFF, self.backoff * 2 ** (failures - 1)) * random.uniform(0.5, 1.5)
 
 
 @dataclass(frozen=True)
@@ -121,9 +104,36 @@ class Cancelled(Exception):
     """The caller cancelled; the server keeps the partial unless asked to abort."""
 
 
+class Outcome(str, enum.Enum):
+    """What became of one file. ``FAILED`` and the outcomes after it carry an error ``code``."""
+
+    PENDING = "pending"
+    COMPLETE = "complete"  # stored durably and verified (a download: verified and renamed into place)
+    SENT = "sent"  # the 2007 dialect: every byte handed to the OS, nothing more is known
+    FAILED = "failed"  # refused or not reachable: see ``code``
+    CHANGED_DURING_UPLOAD = "changed-during-upload"  # the local file changed while it was sent
+    CONFLICT = "conflict"  # the job has that name with other bytes, or the local file differs
+    DIGEST_MISMATCH = "digest-mismatch"  # the two ends disagree about the bytes
+
+    @classmethod
+    def of_error(cls, code: ErrorCode | str) -> "Outcome":
+        """The outcome for a file that failed with ``code``."""
+        try:
+            return cls(code.value if isinstance(code, ErrorCode) else code)
+        except ValueError:
+            return cls.FAILED
+
+
 @dataclass
-class UploadResult:
-    """What became of one file. ``state`` is ``complete`` or an error code."""
+class TransferResult:
+    """What became of one file moved through a filedock server.
+
+    ``outcome`` says what happened; ``code`` (an ``ErrorCode``, or a newer peer's
+    string) and ``message`` say why when it is not ``COMPLETE`` or ``SENT``.
+    ``crc32`` is the CRC-32 as an int, ``crc32_hex`` as the CLI and the API show it
+    (8 hex digits). ``sent`` is the bytes this call moved (a download: received);
+    ``resumed_from`` the bytes the other end (or the ``.part``) held when it began.
+    """
 
     name: str
     size: int
@@ -132,13 +142,50 @@ class UploadResult:
     sent: int = 0
     crc32: int | None = None
     digest: str | None = None
-    state: str = "pending"
+    outcome: Outcome = Outcome.PENDING
     message: str = ""
+    code: ErrorCode | str | None = None
+
+    @classmethod
+    def failed(cls, name: str, size: int, key: str, error: FiledockError) -> "TransferResult":
+        """The result for a file that ends with ``error``."""
+        return cls(name, size, key, outcome=Outcome.of_error(error.code), message=error.message, code=error.code)
+
+    @property
+    def ok(self) -> bool:
+        """The file is where it should be: ``COMPLETE`` (or ``SENT`` in the 2007 dialect)."""
+        return self.outcome in (Outcome.COMPLETE, Outcome.SENT)
+
+    @property
+    def crc32_hex(self) -> str | None:
+        """The CRC-32 as 8 hex digits, as ``GET /v1/files/<key>`` and the CLI show it."""
+        return format_crc(self.crc32) if self.crc32 is not None else None
+
+    @property
+    def state(self) -> str:
+        """The CLI's ``state`` field: the outcome's value while it is ``pending``, ``complete`` or
+        ``sent``, else the error code (the values of ``filedock ... --json`` never change)."""
+        if self.code is None or self.ok or self.outcome is Outcome.PENDING:
+            return self.outcome.value
+        return self.code.value if isinstance(self.code, ErrorCode) else str(self.code)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "size": self.size, "key": self.key, "resumed_from": self.resumed_from,
-                "sent": self.sent, "crc32": format_crc(self.crc32) if self.crc32 is not None else None,
-                "digest": self.digest, "state": self.state, "message": self.message}
+                "sent": self.sent, "crc32": self.crc32_hex, "digest": self.digest, "state": self.state,
+                "message": self.message}
+
+
+class UploadResult(TransferResult):
+    """What became of one file sent to the server."""
+
+
+class DownloadResult(TransferResult):
+    """What became of one file fetched from the server (``sent``: bytes received by this call)."""
+
+    @property
+    def received(self) -> int:
+        """Bytes this call received (the same as ``sent``)."""
+        return self.sent
 
 
 def batch_result(key: str, name: str, local: tuple[int, int, str] | None, answer: Any,
@@ -153,13 +200,15 @@ def batch_result(key: str, name: str, local: tuple[int, int, str] | None, answer
     if isinstance(answer, ItemStored):
         report(name, DURABLE, size, size)
         if (answer.size, answer.crc32, answer.digest) != local:
-            return UploadResult(name, size, key, 0, size, answer.crc32, answer.digest,
-                                ErrorCode.DIGEST_MISMATCH.value,
+            return UploadResult(name, size, key, 0, size, answer.crc32, answer.digest, Outcome.DIGEST_MISMATCH,
                                 f"the server stored crc32 {format_crc(answer.crc32)} digest "
-                                f"{answer.digest}, the local file has others")
+                                f"{answer.digest}, the local file has others", ErrorCode.DIGEST_MISMATCH)
         report(name, VERIFIED, size, size)
-        return UploadResult(name, size, key, 0, size, answer.crc32, answer.digest, "complete")
+        return UploadResult(name, size, key, 0, size, answer.crc32, answer.digest, Outcome.COMPLETE)
     if isinstance(answer, ItemFailed):
-        return UploadResult(name, size, key, 0, size, state=answer.code, message=answer.message)
-    return UploadResult(name, size, key, 0, size, state=ErrorCode.INTERNAL_ERROR.value,
-                        message="the server gave no answer for this file")
+        error = RefusedByServer(answer.code, answer.message)
+    else:
+        error = RemoteProtocolError("the server gave no answer for this file")
+    result = UploadResult.failed(name, size, key, error)
+    result.sent = size
+    return result

@@ -14,157 +14,28 @@ to that directory, with ``/`` separators.
 from __future__ import annotations
 
 import concurrent.futures
-import errno
 import logging
 import os
 import ssl
-import stat
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from filedock.client.blocking import DataPortClient, hash_stream_cancellable
 from filedock.client.http import ApiClient
-from filedock.client.model import DURABLE, SENT, VERIFIED, Cancelled, SourceStamp, UploadResult
-from filedock.errors import ErrorCode, FiledockError
-from filedock.wire import format_crc
+# the planning names are public here since before jobplan.py existed
+from filedock.client.jobplan import (DECLARE_BATCH, JobPlan, JobProgress, LocalFile, PlannedFile,  # noqa: F401
+                                     UploadPlan, Verify, batch_units, check_prefix, collect_files, compare_complete,
+                                     planned_file, undeclared)
+from filedock.client.model import Cancelled, UploadResult
+from filedock.errors import ErrorCode, FiledockError, LocalFileError
 
 log = logging.getLogger("filedock.client")
-
-JobProgress = Callable[[str, str, int, int], None]
-"""``progress(name, stage, done_bytes, total_bytes)`` for each file of a job."""
 
 ResultCallback = Callable[[UploadResult], None]
 """Called once per file as soon as its result is known (from a worker thread when parallel)."""
 
-DECLARE_BATCH = 1000
-"""Most files declared in one API request (the API's own limit)."""
-
 _ANY_ADDRESS = ("", "0.0.0.0", "::")
-
-
-@dataclass(frozen=True)
-class LocalFile:
-    """A file to upload: where it is here, what it is called in the job, how big it is, and its
-    ``SourceStamp`` when found (the upload checks the file is still that version before committing)."""
-
-    path: Path
-    name: str
-    size: int
-    stamp: SourceStamp | None = field(default=None, compare=False)
-
-
-@dataclass(frozen=True)
-class PlannedFile:
-    """A local file matched to its declared file on the server, as the server saw it when planned.
-
-    ``conflict`` says why it will not be sent (the job has that name with another size).
-    """
-
-    local: LocalFile
-    key: str
-    state: str
-    received: int = 0
-    crc32: str | None = None
-    digest: str | None = None
-    conflict: str | None = None
-
-
-@dataclass(frozen=True)
-class UploadPlan:
-    """A resolved job and the files to put into it, in order."""
-
-    job: dict[str, Any]
-    files: list[PlannedFile]
-    replace: bool = False  # a complete file with other bytes is uploaded as a new version, not a conflict
-
-    @property
-    def job_id(self) -> str:
-        return self.job["id"]
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(f.local.size for f in self.files)
-
-
-def check_prefix(prefix: str) -> str:
-    """``--prefix``: a relative folder-like name put before every file's name, returned ending in ``/``
-    (``""`` stays ``""``). Raises ``FiledockError(bad-request)`` for an absolute prefix or a ``..``,
-    ``.`` or empty part."""
-    if not prefix:
-        return ""
-    parts = prefix.rstrip("/").split("/")
-    if prefix.startswith(("/", "\\")) or any(part in ("", ".", "..") for part in parts) or "\0" in prefix:
-        raise FiledockError(ErrorCode.BAD_REQUEST, f"--prefix {prefix!r}: a relative name like 'sub1/' "
-                                                   "(no leading /, no '.', '..' or empty parts)")
-    return "/".join(parts) + "/"
-
-
-def collect_files(paths: Iterable[str | os.PathLike], prefix: str = "") -> list[LocalFile]:
-    """The regular files the paths name, directories expanded (sorted; symlinked directories not followed).
-
-    Naming: a file given directly is named by its last path component; a file found
-    under a given directory by its path relative to that directory (the directory's own
-    name is not part of it, like ``rsync dir/``). ``prefix`` (see ``check_prefix``) goes
-    before every name.
-
-    Raises ``FiledockError(not-found)`` for a path that does not exist,
-    ``FiledockError(bad-request)`` for a directory that cannot be read, and
-    ``FiledockError(conflict)`` if two files would get the same name in the job.
-    """
-    prefix = check_prefix(prefix)
-    found: list[LocalFile] = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            found.extend(LocalFile(f.path, prefix + f.name, f.size, f.stamp) for f in _walk(path))
-        elif path.is_file():
-            st = path.stat()
-            found.append(LocalFile(path, prefix + path.name, st.st_size, SourceStamp.of(st)))
-        elif path.exists():
-            raise FiledockError(ErrorCode.BAD_REQUEST, f"{path}: not a regular file or directory")
-        else:
-            raise FiledockError(ErrorCode.NOT_FOUND, f"{path}: no such file or directory")
-    seen: dict[str, Path] = {}
-    for local in found:
-        if local.name in seen:
-            raise FiledockError(ErrorCode.CONFLICT, f"{seen[local.name]} and {local.path} would both be "
-                                                    f"named {local.name!r} in the job")
-        seen[local.name] = local.path
-    return found
-
-
-def _walk(root: Path) -> Iterable[LocalFile]:
-    """A directory's files first, then its subdirectories, names sorted; one ``stat`` per file.
-
-    A directory that cannot be read stops the walk with ``FiledockError(bad-request)``:
-    leaving its files out without a word would lose them.
-    """
-    def unreadable(exc: OSError) -> None:
-        raise FiledockError(ErrorCode.BAD_REQUEST, f"{exc.filename}: cannot read the directory: "
-                                                   f"{exc.strerror or exc}")
-
-    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
-        dirnames.sort()  # symlinked directories are listed here but not followed
-        relative = os.path.relpath(dirpath, root)
-        prefix = "" if relative == "." else relative.replace(os.sep, "/") + "/"
-        for filename in sorted(filenames):
-            path = os.path.join(dirpath, filename)
-            try:
-                st = os.stat(path)
-            except (FileNotFoundError, OSError) as exc:
-                if isinstance(exc, FileNotFoundError) or exc.errno == errno.ELOOP:
-                    continue  # a dangling link or a loop of links, or gone while we looked
-                raise
-            if stat.S_ISREG(st.st_mode):  # sockets, FIFOs, devices: nothing to upload
-                name = prefix + filename
-                try:
-                    name.encode("utf-8")
-                except UnicodeError:  # bytes that are not UTF-8 cannot be a name in the job
-                    raise FiledockError(ErrorCode.BAD_REQUEST, f"{path!r}: the file name is not valid UTF-8; "
-                                                               "rename it to upload it") from None
-                yield LocalFile(Path(path), name, st.st_size, SourceStamp.of(st))
 
 
 def data_client_for(api: ApiClient, *, stall_timeout: float = 60.0, attempts: int = 5,
@@ -233,7 +104,7 @@ class JobUploader:
         if replace and conflicts:
             self._declare(record["id"], [f for f in local if f.name in conflicts], declared, replace=True)
             conflicts = {}
-        files = [_planned(item, declared[item.name], conflicts.get(item.name)) for item in local]
+        files = [planned_file(item, declared[item.name], conflicts.get(item.name)) for item in local]
         return UploadPlan(record, files, replace)
 
     def _declare(self, job_id: str, files: list[LocalFile], declared: dict[str, dict[str, Any]],
@@ -273,25 +144,18 @@ class JobUploader:
              on_result: ResultCallback | None) -> list[UploadResult]:
         report: JobProgress = progress or (lambda name, stage, done, total: None)
         done: ResultCallback = on_result or (lambda result: None)
-        results: dict[int, UploadResult] = {}
-        todo = []
-        for i, planned in enumerate(plan.files):
-            if planned.conflict is not None:
-                results[i] = UploadResult(planned.local.name, planned.local.size, planned.key,
-                                          state=ErrorCode.CONFLICT.value, message=planned.conflict)
-                done(results[i])
-            elif planned.state == "complete":
-                results[i] = self._verify_complete(planned, report, cancel)
-                if results[i].state == ErrorCode.CONFLICT.value and plan.replace:
-                    todo.append(i)  # same size, other bytes: a new version goes up below
-                    continue
-                done(results[i])
-            else:
-                todo.append(i)
-        newer = [i for i in todo if plan.files[i].state == "complete"]
-        if newer:
-            plan = self._new_versions(plan, newer)
-        if todo:
+        job = JobPlan(plan)  # every file gets its result; the others carry on
+        for action in job.start():
+            if isinstance(action, Verify):
+                if not job.verified(action.index, self._verify_complete(plan.files[action.index], report, cancel)):
+                    continue  # same size, other bytes: a new version goes up below
+            done(job.results[action.index])
+        if job.newer:
+            declared: dict[str, dict[str, Any]] = {}
+            self._declare(plan.job_id, [plan.files[i].local for i in job.newer], declared, replace=True)
+            job.declared_new_versions(declared)
+        if job.todo:
+            plan = job.plan
             data = self.data_client or self._default_data_client()
             limits = self._limits()
             session = self.api.open_session(plan.job_id)
@@ -307,26 +171,20 @@ class JobUploader:
                         done(result)
                     return got
 
-                units = _units(plan, todo, limits, parallel)
+                units = job.units(limits, parallel)
                 if parallel > 1:
                     parallel = min(parallel, len(units), self._connections_per_session(limits))
                 if parallel <= 1:
+                    got = {}
                     for unit in units:
-                        results.update(run_unit(unit))
+                        got.update(run_unit(unit))
                 else:
-                    results.update(_run_threads(run_unit, units, parallel, cancel))
+                    got = _run_threads(run_unit, units, parallel, cancel)
+                for i, result in got.items():
+                    job.finished(i, result)
             finally:
                 self._close_session(session["key"])
-        return [results[i] for i in range(len(plan.files))]
-
-    def _new_versions(self, plan: UploadPlan, indexes: list[int]) -> UploadPlan:
-        """The plan with these complete-but-different files declared as new versions to upload."""
-        declared: dict[str, dict[str, Any]] = {}
-        self._declare(plan.job_id, [plan.files[i].local for i in indexes], declared, replace=True)
-        files = list(plan.files)
-        for i in indexes:
-            files[i] = _planned(files[i].local, declared[files[i].local.name])
-        return UploadPlan(plan.job, files, plan.replace)
+        return job.ordered()
 
     def _limits(self) -> dict[str, Any]:
         limits = self.api.info().get("limits")
@@ -340,11 +198,10 @@ class JobUploader:
                                      progress=report, cancel=cancel,
                                      stamps={p.key: p.local.stamp for p in planned if p.local.stamp})
         except FiledockError as exc:
-            return [UploadResult(p.local.name, p.local.size, p.key, state=exc.code_str, message=exc.message)
-                    for p in planned]
+            return [UploadResult.failed(p.local.name, p.local.size, p.key, exc) for p in planned]
         except OSError as exc:  # a local file: unreadable, gone
-            return [UploadResult(p.local.name, p.local.size, p.key, state=ErrorCode.INTERNAL_ERROR.value,
-                                 message=f"{exc.filename}: {exc.strerror or exc}") for p in planned]
+            error = LocalFileError.of(exc)
+            return [UploadResult.failed(p.local.name, p.local.size, p.key, error) for p in planned]
 
     @staticmethod
     def _connections_per_session(limits: dict[str, Any]) -> int:
@@ -365,10 +222,10 @@ class JobUploader:
                                     progress=lambda stage, done, total: report(local.name, stage, done, total),
                                     expect=local.stamp)
         except FiledockError as exc:
-            return UploadResult(local.name, local.size, planned.key, state=exc.code_str, message=exc.message)
+            return UploadResult.failed(local.name, local.size, planned.key, exc)
         except OSError as exc:  # the local file: unreadable, gone
-            return UploadResult(local.name, local.size, planned.key, state=ErrorCode.INTERNAL_ERROR.value,
-                                message=f"{local.path}: {exc.strerror or exc}")
+            return UploadResult.failed(local.name, local.size, planned.key,
+                                       LocalFileError(f"{local.path}: {exc.strerror or exc}"))
 
     @staticmethod
     def _verify_complete(planned: PlannedFile, report: JobProgress, cancel: threading.Event) -> UploadResult:
@@ -378,8 +235,8 @@ class JobUploader:
             with open(local.path, "rb", buffering=0) as f:
                 hasher = hash_stream_cancellable(f, cancel)
         except OSError as exc:
-            return UploadResult(local.name, local.size, planned.key, state=ErrorCode.INTERNAL_ERROR.value,
-                                message=f"{local.path}: {exc.strerror or exc}")
+            return UploadResult.failed(local.name, local.size, planned.key,
+                                       LocalFileError(f"{local.path}: {exc.strerror or exc}"))
         return compare_complete(local, planned.key, planned.crc32, planned.digest, hasher, report)
 
     def _close_session(self, key: str) -> None:
@@ -387,91 +244,6 @@ class JobUploader:
             self.api.close_session(key)
         except FiledockError as exc:  # the uploads' outcome stands; an unclosed session just expires
             log.warning("could not close session: %s", exc)
-
-
-def undeclared(job: dict[str, Any], local: list[LocalFile], conflicts: dict[str, str] | None = None,
-               ) -> tuple[dict[str, dict[str, Any]], list[LocalFile]]:
-    """The job's declared files by name, and the local files it has not declared yet.
-
-    A local file whose name the job has with another size is a conflict: its message goes
-    into ``conflicts`` (by name) if given, else ``FiledockError(conflict)`` is raised.
-    """
-    declared = {f["name"]: f for f in job.get("files", [])}
-    missing = []
-    for item in local:
-        existing = declared.get(item.name)
-        if existing is None:
-            missing.append(item)
-        elif existing["size"] != item.size:
-            message = (f"{item.name}: the local file differs from the job's copy: job {job['name']!r} has "
-                       f"{existing['size']} bytes under that name, {item.path} has {item.size}. Upload it under "
-                       "another name (--prefix), or with --replace to store it as a new version")
-            if conflicts is None:
-                raise FiledockError(ErrorCode.CONFLICT, message)
-            conflicts[item.name] = message
-    return declared, missing
-
-
-def compare_complete(local: LocalFile, key: str, crc32: str | None, digest: str | None, hasher: Any,
-                     report: JobProgress) -> UploadResult:
-    """The result for a file the server holds complete (CRC-32 ``crc32`` as the API shows it, ``digest``),
-    given the local file's hasher: ``complete`` if they agree, else ``digest-mismatch``; nothing is sent."""
-    result = UploadResult(local.name, local.size, key, resumed_from=local.size, sent=0,
-                          crc32=hasher.crc32, digest=hasher.hexdigest())
-    report(local.name, SENT, local.size, local.size)
-    report(local.name, DURABLE, local.size, local.size)
-    if (format_crc(hasher.crc32), result.digest, hasher.offset) != (crc32, digest, local.size):
-        # the same size, other bytes: the user changed the file since it was uploaded (not a transfer fault)
-        result.state = ErrorCode.CONFLICT.value
-        result.message = (f"{local.name}: the local file differs from the job's copy (same size, other bytes: "
-                          f"the job's has CRC-32 {crc32}, {local.path} has {format_crc(hasher.crc32)}). Upload it "
-                          "under another name (--prefix), or with --replace to store it as a new version")
-        return result
-    report(local.name, VERIFIED, local.size, local.size)
-    result.state = "complete"
-    return result
-
-
-def _planned(local: LocalFile, record: dict[str, Any], conflict: str | None = None) -> PlannedFile:
-    return PlannedFile(local, record["key"], record["state"], record.get("received", 0),
-                       record.get("crc32"), record.get("digest"), conflict)
-
-
-def _units(plan: UploadPlan, todo: list[int], limits: dict[str, Any], parallel: int = 1) -> list[list[int]]:
-    """Work units of the plan's files ``todo`` (see ``batch_units``), as indexes into ``plan.files``."""
-    units = batch_units([plan.files[i].local.size for i in todo], limits, parallel)
-    return [[todo[j] for j in unit] for unit in units]
-
-
-def batch_units(sizes: list[int], limits: dict[str, Any], parallel: int = 1) -> list[list[int]]:
-    """Work units for files of these sizes, in order, as lists of indexes into ``sizes``: small files
-    grouped into batches (one connection each) within the server's ``batch_*`` limits (from
-    ``GET /v1/info``), every other file alone. A server that does not say it batches gets every file alone.
-
-    With ``parallel`` > 1 the small files are spread over at least that many batches,
-    so the connections share them.
-    """
-    item_max, max_files, max_bytes = (limits.get(k) for k in ("batch_item_max", "batch_max_files",
-                                                              "batch_max_bytes"))
-    if not all(isinstance(v, int) and v > 0 for v in (item_max, max_files, max_bytes)):
-        return [[i] for i in range(len(sizes))]
-    small = sum(1 for size in sizes if size <= item_max)
-    max_files = max(1, min(max_files, -(-small // max(1, parallel))))
-    units: list[list[int]] = []
-    batch: list[int] = []
-    batch_bytes = 0
-    for i, size in enumerate(sizes):
-        if size > item_max:
-            units.append([i])
-            continue
-        if batch and (len(batch) >= max_files or batch_bytes + size > max_bytes):
-            units.append(batch)
-            batch, batch_bytes = [], 0
-        batch.append(i)
-        batch_bytes += size
-    if batch:
-        units.append(batch)
-    return sorted(units, key=lambda unit: unit[0])  # in the order the files were given, as far as can be
 
 
 def _run_threads(one: Callable[[list[int]], dict[int, UploadResult]], units: list[list[int]], parallel: int,
