@@ -332,8 +332,8 @@ class Reply:
     content_type: str = "application/json"
 
 
-class _Exchange:
-    """One request being answered; remembers whether the client went away meanwhile."""
+class _Responder:
+    """Answers one API request: writes its reply, unless the client went away meanwhile."""
 
     def __init__(self, request: IRequest) -> None:
         self.request = request
@@ -448,23 +448,23 @@ class ControlAPI:
 
     def answer(self, request: IRequest) -> None:
         """Answer one request asynchronously; a client gone meanwhile is not an error."""
-        exchange = _Exchange(request)
+        responder = _Responder(request)
         if request.method == b"GET" and request.path in (b"/", b"/dashboard"):
             # the page holds no data: it asks the API, with the token the user types in
-            exchange.send(Reply(200, dashboard_page(), {"Content-Security-Policy": _DASHBOARD_CSP},
+            responder.send(Reply(200, dashboard_page(), {"Content-Security-Policy": _DASHBOARD_CSP},
                                 "text/html; charset=utf-8"))
             return
         d = self._dispatch(request)
         d.addCallback(lambda result: Reply(*result))
         d.addErrback(self._refusal, request)
-        d.addCallback(exchange.send)
-        d.addErrback(self._send_failed, exchange)
+        d.addCallback(responder.send)
+        d.addErrback(self._send_failed, responder)
 
     @staticmethod
-    def _send_failed(failure: Failure, exchange: "_Exchange") -> None:
+    def _send_failed(failure: Failure, responder: "_Responder") -> None:
         log.failure("control API: could not send a reply", failure)
-        if not exchange.gone and not exchange.request.startedWriting:
-            exchange.send(Reply(500, error_body(ErrorCode.INTERNAL_ERROR.value, "internal error")))
+        if not responder.gone and not responder.request.startedWriting:
+            responder.send(Reply(500, error_body(ErrorCode.INTERNAL_ERROR.value, "internal error")))
 
     @defer.inlineCallbacks
     def _dispatch(self, request: IRequest):
