@@ -23,6 +23,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections import deque
 from typing import Any, Callable, Iterable
 
@@ -220,8 +221,9 @@ class WorkQueue:
             threads = list(self._threads)
         for _ in threads:
             self._line.put(_STOP)
-        for thread in threads:
-            thread.join(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in threads:  # one deadline for all: a hung disk must not hold shutdown for long
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
                 _log.warning("work queue thread %s still busy after %ss", thread.name, timeout)
 
