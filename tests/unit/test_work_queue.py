@@ -271,16 +271,23 @@ def test_a_queue_that_drains_at_once_never_leaves_the_caller_paused(tmp_path):
     batch.discard()
 
 
-def test_the_server_makes_the_queue_and_hands_it_to_the_blob_store(tmp_path):
-    """The server, not an import, creates the work queue; its blob store uses that one."""
+def test_the_server_makes_the_queue_hands_it_to_the_blob_store_and_stops_it_at_shutdown(tmp_path):
+    """The server, not an import, creates the work queue; its blob store uses that one; the queue
+    stops after the reactor's shutdown (after the reactor's threads, which may still be writing)."""
     from twisted.internet.testing import MemoryReactorClock
 
     from filedock.server.service import FiledockServer, ServerOptions
 
-    server = FiledockServer(ServerOptions(data_dir=str(tmp_path), umask=None), reactor=MemoryReactorClock())
+    reactor = MemoryReactorClock()
+    server = FiledockServer(ServerOptions(data_dir=str(tmp_path), umask=None), reactor=reactor)
     try:
         assert server.blobs.work_queue is server.work_queue
         assert not server.work_queue.stopped
+        assert (server.work_queue.stop, (), {}) in reactor.triggers["after"]["shutdown"]
     finally:
-        server.work_queue.stop()
+        for phase in ("before", "during", "after"):  # as the reactor would at shutdown
+            for fn, args, kwargs in reactor.triggers.get(phase, {}).get("shutdown", []):
+                if phase != "before":  # "before" is drain(), which needs a started server
+                    fn(*args, **kwargs)
         server.sqlite.close()
+    assert server.work_queue.stopped

@@ -187,6 +187,7 @@ class FiledockServer:
         self.sqlite = open_store(options.data_dir)
         self.store = DeferredStore(self.sqlite, reactor)
         self.work_queue = WorkQueue()  # the blob writers' disk threads; stopped after the reactor's own
+        reactor.addSystemEventTrigger("after", "shutdown", self.work_queue.stop)
         self.blobs = BlobStore(options.data_dir, self.work_queue)
         self.events = EventDelivery(self.store, reactor, options.webhooks, options.commands)
         self.authority = StoreAuthority(self.store, self.limits, on_complete=self._file_complete, blobs=self.blobs)
@@ -252,7 +253,6 @@ class FiledockServer:
         self.api_address = _address(api_port, self.options.api_listen)
         self.events.start()
         self.reactor.addSystemEventTrigger("before", "shutdown", self.drain)
-        self.reactor.addSystemEventTrigger("after", "shutdown", self.work_queue.stop)
         self._sweeper.start(self.limits.sweep_interval, now=True).addErrback(
             lambda f: log.failure("sweeper stopped", f))
         host, port, tls = self.api_address
