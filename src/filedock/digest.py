@@ -35,6 +35,11 @@ def crc32(data: bytes | memoryview, value: int = 0) -> int:
     return _crc32(data, value)
 
 
+def format_crc(crc32: int) -> str:
+    """CRC-32 as it appears on the wire, in JSON and in the records: 8 lowercase hex digits."""
+    return f"{crc32 & 0xFFFFFFFF:08x}"
+
+
 def block_hash(block: bytes | memoryview) -> bytes:
     """BLAKE3-256 of one block."""
     return blake3.blake3(block).digest()

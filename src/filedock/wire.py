@@ -4,8 +4,11 @@ Nothing here touches a socket, a file or a reactor. ``ServerConnection`` is one
 connection seen from the server, ``ClientConnection`` the same seen from a client.
 Feed received bytes with ``receive_data(data)`` (``b""`` means the peer closed) and
 pull events with ``next_event()`` until it returns ``NEED_DATA`` (or ``PAUSED`` while
-the server is deciding on a request). Methods that answer return the bytes to send;
-the caller decides when to write them.
+the server is deciding on a request). ``send(event)`` returns the bytes for what the
+local side says (the same event classes the peer receives); the caller decides when
+to write them. Each role's states and transitions are one table
+(``SERVER_TRANSITIONS``, ``CLIENT_TRANSITIONS``); callers ask predicates such as
+``awaiting_request`` or ``closed`` rather than reading ``state``.
 
 Two dialects share one event vocabulary (see docs/protocol.md):
 
@@ -22,6 +25,7 @@ import re
 from collections import deque
 from dataclasses import dataclass
 
+from filedock.digest import format_crc  # also imported from here by clients
 from filedock.errors import ErrorCode, FiledockError
 
 MAX_LINE = 4096
@@ -140,6 +144,18 @@ class BatchEnd:
 
 
 @dataclass(frozen=True)
+class BatchAccepted:
+    """Server decision on a batch: the items may come. Nothing goes on the wire until the results."""
+
+
+@dataclass(frozen=True)
+class BatchResults:
+    """Server reply to a batch's ``DONE``: one ``ItemStored``/``ItemFailed`` per item, then ``END``."""
+
+    results: tuple[ItemStored | ItemFailed, ...]
+
+
+@dataclass(frozen=True)
 class Data:
     """Body bytes, in order. ``data`` may be a memoryview into the received chunk."""
 
@@ -239,11 +255,6 @@ def _line(text: str) -> bytes:
     return text.encode("ascii") + b"\r\n"
 
 
-def format_crc(crc32: int) -> str:
-    """CRC-32 as it appears on the wire and in JSON: 8 lowercase hex digits."""
-    return f"{crc32 & 0xFFFFFFFF:08x}"
-
-
 # ---------------------------------------------------------------- buffering
 
 
@@ -305,11 +316,24 @@ def _decode(line: bytes) -> str | None:
         return None
 
 
-# ---------------------------------------------------------------- server side
+# ---------------------------------------------------------------- states and transition tables
+#
+# Everything that changes a connection's state is in the tables below: the state an
+# event leaves a connection in, for the events it receives (turned into events by
+# ``next_event``) and the ones it sends (``send``). A pair missing from a table is a
+# protocol error: from the peer it becomes ``ProtocolError``/``ServerError`` (the
+# parsers only produce what the state expects), from the local side ``send`` raises
+# ``LocalProtocolError``. ``Data`` and ``EndOfStream`` never change a state and are in
+# no table, so the per-chunk body path looks nothing up.
+
+
+class LocalProtocolError(RuntimeError):
+    """The local side asked for something the protocol does not allow now (a caller bug):
+    a reply with no request to answer, a second request on one connection, ``Done`` early."""
 
 
 class ServerState(enum.Enum):
-    """Where a server connection stands. Every transition is in ``ServerConnection``."""
+    """Where a server connection stands. Every transition is in ``SERVER_TRANSITIONS``."""
 
     REQUEST = "request"  # waiting for the header line
     DECIDING = "deciding"  # header parsed; the server must accept or refuse
@@ -323,11 +347,110 @@ class ServerState(enum.Enum):
     CLOSED = "closed"  # a final reply was sent or an error raised; nothing more
 
 
+class ClientState(enum.Enum):
+    """Where a client connection stands. Every transition is in ``CLIENT_TRANSITIONS``."""
+
+    IDLE = "idle"
+    AWAIT_OFFSET = "await-offset"
+    SENDING = "sending"
+    AWAIT_STORED = "await-stored"
+    AWAIT_DATA = "await-data"
+    RECEIVING = "receiving"
+    AWAIT_ABORTED = "await-aborted"
+    BATCH_SENDING = "batch-sending"
+    AWAIT_BATCH = "await-batch"
+    CLOSED = "closed"
+
+
+_S = ServerState
+SERVER_TRANSITIONS: dict[tuple[ServerState, type], ServerState] = {
+    # received from the client
+    (_S.REQUEST, UploadRequest): _S.DECIDING,
+    (_S.REQUEST, DownloadRequest): _S.DECIDING,
+    (_S.REQUEST, AbortRequest): _S.DECIDING,
+    (_S.REQUEST, BatchRequest): _S.DECIDING,
+    (_S.BODY, BodyComplete): _S.TRAILER,
+    (_S.TRAILER, Done): _S.FINISHING,
+    (_S.BATCH_ITEM, BatchItem): _S.BATCH_BODY,
+    (_S.BATCH_BODY, BodyComplete): _S.BATCH_ITEM,
+    (_S.BATCH_ITEM, Done): _S.FINISHING,
+    # sent by the server: the decision on a request, then its final reply
+    (_S.DECIDING, Offset): _S.BODY,
+    (_S.DECIDING, BatchAccepted): _S.BATCH_ITEM,
+    (_S.DECIDING, DownloadStart): _S.SENDING,
+    (_S.DECIDING, Aborted): _S.CLOSED,
+    (_S.FINISHING, Stored): _S.CLOSED,
+    (_S.FINISHING, BatchResults): _S.CLOSED,
+    # the peer broke the protocol (only where something is parsed), or the server refuses (anywhere)
+    **{(state, ProtocolError): _S.CLOSED
+       for state in (_S.REQUEST, _S.TRAILER, _S.LEGACY_END, _S.BATCH_ITEM, _S.FINISHING)},
+    **{(state, ServerError): _S.CLOSED for state in ServerState},
+}
+"""(server state, event received or sent) -> the next state, for the versioned dialect."""
+
+LEGACY_SERVER_TRANSITIONS: dict[tuple[ServerState, type], ServerState] = {
+    **SERVER_TRANSITIONS,
+    (_S.BODY, BodyComplete): _S.LEGACY_END,  # no trailer: the client's close ends the upload
+}
+"""The 2007 dialect's table: the versioned one, except that a complete body waits for the close.
+Chosen when a 2007 header is parsed."""
+
+SERVER_REPLY_TO: dict[type, type] = {
+    Offset: UploadRequest,
+    BatchAccepted: BatchRequest,
+    DownloadStart: DownloadRequest,
+    Aborted: AbortRequest,
+    Stored: UploadRequest,
+    BatchResults: BatchRequest,
+}
+"""The request each server reply answers: ``send`` refuses a reply to another kind of request."""
+
+_C = ClientState
+CLIENT_TRANSITIONS: dict[tuple[ClientState, type], ClientState] = {
+    # sent by the client: one request per connection, then what it owes after the request
+    (_C.IDLE, UploadRequest): _C.AWAIT_OFFSET,
+    (_C.IDLE, DownloadRequest): _C.AWAIT_DATA,
+    (_C.IDLE, AbortRequest): _C.AWAIT_ABORTED,
+    (_C.IDLE, BatchRequest): _C.BATCH_SENDING,
+    (_C.SENDING, Done): _C.AWAIT_STORED,
+    (_C.BATCH_SENDING, BatchItem): _C.BATCH_SENDING,
+    (_C.BATCH_SENDING, Done): _C.AWAIT_BATCH,
+    # received from the server
+    (_C.AWAIT_OFFSET, Offset): _C.SENDING,
+    (_C.AWAIT_STORED, Stored): _C.CLOSED,
+    (_C.AWAIT_DATA, DownloadStart): _C.RECEIVING,
+    (_C.RECEIVING, BodyComplete): _C.CLOSED,
+    (_C.AWAIT_ABORTED, Aborted): _C.CLOSED,
+    (_C.AWAIT_BATCH, ItemStored): _C.AWAIT_BATCH,
+    (_C.AWAIT_BATCH, ItemFailed): _C.AWAIT_BATCH,
+    (_C.AWAIT_BATCH, BatchEnd): _C.CLOSED,
+    # an ERR line (or a reply that makes no sense) may come at any time and ends the connection
+    **{(state, ServerError): _C.CLOSED for state in ClientState},
+}
+"""(client state, event sent or received) -> the next state."""
+
+del _S, _C
+
+
+def _next_state(table: dict, state: enum.Enum, kind: type) -> enum.Enum:
+    """The state after ``kind`` in ``state``; a pair not in the table is the local side's mistake."""
+    try:
+        return table[(state, kind)]
+    except KeyError:
+        raise LocalProtocolError(f"{kind.__name__} is not allowed in state {state.value}") from None
+
+
+# ---------------------------------------------------------------- server side
+
+
 class ServerConnection:
     """One data-port connection, server side.
 
-    The adapter calls ``accept_upload``/``accept_download``/``accept_abort`` or
-    ``refuse`` after a request event, and ``stored`` or ``refuse`` after ``Done``.
+    After a request event the adapter sends its decision with ``send``: ``Offset``
+    (accept an upload from there), ``BatchAccepted``, ``DownloadStart`` (then writes the
+    bytes itself), ``Aborted``, or ``ServerError`` (refuse; allowed at any time). After
+    ``Done`` it sends ``Stored`` or ``BatchResults``. Callers ask the predicates
+    (``awaiting_request``, ``receiving_body``, ``closed`` ...) rather than ``state``.
     """
 
     def __init__(self, max_line: int = MAX_LINE) -> None:
@@ -337,16 +460,61 @@ class ServerConnection:
         self.body_expected = 0
         self.body_received = 0
         self.items_left = 0
+        self._table = SERVER_TRANSITIONS
         self._input = _Input()
 
     def receive_data(self, data: bytes) -> None:
         """Bytes from the client; ``b""`` when it closed its side."""
         self._input.feed(data)
 
+    # -- what callers may ask
+
     @property
     def peer_closed(self) -> bool:
         """True once ``receive_data(b"")`` was called."""
         return self._input.eof
+
+    @property
+    def buffered(self) -> int:
+        """Received bytes not yet turned into events."""
+        return len(self._input)
+
+    @property
+    def awaiting_request(self) -> bool:
+        """No request line yet: the header timeout applies, and the client is not yet authenticated."""
+        return self.state is ServerState.REQUEST
+
+    @property
+    def deciding(self) -> bool:
+        """A request arrived and waits for the server's decision (``next_event`` says ``PAUSED``)."""
+        return self.state is ServerState.DECIDING
+
+    @property
+    def awaiting_item(self) -> bool:
+        """In a batch, between files: the next item line (or ``DONE``) is due."""
+        return self.state is ServerState.BATCH_ITEM
+
+    @property
+    def receiving_body(self) -> bool:
+        """Body bytes of an upload, or of a batch item, are due from the client."""
+        return self.state is ServerState.BODY or self.state is ServerState.BATCH_BODY
+
+    @property
+    def awaiting_close(self) -> bool:
+        """A 2007 body is complete: the client's close (``EndOfStream``) completes the upload."""
+        return self.state is ServerState.LEGACY_END
+
+    @property
+    def sending_body(self) -> bool:
+        """A download was accepted: the server streams file bytes, so an error line cannot be sent."""
+        return self.state is ServerState.SENDING
+
+    @property
+    def closed(self) -> bool:
+        """A final reply was sent, an error raised or a refusal sent: nothing more happens."""
+        return self.state is ServerState.CLOSED
+
+    # -- events in
 
     def next_event(self) -> ServerEvent | Sentinel:
         """The next event, ``NEED_DATA``, or ``PAUSED`` while the server decides."""
@@ -371,72 +539,109 @@ class ServerConnection:
             return self._eof_or_need()
         return NEED_DATA  # CLOSED
 
-    # -- decisions
+    # -- events out
 
-    def accept_upload(self, offset: int) -> bytes:
-        """Accept the pending upload from ``offset``; returns the reply (b"" for 2007)."""
-        req = self._pending(UploadRequest)
-        if req.legacy and offset != 0:
+    def send(self, event: Offset | BatchAccepted | DownloadStart | Aborted | Stored | BatchResults
+             | ServerError) -> bytes:
+        """The bytes for ``event`` (``b""`` where the dialect has no reply); the state moves on.
+
+        Raises ``LocalProtocolError`` if the event is not allowed now (see
+        ``SERVER_TRANSITIONS`` and ``SERVER_REPLY_TO``), ``ValueError`` for values the
+        request rules out (an offset outside the file); the state is unchanged then.
+        """
+        kind = type(event)
+        next_state = _next_state(self._table, self.state, kind)
+        wanted = SERVER_REPLY_TO.get(kind)
+        if wanted is not None and not isinstance(self.request, wanted):
+            raise LocalProtocolError(f"{kind.__name__} answers no pending {wanted.__name__}"
+                                     f" (state {self.state.value})")
+        data = self._WRITERS[kind](self, event)
+        self.state = next_state
+        return data
+
+    def _write_offset(self, event: Offset) -> bytes:
+        req = self.request
+        if req.legacy and event.offset != 0:
             raise ValueError("a 2007-dialect upload always starts at 0")
-        if not 0 <= offset <= req.size:
+        if not 0 <= event.offset <= req.size:
             raise ValueError("offset outside the file")
-        self.body_expected = req.size - offset
-        self.state = ServerState.BODY
-        return b"" if req.legacy else _line(f"OFFSET {offset}")
+        self.body_expected = req.size - event.offset
+        return b"" if req.legacy else _line(f"OFFSET {event.offset}")
 
-    def accept_batch(self) -> bytes:
-        """Accept the pending batch; the items stream in with no reply until ``batch_results``."""
-        req = self._pending(BatchRequest)
-        self.items_left = req.count
-        self.state = ServerState.BATCH_ITEM
+    def _write_batch_accepted(self, event: BatchAccepted) -> bytes:
+        self.items_left = self.request.count
         return b""
 
-    def batch_results(self, lines: list[ItemStored | ItemFailed]) -> bytes:
-        """The final reply of a batch: one line per item, then ``END <count>``."""
-        if self.state is not ServerState.FINISHING or not isinstance(self.request, BatchRequest):
-            raise RuntimeError(f"batch_results() in state {self.state.value}")
-        self.state = ServerState.CLOSED
-        out = [_line(f"STORED {r.file_key} {r.size} {format_crc(r.crc32)} {r.digest}")
-               if isinstance(r, ItemStored) else format_error(r.code, r.message).replace(
-                   b"ERR ", f"FAILED {r.file_key} ".encode(), 1) for r in lines]
-        return b"".join(out) + _line(f"END {len(lines)}")
+    def _write_download_start(self, event: DownloadStart) -> bytes:
+        if event.offset != self.request.offset:
+            raise ValueError(f"the client asked from {self.request.offset}, not {event.offset}")
+        return _line(f"DATA {event.size} {event.offset} {format_crc(event.crc32)} {event.digest}")
 
-    def accept_download(self, size: int, crc32: int, digest: str) -> bytes:
-        """Accept the pending download; the caller then writes ``size - offset`` bytes."""
-        req = self._pending(DownloadRequest)
-        self.state = ServerState.SENDING
-        return _line(f"DATA {size} {req.offset} {format_crc(crc32)} {digest}")
-
-    def accept_abort(self) -> bytes:
-        """Confirm the pending abort."""
-        self._pending(AbortRequest)
-        self.state = ServerState.CLOSED
+    def _write_aborted(self, event: Aborted) -> bytes:
         return _line("ABORTED")
 
+    def _write_stored(self, event: Stored) -> bytes:
+        return _line(f"STORED {event.size} {format_crc(event.crc32)} {event.digest}")
+
+    def _write_batch_results(self, event: BatchResults) -> bytes:
+        out = [_line(f"STORED {r.file_key} {r.size} {format_crc(r.crc32)} {r.digest}")
+               if isinstance(r, ItemStored) else format_error(r.code, r.message).replace(
+                   b"ERR ", f"FAILED {r.file_key} ".encode(), 1) for r in event.results]
+        return b"".join(out) + _line(f"END {len(event.results)}")
+
+    def _write_error(self, event: ServerError) -> bytes:
+        if isinstance(self.request, UploadRequest) and self.request.legacy:
+            return b""  # a 2007 client reads nothing, ever
+        return format_error(event.code, event.message)
+
+    _WRITERS = {
+        Offset: _write_offset,
+        BatchAccepted: _write_batch_accepted,
+        DownloadStart: _write_download_start,
+        Aborted: _write_aborted,
+        Stored: _write_stored,
+        BatchResults: _write_batch_results,
+        ServerError: _write_error,
+    }
+
+    # -- the methods before ``send``: kept until the call sites move to it
+
+    def accept_upload(self, offset: int) -> bytes:
+        """``send(Offset(offset))``: kept until the call sites use ``send``."""
+        return self.send(Offset(offset))
+
+    def accept_batch(self) -> bytes:
+        """``send(BatchAccepted())``: kept until the call sites use ``send``."""
+        return self.send(BatchAccepted())
+
+    def batch_results(self, lines: list[ItemStored | ItemFailed]) -> bytes:
+        """``send(BatchResults(lines))``: kept until the call sites use ``send``."""
+        return self.send(BatchResults(tuple(lines)))
+
+    def accept_download(self, size: int, crc32: int, digest: str) -> bytes:
+        """``send(DownloadStart(...))`` from the pending request's offset: kept until the call sites use ``send``."""
+        return self.send(DownloadStart(size, getattr(self.request, "offset", 0), crc32, digest))
+
+    def accept_abort(self) -> bytes:
+        """``send(Aborted())``: kept until the call sites use ``send``."""
+        return self.send(Aborted())
+
     def stored(self, size: int, crc32: int, digest: str) -> bytes:
-        """The file is durable: the final reply of a versioned upload."""
-        if self.state is not ServerState.FINISHING:
-            raise RuntimeError(f"stored() in state {self.state.value}")
-        self.state = ServerState.CLOSED
-        return _line(f"STORED {size} {format_crc(crc32)} {digest}")
+        """``send(Stored(...))``: kept until the call sites use ``send``."""
+        return self.send(Stored(size, crc32, digest))
 
     def refuse(self, code: ErrorCode, message: str) -> bytes:
-        """End the connection with an error; returns b"" for a 2007 client, which reads nothing."""
-        self.state = ServerState.CLOSED
-        if isinstance(self.request, UploadRequest) and self.request.legacy:
-            return b""
-        return format_error(code, message)
+        """``send(ServerError(code, message))``: kept until the call sites use ``send``."""
+        return self.send(ServerError(code.value if isinstance(code, ErrorCode) else code, message))
 
     # -- internals
 
-    def _pending(self, kind: type) -> UploadRequest | DownloadRequest | AbortRequest | BatchRequest:
-        if self.state is not ServerState.DECIDING or not isinstance(self.request, kind):
-            raise RuntimeError(f"no pending {kind.__name__} (state {self.state.value})")
-        return self.request
+    def _advance(self, event: ServerEvent) -> ServerEvent:
+        self.state = self._table[(self.state, type(event))]
+        return event
 
     def _fail(self, code: ErrorCode, message: str) -> ProtocolError:
-        self.state = ServerState.CLOSED
-        return ProtocolError(code, message)
+        return self._advance(ProtocolError(code, message))
 
     def _eof_or_need(self) -> EndOfStream | Sentinel:
         if self._input.eof:
@@ -446,8 +651,7 @@ class ServerConnection:
     def _line_event(self, parse) -> ServerEvent | Sentinel:
         line = self._input.take_line(self.max_line)
         if isinstance(line, ProtocolError):
-            self.state = ServerState.CLOSED
-            return line
+            return self._advance(line)
         if line is None:
             return self._eof_or_need()
         return parse(line)
@@ -470,8 +674,9 @@ class ServerConnection:
         if getattr(event, "size", 0) > MAX_SIZE or getattr(event, "offset", 0) > MAX_SIZE:
             return self._fail(ErrorCode.MALFORMED_HEADER, "size out of range")
         self.request = event
-        self.state = ServerState.DECIDING
-        return event
+        if getattr(event, "legacy", False):
+            self._table = LEGACY_SERVER_TRANSITIONS
+        return self._advance(event)
 
     @staticmethod
     def _parse_versioned(rest: str) -> ServerEvent | None:
@@ -489,26 +694,19 @@ class ServerConnection:
         text = _decode(line)
         if self.items_left == 0:
             if text == "DONE":
-                self.state = ServerState.FINISHING
-                return Done(None)
+                return self._advance(Done(None))
             return self._fail(ErrorCode.MALFORMED_HEADER, "expected 'DONE' after the last item of the batch")
         m = _ITEM_RE.fullmatch(text) if text is not None else None
         if m is None or int(m[2]) > MAX_SIZE:
             return self._fail(ErrorCode.MALFORMED_HEADER, "expected '<file-key> <size> <digest>' for a batch item")
         self.items_left -= 1
         self.body_expected, self.body_received = int(m[2]), 0
-        self.state = ServerState.BATCH_BODY
-        return BatchItem(m[1].lower(), int(m[2]), m[3])
+        return self._advance(BatchItem(m[1].lower(), int(m[2]), m[3]))
 
     def _body_event(self) -> ServerEvent | Sentinel:
         remaining = self.body_expected - self.body_received
         if remaining == 0:
-            legacy = isinstance(self.request, UploadRequest) and self.request.legacy
-            if self.state is ServerState.BATCH_BODY:
-                self.state = ServerState.BATCH_ITEM
-            else:
-                self.state = ServerState.LEGACY_END if legacy else ServerState.TRAILER
-            return BodyComplete()
+            return self._advance(BodyComplete())
         if len(self._input) == 0:
             return self._eof_or_need()
         data = self._input.take_some(remaining)
@@ -520,30 +718,19 @@ class ServerConnection:
         m = _DONE_RE.fullmatch(text) if text is not None else None
         if m is None:
             return self._fail(ErrorCode.MALFORMED_HEADER, "expected 'DONE [<digest>]' after the body")
-        self.state = ServerState.FINISHING
-        return Done(m[1])
+        return self._advance(Done(m[1]))
 
 
 # ---------------------------------------------------------------- client side
 
 
-class ClientState(enum.Enum):
-    """Where a client connection stands."""
-
-    IDLE = "idle"
-    AWAIT_OFFSET = "await-offset"
-    SENDING = "sending"
-    AWAIT_STORED = "await-stored"
-    AWAIT_DATA = "await-data"
-    RECEIVING = "receiving"
-    AWAIT_ABORTED = "await-aborted"
-    BATCH_SENDING = "batch-sending"
-    AWAIT_BATCH = "await-batch"
-    CLOSED = "closed"
-
-
 class ClientConnection:
-    """One data-port connection in the versioned dialect, client side."""
+    """One data-port connection in the versioned dialect, client side.
+
+    ``send`` a request (``UploadRequest``, ``DownloadRequest``, ``AbortRequest`` or
+    ``BatchRequest``), then what the request owes: after ``Offset`` the body bytes and
+    ``Done``; in a batch a ``BatchItem`` and its bytes per file, then ``Done``.
+    """
 
     def __init__(self, max_line: int = MAX_LINE) -> None:
         self.state = ClientState.IDLE
@@ -555,56 +742,110 @@ class ClientConnection:
         self.items_left = 0
         self._input = _Input()
 
-    # -- requests
+    # -- what callers may ask
 
-    def upload(self, session_key: str, file_key: str, size: int) -> bytes:
-        """The PUT line. Then wait for ``Offset``."""
-        self._start(ClientState.AWAIT_OFFSET)
-        self.size = size
-        return _line(f"{VERSION} PUT {session_key} {file_key} {size}")
+    @property
+    def buffered(self) -> int:
+        """Received bytes not yet turned into events."""
+        return len(self._input)
 
-    def done(self, digest: str | None = None) -> bytes:
-        """The trailer after the body (or after a batch's last item): ask for durability."""
+    @property
+    def sending_body(self) -> bool:
+        """The server took the request: the client is sending body bytes (or batch items)."""
+        return self.state is ClientState.SENDING or self.state is ClientState.BATCH_SENDING
+
+    @property
+    def receiving_body(self) -> bool:
+        """A download's bytes are coming."""
+        return self.state is ClientState.RECEIVING
+
+    @property
+    def awaiting_reply(self) -> bool:
+        """Everything is sent; the server's answer (``OFFSET``, ``STORED``, ``DATA`` ...) is due."""
+        return self.state in _AWAITING
+
+    @property
+    def closed(self) -> bool:
+        """A final reply or an error arrived: nothing more happens on this connection."""
+        return self.state is ClientState.CLOSED
+
+    # -- events out
+
+    def send(self, event: UploadRequest | DownloadRequest | AbortRequest | BatchRequest | BatchItem | Done) -> bytes:
+        """The bytes for ``event``; the state moves on. Raises ``LocalProtocolError`` if it is not
+        allowed now (see ``CLIENT_TRANSITIONS``): a second request, ``Done`` early, an item too many."""
+        kind = type(event)
+        next_state = _next_state(CLIENT_TRANSITIONS, self.state, kind)
+        data = self._WRITERS[kind](self, event)
+        self.state = next_state
+        return data
+
+    def _write_upload(self, event: UploadRequest) -> bytes:
+        if event.legacy:
+            raise ValueError("the client core speaks the versioned dialect; see legacy_header()")
+        self.size = event.size
+        return _line(f"{VERSION} PUT {event.session_key} {event.file_key} {event.size}")
+
+    def _write_download(self, event: DownloadRequest) -> bytes:
+        self.offset = event.offset
+        return _line(f"{VERSION} GET {event.session_key} {event.file_key} {event.offset}")
+
+    def _write_abort(self, event: AbortRequest) -> bytes:
+        return _line(f"{VERSION} ABORT {event.session_key} {event.file_key}")
+
+    def _write_batch(self, event: BatchRequest) -> bytes:
+        self.items_left = event.count
+        return _line(f"{VERSION} BATCH {event.session_key} {event.count}")
+
+    def _write_item(self, event: BatchItem) -> bytes:
+        if not self.items_left:
+            raise LocalProtocolError("a batch item past the batch's count")
+        self.items_left -= 1
+        return _line(f"{event.file_key} {event.size} {event.digest}")
+
+    def _write_done(self, event: Done) -> bytes:
         if self.state is ClientState.BATCH_SENDING:
             if self.items_left:
-                raise RuntimeError(f"done() with {self.items_left} batch items not sent")
-            self.state = ClientState.AWAIT_BATCH
+                raise LocalProtocolError(f"DONE with {self.items_left} batch items not sent")
             return _line("DONE")
-        if self.state is not ClientState.SENDING:
-            raise RuntimeError(f"done() in state {self.state.value}")
-        self.state = ClientState.AWAIT_STORED
-        return _line("DONE" if digest is None else f"DONE {digest}")
+        return _line("DONE" if event.digest is None else f"DONE {event.digest}")
+
+    _WRITERS = {
+        UploadRequest: _write_upload,
+        DownloadRequest: _write_download,
+        AbortRequest: _write_abort,
+        BatchRequest: _write_batch,
+        BatchItem: _write_item,
+        Done: _write_done,
+    }
+
+    # -- the methods before ``send``: kept until the call sites move to it
+
+    def upload(self, session_key: str, file_key: str, size: int) -> bytes:
+        """``send(UploadRequest(...))``: kept until the call sites use ``send``."""
+        return self.send(UploadRequest(session_key, file_key, size))
+
+    def done(self, digest: str | None = None) -> bytes:
+        """``send(Done(digest))``: kept until the call sites use ``send``."""
+        return self.send(Done(digest))
 
     def batch(self, session_key: str, count: int) -> bytes:
-        """The BATCH line; then ``batch_item`` and the bytes for each of ``count`` files, then ``done``."""
-        self._start(ClientState.BATCH_SENDING)
-        self.items_left = count
-        return _line(f"{VERSION} BATCH {session_key} {count}")
+        """``send(BatchRequest(...))``: kept until the call sites use ``send``."""
+        return self.send(BatchRequest(session_key, count))
 
     def batch_item(self, file_key: str, size: int, digest: str) -> bytes:
-        """One batch item's line; exactly ``size`` bytes of the file must follow it."""
-        if self.state is not ClientState.BATCH_SENDING or not self.items_left:
-            raise RuntimeError("batch_item() outside a batch, or past its count")
-        self.items_left -= 1
-        return _line(f"{file_key} {size} {digest}")
+        """``send(BatchItem(...))``: kept until the call sites use ``send``."""
+        return self.send(BatchItem(file_key, size, digest))
 
     def download(self, session_key: str, file_key: str, offset: int = 0) -> bytes:
-        """The GET line. Then wait for ``DownloadStart`` and ``Data``."""
-        self._start(ClientState.AWAIT_DATA)
-        self.offset = offset
-        return _line(f"{VERSION} GET {session_key} {file_key} {offset}")
+        """``send(DownloadRequest(...))``: kept until the call sites use ``send``."""
+        return self.send(DownloadRequest(session_key, file_key, offset))
 
     def abort(self, session_key: str, file_key: str) -> bytes:
-        """The ABORT line. Then wait for ``Aborted``."""
-        self._start(ClientState.AWAIT_ABORTED)
-        return _line(f"{VERSION} ABORT {session_key} {file_key}")
+        """``send(AbortRequest(...))``: kept until the call sites use ``send``."""
+        return self.send(AbortRequest(session_key, file_key))
 
-    def _start(self, state: ClientState) -> None:
-        if self.state is not ClientState.IDLE:
-            raise RuntimeError("one request per connection")
-        self.state = state
-
-    # -- replies
+    # -- events in
 
     def receive_data(self, data: bytes) -> None:
         """Bytes from the server; ``b""`` when it closed."""
@@ -614,7 +855,7 @@ class ClientConnection:
         """The next reply or body event, or ``NEED_DATA``."""
         if self.state is ClientState.RECEIVING:
             return self._body_event()
-        if self.state in (ClientState.IDLE, ClientState.SENDING, ClientState.BATCH_SENDING, ClientState.CLOSED):
+        if self.state in _NOT_WAITING:
             if self._input.eof and not len(self._input):
                 return EndOfStream()
             if len(self._input) and self.state is not ClientState.CLOSED:
@@ -622,66 +863,65 @@ class ClientConnection:
             return NEED_DATA
         return self._line_event()
 
+    def _advance(self, event: ClientEvent) -> ClientEvent:
+        self.state = CLIENT_TRANSITIONS[(self.state, type(event))]
+        return event
+
     def _line_event(self) -> ClientEvent | Sentinel:
         line = self._input.take_line(self.max_line)
         if isinstance(line, ProtocolError):
-            self.state = ClientState.CLOSED
-            return ServerError(ErrorCode.MALFORMED_HEADER.value, "server reply line too long")
+            return self._advance(ServerError(ErrorCode.MALFORMED_HEADER.value, "server reply line too long"))
         if line is None:
             return EndOfStream() if self._input.eof else NEED_DATA
         text = _decode(line) or ""
         if m := _ERR_RE.fullmatch(text):
-            self.state = ClientState.CLOSED
-            return ServerError(m[1], m[2] or "")
+            return self._advance(ServerError(m[1], m[2] or ""))
         event = self._parse_reply(text)
-        if event is None:
-            self.state = ClientState.CLOSED
-            return ServerError(ErrorCode.MALFORMED_HEADER.value, f"unexpected reply {text[:80]!r}")
-        return event
+        if event is None or (self.state, type(event)) not in CLIENT_TRANSITIONS:
+            return self._advance(ServerError(ErrorCode.MALFORMED_HEADER.value, f"unexpected reply {text[:80]!r}"))
+        if type(event) is Offset:
+            self.offset = event.offset
+        elif type(event) is DownloadStart:
+            self.size = event.size
+            self.body_expected = event.size - event.offset
+        return self._advance(event)
 
     def _parse_reply(self, text: str) -> ClientEvent | None:
-        state = self.state
-        if state is ClientState.AWAIT_OFFSET and (m := _OFFSET_RE.fullmatch(text)):
+        """The reply ``text`` says, if it is well formed and fits the request; None otherwise."""
+        if m := _OFFSET_RE.fullmatch(text):
             offset = int(m[1])
-            if offset > self.size:
-                return None
-            self.offset = offset
-            self.state = ClientState.SENDING
-            return Offset(offset)
-        if state is ClientState.AWAIT_STORED and (m := _STORED_RE.fullmatch(text)):
-            self.state = ClientState.CLOSED
+            return Offset(offset) if offset <= self.size else None
+        if m := _STORED_RE.fullmatch(text):
             return Stored(int(m[1]), int(m[2], 16), m[3])
-        if state is ClientState.AWAIT_DATA and (m := _DATA_RE.fullmatch(text)):
+        if m := _DATA_RE.fullmatch(text):
             size, offset = int(m[1]), int(m[2])
             if offset != self.offset or offset > size:
                 return None
-            self.size = size
-            self.body_expected = size - offset
-            self.state = ClientState.RECEIVING
             return DownloadStart(size, offset, int(m[3], 16), m[4])
-        if state is ClientState.AWAIT_BATCH:
-            if m := _ITEM_STORED_RE.fullmatch(text):
-                return ItemStored(m[1], int(m[2]), int(m[3], 16), m[4])
-            if m := _ITEM_FAILED_RE.fullmatch(text):
-                return ItemFailed(m[1], m[2], m[3] or "")
-            if m := _END_RE.fullmatch(text):
-                self.state = ClientState.CLOSED
-                return BatchEnd(int(m[1]))
-        if state is ClientState.AWAIT_ABORTED and text == "ABORTED":
-            self.state = ClientState.CLOSED
+        if m := _ITEM_STORED_RE.fullmatch(text):
+            return ItemStored(m[1], int(m[2]), int(m[3], 16), m[4])
+        if m := _ITEM_FAILED_RE.fullmatch(text):
+            return ItemFailed(m[1], m[2], m[3] or "")
+        if m := _END_RE.fullmatch(text):
+            return BatchEnd(int(m[1]))
+        if text == "ABORTED":
             return Aborted()
         return None
 
     def _body_event(self) -> ClientEvent | Sentinel:
         remaining = self.body_expected - self.body_received
         if remaining == 0:
-            self.state = ClientState.CLOSED
-            return BodyComplete()
+            return self._advance(BodyComplete())
         if len(self._input) == 0:
             return EndOfStream() if self._input.eof else NEED_DATA
         data = self._input.take_some(remaining)
         self.body_received += len(data)
         return Data(data)
+
+
+_NOT_WAITING = frozenset({ClientState.IDLE, ClientState.SENDING, ClientState.BATCH_SENDING, ClientState.CLOSED})
+_AWAITING = frozenset({ClientState.AWAIT_OFFSET, ClientState.AWAIT_STORED, ClientState.AWAIT_DATA,
+                       ClientState.AWAIT_ABORTED, ClientState.AWAIT_BATCH})
 
 
 def legacy_header(session_key: str, file_key: str, size: int) -> bytes:

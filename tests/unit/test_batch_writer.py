@@ -11,26 +11,27 @@ import pytest
 from filedock.digest import ContentHasher
 from filedock.store import blobs as blobs_module
 from filedock.store.blobs import BlobStore
+from filedock.store.work_queue import WorkQueue
 
 
-class HeldPool:
-    """Stands in for the batch pool: work waits until ``release``; after that it runs at once."""
+class HeldPool(WorkQueue):
+    """A work queue whose work waits until ``release``; after that it runs at once."""
 
     def __init__(self) -> None:
+        super().__init__(threads=1)
         self.held: list = []
         self.running = False
 
-    def submit(self, fn, *args):
+    def _schedule(self, strand):
         if self.running:
-            fn(*args)
+            strand._service(None)
         else:
-            self.held.append((fn, args))
+            self.held.append(strand)
 
     def release(self) -> None:
         self.running = True
         while self.held:
-            fn, args = self.held.pop(0)
-            fn(*args)
+            self.held.pop(0)._service(None)
 
 
 def digest_of(data: bytes) -> str:
@@ -86,7 +87,7 @@ def test_write_asks_for_a_pause_past_high_water_and_drain_says_when_to_go_on(sto
     """While the pool has not run, queued bytes pile up: write answers True past HIGH_WATER; once the
     pool catches up below LOW_WATER, on_drain is called once, and the bytes are all on disk."""
     pool = HeldPool()
-    monkeypatch.setattr(blobs_module, "_BATCH_POOL", pool)
+    store = BlobStore(store.root, pool)
     batch = store.open_batch(str(uuid.uuid4()))
     batch.HIGH_WATER, batch.LOW_WATER = 100_000, 10_000
     drained = []
@@ -193,26 +194,28 @@ def test_sync_filesystem_reports_errors():
         durability.sync_filesystem(-1)
 
 
-class StepPool:
-    """A pool that runs one queued call per ``step()``, in the order submitted."""
+class StepPool(WorkQueue):
+    """A work queue that gives one strand in line its turn per ``step()``, as a queue thread would."""
 
     def __init__(self) -> None:
+        super().__init__(threads=1)
         self.queue: list = []
 
-    def submit(self, fn, *args):
-        self.queue.append((fn, args))
+    def _schedule(self, strand):
+        self.queue.append(strand)
 
     def step(self):
-        fn, args = self.queue.pop(0)
-        fn(*args)
-        return args
+        strand = self.queue.pop(0)
+        if strand._service(strand.quantum):
+            self.queue.append(strand)
+        return (strand,)
 
 
 def test_pool_threads_take_turns_between_batches(store, monkeypatch):
     """Two batches with 8 MiB queued each: a pool thread does about SERVICE_BYTES of one batch's lane and
     then lets the other batch's lane go first, instead of draining one lane while the other waits."""
     pool = StepPool()
-    monkeypatch.setattr(blobs_module, "_BATCH_POOL", pool)
+    store = BlobStore(store.root, pool)
     a, b = store.open_batch(str(uuid.uuid4())), store.open_batch(str(uuid.uuid4()))
     chunk = os.urandom(1 << 20)
     for batch in (a, b):
@@ -221,8 +224,8 @@ def test_pool_threads_take_turns_between_batches(store, monkeypatch):
             batch.write(chunk)
     served = []
     while pool.queue:
-        (lane,) = pool.step()
-        served.append("a" if lane in a._lanes else "b")
+        (strand,) = pool.step()
+        served.append("a" if strand in [lane.strand for lane in a._lanes] else "b")
     assert served[:4] == ["a", "b", "a", "b"]
     assert served.count("a") >= 8 and served.count("b") >= 8
     for batch in (a, b):
@@ -234,7 +237,7 @@ def test_pool_threads_take_turns_between_batches(store, monkeypatch):
 def test_seal_of_a_finished_batch_needs_no_pool_thread(store, monkeypatch):
     """Once every lane is idle, seal and discard wait for nothing: no pool work is queued for them."""
     pool = StepPool()
-    monkeypatch.setattr(blobs_module, "_BATCH_POOL", pool)
+    store = BlobStore(store.root, pool)
     batch = store.open_batch(str(uuid.uuid4()))
     batch.begin(str(uuid.uuid4()), 3, digest_of(b"abc"))
     batch.write(b"abc")

@@ -26,6 +26,7 @@ from filedock.server.events import EventDelivery
 from filedock.store.blobs import BlobStore
 from filedock.store.metadata import DeferredStore
 from filedock.store.sqlite import SQLiteStore
+from filedock.store.work_queue import WorkQueue
 
 log = Logger(namespace="filedock.server")
 
@@ -185,7 +186,9 @@ class FiledockServer:
         owner_only_data_dir(options.data_dir)
         self.sqlite = open_store(options.data_dir)
         self.store = DeferredStore(self.sqlite, reactor)
-        self.blobs = BlobStore(options.data_dir)
+        self.work_queue = WorkQueue()  # the blob writers' disk threads; stopped after the reactor's own
+        reactor.addSystemEventTrigger("after", "shutdown", self.work_queue.stop)
+        self.blobs = BlobStore(options.data_dir, self.work_queue)
         self.events = EventDelivery(self.store, reactor, options.webhooks, options.commands)
         self.authority = StoreAuthority(self.store, self.limits, on_complete=self._file_complete, blobs=self.blobs)
         self.dataport = DataPortFactory(self.authority, self.blobs, self.limits, reactor)

@@ -20,15 +20,12 @@ wrong bytes.
 
 from __future__ import annotations
 
-import concurrent.futures
 import errno
 import os
-import queue
 import random
 import re
 import shutil
 import threading
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -36,6 +33,7 @@ from typing import Callable
 from filedock import durability
 from filedock.digest import BLOCK_HASH_SIZE, BLOCK_SIZE, ContentHasher, block_hash, hash_stream
 from filedock.errors import ErrorCode, FiledockError
+from filedock.store.work_queue import InlineWorkQueue, Strand, WorkQueue
 
 _KEY_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
@@ -84,28 +82,62 @@ def _write_hashed(fd: int, hasher: ContentHasher, data: bytes | memoryview) -> N
         view = view[n:]
 
 
-def _dequeued(writer: "PartialWriter | BatchWriter", n: int) -> None:
-    """On a pool thread: ``n`` of a writer's queued bytes are written. Once a caller told to pause
-    (queue over ``HIGH_WATER``) sees the queue down to ``LOW_WATER``, ``on_drain`` is called, once."""
-    with writer._lock:
-        writer._queued -= n
-        drained = writer._draining and writer._queued <= writer.LOW_WATER
-        if drained:
-            writer._draining = False
-    if drained and writer.on_drain is not None:
-        writer.on_drain()
+class FlowControl:
+    """Flow control for a writer whose bytes a work queue writes: the one place it is written.
+
+    ``write`` queues bytes and answers whether the caller is behind: True once more than
+    ``HIGH_WATER`` bytes wait to be written, and on every write after that until the
+    queue's threads have brought them down to ``LOW_WATER``; then ``on_drain`` is called,
+    once, from a queue thread. So every True is followed by one ``on_drain``: the
+    caller stops reading on True and reads again on ``on_drain``. Subclasses set the
+    thresholds; ``_lock`` also guards their own state.
+    """
+
+    HIGH_WATER = 32 << 20
+    LOW_WATER = 8 << 20
+
+    def __init__(self) -> None:
+        self.on_drain: Callable[[], None] | None = None
+        self._lock = threading.Lock()
+        self._queued = 0
+        self._draining = False
+
+    def _queue_bytes(self, n: int) -> None:
+        """Under ``_lock``, before the bytes are handed to the queue: ``n`` more bytes wait."""
+        self._queued += n
+        if self._queued > self.HIGH_WATER:
+            self._draining = True
+
+    def _behind(self) -> bool:
+        """After the bytes were handed over: True means "pause until on_drain".
+
+        Read after the hand-over, not before: a queue that ran the bytes at once (or a
+        thread that caught up meanwhile) has called ``on_drain`` already, so the caller
+        must not pause for a call that will not come.
+        """
+        return self._draining
+
+    def _written(self, n: int) -> None:
+        """On a queue thread: ``n`` of the waiting bytes are written (or dropped)."""
+        with self._lock:
+            self._queued -= n
+            drained = self._draining and self._queued <= self.LOW_WATER
+            if drained:
+                self._draining = False
+        if drained and self.on_drain is not None:
+            self.on_drain()
 
 
-class PartialWriter:
+class PartialWriter(FlowControl):
     """Appends to one ``.part`` file while hashing; made by ``BlobStore.open_partial``.
 
-    Small uploads are written and hashed inline. Past ``INLINE_BYTES`` the shared
-    writer pool takes over the disk writes and the hashing (one pool thread at a time
-    per writer, so bytes stay in order), and the caller (the reactor) only queues
-    bytes: receiving, writing and hashing overlap on the machine's cores, and a disk
-    that throttles writes never stalls the reactor. ``write`` returns True when more
-    than ``HIGH_WATER`` bytes are queued: the caller should stop reading until
-    ``on_drain`` is called (from a pool thread). ``snapshot``,
+    Small uploads are written and hashed inline. Past ``INLINE_BYTES`` the blob store's
+    work queue takes over the disk writes and the hashing (on the writer's own strand,
+    so bytes stay in order), and the caller (the reactor) only queues bytes:
+    receiving, writing and hashing overlap on the machine's cores, and a disk that
+    throttles writes never stalls the reactor. ``write`` returns True when the caller
+    is behind (see ``FlowControl``): it should stop reading until ``on_drain`` is
+    called (from a queue thread). ``snapshot``,
     ``checkpoint``, ``finish`` and ``seal`` wait for the queue and fsync, so servers
     call them off the reactor thread. Bytes passed to ``write`` must not change later.
     """
@@ -114,9 +146,13 @@ class PartialWriter:
     WRITEBACK_BYTES = 8 << 20
     HIGH_WATER = 32 << 20
     LOW_WATER = 8 << 20
+    SERVICE_BYTES = 4 << 20
+    """Bytes a queue thread writes for this upload before the other writers get their turn."""
 
     def __init__(self, part: Path, blocks: Path, final: Path, fd: int, blocks_fd: int,
-                 hasher: ContentHasher, new: bool = False) -> None:
+                 hasher: ContentHasher, new: bool = False, work_queue: WorkQueue | None = None) -> None:
+        """``work_queue`` runs the writes past ``INLINE_BYTES``; without one they run on the caller's thread."""
+        super().__init__()
         self.part, self.blocks, self.final = part, blocks, final
         self._fd, self._blocks_fd = fd, blocks_fd  # blocks_fd: -1 until a block list is needed
         self._had_blocks = blocks_fd >= 0
@@ -124,17 +160,12 @@ class PartialWriter:
         self.accepted = hasher.offset
         self.closed = False
         self.needs_record = False  # set by open_partial: the record does not describe this partial yet
-        self.on_drain: Callable[[], None] | None = None
         self._unsynced_dir = new
         self.dir_durable: Callable[[Path], None] = lambda path: None  # the job dir's own name, once
         self._inline_until = hasher.offset + self.INLINE_BYTES
         self._writeback_from = hasher.offset
-        self._items: deque[bytes | memoryview | _Barrier] = deque()
-        self._queued = 0
-        self._draining = False
-        self._lock = threading.Lock()
-        self._pooled = False  # past the inline phase: the pool owns the file
-        self._scheduled = False  # in the pool's run queue or being serviced
+        self._strand: Strand = (work_queue or InlineWorkQueue()).strand(self._run, self.SERVICE_BYTES)
+        self._pooled = False  # past the inline phase: the strand owns the file
         self._error: BaseException | None = None
 
     @property
@@ -147,30 +178,22 @@ class PartialWriter:
         self._raise_error()
         self.accepted += len(data)
         with self._lock:  # a snapshot from another thread sees whole writes only
-            if not self._pooled and self.accepted <= self._inline_until:
+            inline = not self._pooled and self.accepted <= self._inline_until
+            if inline:
                 self._append(data)
-                inline = True
             else:
-                inline = False
                 self._pooled = True
-                self._queued += len(data)
-                over = self._queued > self.HIGH_WATER
-                self._draining = self._draining or over
-                self._items.append(data)
-                start = self._mark_scheduled()
+                self._queue_bytes(len(data))
         if inline:
             self._raise_error()
             return False
-        if start:
-            WRITER_POOL.schedule(self)
-        return over
+        self._strand.put(data, len(data))
+        return self._behind()
 
-    def _mark_scheduled(self) -> bool:
-        """Under the lock: True if the caller must hand this writer to the pool."""
-        if self._scheduled:
-            return False
-        self._scheduled = True
-        return True
+    def _run(self, data: bytes | memoryview) -> None:
+        """On the writer's strand: write and hash queued bytes."""
+        self._append(data)
+        self._written(len(data))
 
     def _append(self, data: bytes | memoryview) -> None:
         """Write and hash, on whichever thread owns the file now."""
@@ -191,25 +214,6 @@ class PartialWriter:
         except BaseException as exc:  # surfaced by the next write, snapshot or seal
             self._error = exc
 
-    def service(self, budget: int) -> bool:
-        """Called by a pool thread: handle queued items, about ``budget`` bytes' worth.
-
-        Returns True if items remain (the pool schedules the writer again, after the others).
-        """
-        while True:
-            with self._lock:
-                if not self._items or budget <= 0:
-                    more = bool(self._items)
-                    self._scheduled = more
-                    return more
-                item = self._items.popleft()
-            if isinstance(item, _Barrier):
-                item.reached(self.hasher.offset, self.hasher.crc32)
-                continue
-            self._append(item)
-            budget -= len(item)
-            _dequeued(self, len(item))
-
     def _raise_error(self) -> None:
         if self._error is not None:
             exc = self._error
@@ -222,19 +226,17 @@ class PartialWriter:
         another thread are not.
         """
         with self._lock:
-            barrier = _Barrier() if self._pooled else None
-            if barrier is None:
-                result = (self.hasher.offset, self.hasher.crc32)
-            else:
-                self._items.append(barrier)
-                start = self._mark_scheduled()
-        if barrier is not None:
-            if start:
-                WRITER_POOL.schedule(self)
-            result = barrier.wait()
+            pooled = self._pooled
+            if not pooled:
+                result = self._position()
+        if pooled:
+            result = self._strand.wait(self._position)
         if strict:
             self._raise_error()
         return result  # after an error: what did reach the disk, hashed
+
+    def _position(self) -> tuple[int, int]:
+        return self.hasher.offset, self.hasher.crc32
 
     def checkpoint(self) -> Checkpoint:
         """fsync what is written and hashed; returns what may be recorded as durable."""
@@ -281,11 +283,11 @@ class PartialWriter:
         return crc, digest
 
     def close(self) -> None:
-        """Let the pool finish this writer's queue, close the files; the partial stays for a resume."""
+        """Let the queue finish this writer's work, close the files; the partial stays for a resume."""
         if not self.closed:
             self.closed = True
             if self._pooled:
-                self.snapshot(strict=False)  # everything queued is handled; the pool is done with us
+                self.snapshot(strict=False)  # everything queued is handled; the queue is done with us
             os.close(self._fd)
             if self._blocks_fd >= 0:
                 self._had_blocks = True
@@ -311,31 +313,28 @@ class BatchEntry:
     blob: str = ""  # the name on disk once published (the file's id); the key if not set
 
 
+@dataclass(eq=False)
 class _Lane:
-    """One staging directory and the ordered work queued for it (a pool thread at a time)."""
+    """One staging directory and the strand that does its work in order (creates, then bytes)."""
 
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.items: deque[tuple[BatchEntry | None, object]] = deque()
-        self.scheduled = False
+    directory: Path
+    strand: Strand
 
 
 _CREATE = object()
 
-_BATCH_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="filedock-batch")
-_FSYNC_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="filedock-fsync")
 
-
-class BatchWriter:
+class BatchWriter(FlowControl):
     """The files of one ``BATCH``: written and hashed off the caller's thread, made durable together.
 
     Each file goes to a staging file ``<staging>/<lane>/<tag>-<n>``, the files taking
-    the ``STAGING_LANES`` staging directories in turn. Creating a file holds its
-    directory's lock while the filesystem allocates the inode (on a busy disk, most of
-    a millisecond), so files created in several directories at once, on pool threads,
-    arrive about twice as fast as one after another; the caller (the reactor) only
-    queues bytes. ``write`` returns True when more than ``HIGH_WATER`` bytes wait: stop reading until
-    ``on_drain`` is called (from a pool thread). ``seal`` waits for everything and
+    the ``STAGING_LANES`` staging directories in turn, each lane a strand of the work
+    queue. Creating a file holds its directory's lock while the filesystem allocates
+    the inode (on a busy disk, most of a millisecond), so files created in several
+    directories at once, on queue threads, arrive about twice as fast as one after
+    another; the caller (the reactor) only queues bytes. ``write`` returns True when
+    the caller is behind (see ``FlowControl``): stop reading until ``on_drain`` is
+    called (from a queue thread). ``seal`` waits for everything and
     makes it durable; ``publish`` renames the accepted files into the job's directory and
     fsyncs it once; ``discard`` deletes the rest. Call those three off the reactor.
     Bytes passed to ``write`` must not change later.
@@ -344,11 +343,16 @@ class BatchWriter:
     HIGH_WATER = 16 << 20
     LOW_WATER = 4 << 20
     SERVICE_BYTES = 1 << 20
-    """Work a pool thread does for one lane before it goes to the back of the pool's queue, so
+    """Work a queue thread does for one lane before it goes to the back of the line, so
     batches streaming faster than the disk cannot keep the threads from the others."""
+    CREATE_COST = 4096
+    """What creating a staging file counts for, against ``SERVICE_BYTES``."""
 
     def __init__(self, directory: Path, staging: list[Path],
-                 directory_made_durable: Callable[[Path], None] | None = None) -> None:
+                 directory_made_durable: Callable[[Path], None] | None = None,
+                 work_queue: WorkQueue | None = None) -> None:
+        """``work_queue`` runs the creates, writes and fsyncs; without one they run on the caller's thread."""
+        super().__init__()
         self.directory = directory
         self.directory_made_durable = directory_made_durable or (lambda path: None)
         # opened before any file of the batch: syncfs reports every write error since this open
@@ -356,11 +360,8 @@ class BatchWriter:
         self.entries: list[BatchEntry] = []
         self.bytes = 0
         self.tag = os.urandom(6).hex()
-        self.on_drain: Callable[[], None] | None = None
-        self._lanes = [_Lane(d) for d in staging]
-        self._lock = threading.Lock()
-        self._queued = 0
-        self._draining = False
+        self._work = work_queue or InlineWorkQueue()
+        self._lanes = [_Lane(d, self._work.strand(self._run, self.SERVICE_BYTES)) for d in staging]
         self._error: BaseException | None = None
         self._stopped = False  # discarding: lanes skip whatever is still queued
 
@@ -371,55 +372,34 @@ class BatchWriter:
         entry = BatchEntry(_check_key(key), size, client_digest, lane.directory / f"{self.tag}-{len(self.entries)}",
                            lane, ContentHasher())
         self.entries.append(entry)
-        self._push(entry, _CREATE)
+        lane.strand.put((entry, _CREATE), self.CREATE_COST)
 
     def write(self, data: bytes | memoryview) -> bool:
         """Bytes of the current file; True means "pause until on_drain". Raises ``FiledockError(no-space)``."""
         self._raise_error()
-        self.bytes += len(data)
-        return self._push(self.entries[-1], data)
-
-    def _push(self, entry: BatchEntry | None, item: object, lane: _Lane | None = None) -> bool:
-        lane = lane or entry.lane
+        n = len(data)
+        self.bytes += n
         with self._lock:
-            lane.items.append((entry, item))
-            if isinstance(item, (bytes, memoryview)):
-                self._queued += len(item)
-                self._draining = self._draining or self._queued > self.HIGH_WATER
-            start, lane.scheduled = not lane.scheduled, True
-            over = self._draining
-        if start:
-            _BATCH_POOL.submit(self._service, lane)
-        return over
+            self._queue_bytes(n)
+        entry = self.entries[-1]
+        entry.lane.strand.put((entry, data), n)
+        return self._behind()
 
     @property
     def pending_bytes(self) -> int:
         """Bytes accepted but not yet written (they still need disk space)."""
         return self._queued
 
-    def _service(self, lane: _Lane) -> None:
-        """On a pool thread: do a lane's queued work, in order, about ``SERVICE_BYTES`` of it."""
-        budget = self.SERVICE_BYTES
-        while True:
-            with self._lock:
-                if not lane.items:
-                    lane.scheduled = False
-                    return
-                if budget <= 0:  # more to do: after whatever else waits for the pool
-                    _BATCH_POOL.submit(self._service, lane)
-                    return
-                entry, item = lane.items.popleft()
-                budget -= len(item) if isinstance(item, (bytes, memoryview)) else 4096
-            if isinstance(item, threading.Event):
-                item.set()
-                continue
-            if self._error is None and not self._stopped:
-                try:
-                    self._do(entry, item)
-                except BaseException as exc:  # surfaced by the next begin, write or seal
-                    self._error = self._error or exc
-            if isinstance(item, (bytes, memoryview)):
-                _dequeued(self, len(item))
+    def _run(self, work: tuple[BatchEntry, object]) -> None:
+        """On a lane's strand: create a staging file, or write and hash bytes into it."""
+        entry, item = work
+        if self._error is None and not self._stopped:
+            try:
+                self._do(entry, item)
+            except BaseException as exc:  # surfaced by the next begin, write or seal
+                self._error = self._error or exc
+        if item is not _CREATE:
+            self._written(len(item))
 
     @staticmethod
     def _do(entry: BatchEntry, item: object) -> None:
@@ -431,16 +411,8 @@ class BatchWriter:
 
     def _wait_lanes(self) -> None:
         """Until every lane has done what was queued before this call (idle lanes need no thread)."""
-        marks = []
         for lane in self._lanes:
-            with self._lock:
-                idle = not lane.scheduled and not lane.items
-            if not idle:
-                mark = threading.Event()
-                self._push(None, mark, lane)
-                marks.append(mark)
-        for mark in marks:
-            mark.wait()
+            lane.strand.wait()
 
     def _raise_error(self) -> None:
         if self._error is not None:
@@ -452,18 +424,16 @@ class BatchWriter:
 
         One ``syncfs`` covers every file (one journal commit and one cache flush; measured
         1.18x faster than an fsync per file over 16 rounds here); where that is not
-        available, the files are fsync'd on several threads at once, so the journal
-        commits many of them together.
+        available, the files are fsync'd on the work queue's threads at once, so the
+        journal commits many of them together.
         """
         self._wait_lanes()
         self._raise_error()
         open_fds = [e.fd for e in self.entries if e.fd >= 0]
         try:
             if open_fds and not durability.sync_filesystem(self._sync_fd):
-                syncs = [_FSYNC_POOL.submit(os.fsync, fd) for fd in open_fds]
-                concurrent.futures.wait(syncs)  # all of them: discard must not close a descriptor in use
-                for future in syncs:
-                    future.result()
+                # waits for all of them, even after an error: discard must not close a descriptor in use
+                self._work.run_each(os.fsync, open_fds)
         except OSError as exc:
             raise _no_space(exc) from exc
         for entry in self.entries:
@@ -502,69 +472,33 @@ class BatchWriter:
                 entry.temp.unlink(missing_ok=True)
 
 
-class WriterPool:
-    """A few threads shared by every writer (one per core): bounded threads however many uploads.
-
-    A writer is in the run queue at most once, so one thread at a time handles its
-    bytes, in order; after ``SERVICE_BYTES`` it goes to the back of the queue, so many
-    uploads share the threads fairly.
-    """
-
-    SERVICE_BYTES = 4 << 20
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._ready: queue.SimpleQueue = queue.SimpleQueue()
-        self._threads: list[threading.Thread] = []
-        self._lock = threading.Lock()
-
-    def schedule(self, writer: PartialWriter) -> None:
-        with self._lock:
-            if len(self._threads) < self.size:
-                thread = threading.Thread(target=self._run, name=f"filedock-writer-{len(self._threads)}",
-                                          daemon=True)
-                thread.start()
-                self._threads.append(thread)
-        self._ready.put(writer)
-
-    def _run(self) -> None:
-        while True:
-            writer = self._ready.get()
-            if writer.service(self.SERVICE_BYTES):
-                self._ready.put(writer)
-
-
-WRITER_POOL = WriterPool(max(2, os.cpu_count() or 2))
-
-
-class _Barrier:
-    """A mark in the hashing queue: tells a waiting thread what was hashed before it."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-        self._state = (0, 0)
-
-    def reached(self, offset: int, crc: int) -> None:
-        self._state = (offset, crc)
-        self._event.set()
-
-    def wait(self) -> tuple[int, int]:
-        self._event.wait()
-        return self._state
-
-
 class BlobStore:
     """The data dir's file bytes. Methods may block on disk: call them off the reactor."""
 
     STAGING_LANES = 4
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, work_queue: WorkQueue | None = None) -> None:
+        """A store over the data dir ``root``; its writers hand their disk work to ``work_queue``.
+
+        The server makes the queue, hands it in and stops it at shutdown. Without one
+        (tools such as ``fsck``, benchmarks, tests, an embedding script) the store makes
+        its own, whose threads start only when a writer first needs them and which
+        ``close`` stops. Unit tests may pass an ``InlineWorkQueue`` to do all work on
+        the calling thread.
+        """
         self.root = Path(root)
+        self.work_queue = work_queue if work_queue is not None else WorkQueue()
+        self._owns_queue = work_queue is None
         (self.root / "jobs").mkdir(mode=0o700, parents=True, exist_ok=True)
         self.staging = [self.root / "staging" / str(n) for n in range(self.STAGING_LANES)]
         self._durable_dirs: set[Path] = set()  # job directories whose names are known durable
         for lane in self.staging:
             lane.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def close(self) -> None:
+        """Stop the work queue if this store made it (one handed in is its maker's to stop)."""
+        if self._owns_queue:
+            self.work_queue.stop()
 
     def job_dir(self, job_id: str) -> Path:
         return self.root / "jobs" / _check_key(job_id)
@@ -615,7 +549,8 @@ class BlobStore:
         final = self.final_path(job_id, key)
         recovering = recover and final.exists()
         if not offset and not recovering:  # a new upload: no block list to read, nothing to check
-            writer = PartialWriter(part, blocks, final, self._create(directory, part), -1, ContentHasher(), new=True)
+            writer = PartialWriter(part, blocks, final, self._create(directory, part), -1, ContentHasher(), new=True,
+                                   work_queue=self.work_queue)
             writer.dir_durable = self.job_dir_made_durable
             return writer
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)  # only once both keys are checked
@@ -647,7 +582,8 @@ class BlobStore:
             if blocks_fd >= 0:
                 os.close(blocks_fd)
             raise
-        writer = PartialWriter(part, blocks, self.final_path(job_id, key), fd, blocks_fd, hasher, new=offset == 0)
+        writer = PartialWriter(part, blocks, self.final_path(job_id, key), fd, blocks_fd, hasher, new=offset == 0,
+                               work_queue=self.work_queue)
         writer.dir_durable = self.job_dir_made_durable
         # a prefix hashed again from disk may not be what the record says (changed behind our back)
         writer.needs_record = (hasher.offset, hasher.crc32) != recorded
@@ -690,7 +626,7 @@ class BlobStore:
 
     def open_batch(self, job_id: str) -> BatchWriter:
         """A writer for one ``BATCH`` into ``job_id``'s directory."""
-        return BatchWriter(self.job_dir(job_id), self.staging, self.job_dir_made_durable)
+        return BatchWriter(self.job_dir(job_id), self.staging, self.job_dir_made_durable, self.work_queue)
 
     def job_dir_made_durable(self, directory: Path) -> None:
         """Make a job directory's own name survive a crash (an fsync of ``jobs/``), once per process.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from filedock.wire import format_crc
+from filedock.digest import format_crc
 
 JOB_OPEN = "open"
 JOB_COMPLETE = "complete"
