@@ -434,7 +434,7 @@ def test_malformed_trailers_are_protocol_errors(trailer):
 
 
 def test_stored_outside_finishing_is_a_caller_bug():
-    """stored() before Done raises RuntimeError."""
+    """send(Stored(...)) before Done raises RuntimeError."""
     conn, _, _ = server_events(versioned(f"PUT {SESSION} {FILE} 3"))
     conn.send(Offset(0))
     with pytest.raises(RuntimeError):
@@ -566,7 +566,7 @@ def test_short_body_then_eof_is_end_of_stream_in_body():
 
 
 def test_legacy_refuse_sends_nothing():
-    """refuse() to a 2007 client returns b"": the 2007 dialect never reads a reply."""
+    """send(ServerError(...)) to a 2007 client returns b"": the 2007 dialect never reads a reply."""
     conn, _, _ = server_events(legacy_header(SESSION, FILE, 5))
     assert conn.send(ServerError(ErrorCode.UNKNOWN_SESSION, "no such session")) == b""
     assert conn.state is ServerState.CLOSED
@@ -582,13 +582,13 @@ def test_legacy_refuse_after_excess_data_sends_nothing():
 
 
 def test_versioned_refuse_sends_an_error_line():
-    """refuse() to a versioned client returns one ``ERR <code> <message>`` line."""
+    """send(ServerError(...)) to a versioned client returns one ``ERR <code> <message>`` line."""
     conn, _, _ = server_events(versioned(f"PUT {SESSION} {FILE} 5"))
     assert conn.send(ServerError(ErrorCode.SIZE_MISMATCH, "declared 6")) == b"ERR size-mismatch declared 6\r\n"
 
 
 def test_refuse_before_any_request_sends_an_error_line():
-    """With no request parsed yet (e.g. header-too-long) refuse() returns an ERR line."""
+    """With no request parsed yet (e.g. header-too-long) send(ServerError(...)) returns an ERR line."""
     conn = ServerConnection()
     assert conn.send(ServerError(ErrorCode.TOO_MANY_CONNECTIONS, "busy")) == b"ERR too-many-connections busy\r\n"
 
@@ -987,7 +987,7 @@ def test_server_never_raises_on_arbitrary_input(stream, data):
                 ended = True
                 break
             if isinstance(ev, EndOfStream):
-                assert conn._input.eof
+                assert conn.peer_closed
                 ended = True
                 break
             if isinstance(ev, Done):
