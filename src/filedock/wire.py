@@ -604,36 +604,6 @@ class ServerConnection:
         ServerError: _write_error,
     }
 
-    # -- the methods before ``send``: kept until the call sites move to it
-
-    def accept_upload(self, offset: int) -> bytes:
-        """``send(Offset(offset))``: kept until the call sites use ``send``."""
-        return self.send(Offset(offset))
-
-    def accept_batch(self) -> bytes:
-        """``send(BatchAccepted())``: kept until the call sites use ``send``."""
-        return self.send(BatchAccepted())
-
-    def batch_results(self, lines: list[ItemStored | ItemFailed]) -> bytes:
-        """``send(BatchResults(lines))``: kept until the call sites use ``send``."""
-        return self.send(BatchResults(tuple(lines)))
-
-    def accept_download(self, size: int, crc32: int, digest: str) -> bytes:
-        """``send(DownloadStart(...))`` from the pending request's offset: kept until the call sites use ``send``."""
-        return self.send(DownloadStart(size, getattr(self.request, "offset", 0), crc32, digest))
-
-    def accept_abort(self) -> bytes:
-        """``send(Aborted())``: kept until the call sites use ``send``."""
-        return self.send(Aborted())
-
-    def stored(self, size: int, crc32: int, digest: str) -> bytes:
-        """``send(Stored(...))``: kept until the call sites use ``send``."""
-        return self.send(Stored(size, crc32, digest))
-
-    def refuse(self, code: ErrorCode, message: str) -> bytes:
-        """``send(ServerError(code, message))``: kept until the call sites use ``send``."""
-        return self.send(ServerError(code.value if isinstance(code, ErrorCode) else code, message))
-
     # -- internals
 
     def _advance(self, event: ServerEvent) -> ServerEvent:
@@ -818,32 +788,6 @@ class ClientConnection:
         BatchItem: _write_item,
         Done: _write_done,
     }
-
-    # -- the methods before ``send``: kept until the call sites move to it
-
-    def upload(self, session_key: str, file_key: str, size: int) -> bytes:
-        """``send(UploadRequest(...))``: kept until the call sites use ``send``."""
-        return self.send(UploadRequest(session_key, file_key, size))
-
-    def done(self, digest: str | None = None) -> bytes:
-        """``send(Done(digest))``: kept until the call sites use ``send``."""
-        return self.send(Done(digest))
-
-    def batch(self, session_key: str, count: int) -> bytes:
-        """``send(BatchRequest(...))``: kept until the call sites use ``send``."""
-        return self.send(BatchRequest(session_key, count))
-
-    def batch_item(self, file_key: str, size: int, digest: str) -> bytes:
-        """``send(BatchItem(...))``: kept until the call sites use ``send``."""
-        return self.send(BatchItem(file_key, size, digest))
-
-    def download(self, session_key: str, file_key: str, offset: int = 0) -> bytes:
-        """``send(DownloadRequest(...))``: kept until the call sites use ``send``."""
-        return self.send(DownloadRequest(session_key, file_key, offset))
-
-    def abort(self, session_key: str, file_key: str) -> bytes:
-        """``send(AbortRequest(...))``: kept until the call sites use ``send``."""
-        return self.send(AbortRequest(session_key, file_key))
 
     # -- events in
 

@@ -19,14 +19,14 @@ def send_batch(server, session: str, items: list[tuple[str, bytes, str | None]],
     """Send a batch (key, bytes, digest or None for the right one); returns the reply events."""
     client = wire.ClientConnection()
     sock = server.connect()
-    out = bytearray(client.batch(session, len(items)))
+    out = bytearray(client.send(wire.BatchRequest(session, len(items))))
     for key, data, digest in items:
-        out += client.batch_item(key, len(data), digest or digest_of(data)) + data
+        out += client.send(wire.BatchItem(key, len(data), digest or digest_of(data))) + data
     if close_after is not None:
         sock.sendall(out[:close_after])
         sock.close()
         return []
-    out += client.done()
+    out += client.send(wire.Done(None))
     sock.sendall(out)
     client.receive_data(wait_closed(sock))
     client.receive_data(b"")
@@ -41,9 +41,9 @@ def start_batch(server, session: str, keys: list[str], datas: list[bytes], send:
     (the client connection, the socket)."""
     client = wire.ClientConnection()
     sock = server.connect()
-    head = client.batch(session, len(keys))
+    head = client.send(wire.BatchRequest(session, len(keys)))
     for key, data in list(zip(keys, datas))[:send]:
-        head += client.batch_item(key, len(data), digest_of(data)) + data
+        head += client.send(wire.BatchItem(key, len(data), digest_of(data))) + data
     sock.sendall(head)
     return client, sock
 
@@ -120,8 +120,9 @@ def test_batch_refusals_for_the_whole_batch(tmp_path):
         assert wait_closed(sock).startswith(b"ERR unknown-session ")
         client = wire.ClientConnection()
         sock = server.connect()
-        sock.sendall(client.batch(session["key"], 2) + client.batch_item(files["a"]["key"], 10, digest_of(b"0" * 10))
-                     + b"0" * 10 + client.batch_item(files["big"]["key"], 5000, digest_of(b"1" * 5000)))
+        sock.sendall(client.send(wire.BatchRequest(session["key"], 2))
+                     + client.send(wire.BatchItem(files["a"]["key"], 10, digest_of(b"0" * 10))) + b"0" * 10
+                     + client.send(wire.BatchItem(files["big"]["key"], 5000, digest_of(b"1" * 5000))))
         assert wait_closed(sock).startswith(b"ERR too-large ")
         assert {server.api.file(f["key"])["state"] for f in files.values()} == {"pending"}
 
@@ -155,9 +156,9 @@ def test_batch_in_flight_shows_in_uploads(server):
     assert entry["job"] == job["id"] and entry["files"] == 5
     wait_for(lambda: server.api.get("/v1/uploads")["uploads"][0]["files_arrived"] == 3)
     assert server.api.get("/v1/uploads")["uploads"][0]["received"] == 6000
-    rest = b"".join(client.batch_item(files[f"f{i}"]["key"], 2000, digest_of(d)) + d
+    rest = b"".join(client.send(wire.BatchItem(files[f"f{i}"]["key"], 2000, digest_of(d))) + d
                     for i, d in enumerate(datas) if i >= 3)
-    sock.sendall(rest + client.done())
+    sock.sendall(rest + client.send(wire.Done(None)))
     assert wait_closed(sock).endswith(b"END 5\r\n")
     wait_for(lambda: server.api.get("/v1/uploads") == {"uploads": []})
 

@@ -25,7 +25,7 @@ def server_events(stream: bytes, cuts: list[int]) -> list:
         while True:
             event = conn.next_event()
             if event is wire.PAUSED:
-                assert conn.accept_batch() == b""
+                assert conn.send(wire.BatchAccepted()) == b""
                 continue
             if event is wire.NEED_DATA:
                 break
@@ -48,10 +48,10 @@ def batches(draw):
 def test_any_chunking_gives_the_same_batch_events(batch, cuts):
     """A whole batch stream, cut anywhere, gives BatchRequest, each item with its bytes, then Done."""
     client = wire.ClientConnection()
-    stream = client.batch(SESSION, len(batch))
+    stream = client.send(wire.BatchRequest(SESSION, len(batch)))
     for key, data in batch:
-        stream += client.batch_item(key, len(data), DIGEST) + data
-    stream += client.done()
+        stream += client.send(wire.BatchItem(key, len(data), DIGEST)) + data
+    stream += client.send(wire.Done(None))
     expected: list = [wire.BatchRequest(SESSION, len(batch))]
     for key, data in batch:
         expected += [wire.BatchItem(key, len(data), DIGEST), *([wire.Data(data)] if data else []),
@@ -66,14 +66,14 @@ def test_results_round_trip_to_the_client():
     server = wire.ServerConnection()
     server.receive_data(f"FILEDOCK/1 BATCH {SESSION} 0\r\nDONE\r\n".encode())
     assert server.next_event() == wire.BatchRequest(SESSION, 0)
-    server.accept_batch()
+    server.send(wire.BatchAccepted())
     assert server.next_event() == wire.Done(None)
-    reply = server.batch_results([wire.ItemStored(k1, 5, 0xABCDEF01, DIGEST),
-                                  wire.ItemFailed(k2, "size-mismatch", "declared with 4 bytes")])
+    reply = server.send(wire.BatchResults((wire.ItemStored(k1, 5, 0xABCDEF01, DIGEST),
+                                           wire.ItemFailed(k2, "size-mismatch", "declared with 4 bytes"))))
     assert server.state is wire.ServerState.CLOSED
     client = wire.ClientConnection()
-    client.batch(SESSION, 0)
-    client.done()
+    client.send(wire.BatchRequest(SESSION, 0))
+    client.send(wire.Done(None))
     client.receive_data(reply)
     events = []
     while (event := client.next_event()) is not wire.NEED_DATA:
@@ -99,7 +99,7 @@ def test_bytes_after_done_are_excess_data():
     conn = wire.ServerConnection()
     conn.receive_data(f"FILEDOCK/1 BATCH {SESSION} 0\r\nDONE\r\nmore".encode())
     assert isinstance(conn.next_event(), wire.BatchRequest)
-    conn.accept_batch()
+    conn.send(wire.BatchAccepted())
     assert conn.next_event() == wire.Done(None)
     event = conn.next_event()
     assert isinstance(event, wire.ProtocolError) and event.code is ErrorCode.EXCESS_DATA
@@ -108,10 +108,10 @@ def test_bytes_after_done_are_excess_data():
 def test_client_refuses_items_past_the_count_and_early_done():
     """The client core will not announce more items than the batch said, nor finish early."""
     client = wire.ClientConnection()
-    client.batch(SESSION, 1)
+    client.send(wire.BatchRequest(SESSION, 1))
     with pytest.raises(RuntimeError):
-        client.done()
-    client.batch_item(str(uuid.uuid4()), 0, DIGEST)
+        client.send(wire.Done(None))
+    client.send(wire.BatchItem(str(uuid.uuid4()), 0, DIGEST))
     with pytest.raises(RuntimeError):
-        client.batch_item(str(uuid.uuid4()), 0, DIGEST)
-    assert client.done() == b"DONE\r\n"
+        client.send(wire.BatchItem(str(uuid.uuid4()), 0, DIGEST))
+    assert client.send(wire.Done(None)) == b"DONE\r\n"

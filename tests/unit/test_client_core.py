@@ -85,7 +85,7 @@ def test_reply_errors_say_who_is_at_fault():
 def test_reply_error_from_a_real_garbled_line():
     """Fed through ``wire.ClientConnection``: a reply that is not OFFSET becomes a RemoteProtocolError."""
     conn = wire.ClientConnection()
-    conn.upload("00000000-0000-4000-8000-000000000000", "00000000-0000-4000-8000-000000000001", 10)
+    conn.send(wire.UploadRequest("00000000-0000-4000-8000-000000000000", "00000000-0000-4000-8000-000000000001", 10))
     conn.receive_data(b"HTTP/1.1 400 Bad Request\r\n")
     assert isinstance(reply_error(conn.next_event()), RemoteProtocolError)
 

@@ -117,16 +117,16 @@ class ScriptedServer:
                 self.replies += self._decide(self.conn.request)
                 continue
             if events and isinstance(events[-1], Done):
-                self.replies += self.conn.stored(self.size, self.crc, self.digest)
+                self.replies += self.conn.send(Stored(self.size, self.crc, self.digest))
                 continue
             return
 
     def _decide(self, request) -> bytes:
         if isinstance(request, UploadRequest):
-            return self.conn.accept_upload(0 if request.legacy else self.offset)
+            return self.conn.send(Offset(0 if request.legacy else self.offset))
         if isinstance(request, DownloadRequest):
-            return self.conn.accept_download(self.size, self.crc, self.digest)
-        return self.conn.accept_abort()
+            return self.conn.send(DownloadStart(self.size, request.offset, self.crc, self.digest))
+        return self.conn.send(Aborted())
 
 
 class ConnectionPair:
@@ -310,9 +310,9 @@ def test_versioned_put_get_abort_parse(eol):
 
 
 def test_accept_upload_replies_offset_and_streams_the_rest():
-    """accept_upload(offset) replies ``OFFSET n`` and expects exactly size - offset body bytes."""
+    """send(Offset(offset)) replies ``OFFSET n`` and expects exactly size - offset body bytes."""
     conn, _, _ = server_events(versioned(f"PUT {SESSION} {FILE} 10"))
-    assert conn.accept_upload(4) == b"OFFSET 4\r\n"
+    assert conn.send(Offset(4)) == b"OFFSET 4\r\n"
     assert conn.state is ServerState.BODY
     assert conn.body_expected == 6
     conn.receive_data(b"456789DONE\r\n")
@@ -325,7 +325,7 @@ def test_accept_upload_replies_offset_and_streams_the_rest():
 def test_accept_upload_at_full_size_completes_the_body_at_once():
     """Accepting at offset == size means no body: BodyComplete comes before any byte arrives."""
     conn, _, _ = server_events(versioned(f"PUT {SESSION} {FILE} 10"))
-    assert conn.accept_upload(10) == b"OFFSET 10\r\n"
+    assert conn.send(Offset(10)) == b"OFFSET 10\r\n"
     assert conn.next_event() == BodyComplete()
     assert conn.state is ServerState.TRAILER
 
@@ -335,44 +335,45 @@ def test_accept_upload_rejects_offsets_outside_the_file(offset):
     """An offset below 0 or above the size is a caller bug: ValueError, state unchanged."""
     conn, _, _ = server_events(versioned(f"PUT {SESSION} {FILE} 10"))
     with pytest.raises(ValueError):
-        conn.accept_upload(offset)
+        conn.send(Offset(offset))
     assert conn.state is ServerState.DECIDING
 
 
 def test_legacy_upload_must_start_at_zero():
-    """A 2007 upload cannot be resumed: accept_upload with an offset raises, at 0 it replies nothing."""
+    """A 2007 upload cannot be resumed: Offset(n) with n > 0 raises, at 0 it replies nothing."""
     conn, _, _ = server_events(legacy_header(SESSION, FILE, 10))
     with pytest.raises(ValueError):
-        conn.accept_upload(3)
-    assert conn.accept_upload(0) == b""
+        conn.send(Offset(3))
+    assert conn.send(Offset(0)) == b""
     assert conn.body_expected == 10
 
 
 def test_decisions_must_match_the_pending_request():
-    """accept_* for the wrong kind of request, or with none pending, raises RuntimeError."""
+    """A decision (Offset, Aborted, DownloadStart) for the wrong kind of request, or with none pending,
+    raises RuntimeError."""
     conn, _, _ = server_events(versioned(f"GET {SESSION} {FILE} 0"))
     with pytest.raises(RuntimeError):
-        conn.accept_upload(0)
+        conn.send(Offset(0))
     with pytest.raises(RuntimeError):
-        conn.accept_abort()
-    assert conn.accept_download(5, 0xABC, DIGEST) == f"DATA 5 0 00000abc {DIGEST}\r\n".encode()
+        conn.send(Aborted())
+    assert conn.send(DownloadStart(5, 0, 0xABC, DIGEST)) == f"DATA 5 0 00000abc {DIGEST}\r\n".encode()
     with pytest.raises(RuntimeError):
-        conn.accept_download(5, 0, DIGEST)
+        conn.send(DownloadStart(5, 0, 0, DIGEST))
     with pytest.raises(RuntimeError):
-        ServerConnection().accept_upload(0)
+        ServerConnection().send(Offset(0))
 
 
 def test_accept_download_echoes_the_requested_offset():
     """The DATA reply carries the size, the client's offset, the CRC as 8 hex digits and the digest."""
     conn, _, _ = server_events(versioned(f"GET {SESSION} {FILE} 3"))
-    assert conn.accept_download(10, 0xFFFFFFFF, DIGEST) == f"DATA 10 3 ffffffff {DIGEST}\r\n".encode()
+    assert conn.send(DownloadStart(10, 3, 0xFFFFFFFF, DIGEST)) == f"DATA 10 3 ffffffff {DIGEST}\r\n".encode()
     assert conn.state is ServerState.SENDING
 
 
 def test_download_client_bytes_are_dropped_and_eof_reported():
     """While the server sends, anything the client says is discarded; its close is EndOfStream."""
     conn, _, _ = server_events(versioned(f"GET {SESSION} {FILE} 0"))
-    conn.accept_download(10, 0, DIGEST)
+    conn.send(DownloadStart(10, 0, 0, DIGEST))
     conn.receive_data(b"chatter")
     assert conn.next_event() is NEED_DATA
     conn.receive_data(b"")
@@ -380,9 +381,9 @@ def test_download_client_bytes_are_dropped_and_eof_reported():
 
 
 def test_accept_abort_replies_aborted_and_closes():
-    """accept_abort replies ``ABORTED`` and nothing more happens on the connection."""
+    """send(Aborted()) replies ``ABORTED`` and nothing more happens on the connection."""
     conn, _, _ = server_events(versioned(f"ABORT {SESSION} {FILE}"))
-    assert conn.accept_abort() == b"ABORTED\r\n"
+    assert conn.send(Aborted()) == b"ABORTED\r\n"
     assert conn.state is ServerState.CLOSED
     conn.receive_data(b"junk")
     assert conn.next_event() is NEED_DATA
@@ -393,7 +394,7 @@ def test_accept_abort_replies_aborted_and_closes():
 
 def _after_body(trailer: bytes) -> tuple[ServerConnection, list]:
     conn, _, _ = server_events(versioned(f"PUT {SESSION} {FILE} 3"))
-    conn.accept_upload(0)
+    conn.send(Offset(0))
     conn.receive_data(b"abc" + trailer)
     return conn, merge_data(drain(conn)[0])
 
@@ -410,7 +411,7 @@ def test_done_with_digest():
     """``DONE <64 hex>`` carries the client's digest."""
     conn, events = _after_body(f"DONE {DIGEST}\r\n".encode())
     assert events == [Data(b"abc"), BodyComplete(), Done(DIGEST)]
-    assert conn.stored(3, 0x1234, DIGEST) == f"STORED 3 00001234 {DIGEST}\r\n".encode()
+    assert conn.send(Stored(3, 0x1234, DIGEST)) == f"STORED 3 00001234 {DIGEST}\r\n".encode()
     assert conn.state is ServerState.CLOSED
 
 
@@ -433,11 +434,11 @@ def test_malformed_trailers_are_protocol_errors(trailer):
 
 
 def test_stored_outside_finishing_is_a_caller_bug():
-    """stored() before Done raises RuntimeError."""
+    """send(Stored(...)) before Done raises RuntimeError."""
     conn, _, _ = server_events(versioned(f"PUT {SESSION} {FILE} 3"))
-    conn.accept_upload(0)
+    conn.send(Offset(0))
     with pytest.raises(RuntimeError):
-        conn.stored(3, 0, DIGEST)
+        conn.send(Stored(3, 0, DIGEST))
 
 
 def test_bytes_after_done_are_excess_data():
@@ -565,9 +566,9 @@ def test_short_body_then_eof_is_end_of_stream_in_body():
 
 
 def test_legacy_refuse_sends_nothing():
-    """refuse() to a 2007 client returns b"": the 2007 dialect never reads a reply."""
+    """send(ServerError(...)) to a 2007 client returns b"": the 2007 dialect never reads a reply."""
     conn, _, _ = server_events(legacy_header(SESSION, FILE, 5))
-    assert conn.refuse(ErrorCode.UNKNOWN_SESSION, "no such session") == b""
+    assert conn.send(ServerError(ErrorCode.UNKNOWN_SESSION, "no such session")) == b""
     assert conn.state is ServerState.CLOSED
 
 
@@ -577,19 +578,19 @@ def test_legacy_refuse_after_excess_data_sends_nothing():
     srv.feed([legacy_header(SESSION, FILE, 1) + b"ab"], eof=False)
     err = srv.events[-1]
     assert err.code is ErrorCode.EXCESS_DATA
-    assert srv.conn.refuse(err.code, err.message) == b""
+    assert srv.conn.send(ServerError(err.code, err.message)) == b""
 
 
 def test_versioned_refuse_sends_an_error_line():
-    """refuse() to a versioned client returns one ``ERR <code> <message>`` line."""
+    """send(ServerError(...)) to a versioned client returns one ``ERR <code> <message>`` line."""
     conn, _, _ = server_events(versioned(f"PUT {SESSION} {FILE} 5"))
-    assert conn.refuse(ErrorCode.SIZE_MISMATCH, "declared 6") == b"ERR size-mismatch declared 6\r\n"
+    assert conn.send(ServerError(ErrorCode.SIZE_MISMATCH, "declared 6")) == b"ERR size-mismatch declared 6\r\n"
 
 
 def test_refuse_before_any_request_sends_an_error_line():
-    """With no request parsed yet (e.g. header-too-long) refuse() returns an ERR line."""
+    """With no request parsed yet (e.g. header-too-long) send(ServerError(...)) returns an ERR line."""
     conn = ServerConnection()
-    assert conn.refuse(ErrorCode.TOO_MANY_CONNECTIONS, "busy") == b"ERR too-many-connections busy\r\n"
+    assert conn.send(ServerError(ErrorCode.TOO_MANY_CONNECTIONS, "busy")) == b"ERR too-many-connections busy\r\n"
 
 
 # ---------------------------------------------------------------- formatting
@@ -623,17 +624,17 @@ def _client(state: ClientState) -> ClientConnection:
     """A client waiting in ``state`` (for a 10-byte file)."""
     c = ClientConnection()
     if state is ClientState.AWAIT_OFFSET:
-        c.upload(SESSION, FILE, 10)
+        c.send(UploadRequest(SESSION, FILE, 10))
     elif state in (ClientState.SENDING, ClientState.AWAIT_STORED):
-        c.upload(SESSION, FILE, 10)
+        c.send(UploadRequest(SESSION, FILE, 10))
         c.receive_data(b"OFFSET 0\r\n")
         assert c.next_event() == Offset(0)
         if state is ClientState.AWAIT_STORED:
-            c.done()
+            c.send(Done(None))
     elif state is ClientState.AWAIT_DATA:
-        c.download(SESSION, FILE, 0)
+        c.send(DownloadRequest(SESSION, FILE, 0))
     elif state is ClientState.AWAIT_ABORTED:
-        c.abort(SESSION, FILE)
+        c.send(AbortRequest(SESSION, FILE))
     assert c.state is state
     return c
 
@@ -649,26 +650,27 @@ def _reply(state: ClientState, data: bytes, eof: bool = False) -> tuple[ClientCo
 def test_client_request_lines():
     """The client writes the versioned PUT, GET, ABORT and DONE lines."""
     c = ClientConnection()
-    assert c.upload(SESSION, FILE, 9) == f"FILEDOCK/1 PUT {SESSION} {FILE} 9\r\n".encode()
-    assert ClientConnection().download(SESSION, FILE, 4) == f"FILEDOCK/1 GET {SESSION} {FILE} 4\r\n".encode()
-    assert ClientConnection().abort(SESSION, FILE) == f"FILEDOCK/1 ABORT {SESSION} {FILE}\r\n".encode()
+    assert c.send(UploadRequest(SESSION, FILE, 9)) == f"FILEDOCK/1 PUT {SESSION} {FILE} 9\r\n".encode()
+    assert (ClientConnection().send(DownloadRequest(SESSION, FILE, 4))
+            == f"FILEDOCK/1 GET {SESSION} {FILE} 4\r\n".encode())
+    assert ClientConnection().send(AbortRequest(SESSION, FILE)) == f"FILEDOCK/1 ABORT {SESSION} {FILE}\r\n".encode()
     sending = _client(ClientState.SENDING)
-    assert sending.done(DIGEST) == f"DONE {DIGEST}\r\n".encode()
-    assert _client(ClientState.SENDING).done() == b"DONE\r\n"
+    assert sending.send(Done(DIGEST)) == f"DONE {DIGEST}\r\n".encode()
+    assert _client(ClientState.SENDING).send(Done(None)) == b"DONE\r\n"
 
 
 def test_client_one_request_per_connection():
     """A second request on one client connection raises RuntimeError."""
     c = ClientConnection()
-    c.upload(SESSION, FILE, 1)
+    c.send(UploadRequest(SESSION, FILE, 1))
     with pytest.raises(RuntimeError):
-        c.download(SESSION, FILE)
+        c.send(DownloadRequest(SESSION, FILE, 0))
 
 
 def test_client_done_only_while_sending():
     """done() before the OFFSET reply raises RuntimeError."""
     with pytest.raises(RuntimeError):
-        _client(ClientState.AWAIT_OFFSET).done()
+        _client(ClientState.AWAIT_OFFSET).send(Done(None))
 
 
 @pytest.mark.parametrize("eol", [b"\r\n", b"\n"])
@@ -696,7 +698,7 @@ def test_client_parses_stored():
 def test_client_parses_data_and_body():
     """``DATA size offset crc digest`` then the body: DownloadStart, Data, BodyComplete."""
     c = ClientConnection()
-    c.download(SESSION, FILE, 2)
+    c.send(DownloadRequest(SESSION, FILE, 2))
     c.receive_data(f"DATA 6 2 0000000a {DIGEST}\r\nwxyz".encode())
     c.receive_data(b"")
     events, _ = drain(c)
@@ -707,7 +709,7 @@ def test_client_parses_data_and_body():
 def test_client_rejects_data_with_the_wrong_offset(line):
     """A DATA reply whose offset is not the one asked for, or past the size, is malformed."""
     c = ClientConnection()
-    c.download(SESSION, FILE, 2)
+    c.send(DownloadRequest(SESSION, FILE, 2))
     c.receive_data(line.encode() + b"\r\n")
     ev = c.next_event()
     assert isinstance(ev, ServerError) and ev.code == "malformed-header"
@@ -871,7 +873,7 @@ def test_client_download_any_chunking_same_events(body, offset_cut, crc, digest,
     offset = min(offset_cut, len(body))
     stream = f"DATA {len(body)} {offset} {crc:08x} {digest}\r\n".encode() + body[offset:]
     c = ClientConnection()
-    c.download(SESSION, FILE, offset)
+    c.send(DownloadRequest(SESSION, FILE, offset))
     events: list = []
     for chunk in [*data.draw(chunkings(stream)), b""]:
         c.receive_data(chunk)
@@ -887,13 +889,13 @@ def test_client_upload_replies_any_chunking(size, data, crc, digest):
     """OFFSET and STORED replies split anywhere give the same client events."""
     offset = data.draw(st.integers(0, size))
     c = ClientConnection()
-    c.upload(SESSION, FILE, size)
+    c.send(UploadRequest(SESSION, FILE, size))
     events: list = []
     for chunk in data.draw(chunkings(f"OFFSET {offset}\r\n".encode())):
         c.receive_data(chunk)
         events += drain(c)[0]
     assert events == [Offset(offset)]
-    c.done(digest)
+    c.send(Done(digest))
     for chunk in [*data.draw(chunkings(f"STORED {size} {crc:08x} {digest}\r\n".encode())), b""]:
         c.receive_data(chunk)
         events += drain(c)[0]
@@ -980,21 +982,21 @@ def test_server_never_raises_on_arbitrary_input(stream, data):
             if isinstance(ev, ProtocolError):
                 assert isinstance(ev.code, ErrorCode)
                 assert conn.state is ServerState.CLOSED
-                line = conn.refuse(ev.code, ev.message)
+                line = conn.send(ServerError(ev.code, ev.message))
                 assert line == b"" or re.fullmatch(rb"ERR [a-z-]+ [ -~]*\r\n", line)
                 ended = True
                 break
             if isinstance(ev, EndOfStream):
-                assert conn._input.eof
+                assert conn.peer_closed
                 ended = True
                 break
             if isinstance(ev, Done):
                 assert conn.state is ServerState.FINISHING
                 assert ev.digest is None or re.fullmatch("[0-9a-f]{64}", ev.digest)
                 if data.draw(st.booleans()):
-                    assert conn.stored(1, 2, DIGEST).startswith(b"STORED ")
+                    assert conn.send(Stored(1, 2, DIGEST)).startswith(b"STORED ")
                 else:
-                    conn.refuse(ErrorCode.DIGEST_MISMATCH, "no")
+                    conn.send(ServerError(ErrorCode.DIGEST_MISMATCH, "no"))
         else:
             raise AssertionError("next_event made no progress")
     assert len(body_of(events)) == conn.body_received <= max(conn.body_expected, 0)
@@ -1005,18 +1007,18 @@ def _fuzz_decide(conn: ServerConnection, data) -> None:
     """Accept or refuse the pending request at random, checking the reply's shape."""
     req = conn.request
     if data.draw(st.booleans(), label="refuse"):
-        line = conn.refuse(ErrorCode.UNKNOWN_SESSION, "no")
+        line = conn.send(ServerError(ErrorCode.UNKNOWN_SESSION, "no"))
         legacy = isinstance(req, UploadRequest) and req.legacy
         assert line == (b"" if legacy else b"ERR unknown-session no\r\n")
     elif isinstance(req, UploadRequest):
         offset = 0 if req.legacy else data.draw(st.integers(0, min(req.size, 50)), label="offset")
-        line = conn.accept_upload(offset)
+        line = conn.send(Offset(offset))
         assert line == (b"" if req.legacy else f"OFFSET {offset}\r\n".encode())
         assert conn.body_expected == req.size - offset
     elif isinstance(req, DownloadRequest):
-        assert conn.accept_download(10, 0, DIGEST).startswith(b"DATA 10 ")
+        assert conn.send(DownloadStart(10, req.offset, 0, DIGEST)).startswith(b"DATA 10 ")
     else:
-        assert conn.accept_abort() == b"ABORTED\r\n"
+        assert conn.send(Aborted()) == b"ABORTED\r\n"
     assert conn.state is not ServerState.DECIDING
 
 
@@ -1050,7 +1052,7 @@ def test_client_never_raises_on_arbitrary_input(state, stream, data):
                 assert c.state is ClientState.CLOSED
             if isinstance(ev, Offset):
                 assert 0 <= ev.offset <= c.size
-                c.done()
+                c.send(Done(None))
         else:
             raise AssertionError("next_event made no progress")
     assert len(body_of(events)) == c.body_received <= c.body_expected
@@ -1071,15 +1073,15 @@ def test_pair_upload_completes(body, digest, data):
     pair = _pair(data)
     size = len(body)
     offset = data.draw(st.integers(0, size), label="offset")
-    assert pair.to_server(pair.client.upload(SESSION, FILE, size)) == [UploadRequest(SESSION, FILE, size)]
+    assert pair.to_server(pair.client.send(UploadRequest(SESSION, FILE, size))) == [UploadRequest(SESSION, FILE, size)]
     assert pair.server.next_event() is PAUSED
-    assert pair.to_client(pair.server.accept_upload(offset)) == [Offset(offset)]
+    assert pair.to_client(pair.server.send(Offset(offset))) == [Offset(offset)]
     assert pair.client.state is ClientState.SENDING
-    events = pair.to_server(body[pair.client.offset:] + pair.client.done(digest))
+    events = pair.to_server(body[pair.client.offset:] + pair.client.send(Done(digest)))
     tail = body[offset:]
     assert events == [*([Data(tail)] if tail else []), BodyComplete(), Done(digest)]
     crc, final = zlib.crc32(body), hashlib.sha256(body).hexdigest()
-    assert pair.to_client(pair.server.stored(size, crc, final)) == [Stored(size, crc, final)]
+    assert pair.to_client(pair.server.send(Stored(size, crc, final))) == [Stored(size, crc, final)]
     assert pair.close_server() == [EndOfStream()]
     assert pair.close_client() == []
     assert (pair.server.state, pair.client.state) == (ServerState.CLOSED, ClientState.CLOSED)
@@ -1091,9 +1093,10 @@ def test_pair_download_completes(body, data):
     """A client and server back to back complete a download from any offset, whatever the chunking."""
     pair = _pair(data)
     offset = data.draw(st.integers(0, len(body)), label="offset")
-    assert pair.to_server(pair.client.download(SESSION, FILE, offset)) == [DownloadRequest(SESSION, FILE, offset)]
+    request = DownloadRequest(SESSION, FILE, offset)
+    assert pair.to_server(pair.client.send(request)) == [request]
     crc, digest = zlib.crc32(body), hashlib.sha256(body).hexdigest()
-    events = pair.to_client(pair.server.accept_download(len(body), crc, digest) + body[offset:])
+    events = pair.to_client(pair.server.send(DownloadStart(len(body), offset, crc, digest)) + body[offset:])
     tail = body[offset:]
     assert events == [DownloadStart(len(body), offset, crc, digest), *([Data(tail)] if tail else []),
                       BodyComplete()]
@@ -1106,8 +1109,8 @@ def test_pair_download_completes(body, data):
 def test_pair_abort_completes(data):
     """ABORT across the pair: the server sees AbortRequest, the client Aborted."""
     pair = _pair(data)
-    assert pair.to_server(pair.client.abort(SESSION, FILE)) == [AbortRequest(SESSION, FILE)]
-    assert pair.to_client(pair.server.accept_abort()) == [Aborted()]
+    assert pair.to_server(pair.client.send(AbortRequest(SESSION, FILE))) == [AbortRequest(SESSION, FILE)]
+    assert pair.to_client(pair.server.send(Aborted())) == [Aborted()]
     assert pair.client.state is ClientState.CLOSED
 
 
@@ -1116,11 +1119,11 @@ def test_pair_abort_completes(data):
 def test_pair_server_error_mid_upload_reaches_the_client(body, data):
     """A server that refuses mid-body (disk full) reaches a client still sending as ServerError."""
     pair = _pair(data)
-    pair.to_server(pair.client.upload(SESSION, FILE, len(body) + 1))
-    pair.to_client(pair.server.accept_upload(0))
+    pair.to_server(pair.client.send(UploadRequest(SESSION, FILE, len(body) + 1)))
+    pair.to_client(pair.server.send(Offset(0)))
     events = pair.to_server(body)
     assert events == [Data(body)]
-    line = pair.server.refuse(ErrorCode.NO_SPACE, "disk full")
+    line = pair.server.send(ServerError(ErrorCode.NO_SPACE, "disk full"))
     assert pair.to_client(line) == [ServerError("no-space", "disk full")]
     assert pair.client.state is ClientState.CLOSED
 
@@ -1132,7 +1135,7 @@ def test_pair_legacy_upload_completes_silently(body, data):
     pair = _pair(data)
     events = pair.to_server(legacy_header(SESSION, FILE, len(body)))
     assert events == [UploadRequest(SESSION, FILE, len(body), legacy=True)]
-    assert pair.server.accept_upload(0) == b""
+    assert pair.server.send(Offset(0)) == b""
     events = pair.to_server(body)
     assert events == [*([Data(body)] if body else []), BodyComplete()]
     assert pair.close_client() == [EndOfStream()]

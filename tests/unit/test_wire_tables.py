@@ -12,7 +12,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from filedock import wire
-from filedock.errors import ErrorCode
 from filedock.wire import (
     CLIENT_TRANSITIONS, LEGACY_SERVER_TRANSITIONS, NEED_DATA, PAUSED, SERVER_REPLY_TO, SERVER_TRANSITIONS,
     AbortRequest, Aborted, BatchAccepted, BatchEnd, BatchItem, BatchRequest, BatchResults, BodyComplete,
@@ -376,73 +375,76 @@ class Pair:
         return self._cross(self.server, b"", eof=True) + self._cross(self.client, b"", eof=True)
 
 
-def _run(kind: str, body: bytes, offset: int, items: list[bytes], refuse_at: int, seed: int, use_send: bool) -> tuple:
-    """One exchange of ``kind``, its messages sent with ``send`` or with the kept methods; returns
-    (every event each side saw, every byte each side sent)."""
+def _run(kind: str, body: bytes, offset: int, items: list[bytes], refuse_at: int, seed: int,
+         session: str, file_key: str) -> tuple:
+    """One exchange of ``kind``, every message sent with ``send`` and checked against its line as
+    docs/protocol.md writes it; returns (every event each side saw, every byte each side sent, the states)."""
     pair = Pair(random.Random(seed))
     c, s = pair.client, pair.server
     seen, sent = [], []
 
-    def client_says(event, method, *args):
-        data = c.send(event) if use_send else getattr(c, method)(*args)
+    def client_says(event, line: str):
+        data = c.send(event)
+        assert data == line.encode("ascii"), (event, data)
         sent.append(data)
         seen.append(("server", pair.to_server(data)))
 
-    def server_says(event, method, *args):
-        data = s.send(event) if use_send else getattr(s, method)(*args)
+    def server_says(event, line: str):
+        data = s.send(event)
+        assert data == line.encode("ascii"), (event, data)
         sent.append(data)
         seen.append(("client", pair.to_client(data)))
 
     crc, digest = zlib.crc32(body), hashlib.sha256(body).hexdigest()
     if kind == "upload":
-        client_says(UploadRequest(SESSION, FILE, len(body)), "upload", SESSION, FILE, len(body))
+        client_says(UploadRequest(session, file_key, len(body)), f"FILEDOCK/1 PUT {session} {file_key} {len(body)}\r\n")
         if refuse_at == 0:
-            server_says(ServerError("unknown-session", "no such session"), "refuse",
-                        ErrorCode.UNKNOWN_SESSION, "no such session")
+            server_says(ServerError("unknown-session", "no such session"), "ERR unknown-session no such session\r\n")
             return seen, sent, s.state, c.state
-        server_says(Offset(offset), "accept_upload", offset)
+        server_says(Offset(offset), f"OFFSET {offset}\r\n")
         seen.append(("server", pair.to_server(body[offset:])))
         if refuse_at == 1:
-            server_says(ServerError("no-space", "disk full"), "refuse", ErrorCode.NO_SPACE, "disk full")
+            server_says(ServerError("no-space", "disk full"), "ERR no-space disk full\r\n")
             return seen, sent, s.state, c.state
-        client_says(Done(digest), "done", digest)
-        server_says(Stored(len(body), crc, digest), "stored", len(body), crc, digest)
+        client_says(Done(digest), f"DONE {digest}\r\n")
+        server_says(Stored(len(body), crc, digest), f"STORED {len(body)} {crc:08x} {digest}\r\n")
     elif kind == "download":
-        client_says(DownloadRequest(SESSION, FILE, offset), "download", SESSION, FILE, offset)
-        server_says(DownloadStart(len(body), offset, crc, digest), "accept_download", len(body), crc, digest)
+        client_says(DownloadRequest(session, file_key, offset), f"FILEDOCK/1 GET {session} {file_key} {offset}\r\n")
+        server_says(DownloadStart(len(body), offset, crc, digest), f"DATA {len(body)} {offset} {crc:08x} {digest}\r\n")
         seen.append(("client", pair.to_client(body[offset:])))
     elif kind == "abort":
-        client_says(AbortRequest(SESSION, FILE), "abort", SESSION, FILE)
-        server_says(Aborted(), "accept_abort")
+        client_says(AbortRequest(session, file_key), f"FILEDOCK/1 ABORT {session} {file_key}\r\n")
+        server_says(Aborted(), "ABORTED\r\n")
     else:
-        keys = [str(uuid.UUID(int=i + 1, version=4)) for i in range(len(items))]
-        client_says(BatchRequest(SESSION, len(items)), "batch", SESSION, len(items))
-        server_says(BatchAccepted(), "accept_batch")
+        keys = [str(uuid.UUID(int=(uuid.UUID(file_key).int + i) % 2**128, version=4)) for i in range(len(items))]
+        client_says(BatchRequest(session, len(items)), f"FILEDOCK/1 BATCH {session} {len(items)}\r\n")
+        server_says(BatchAccepted(), "")  # the server answers nothing until DONE
         for key, data in zip(keys, items):
-            client_says(BatchItem(key, len(data), digest), "batch_item", key, len(data), digest)
+            client_says(BatchItem(key, len(data), digest), f"{key} {len(data)} {digest}\r\n")
             seen.append(("server", pair.to_server(data)))
-        client_says(Done(None), "done")
+        client_says(Done(None), "DONE\r\n")
         results = tuple(ItemStored(k, len(d), zlib.crc32(d), digest) if i % 2 == 0
                         else ItemFailed(k, "digest-mismatch", "the bytes differ")
                         for i, (k, d) in enumerate(zip(keys, items)))
-        server_says(BatchResults(results), "batch_results", list(results))
+        lines = "".join(f"STORED {r.file_key} {r.size} {r.crc32:08x} {r.digest}\r\n" if isinstance(r, ItemStored)
+                        else f"FAILED {r.file_key} digest-mismatch the bytes differ\r\n" for r in results)
+        server_says(BatchResults(results), f"{lines}END {len(items)}\r\n")
     seen.append(("close", pair.close()))
     return seen, sent, s.state, c.state
 
 
 @given(kind=st.sampled_from(["upload", "download", "abort", "batch"]), body=st.binary(max_size=600),
-       items=st.lists(st.binary(max_size=200), max_size=5), refuse_at=st.integers(0, 2), data=st.data())
+       items=st.lists(st.binary(max_size=200), max_size=5), refuse_at=st.integers(0, 2),
+       session=st.uuids(version=4).map(str), file_key=st.uuids(version=4).map(str), data=st.data())
 @settings(max_examples=300, deadline=None)
-def test_send_and_the_kept_methods_give_the_same_bytes_and_events(kind, body, items, refuse_at, data):
-    """Driving a server and a client back to back with ``send`` gives, under any chunking, the same
-    bytes, the same events on both sides and the same final states as driving them with the methods
-    callers use today; and those events are the exchange's (requests, replies, body, completion)."""
+def test_send_gives_the_documented_lines_and_the_exchange_completes(kind, body, items, refuse_at, session,
+                                                                    file_key, data):
+    """Driving a server and a client back to back with ``send``, each message's bytes are the line
+    docs/protocol.md gives for its field values, and under any chunking the events both sides see are
+    the exchange's (requests, replies, body, completion), ending in the right states."""
     offset = data.draw(st.integers(0, len(body)), label="offset")
     seed = data.draw(st.integers(0, 2**32), label="chunking seed")
-    by_send = _run(kind, body, offset, items, refuse_at, seed, use_send=True)
-    by_methods = _run(kind, body, offset, items, refuse_at, seed, use_send=False)
-    assert by_send == by_methods
-    seen, _, server_state, client_state = by_send
+    seen, _, server_state, client_state = _run(kind, body, offset, items, refuse_at, seed, session, file_key)
     events = [ev for _, evs in seen for ev in evs]
     if kind == "upload" and refuse_at == 0:
         assert events[-1] == ServerError("unknown-session", "no such session")

@@ -77,13 +77,13 @@ class BatchFiles:
         t0 = time.monotonic()
         conn = wire.ClientConnection()
         with socket.create_connection(self.server.data_addr) as sock:
-            sock.sendall(conn.batch(session["key"], len(self.paths)))
+            sock.sendall(conn.send(wire.BatchRequest(session["key"], len(self.paths))))
             for p in self.paths:
                 data = p.read_bytes()
                 h = ContentHasher()
                 h.update(data)
-                sock.sendall(conn.batch_item(keys[p.name], len(data), h.hexdigest()) + data)
-            sock.sendall(conn.done())
+                sock.sendall(conn.send(wire.BatchItem(keys[p.name], len(data), h.hexdigest())) + data)
+            sock.sendall(conn.send(wire.Done(None)))
             stored = 0
             while True:
                 chunk = sock.recv(1 << 20)

@@ -264,7 +264,7 @@ class _Link:
 
     def _broken(self, exc: OSError) -> Exception:
         """The socket failed: an ERR line the server sent before closing explains it, if we can still read it."""
-        if self.conn.state in (wire.ClientState.SENDING, wire.ClientState.BATCH_SENDING):
+        if self.conn.sending_body:
             try:
                 self.sock.setblocking(False)
                 for _ in range(4):  # an ERR line is short; a few reads find it or nothing
@@ -465,7 +465,7 @@ class DataPortClient:
         try:
             link = self._connect(cancel)
             size = attempt.size
-            link.send_all(link.conn.upload(session_key, file_key, size))
+            link.send_all(link.conn.send(wire.UploadRequest(session_key, file_key, size)))
             body: SendBody = attempt.offset(link.expect(wire.Offset, REPLY_PATIENCE).offset)
             report(SENT, body.offset, size, force=True)
             done = body.offset
@@ -484,7 +484,7 @@ class DataPortClient:
                 return attempt.digest_late()
             send_done = attempt.digest_ready(hasher.crc32, hasher.hexdigest())
             source.check()  # DONE commits what was declared: never a file that changed meanwhile
-            link.send_all(link.conn.done(send_done.digest))
+            link.send_all(link.conn.send(wire.Done(send_done.digest)))
             stored = link.expect(wire.Stored, REPLY_PATIENCE)
         except FiledockError as exc:
             return attempt.failed(exc)
@@ -495,7 +495,7 @@ class DataPortClient:
 
     def _complete_values(self, link: _Link, session_key: str, file_key: str, size: int) -> wire.Stored:
         """The size, CRC-32 and digest the server recorded for a complete file (a GET of zero bytes)."""
-        link.send_all(link.conn.download(session_key, file_key, size))
+        link.send_all(link.conn.send(wire.DownloadRequest(session_key, file_key, size)))
         start = link.expect(wire.DownloadStart, REPLY_PATIENCE)
         return wire.Stored(start.size, start.crc32, start.digest)
 
@@ -523,15 +523,15 @@ class DataPortClient:
 
         def step(link: _Link) -> dict[str, Any]:
             remaining = attempt.remaining
-            link.send_all(link.conn.batch(session_key, len(remaining)))
+            link.send_all(link.conn.send(wire.BatchRequest(session_key, len(remaining))))
             for key, path, name in remaining:
                 data = self._read_whole(key, path, attempt.stamps)
                 h = ContentHasher()
                 h.update(data)
                 attempt.item_read(key, len(data), h.crc32, h.hexdigest())
-                link.send_all(link.conn.batch_item(key, len(data), h.hexdigest()) + data)
+                link.send_all(link.conn.send(wire.BatchItem(key, len(data), h.hexdigest())) + data)
                 report(name, SENT, len(data), len(data))
-            link.send_all(link.conn.done())
+            link.send_all(link.conn.send(wire.Done(None)))
             answers: dict[str, Any] = {}
             while True:
                 event = link.expect((wire.ItemStored, wire.ItemFailed, wire.BatchEnd), REPLY_PATIENCE)
@@ -568,7 +568,7 @@ class DataPortClient:
     def abort_file(self, session_key: str, file_key: str, *, cancel: threading.Event | None = None) -> None:
         """Give up an upload: the server deletes the partial and the file starts again from 0."""
         def step(link: _Link) -> None:
-            link.send_all(link.conn.abort(session_key, file_key))
+            link.send_all(link.conn.send(wire.AbortRequest(session_key, file_key)))
             link.expect(wire.Aborted, REPLY_PATIENCE)
 
         try:
@@ -650,7 +650,7 @@ class DataPortClient:
     def _download_connection(link: _Link, session_key: str, file_key: str, f: BinaryIO, hasher: ContentHasher,
                              attempt: DownloadAttempt, report: _Reports, offset: int) -> Any:
         """One connection of a download -> the attempt's next action."""
-        link.send_all(link.conn.download(session_key, file_key, offset))
+        link.send_all(link.conn.send(wire.DownloadRequest(session_key, file_key, offset)))
         start = link.expect(wire.DownloadStart, REPLY_PATIENCE)
         restart = attempt.started(start)
         if restart is not None:

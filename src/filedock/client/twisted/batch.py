@@ -72,7 +72,7 @@ class BatchExchange(RequestExchange):
         self._sending: defer.Deferred | None = None
 
     def request(self) -> bytes:
-        return self.conn.batch(self.session_key, len(self.files))
+        return self.conn.send(wire.BatchRequest(self.session_key, len(self.files)))
 
     def cancel_message(self) -> str:
         if self.awaiting_reply:
@@ -116,7 +116,7 @@ class BatchExchange(RequestExchange):
             for i, (data, crc, hexdigest) in zip(group, contents):
                 key, _, name = self.files[i]
                 self.attempt.item_read(key, len(data), crc, hexdigest)
-                line = self.conn.batch_item(key, len(data), hexdigest)
+                line = self.conn.send(wire.BatchItem(key, len(data), hexdigest))
                 for start in range(0, max(len(data), 1), CHUNK_SIZE):  # a slow link still shows progress
                     while self._resume is not None and not self._stopped:
                         await self._resume
@@ -128,7 +128,7 @@ class BatchExchange(RequestExchange):
                 self.report_file(name, SENT, len(data), len(data))
         self._unregister()
         self.awaiting_reply = True
-        self.transport.write(self.conn.done())
+        self.transport.write(self.conn.send(wire.Done(None)))
 
     def on_event(self, event: Any) -> None:
         if isinstance(event, (wire.ItemStored, wire.ItemFailed)):

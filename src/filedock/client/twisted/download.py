@@ -36,7 +36,7 @@ class DownloadExchange(RequestExchange):
         self.awaiting_reply = True  # until DATA: the server may be busy (the stall watch allows REPLY_PATIENCE)
 
     def request(self) -> bytes:
-        return self.conn.download(self.session_key, self.file_key, self.offset)
+        return self.conn.send(wire.DownloadRequest(self.session_key, self.file_key, self.offset))
 
     def on_event(self, event: Any) -> None:
         if isinstance(event, wire.DownloadStart):

@@ -51,7 +51,7 @@ class UploadExchange(RequestExchange):
         self._late: Any = None
 
     def request(self) -> bytes:
-        return self.conn.upload(self.session_key, self.file_key, self.size)
+        return self.conn.send(wire.UploadRequest(self.session_key, self.file_key, self.size))
 
     def on_event(self, event: Any) -> None:
         if isinstance(event, wire.Offset):
@@ -90,7 +90,7 @@ class UploadExchange(RequestExchange):
             send_done = self.attempt.digest_ready(hasher.crc32, hasher.hexdigest())
             self.check_source()  # DONE commits what was declared: never a file that changed meanwhile
             self.awaiting_reply = True
-            self.transport.write(self.conn.done(send_done.digest))
+            self.transport.write(self.conn.send(wire.Done(send_done.digest)))
 
     def halt(self) -> None:
         if self._late is not None and self._late.active():
@@ -107,7 +107,7 @@ class StoredValuesExchange(RequestExchange):
         self.session_key, self.file_key, self.size = session_key, file_key, size
 
     def request(self) -> bytes:
-        return self.conn.download(self.session_key, self.file_key, self.size)
+        return self.conn.send(wire.DownloadRequest(self.session_key, self.file_key, self.size))
 
     def on_event(self, event: Any) -> None:
         if isinstance(event, wire.DownloadStart):
@@ -122,7 +122,7 @@ class AbortExchange(RequestExchange):
         self.session_key, self.file_key = session_key, file_key
 
     def request(self) -> bytes:
-        return self.conn.abort(self.session_key, self.file_key)
+        return self.conn.send(wire.AbortRequest(self.session_key, self.file_key))
 
     def on_event(self, event: Any) -> None:
         if isinstance(event, wire.Aborted):

@@ -260,11 +260,10 @@ class DataPortProtocol(Protocol):
         self._run(self.request.finish(client_digest))
 
     def _on_eof(self) -> None:
-        state = self.conn.state
-        if state is wire.ServerState.LEGACY_END:
+        if self.conn.awaiting_close:
             self._finish(None)
             return
-        if state is wire.ServerState.BODY and isinstance(self.request, Upload):
+        if self.conn.receiving_body and isinstance(self.request, Upload):  # a batch item's body is not an upload
             self.request.note_outcome(ErrorCode.SHORT_UPLOAD.value)
         self._enter(Lifecycle.ENDING)
         self.transport.loseConnection()
@@ -308,32 +307,32 @@ class DataPortProtocol(Protocol):
     def accepted_upload(self, offset: int) -> None:
         if self.phase in _ENDED:
             return  # ended while the request decided: the client hears nothing more
-        self.transport.write(self.conn.accept_upload(offset))
+        self.transport.write(self.conn.send(wire.Offset(offset)))
         self._enter(Lifecycle.TRANSFERRING)
         self.expect_within(self.factory.limits.idle_timeout)
 
     def stored(self, size: int, crc32: int, digest: str) -> None:
         if self.phase not in _ENDED:  # a 2007 upload finishes once its client is gone: nothing to say
-            self._final_reply(self.conn.stored(size, crc32, digest))
+            self._final_reply(self.conn.send(wire.Stored(size, crc32, digest)))
 
     def accepted_abort(self) -> None:
         if self.phase not in _ENDED:
-            self._final_reply(self.conn.accept_abort())
+            self._final_reply(self.conn.send(wire.Aborted()))
 
     def accepted_batch(self) -> None:
         if self.phase in _ENDED:
             return
-        self.transport.write(self.conn.accept_batch())
+        self.transport.write(self.conn.send(wire.BatchAccepted()))
         self._enter(Lifecycle.TRANSFERRING)
 
     def batch_results(self, lines: list) -> None:
         if self.phase not in _ENDED:
-            self._final_reply(self.conn.batch_results(lines))
+            self._final_reply(self.conn.send(wire.BatchResults(tuple(lines))))
 
     def accepted_download(self, size: int, crc32: int, digest: str) -> None:
         if self.phase in _ENDED:
             return
-        self.transport.write(self.conn.accept_download(size, crc32, digest))
+        self.transport.write(self.conn.send(wire.DownloadStart(size, self.conn.request.offset, crc32, digest)))
         self._enter(Lifecycle.TRANSFERRING)
 
     def stream(self, producer: Any) -> None:
@@ -355,12 +354,13 @@ class DataPortProtocol(Protocol):
         self.transport.loseConnection()
 
     def refused(self, code: ErrorCode, message: str) -> None:
+        code_s = code.value if isinstance(code, ErrorCode) else str(code)
         if self.request is not None:
-            self.request.note_outcome(code.value if isinstance(code, ErrorCode) else str(code))
+            self.request.note_outcome(code_s)
         if self.phase in _GONE:
             return
         if self.phase is not Lifecycle.ENDING:
-            line = self.conn.refuse(code, message) if self.conn else wire.format_error(code, message)
+            line = self.conn.send(wire.ServerError(code_s, message)) if self.conn else wire.format_error(code, message)
             if line:
                 self.transport.write(line)
             self._enter(Lifecycle.ENDING)
@@ -371,7 +371,7 @@ class DataPortProtocol(Protocol):
     def interrupt(self, code: ErrorCode, message: str) -> None:
         if self.phase is Lifecycle.FINISHING or self.phase in _GONE:
             return  # it ends by itself; a newer holder waits for ``released``
-        if self.conn.state is wire.ServerState.SENDING:  # mid-download an error line would read as file bytes
+        if self.conn.sending_body:  # mid-download an error line would read as file bytes
             self.request.note_outcome(code.value)
             self.transport.abortConnection()
             return
