@@ -305,10 +305,13 @@ class _StoreTellingTheDataPort:
         return getattr(self._store, method)
 
     def delete_job(self, job_id: str) -> defer.Deferred:
-        self._dataport.end_job(job_id)
+        # First stop the job's connections but keep their partials: the delete may still fail (a
+        # full disk), and records must never outlive their bytes. Only once it committed are their
+        # files forgotten (and any connection authorized while it ran ended).
+        self._dataport.interrupt_job(job_id)
 
         def deleted(result: Any) -> Any:
-            self._dataport.end_job(job_id)  # any that were authorized while the delete ran
+            self._dataport.end_job(job_id)
             return result
 
         return self._store.delete_job(job_id).addCallback(deleted)

