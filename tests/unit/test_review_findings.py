@@ -77,3 +77,16 @@ def test_committed_job_delete_forgets_uploads_partials(tmp_path):
     _StoreTellingTheDataPort(_DeleteCommits(), h.factory).delete_job(h.job)
     h.close(p, t)
     assert not h.blobs.part_path(h.job, key).exists()
+
+
+# -- 2. closing a session
+
+
+def test_end_session_ends_its_downloads(tmp_path):
+    """docs/protocol.md: a closed session ends its connections; a download is one of them."""
+    h = Harness(tmp_path)
+    key = upload_complete(h, "d", os.urandom(300_000))
+    p, t = h.connect()
+    p.dataReceived(f"FILEDOCK/1 GET {h.session} {key} 0\r\n".encode())
+    assert h.factory.end_session(h.session) == 1
+    assert t.disconnecting
