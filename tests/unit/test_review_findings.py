@@ -90,3 +90,50 @@ def test_end_session_ends_its_downloads(tmp_path):
     p.dataReceived(f"FILEDOCK/1 GET {h.session} {key} 0\r\n".encode())
     assert h.factory.end_session(h.session) == 1
     assert t.disconnecting
+
+
+# -- 3. dead 2007 waiters
+
+
+def test_many_dead_legacy_waiters_are_all_released(tmp_path):
+    """400 2007 uploads wait for their session's one slot and their clients go away; when the slot
+    frees, every one is released, without a RecursionError (the slot was passed on recursively)."""
+    errors = []
+
+    def observe(event):
+        if event.get("log_level") in (LogLevel.critical, LogLevel.error) or event.get("log_failure"):
+            errors.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        h = Harness(tmp_path, Limits(disk_reserve=0, max_connections_per_session=1))
+        data = os.urandom(1000)
+        k0 = h.app.expect_file(h.job, "holder", len(data))
+        p0, t0 = h.connect()
+        p0.dataReceived(f"{h.session} {k0} {len(data)}\r\n".encode())
+        waiters = []
+        for i in range(400):
+            k = h.app.expect_file(h.job, f"w{i}", len(data))
+            p, t = h.connect()
+            p.dataReceived(f"{h.session} {k} {len(data)}\r\n".encode())
+            waiters.append((p, t))
+        for p, t in waiters:
+            h.close(p, t)
+        h.close(p0, t0)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert sum(1 for p, _ in waiters if p.released.called) == 400
+    assert not errors
+    assert h.factory.registry.session_slots(h.session) == 0
+
+
+def test_pass_slot_on_skips_cancelled_waiters():
+    """A cancelled waiter is skipped; the slot goes to the next live one."""
+    registry = InProcessUploadRegistry()
+    claim = registry.acquire("f0", "s", 1, lambda: None).result
+    dead = registry.wait_for_slot("s", "f1", 1)
+    dead.addErrback(lambda f: None)
+    live = registry.wait_for_slot("s", "f2", 1)
+    dead.cancel()
+    registry.release(claim)
+    assert live.called
