@@ -137,3 +137,24 @@ def test_pass_slot_on_skips_cancelled_waiters():
     dead.cancel()
     registry.release(claim)
     assert live.called
+
+
+# -- 4. a stalled download
+
+
+def test_download_whose_client_stops_reading_times_out(tmp_path):
+    """A download's stream is one step; if its producer is never pulled (the client reads nothing)
+    the connection is cut after idle_timeout, while a download that makes progress is not."""
+    h = Harness(tmp_path)
+    key = upload_complete(h, "d", os.urandom(3_000_000))
+    idle = h.factory.limits.idle_timeout
+    moving, moving_t = h.connect()
+    moving.dataReceived(f"FILEDOCK/1 GET {h.session} {key} 0\r\n".encode())
+    stalled, stalled_t = h.connect()
+    stalled.dataReceived(f"FILEDOCK/1 GET {h.session} {key} 0\r\n".encode())
+    for _ in range(2):
+        h.clock.advance(idle / 2)
+        moving_t.producer.resumeProducing()  # the client reads a chunk
+    h.clock.advance(idle / 2)
+    assert stalled_t.disconnecting
+    assert not moving_t.disconnecting

@@ -176,6 +176,7 @@ class DataPortProtocol(Protocol):
         self._last_activity = 0.0
         self._connected_at = 0.0
         self._timer: Any = None
+        self._streaming = False  # a download's stream is one long step whose producer touches on progress
 
     def _enter(self, phase: Lifecycle) -> None:
         if phase is self.phase:
@@ -347,6 +348,7 @@ class DataPortProtocol(Protocol):
 
     def stream(self, producer: Any) -> None:
         self.transport.registerProducer(producer, False)
+        self._streaming = True
         self.expect_within(self.factory.limits.idle_timeout)
 
     def write_body(self, data: bytes) -> None:
@@ -458,10 +460,13 @@ class DataPortProtocol(Protocol):
         limit = limits.header_timeout if waiting_header else limits.idle_timeout
         since = self._connected_at if waiting_header else self._last_activity
         idle = self.factory.reactor.seconds() - since  # a header must be complete in time, not just trickle
-        if self._step is not None or "hashing" in self._pauses:
+        if (self._step is not None and not self._streaming) or "hashing" in self._pauses:
             idle = 0.0  # we are the slow one (a step, or our disk behind): the client is waiting for us
             self.touch()
         if idle >= limit:
+            if self._streaming:  # the client stopped reading: mid-stream only a cut can end it
+                self.interrupt(ErrorCode.IDLE_TIMEOUT, f"nothing read for {limit:g} seconds")
+                return
             self.refused(ErrorCode.IDLE_TIMEOUT, f"nothing received for {limit:g} seconds")
             return
         if self.phase is Lifecycle.TRANSFERRING:
