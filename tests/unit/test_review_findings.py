@@ -158,3 +158,58 @@ def test_download_whose_client_stops_reading_times_out(tmp_path):
     h.clock.advance(idle / 2)
     assert stalled_t.disconnecting
     assert not moving_t.disconnecting
+
+
+# -- 5. the sweeper
+
+
+class _SweepStore:
+    def __init__(self, record, registry, part, fail=False):
+        self.record, self.registry, self.part, self.fail = record, registry, part, fail
+        self.seen = None
+
+    def stale_partials(self, cutoff):
+        return defer.succeed([self.record])
+
+    def reset_file(self, key):
+        self.seen = (self.registry.is_held(key).result, self.part.exists())
+        if self.fail:
+            return defer.fail(FiledockError(ErrorCode.NO_SPACE, "the disk is full"))
+        return defer.succeed(None)
+
+
+def _sweeper(tmp_path, fail):
+    blobs = BlobStore(tmp_path)
+    job, key = "11111111-1111-4111-8111-111111111111", "22222222-2222-4222-8222-222222222222"
+    part = blobs.part_path(job, key)
+    part.parent.mkdir(parents=True, exist_ok=True)
+    part.write_bytes(b"x" * 1000)
+    registry = InProcessUploadRegistry()
+    record = types.SimpleNamespace(key=key, job_id=job, blob_name=key, received=1000)
+    store = _SweepStore(record, registry, part, fail)
+    dataport = types.SimpleNamespace(registry=registry, batch_tags=set(),
+                                     in_thread=lambda fn, *a: defer.maybeDeferred(fn, *a))
+    server = types.SimpleNamespace(limits=Limits(), store=store, dataport=dataport, blobs=blobs,
+                                   _started_at=0.0, STAGING_GRACE=60.0)
+    return server, store, registry, part, key
+
+
+def test_sweeper_holds_the_file_and_resets_the_record_before_deleting(tmp_path):
+    """The sweeper claims the file (a new upload waits), resets the record while the bytes are still
+    there, then deletes them, then lets go."""
+    server, store, registry, part, key = _sweeper(tmp_path, fail=False)
+    assert FiledockServer.sweep(server).result == 1
+    assert store.seen == (True, True)
+    assert not part.exists()
+    assert not registry.is_held(key).result
+
+
+def test_sweeper_keeps_bytes_whose_record_could_not_be_reset(tmp_path):
+    """If the record cannot go back to 0 (a full disk), the bytes it claims stay."""
+    server, store, registry, part, key = _sweeper(tmp_path, fail=True)
+    d = FiledockServer.sweep(server)
+    errors = []
+    d.addErrback(errors.append)
+    assert errors and errors[0].value.code is ErrorCode.NO_SPACE
+    assert part.exists()
+    assert not registry.is_held(key).result
