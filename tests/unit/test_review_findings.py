@@ -213,3 +213,36 @@ def test_sweeper_keeps_bytes_whose_record_could_not_be_reset(tmp_path):
     assert errors and errors[0].value.code is ErrorCode.NO_SPACE
     assert part.exists()
     assert not registry.is_held(key).result
+
+
+# -- 6. space promised by resumes
+
+
+def test_resume_promises_its_space_before_its_partial_opens(tmp_path):
+    """Two resumes whose partials open in a thread: the first's need counts as promised at once, so
+    the second, which would fit alone, is refused for lack of space."""
+    h = Harness(tmp_path)
+    size = 1_000_000
+    keys = []
+    for name in ("a", "b"):
+        key = h.app.expect_file(h.job, name, size)
+        p, t = h.connect()
+        p.dataReceived(f"FILEDOCK/1 PUT {h.session} {key} {size}\r\n".encode() + os.urandom(100_000))
+        h.close(p, t)
+        assert h.app.files[key].received == 100_000
+        keys.append(key)
+    pending = []
+
+    def later(fn, *args):
+        d = defer.Deferred()
+        pending.append((d, fn, args))
+        return d
+
+    h.factory._run_blocking = later
+    h.blobs.free_bytes = lambda: 1_500_000  # room for one resume's 900 000 bytes, not two
+    first, first_t = h.connect()
+    first.dataReceived(f"FILEDOCK/1 PUT {h.session} {keys[0]} {size}\r\n".encode())
+    assert pending and h.factory.registry.promised_now() == 900_000
+    second, second_t = h.connect()
+    second.dataReceived(f"FILEDOCK/1 PUT {h.session} {keys[1]} {size}\r\n".encode())
+    assert b"no-space" in second_t.value()
