@@ -246,3 +246,23 @@ def test_resume_promises_its_space_before_its_partial_opens(tmp_path):
     second, second_t = h.connect()
     second.dataReceived(f"FILEDOCK/1 PUT {h.session} {keys[1]} {size}\r\n".encode())
     assert b"no-space" in second_t.value()
+
+
+# -- 8. the secret file
+
+
+@pytest.mark.parametrize("content", ["", "00" * 16, "00" * 33, "not hex at all"])
+def test_load_secret_refuses_a_secret_of_the_wrong_length(tmp_path, content):
+    """A secret file that does not hold exactly 32 bytes (in hex) is refused with a message that
+    names the file and what to do, instead of deriving every file key from it."""
+    path = tmp_path / "filedock.secret"
+    path.write_text(content + "\n")
+    with pytest.raises(ValueError) as excinfo:
+        load_secret(path)
+    assert str(path) in str(excinfo.value) and "delete it" in str(excinfo.value)
+
+
+def test_load_secret_reads_back_the_secret_it_made(tmp_path):
+    path = tmp_path / "filedock.secret"
+    made = load_secret(path)
+    assert len(made) == 32 and load_secret(path) == made
