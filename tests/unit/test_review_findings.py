@@ -13,7 +13,15 @@ import types
 
 import pytest
 from twisted.internet import defer
+from twisted.internet.error import ConnectionLost
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
+from twisted.python.failure import Failure
+
+from filedock import wire
+from filedock.client.retry import RetryPolicy
+from filedock.client.twisted import upload as tx_upload
 
 from filedock.config import Limits
 from filedock.errors import ErrorCode, FiledockError
@@ -246,6 +254,47 @@ def test_resume_promises_its_space_before_its_partial_opens(tmp_path):
     second, second_t = h.connect()
     second.dataReceived(f"FILEDOCK/1 PUT {h.session} {keys[1]} {size}\r\n".encode())
     assert b"no-space" in second_t.value()
+
+
+# -- 7. the Twisted client's "already complete" query
+
+
+class _AbortableTransport(StringTransport):
+    """A connection whose abort is seen by its protocol at once, as a reactor would report it."""
+
+    def abortConnection(self):
+        super().abortConnection()
+        self.protocol.connectionLost(Failure(ConnectionLost("aborted")))
+
+
+class _SilentThenAnsweringClient:
+    """A TxDataPortClient stand-in: the first connection is accepted and never answered, the next
+    one answers with the file's values."""
+
+    def __init__(self, clock):
+        self.reactor, self.stall_timeout, self.policy = clock, 5.0, RetryPolicy(3, 0.5)
+        self.runs = 0
+
+    def run(self, exchange):
+        self.runs += 1
+        if self.runs > 1:
+            return defer.succeed(wire.Stored(10, 1, "d" * 64))
+        transport = _AbortableTransport()
+        transport.protocol = exchange
+        exchange.makeConnection(transport)
+        return exchange.result
+
+
+def test_twisted_client_query_of_a_complete_file_is_stall_watched_and_retried():
+    """The query for an already complete file's values is dropped after ``stall_timeout`` when the
+    server never answers, and asked again on a new connection (as the blocking client does)."""
+    clock = Clock()
+    client = _SilentThenAnsweringClient(clock)
+    d = defer.ensureDeferred(tx_upload._stored_values(client, "peer", "s", "f", 10))
+    for _ in range(20):
+        clock.advance(1.0)
+    assert client.runs == 2
+    assert d.result == wire.Stored(10, 1, "d" * 64)
 
 
 # -- 8. the secret file
