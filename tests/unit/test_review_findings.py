@@ -315,3 +315,22 @@ def test_load_secret_reads_back_the_secret_it_made(tmp_path):
     path = tmp_path / "filedock.secret"
     made = load_secret(path)
     assert len(made) == 32 and load_secret(path) == made
+
+
+# -- dead code and clean-up
+
+
+def test_run_fsck_closes_the_blob_store_it_made(tmp_path, monkeypatch):
+    """fsck's BlobStore makes its own work queue: run_fsck stops it (close) before returning."""
+    from filedock import fsck
+
+    closed = []
+
+    class Recording(BlobStore):
+        def close(self):
+            closed.append(self)
+            super().close()
+
+    monkeypatch.setattr(fsck, "BlobStore", Recording)
+    fsck.run_fsck(tmp_path / "data")
+    assert len(closed) == 1
