@@ -87,6 +87,36 @@ def test_committed_job_delete_forgets_uploads_partials(tmp_path):
     assert not h.blobs.part_path(h.job, key).exists()
 
 
+def test_upload_interrupted_by_a_job_delete_settles_quietly_when_its_directory_is_gone(tmp_path):
+    """Interrupted by a delete that then commits and removes the job's directory before the upload
+    checkpointed: the upload settles with nothing kept and nothing logged as a failure."""
+    import shutil
+
+    errors = []
+
+    def observe(event):
+        if event.get("log_level") in (LogLevel.critical, LogLevel.error) or event.get("log_failure"):
+            errors.append(event)
+
+    h = Harness(tmp_path)
+    data = os.urandom(300_000)
+    key = h.app.expect_file(h.job, "f", len(data))
+    p, t = h.connect()
+    p.dataReceived(f"FILEDOCK/1 PUT {h.session} {key} {len(data)}\r\n".encode() + data[:100_000])
+    deleting = defer.Deferred()
+    store = types.SimpleNamespace(delete_job=lambda job_id: deleting)
+    _StoreTellingTheDataPort(store, h.factory).delete_job(h.job)
+    shutil.rmtree(h.blobs.job_dir(h.job))  # the API removes the directory once the delete committed
+    globalLogPublisher.addObserver(observe)
+    try:
+        h.close(p, t)
+        deleting.callback([])
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert p.released.called
+    assert not errors
+
+
 # -- 2. closing a session
 
 

@@ -289,9 +289,16 @@ class Upload(Request):
             yield s.authority.record_discard(target)  # the record first: it never claims bytes that are gone
             yield s.in_thread(s.blobs.discard, target.job_id, target.blob_name)
         elif not writer.closed:
-            cp = yield s.in_thread(writer.checkpoint)
-            writer.close()
-            yield s.authority.record_progress(target, cp.offset, cp.crc32, cp.stamp)
+            try:
+                cp = yield s.in_thread(writer.checkpoint)
+            except FileNotFoundError:
+                # the job's directory went while we checkpointed: its delete committed after it
+                # interrupted us, so there is nothing left to keep or record
+                writer.close()
+                self.end_job()
+            else:
+                writer.close()
+                yield s.authority.record_progress(target, cp.offset, cp.crc32, cp.stamp)
         if self.outcome != "complete":
             s.stats.uploads_failed[self.outcome or "disconnected"] += 1
             self._log_outcome(None, None)
