@@ -109,7 +109,7 @@ class DataPortFactory(Factory):
     # -- the API's hooks: a deleted job or a closed session ends its connections now
 
     def end_job(self, job_id: str) -> int:
-        """The job was (or is being) deleted: end its connections with ``gone``; nothing of theirs is kept."""
+        """The job's delete committed: end its connections with ``gone``; nothing of theirs is kept."""
         ended = [p for p in list(self.authorized) if p.job_id == job_id]
         for proto in ended:
             proto.end_job()
