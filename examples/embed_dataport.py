@@ -120,13 +120,15 @@ def main(data_dir: str) -> None:
     job = str(uuid.uuid4())
     session = app.open_session(job)
     file_key = app.expect_file(job, "hello.txt", 5)
-    factory = DataPortFactory(app, BlobStore(data_dir))
+    blobs = BlobStore(data_dir)
+    factory = DataPortFactory(app, blobs)
 
     def listening(port):
         print(f"data port 127.0.0.1:{port.getHost().port}\nsession {session}\nfile {file_key}", flush=True)
 
     endpoints.serverFromString(reactor, "tcp:0:interface=127.0.0.1:backlog=1024").listen(factory).addCallback(listening)
     reactor.run()
+    blobs.close()  # stops the work queue the store made for its writers
 
 
 if __name__ == "__main__":

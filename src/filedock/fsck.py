@@ -151,10 +151,12 @@ def run_fsck(data_dir: str | Path, repair: bool = False, verify: bool = True) ->
     lock = lock_data_dir(data_dir) if repair else -1
     running = lock < 0 and data_dir_in_use(data_dir)
     store = open_store(data_dir)
+    blobs = BlobStore(data_dir)
     try:
-        fsck = Fsck(store, BlobStore(data_dir), repair=repair, verify=verify, server_running=running)
+        fsck = Fsck(store, blobs, repair=repair, verify=verify, server_running=running)
         return fsck, fsck.run()
     finally:
+        blobs.close()  # its work queue's threads, if a repair started any
         store.close()
         if lock >= 0:
             os.close(lock)

@@ -1096,10 +1096,6 @@ class ControlSite(server.Site):
         self._waiting.pop(channel, None)
         self._busy.discard(channel)
 
-    def open_connections(self) -> int:
-        """How many connections the site counts now."""
-        return len(self._waiting) + len(self._busy)
-
     # -- bodies: their bytes in memory at once are bounded
 
     def reserve_body(self, request: ControlRequest, length: int | None) -> bool:

@@ -101,6 +101,8 @@ class InProcessUploadRegistry:
         self._batch_slots: Counter[str] = Counter()
         self._slot_waiters: dict[str, deque[defer.Deferred]] = {}
         self._promises: dict[Any, Callable[[], int]] = {}
+        self._passes_due: Counter[str] = Counter()  # freed slots not yet handed to a waiter
+        self._passing: set[str] = set()  # sessions whose hand-on loop is running
 
     # -- files and upload slots
 
@@ -147,12 +149,28 @@ class InProcessUploadRegistry:
         return waiting
 
     def pass_slot_on(self, session_key):
-        waiters = self._slot_waiters.get(session_key)
-        if waiters:
-            waiting = waiters.popleft()
-            if not waiters:
-                del self._slot_waiters[session_key]
-            waiting.callback(None)
+        # A woken waiter whose connection is gone passes the slot on at once, from inside our
+        # callback: counting the pass and returning (the loop below hands it on) keeps hundreds of
+        # dead waiters from nesting one call per waiter (RecursionError, connections never released).
+        self._passes_due[session_key] += 1
+        if session_key in self._passing:
+            return  # an outer call of this session's loop is running and hands it on
+        self._passing.add(session_key)
+        try:
+            while self._passes_due[session_key] > 0:
+                waiters = self._slot_waiters.get(session_key)
+                if not waiters:
+                    break  # nobody waits: the slot just stays free
+                waiting = waiters.popleft()
+                if not waiters:
+                    del self._slot_waiters[session_key]
+                if waiting.called:
+                    continue  # cancelled: it wants no slot
+                self._passes_due[session_key] -= 1
+                waiting.callback(None)
+        finally:
+            self._passing.discard(session_key)
+            del self._passes_due[session_key]
 
     def is_held(self, file_key):
         return defer.succeed(file_key in self._claims)

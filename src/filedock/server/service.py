@@ -273,11 +273,17 @@ class FiledockServer:
         stale = yield self.store.stale_partials(cutoff)
         swept = 0
         for record in stale:
-            held = yield self.dataport.registry.is_held(record.key)
-            if held:
-                continue
-            yield self.dataport.in_thread(self.blobs.discard, record.job_id, record.blob_name)
-            yield self.store.reset_file(record.key)
+            # hold the file while we sweep it, so a new upload waits instead of racing us; the record
+            # goes back to 0 before the bytes go, so it never claims bytes that are gone
+            registry = self.dataport.registry
+            claim = yield registry.try_acquire(record.key)
+            if claim is None:
+                continue  # in use
+            try:
+                yield self.store.reset_file(record.key)
+                yield self.dataport.in_thread(self.blobs.discard, record.job_id, record.blob_name)
+            finally:
+                registry.release(claim)
             swept += 1
             log.info("swept stale partial {key} of job {job} ({received} bytes)",
                      key=short_key(record.key), job=short_key(record.job_id), received=record.received)
@@ -305,10 +311,13 @@ class _StoreTellingTheDataPort:
         return getattr(self._store, method)
 
     def delete_job(self, job_id: str) -> defer.Deferred:
-        self._dataport.end_job(job_id)
+        # First stop the job's connections but keep their partials: the delete may still fail (a
+        # full disk), and records must never outlive their bytes. Only once it committed are their
+        # files forgotten (and any connection authorized while it ran ended).
+        self._dataport.interrupt_job(job_id)
 
         def deleted(result: Any) -> Any:
-            self._dataport.end_job(job_id)  # any that were authorized while the delete ran
+            self._dataport.end_job(job_id)
             return result
 
         return self._store.delete_job(job_id).addCallback(deleted)

@@ -192,13 +192,28 @@ SECRET_SUFFIX = ".secret"
 """The file key secret lives next to the database, as ``<database name without suffix>.secret``."""
 
 
+SECRET_BYTES = 32
+"""The length of the file key secret."""
+
+
 def load_secret(path: Path) -> bytes:
     """The 32-byte secret file keys are derived with, made (owner-only) if there is none."""
     try:
-        return bytes.fromhex(path.read_text().strip())
+        text = path.read_text().strip()
     except FileNotFoundError:
-        pass
-    secret = secrets.token_bytes(32)
+        text = None
+    if text is not None:
+        # a short (or empty) secret would make every file key guessable: refuse rather than use it
+        try:
+            secret = bytes.fromhex(text)
+        except ValueError:
+            secret = b""
+        if len(secret) != SECRET_BYTES:
+            raise ValueError(f"{path} does not hold a {SECRET_BYTES}-byte secret ({2 * SECRET_BYTES} hex digits); "
+                             f"restore it from a backup, or delete it to make a new one (which changes every "
+                             f"file key, see docs/deploy.md)")
+        return secret
+    secret = secrets.token_bytes(SECRET_BYTES)
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with open(fd, "w") as f:

@@ -15,6 +15,7 @@ from filedock.client.model import (DURABLE, SENT, VERIFIED, Cancelled, ProgressC
                                    UploadResult)
 from filedock.client.transfer import (AwaitDigest, Connect, DropPartial, Fail, Finish, QueryStored, Sleep,
                                       UploadAttempt)
+from filedock.client.retry import GiveUp, RetryBudget
 from filedock.client.twisted.exchange import RequestExchange, StallWatch
 from filedock.client.twisted.streaming import FileStreamer, OrderedHasher
 from filedock.errors import FiledockError, LocalFileError
@@ -186,7 +187,7 @@ async def _drive(client: Any, attempt: UploadAttempt, session_key: str, file_key
             # complete already (an earlier call, or ours with STORED lost): ask for its values
             hasher.need(size)
             report(SENT, size, size)
-            stored = await client.run(StoredValuesExchange(client.reactor, peer, session_key, file_key, action.size))
+            stored = await _stored_values(client, peer, session_key, file_key, action.size)
             action = await _stored(attempt, stored, hasher, report, source)
         elif isinstance(action, DropPartial):
             try:  # its bytes belong to no one version: drop the partial (best effort)
@@ -202,6 +203,26 @@ async def _drive(client: Any, attempt: UploadAttempt, session_key: str, file_key
             return action.result
         else:
             raise AssertionError(f"unknown action {action!r}")
+
+
+async def _stored_values(client: Any, peer: str, session_key: str, file_key: str, size: int) -> wire.Stored:
+    """A complete file's values, asked as the blocking client asks them: each connection under the stall
+    watch (a peer that never answers is dropped), failures retried as the client's ``RetryPolicy`` says."""
+    budget = RetryBudget(client.policy)
+    while True:
+        exchange = StoredValuesExchange(client.reactor, peer, session_key, file_key, size)
+        watch = StallWatch(client.reactor, exchange, client.stall_timeout)
+        try:
+            return await client.run(exchange)
+        except FiledockError as exc:
+            decision = budget.failed(exc)
+            if isinstance(decision, GiveUp):
+                raise decision.error from None
+            log.info("{peer}: {why}; asking again in {delay:.2f}s", peer=peer, why=exc.message,
+                     delay=decision.seconds)
+        finally:
+            watch.stop()
+        await deferLater(client.reactor, decision.seconds)
 
 
 async def _stored(attempt: UploadAttempt, stored: wire.Stored, hasher: OrderedHasher, report: ProgressCallback,

@@ -109,12 +109,21 @@ class DataPortFactory(Factory):
     # -- the API's hooks: a deleted job or a closed session ends its connections now
 
     def end_job(self, job_id: str) -> int:
-        """The job was (or is being) deleted: end its connections with ``gone``; nothing of theirs is kept."""
+        """The job's delete committed: end its connections with ``gone``; nothing of theirs is kept."""
         ended = [p for p in list(self.authorized) if p.job_id == job_id]
         for proto in ended:
             proto.end_job()
         if ended:
             log.info("job {job} deleted: ended {n} data-port connections", job=short_key(job_id), n=len(ended))
+        return len(ended)
+
+    def interrupt_job(self, job_id: str) -> int:
+        """The job is about to be deleted: end its connections with ``gone`` but keep and record
+        their partials as usual, since the delete may still fail; ``end_job`` forgets them once it
+        committed."""
+        ended = [p for p in list(self.authorized) if p.job_id == job_id]
+        for proto in ended:
+            proto.interrupt(ErrorCode.GONE, "the job is being deleted")
         return len(ended)
 
     def end_session(self, session_key: str) -> int:
@@ -167,6 +176,7 @@ class DataPortProtocol(Protocol):
         self._last_activity = 0.0
         self._connected_at = 0.0
         self._timer: Any = None
+        self._streaming = False  # a download's stream is one long step whose producer touches on progress
 
     def _enter(self, phase: Lifecycle) -> None:
         if phase is self.phase:
@@ -337,6 +347,7 @@ class DataPortProtocol(Protocol):
 
     def stream(self, producer: Any) -> None:
         self.transport.registerProducer(producer, False)
+        self._streaming = True
         self.expect_within(self.factory.limits.idle_timeout)
 
     def write_body(self, data: bytes) -> None:
@@ -449,10 +460,13 @@ class DataPortProtocol(Protocol):
         limit = limits.header_timeout if waiting_header else limits.idle_timeout
         since = self._connected_at if waiting_header else self._last_activity
         idle = self.factory.reactor.seconds() - since  # a header must be complete in time, not just trickle
-        if self._step is not None or "hashing" in self._pauses:
+        if (self._step is not None and not self._streaming) or "hashing" in self._pauses:
             idle = 0.0  # we are the slow one (a step, or our disk behind): the client is waiting for us
             self.touch()
         if idle >= limit:
+            if self._streaming:  # the client stopped reading: mid-stream only a cut can end it
+                self.interrupt(ErrorCode.IDLE_TIMEOUT, f"nothing read for {limit:g} seconds")
+                return
             self.refused(ErrorCode.IDLE_TIMEOUT, f"nothing received for {limit:g} seconds")
             return
         if self.phase is Lifecycle.TRANSFERRING:

@@ -51,7 +51,7 @@ class Download(Request):
     def start(self):
         s, req = self.services, self.request
         source: DownloadSource = yield s.authority.authorize_download(req.session_key, req.file_key)
-        self.channel.authorized(source.job_id, None)
+        self.channel.authorized(source.job_id, req.session_key)
         if req.offset > source.size:
             raise FiledockError(ErrorCode.BAD_OFFSET, f"offset is past the end ({source.size} bytes)")
         fh = yield s.in_thread(s.blobs.open_complete, source.job_id, source.blob_name)

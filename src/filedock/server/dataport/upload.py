@@ -53,6 +53,7 @@ class Upload(Request):
         self._since_checkpoint = 0
         self._last_checkpoint = 0.0
         self._since_space_check = 0
+        self._space_needed = 0
 
     # -- deciding
 
@@ -83,6 +84,9 @@ class Upload(Request):
         if need > s.blobs.free_bytes() - s.limits.disk_reserve - promised:
             raise FiledockError(ErrorCode.NO_SPACE, f"the server cannot hold {need} more bytes"
                                 + (f" ({promised} are promised to uploads in progress)" if promised else ""))
+        # spoken for at once, before the next yield, so concurrent resumes cannot all pass the check
+        self._space_needed = need
+        s.registry.promise(self, self._bytes_to_come)
         target = yield self._open_writer(target, recover=not req.legacy, inline=not (target.received or held))
         if self._stopped():
             return
@@ -133,7 +137,6 @@ class Upload(Request):
             self.writer = yield s.in_thread(s.blobs.open_partial, *args[:2], 0, 0, None, False)
         self.writer.on_drain = lambda: s.reactor.callFromThread(self.channel.resume_reading, "hashing")
         self.target = target  # from here on, the clean-up closes the writer and records what it holds
-        s.registry.promise(self, self._bytes_to_come)
         if self.writer.needs_record:
             cp = yield s.in_thread(self.writer.checkpoint)
             yield s.authority.record_progress(target, cp.offset, cp.crc32, cp.stamp)
@@ -146,6 +149,8 @@ class Upload(Request):
 
     def _bytes_to_come(self) -> int:
         writer = self.writer
+        if writer is None or self.target is None:
+            return self._space_needed  # checked, the partial not open yet
         return 0 if writer.closed else self.target.size - writer.offset
 
     def _stopped(self) -> bool:
@@ -284,9 +289,16 @@ class Upload(Request):
             yield s.authority.record_discard(target)  # the record first: it never claims bytes that are gone
             yield s.in_thread(s.blobs.discard, target.job_id, target.blob_name)
         elif not writer.closed:
-            cp = yield s.in_thread(writer.checkpoint)
-            writer.close()
-            yield s.authority.record_progress(target, cp.offset, cp.crc32, cp.stamp)
+            try:
+                cp = yield s.in_thread(writer.checkpoint)
+            except FileNotFoundError:
+                # the job's directory went while we checkpointed: its delete committed after it
+                # interrupted us, so there is nothing left to keep or record
+                writer.close()
+                self.end_job()
+            else:
+                writer.close()
+                yield s.authority.record_progress(target, cp.offset, cp.crc32, cp.stamp)
         if self.outcome != "complete":
             s.stats.uploads_failed[self.outcome or "disconnected"] += 1
             self._log_outcome(None, None)
