@@ -26,23 +26,9 @@ from filedock.digest import hash_file
 from filedock.errors import ErrorCode, FiledockError
 from tests.integration.harness import ServerProcess
 from tests.integration.test_client_twisted import in_reactor
+from tests.integration.test_upload_cli import filedock, server  # noqa: F401 (server is a fixture)
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def server(tmp_path, monkeypatch):
-    """A server with progress made durable every MiB; the user's own config file kept out of the way."""
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    proc = ServerProcess(tmp_path / "data", limits=["checkpoint_bytes=1M"])
-    proc.start()
-    yield proc
-    proc.stop()
-
-
-def filedock(server: ServerProcess, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "filedock", *args], env=server.env(), capture_output=True,
-                          text=True, timeout=timeout)
 
 
 def json_rows(stdout: str) -> dict[str, dict]:
