@@ -107,3 +107,10 @@ def test_a_silent_connection_is_dropped_after_the_header_timeout():
     clock.advance(2)
     assert transport.disconnecting
     assert inner.peer_at_start is None
+
+
+def test_a_local_header_counts_as_the_balancer_itself():
+    """HAProxy's health checks send the LOCAL command (0x20) with no addresses."""
+    wrapper, inner, _ = connect(Clock())
+    wrapper.dataReceived(b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x20, 0x00]) + b"\x00\x00")
+    assert inner.peer_at_start.host == "10.0.0.1"
