@@ -92,6 +92,7 @@ class HeaderFirstFactory(HAProxyWrappingFactory):
     connection's protocol once its PROXY header is read, with the real client's address."""
 
     protocol = HeaderFirstWrapper
+    noisy = False  # the wrapped factory already says when it starts listening
 
     def __init__(self, wrapped: Any, reactor: Any, header_timeout: float) -> None:
         super().__init__(wrapped)
