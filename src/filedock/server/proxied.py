@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from zope.interface import directlyProvides, providedBy
 from twisted.internet import endpoints
+from twisted.internet.protocol import Protocol
 from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWrappingFactory
 from twisted.protocols.policies import ProtocolWrapper
 
@@ -28,9 +30,6 @@ class HeaderFirstWrapper(HAProxyProtocolWrapper):
 
     def makeConnection(self, transport: Any) -> None:
         # ProtocolWrapper.makeConnection without connecting the wrapped protocol yet
-        from zope.interface import directlyProvides, providedBy
-        from twisted.internet.protocol import Protocol
-
         directlyProvides(self, providedBy(transport))
         Protocol.makeConnection(self, transport)
         self.factory.registerProtocol(self)
@@ -50,7 +49,6 @@ class HeaderFirstWrapper(HAProxyProtocolWrapper):
                 self._early = data
                 return
             self._early = b""
-        before = self._proxyInfo
         # the parent parses (or drops the connection on a bad header); it hands any bytes after the
         # header to the wrapped protocol, which must be connected first: catch them and replay
         held: list[bytes] = []
@@ -59,8 +57,8 @@ class HeaderFirstWrapper(HAProxyProtocolWrapper):
             super().dataReceived(data)
         finally:
             self.wrappedProtocol = wrapped
-        if self._proxyInfo is None or before is not None:
-            return
+        if self._proxyInfo is None:
+            return  # the header is not whole yet (or was bad, and the connection is closing)
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
