@@ -15,6 +15,7 @@ from typing import Any
 from zope.interface import directlyProvides, providedBy
 from twisted.internet import endpoints
 from twisted.internet.protocol import Protocol
+# Twisted exports only proxyEndpoint; its wrapper classes (unchanged since 2016) are what we extend
 from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWrappingFactory
 from twisted.protocols.policies import ProtocolWrapper
 
