@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer, endpoints, task
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from filedock.config import Limits
 from filedock.digest import hash_file
 from filedock.errors import ErrorCode, FiledockError, short_key
 from filedock.server.authority import StoreAuthority
+from filedock.server import proxied
 from filedock.server.dataport import DataPortFactory
 from filedock.server.events import EventDelivery
 from filedock.store.blobs import BlobStore
@@ -146,7 +147,10 @@ know) overflowed it and lost uploads silently."""
 
 
 def with_backlog(description: str, backlog: int = LISTEN_BACKLOG) -> str:
-    """``description`` with ``backlog=N`` added if it is a ``tcp``, ``ssl`` or ``unix`` endpoint without one."""
+    """``description`` with ``backlog=N`` added if it is a ``tcp``, ``ssl`` or ``unix`` endpoint without one
+    (also under a ``haproxy:`` prefix, whose listening endpoint is the one after it)."""
+    if description.startswith(proxied.PREFIX):
+        return proxied.PREFIX + with_backlog(proxied.inner_description(description), backlog)
     fields = re.split(r"(?<!\\):", description)
     if fields[0] not in ("tcp", "tcp6", "ssl", "unix") or any(f.startswith("backlog=") for f in fields[1:]):
         return description
@@ -245,10 +249,11 @@ class FiledockServer:
     def start(self):
         """Listen on both ports; returns (api_url, data_host, data_port)."""
         yield self.record_unrecorded()
-        data_ep = endpoints.serverFromString(self.reactor, with_backlog(self.options.data_listen))
+        header_timeout = self.limits.header_timeout
+        data_ep = proxied.server_endpoint(self.reactor, with_backlog(self.options.data_listen), header_timeout)
         data_port = yield data_ep.listen(self.dataport)
         self.data_address = _address(data_port, self.options.data_listen)
-        api_ep = endpoints.serverFromString(self.reactor, with_backlog(self.options.api_listen))
+        api_ep = proxied.server_endpoint(self.reactor, with_backlog(self.options.api_listen), header_timeout)
         api_port = yield api_ep.listen(self.api_site())
         self.api_address = _address(api_port, self.options.api_listen)
         self.events.start()
@@ -332,7 +337,7 @@ class _StoreTellingTheDataPort:
 
 def _address(port: Any, description: str) -> tuple[str, int, bool]:
     addr = port.getHost()
-    tls = description.split(":", 1)[0] in ("ssl", "tls")
+    tls = proxied.inner_description(description).split(":", 1)[0] in ("ssl", "tls")
     return addr.host, addr.port, tls
 
 

@@ -323,8 +323,8 @@ class Upload(Request):
         elapsed = max(time.monotonic() - self.started, 1e-9)
         sent = (self.writer.offset if self.writer else 0) - self.resumed_from
         log.info("upload {result}: job={job} file={name!r} key={key} size={size} from={start} "
-                 "bytes={sent} seconds={secs:.3f} rate={rate:.1f}MB/s",
-                 result=self.outcome or "disconnected", job=short_key(target.job_id), name=target.name,
+                 "bytes={sent} seconds={secs:.3f} rate={rate:.1f}MB/s peer={peer}",
+                 result=self.outcome or "disconnected", peer=self.channel.peer, job=short_key(target.job_id), name=target.name,
                  key=short_key(target.file_key), size=target.size, start=self.resumed_from, sent=sent,
                  secs=elapsed, rate=sent / elapsed / 1e6, crc32=crc, digest=digest,
                  event="upload-outcome")
