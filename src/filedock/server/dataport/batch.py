@@ -24,7 +24,6 @@ class BatchUpload(Request):
     """
 
     takes_bytes = True
-    SPACE_CHECK_BYTES = 4 << 20
 
     def __init__(self, services: RequestServices, channel: IRequestChannel, request: wire.BatchRequest) -> None:
         super().__init__(services, channel)
@@ -74,7 +73,7 @@ class BatchUpload(Request):
         batches, this one included) have still to write."""
         s = self.services
         promised = yield s.registry.bytes_promised()
-        return s.blobs.free_bytes() - s.limits.disk_reserve - promised
+        return s.room(promised)
 
     # -- items
 

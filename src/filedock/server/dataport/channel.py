@@ -100,6 +100,11 @@ class RequestServices:
     in_thread: Callable[..., defer.Deferred]  # runs blocking disk work off the reactor thread
     batch_tags: set[str]  # staging tags of batches in flight (the sweeper leaves them alone)
 
+    def room(self, promised: int) -> int:
+        """Bytes the disk may still take: free space less the reserve and ``promised`` (what uploads
+        and batches in flight have still to write)."""
+        return self.blobs.free_bytes() - self.limits.disk_reserve - promised
+
 
 class Request:
     """One request on a channel; each kind overrides what applies to it.
@@ -112,6 +117,7 @@ class Request:
     outcome: str | None = None  # "complete", or the error code it ended with
     job_deleted = False  # the job was deleted: keep nothing, record nothing
     takes_bytes = False  # an upload or a batch: shutdown drains it
+    SPACE_CHECK_BYTES = 4 << 20  # a request taking bytes asks the disk again after this many
 
     def __init__(self, services: RequestServices, channel: IRequestChannel) -> None:
         self.services, self.channel = services, channel

@@ -37,7 +37,6 @@ class Upload(Request):
     """
 
     takes_bytes = True
-    SPACE_CHECK_BYTES = 4 << 20
 
     def __init__(self, services: RequestServices, channel: IRequestChannel, request: wire.UploadRequest) -> None:
         super().__init__(services, channel)
@@ -81,7 +80,7 @@ class Upload(Request):
         held = 0 if req.legacy else s.blobs.unrecorded_size(target.job_id, target.blob_name)
         need = target.size - max(target.received, held)
         promised = yield s.registry.bytes_promised(exclude=self)
-        if need > s.blobs.free_bytes() - s.limits.disk_reserve - promised:
+        if need > s.room(promised):
             raise FiledockError(ErrorCode.NO_SPACE, f"the server cannot hold {need} more bytes"
                                 + (f" ({promised} are promised to uploads in progress)" if promised else ""))
         # spoken for at once, before the next yield, so concurrent resumes cannot all pass the check
