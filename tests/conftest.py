@@ -6,6 +6,8 @@ import threading
 
 import pytest
 
+from tests.engines.postgres import postgres_dsn, postgres_server  # noqa: F401 (fixtures)
+
 
 @pytest.fixture(scope="session")
 def reactor_thread():
