@@ -226,7 +226,9 @@ class PostgresStore:
         mark = hashlib.sha256(b"filedock secret mark\0" + self._secret).hexdigest()[:32]
 
         def check(cur: psycopg.Cursor) -> None:
-            cur.execute("SELECT value FROM settings WHERE name = 'file_key_secret' FOR UPDATE")
+            # servers starting at once: the first records its mark, the others then compare with it
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            cur.execute("SELECT value FROM settings WHERE name = 'file_key_secret'")
             row = cur.fetchone()
             if row is not None and row[0] == mark:
                 return
