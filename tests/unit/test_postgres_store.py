@@ -198,3 +198,14 @@ def test_deferred_store_keeps_each_files_calls_in_order(reactor_thread):
     blockingCallFromThread(reactor_thread, issue)
     for k in keys:
         assert [n for key, n in inner.calls if key == k] == list(range(20))
+
+
+def test_a_database_newer_than_this_filedock_is_refused(postgres_dsn, secret):
+    """A database migrated by a newer filedock (a higher schema version) is refused with a clear
+    error instead of being used with a schema this code does not know."""
+    PostgresStore(postgres_dsn, secret=secret).close()
+    with psycopg.connect(postgres_dsn) as conn:
+        conn.execute("INSERT INTO schema_version VALUES (%s)", (len(MIGRATIONS) + 1,))
+    with pytest.raises(FiledockError) as exc:
+        PostgresStore(postgres_dsn, secret=secret)
+    assert exc.value.code is ErrorCode.CONFLICT and "upgrade" in exc.value.message
