@@ -214,6 +214,9 @@ class PostgresStore:
         """Names this store (this server) in the outbox's claims."""
         self.migrate()
         self._check_secret()
+        # the opening thread's connection is not a store thread's: do not hold it for the server's life
+        if getattr(self._local, "conn", None) is not None:
+            self._forget(self._local.conn)
 
     # ------------------------------------------------------------ file keys
 
