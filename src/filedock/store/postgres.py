@@ -580,14 +580,35 @@ class PostgresStore:
         return self._write(complete)
 
     def record_complete_many(self, items: list[tuple[str, int, str]]) -> list[str]:
-        """Mark many files complete in one transaction (a batch); returns the jobs that became complete."""
+        """Mark many files complete in one transaction (a batch); returns the jobs that became complete.
+
+        A handful of statements whatever the number of files (a batch holds up to a thousand):
+        the jobs locked in one order (two batches never deadlock), the files' rows locked, the
+        plain files updated in one statement; a new version replacing a file goes one by one.
+        """
         def complete(cur: psycopg.Cursor) -> list[str]:
             now = self._clock()
             hashes = [hash_key(key) for key, _, _ in items]
-            cur.execute("SELECT DISTINCT job_id FROM files WHERE key_hash = ANY(%s)", (hashes,))
-            for (job_id,) in sorted(cur.fetchall()):  # locked in one order: two batches never deadlock
+            cur.execute("SELECT DISTINCT job_id FROM files WHERE key_hash = ANY(%s) ORDER BY job_id", (hashes,))
+            for (job_id,) in cur.fetchall():
                 cur.execute("SELECT 1 FROM jobs WHERE id = %s FOR UPDATE", (job_id,))
-            jobs = {self._complete(cur, key, crc32, digest, now) for key, crc32, digest in items}
+            cur.execute("SELECT key_hash, job_id, name FROM files WHERE key_hash = ANY(%s) FOR UPDATE", (hashes,))
+            found = {r[0]: (r[1], r[2]) for r in cur.fetchall()}
+            if len(found) < len(set(hashes)):
+                raise FiledockError(ErrorCode.GONE, "the file was deleted during the upload")
+            plain = [(h, crc32, digest) for h, (_, crc32, digest) in zip(hashes, items)
+                     if not found[h][1].startswith(REPLACEMENT_MARK)]
+            if plain:
+                cur.execute(
+                    "UPDATE files AS f SET state = %s, received = f.size, crc32 = v.crc32, digest = v.digest, "
+                    "uploaded_at = %s, updated = %s, part_stamp = NULL "
+                    "FROM unnest(%s::text[], %s::bigint[], %s::text[]) AS v(key_hash, crc32, digest) "
+                    "WHERE f.key_hash = v.key_hash",
+                    (FILE_COMPLETE, now, now, [p[0] for p in plain], [p[1] for p in plain], [p[2] for p in plain]))
+            for key, crc32, digest in items:
+                if found[hash_key(key)][1].startswith(REPLACEMENT_MARK):
+                    self._complete(cur, key, crc32, digest, now)
+            jobs = {job_id for job_id, _ in found.values()}
             return [job_id for job_id in sorted(jobs) if self._maybe_complete_job(cur, job_id, now)]
         return self._write(complete)
 
