@@ -249,3 +249,28 @@ def test_a_batch_completes_plain_files_and_new_versions_alike(either_store):
         store.record_complete_many([(x.key, 1, "e" * 64), (a.key, 1, "a" * 64)])
     assert exc.value.code is ErrorCode.GONE
     assert store.get_file(x.key).state == "pending"
+
+
+def test_job_complete_events_say_the_same_on_both_backends(tmp_path, postgres_dsn, secret):
+    """The event PostgreSQL builds (in SQL, ``filedock_complete_file``) is the one SQLite builds (in
+    Python): same files in the same order, same CRC text, same time, same keys."""
+    from filedock.store.sqlite import SQLiteStore
+
+    def event_of(store):
+        job = store.create_job("j", {})
+        b, a = store.add_files(job.id, [("b.bin", 5), ("a é.bin", 7)])
+        store.record_complete(b.key, 0xABC, "d" * 64)
+        store.record_complete(a.key, 0xFFFFFFFE, "e" * 64)
+        (event,) = store.pending_events()
+        payload = dict(event.payload)
+        assert payload.pop("id") == event.id and payload["job"].pop("id") == job.id
+        assert [f["key"] for f in payload["files"]] == [a.key, b.key]
+        for f in payload["files"]:
+            f.pop("key")
+        store.close()
+        return payload
+
+    on_sqlite = event_of(SQLiteStore(tmp_path / "db.sqlite3", clock=lambda: 1234.5678, secret=secret))
+    on_postgres = event_of(PostgresStore(postgres_dsn, clock=lambda: 1234.5678, secret=secret))
+    assert on_postgres == on_sqlite
+    assert [f["crc32"] for f in on_postgres["files"]] == ["fffffffe", "00000abc"]
