@@ -22,9 +22,10 @@ import pytest
 
 from filedock.errors import FiledockError
 from filedock.store.postgres import MIGRATIONS
+from filedock.store.sqlite import load_secret
 from tests.engines.postgres import running_postgres
 from tests.integration.harness import ServerProcess
-from tests.integration.test_dataport import recv_line, wait_for
+from tests.integration.test_dataport import digest_of, recv_line, wait_for
 from tests.integration.test_reliability import Generation, ResumingUpload, Source, disk_values, final_path
 
 MiB = 1 << 20
@@ -115,7 +116,6 @@ def test_two_servers_completing_a_jobs_last_two_files_emit_one_event(tmp_path, p
             threads = []
             for server, name in ((a, "one"), (b, "two")):
                 data = rng.randbytes(256 * 1024)
-                from tests.integration.test_dataport import digest_of
                 threads.append(threading.Thread(target=_upload_whole, args=(
                     server, session["key"], files[name]["key"], data, digest_of(data), barrier, replies)))
             for t in threads:
@@ -149,8 +149,6 @@ def test_two_processes_starting_at_once_migrate_once(tmp_path, postgres_dsn):
     succeed, and each migration is recorded once."""
     dirs = [tmp_path / "p1", tmp_path / "p2"]
     dirs[0].mkdir()
-    from filedock.store.sqlite import load_secret
-
     load_secret(dirs[0] / "filedock.secret")
     dirs[1].mkdir()
     shutil.copy2(dirs[0] / "filedock.secret", dirs[1] / "filedock.secret")

@@ -230,10 +230,6 @@ def _unavailable(exc: BaseException) -> FiledockError:
     return FiledockError(ErrorCode.STORE_UNAVAILABLE, f"{_UNAVAILABLE} ({type(exc).__name__})")
 
 
-class _Retry(Exception):
-    """A deadlock or serialization failure: the transaction is run again from the start."""
-
-
 class PostgresStore:
     """``MetadataStore`` on a PostgreSQL database; safe to call from several threads (one connection each)."""
 
