@@ -274,3 +274,25 @@ def test_job_complete_events_say_the_same_on_both_backends(tmp_path, postgres_ds
     on_postgres = event_of(PostgresStore(postgres_dsn, clock=lambda: 1234.5678, secret=secret))
     assert on_postgres == on_sqlite
     assert [f["crc32"] for f in on_postgres["files"]] == ["fffffffe", "00000abc"]
+
+
+def test_open_store_follows_the_metadata_url(tmp_path, postgres_dsn):
+    """``open_store``: no URL is the data dir's SQLite file; ``sqlite:///path`` a SQLite file there;
+    ``postgresql://`` a PostgresStore keyed with the data dir's secret; anything else bad-request."""
+    from filedock.server.service import open_store
+    from filedock.store.sqlite import SQLiteStore
+
+    default = open_store(tmp_path / "d1")
+    assert isinstance(default, SQLiteStore) and (tmp_path / "d1" / "filedock.sqlite3").exists()
+    default.close()
+    elsewhere = open_store(tmp_path / "d2", f"sqlite://{tmp_path}/meta/m.sqlite3")  # sqlite:///tmp/...
+    assert isinstance(elsewhere, SQLiteStore) and (tmp_path / "meta" / "m.sqlite3").exists()
+    elsewhere.close()
+    shared = open_store(tmp_path / "d3", postgres_dsn)
+    assert isinstance(shared, PostgresStore)
+    assert shared._secret == load_secret(tmp_path / "d3" / "filedock.secret")
+    shared.close()
+    for bad in ("mysql://h/db", "sqlite:db", "postgresql://h/", "postgresql://h:x/db"):
+        with pytest.raises(FiledockError) as exc:
+            open_store(tmp_path / "d4", bad)
+        assert exc.value.code is ErrorCode.BAD_REQUEST

@@ -117,7 +117,9 @@ def open_store(data_dir: str | Path, metadata: str | None = None) -> MetadataSto
     if url is None:
         return SQLiteStore(path / DB_NAME)
     if url.startswith("sqlite:"):
-        return SQLiteStore(url[len("sqlite://"):])
+        db_path = Path(url[len("sqlite://"):])
+        db_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return SQLiteStore(db_path)
     from filedock.store.postgres import PostgresStore
 
     return PostgresStore(url, secret_path=(path / DB_NAME).with_suffix(".secret"))
