@@ -157,6 +157,7 @@ class S3PartialWriter(FlowControl):
         self.needs_record = False
         self.on_drain = None
         self._strand: Strand = store.work_queue.strand(self._run, self.SERVICE_BYTES)
+        self._stale_cleared = reset
         if reset:  # a new partial: whatever an older upload of this name left goes first, off the caller
             self._strand.put(_RESET, 0)
 
@@ -207,12 +208,22 @@ class S3PartialWriter(FlowControl):
     def _send_full_tail(self) -> None:
         """Hand the full tail to a part thread as the next part; a new tail file starts."""
         if not self.upload_id:
+            self._clear_stale_uploads()
             self.upload_id = self.store._create_upload(self.name)
         number = len(self.parts) + len(self._in_flight) + 1
         body, self._tail, self._tail_len = self._tail, self.store.spool(), 0
         self._slots.acquire()  # at most PARTS_IN_FLIGHT part files on disk per writer
         self._reap()
         self._in_flight[number] = self.store.parts_pool.submit(self._upload_part, number, body)
+
+    def _clear_stale_uploads(self) -> None:
+        """Before this partial's first multipart upload (or its one PutObject): abort the uploads of its
+        name that no checkpoint of it names (parts a dead server sent after its last checkpoint)."""
+        if not self._stale_cleared:
+            for upload in self.store.uploads(self.name):
+                if upload["Key"] == self.name:
+                    self.store.abort_upload(self.name, upload["UploadId"])
+            self._stale_cleared = True
 
     def _upload_part(self, number: int, body: BinaryIO) -> dict:
         try:
@@ -323,6 +334,7 @@ class S3PartialWriter(FlowControl):
         self._tail.flush()
         self._tail.seek(0)
         if not self.upload_id:  # smaller than one part: one request, no multipart upload
+            self._clear_stale_uploads()
             self.store._put(self.name, self._tail, self._tail_len)
         else:
             parts = list(self.parts)
