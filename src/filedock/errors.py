@@ -36,11 +36,14 @@ class ErrorCode(str, enum.Enum):
     INTERNAL_ERROR = "internal-error"
     STORE_UNAVAILABLE = "store-unavailable"  # the metadata database (PostgreSQL) cannot be reached: retry later
     FORBIDDEN = "forbidden"
+    BLOB_STORE_UNAVAILABLE = "blob-store-unavailable"  # the object store cannot be reached or refused
     # clients only: what a client finds out by itself
     UNREACHABLE = "unreachable"
     TLS_FAILED = "tls-failed"
     CHANGED_DURING_UPLOAD = "changed-during-upload"
     BAD_REPLY = "bad-reply"  # the server's reply broke the protocol (never sent by a server)
+    # server start and fsck only
+    BAD_BLOBS_URL = "bad-blobs-url"
     # control API only
     BAD_REQUEST = "bad-request"
     UNAUTHORIZED = "unauthorized"
