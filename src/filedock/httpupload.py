@@ -223,18 +223,17 @@ def parse_metadata(value: str | None) -> dict[str, str | None]:
         raise _bad(f"Upload-Metadata may be at most {MAX_METADATA} characters")
     pairs: dict[str, str | None] = {}
     for item in value.split(","):
-        parts = item.strip().split(" ")
-        if len(parts) > 2 or not parts[0] or not re.fullmatch(r"[!-~]+", parts[0]) or "," in parts[0]:
+        key, sep, encoded = item.lstrip().partition(" ")
+        encoded = encoded.strip()
+        if not key or not re.fullmatch(r"[!-~]+", key) or " " in encoded:
             raise _bad("Upload-Metadata is 'key base64value' pairs separated by commas")
-        key = parts[0]
         if key in pairs:
             raise _bad(f"Upload-Metadata names {key[:40]!r} twice")
-        if len(parts) == 1:
+        if not sep:  # a key alone: present, without a value ("key " is an empty value)
             pairs[key] = None
             continue
         try:
-            raw = base64.b64decode(parts[1], validate=True)
-            pairs[key] = raw.decode("utf-8")
+            pairs[key] = base64.b64decode(encoded, validate=True).decode("utf-8")
         except (binascii.Error, ValueError):
             raise _bad(f"Upload-Metadata: the value of {key[:40]!r} is not base64 of UTF-8 text") from None
     return pairs
