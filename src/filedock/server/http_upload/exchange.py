@@ -61,6 +61,7 @@ class HttpExchange:
         self.front, self.http, self.length = front, request, length
         self.expects_body = length is None or length > 0  # None: chunked
         self.method = request.channel._command.decode("latin-1").upper()  # request.method is set later
+        self.version = request.channel._version  # and request.clientproto too
         self.path = request.channel._path.split(b"?", 1)[0].decode("utf-8", "replace")
         self.origin: str | None = None
         self.peer = getattr(request.getClientAddress(), "host", "-")
@@ -240,7 +241,7 @@ class HttpExchange:
         log.info("HTTP upload created: job={job} file={name!r} key={key} size={size} via {dialect}",
                  job=short_key(job.id), name=name, key=short_key(record.key), size=record.size,
                  dialect=self.speaker.dialect.value)
-        if self.speaker.dialect is httpupload.Dialect.DRAFT and self.http.clientproto == b"HTTP/1.1" \
+        if self.speaker.dialect is httpupload.Dialect.DRAFT and self.version == b"HTTP/1.1" \
                 and self.transport is not None:
             self.transport.write(httpupload.informational_104(
                 self.speaker, location, httpupload.upload_limit(self.front.max_size, int(self.front.limits.partial_ttl))))
