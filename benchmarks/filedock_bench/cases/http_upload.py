@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import base64
 import http.client
+import shutil
 import time
 import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from filedock_bench.external_tools import require
-from filedock_bench.measure import Figure, Sample
+from filedock_bench.measure import Figure, Sample, Skip
 from filedock_bench.memory import RssSampler, status_kib
 from filedock_bench.processes import run_timed
 from filedock_bench.workspace import ServerProcess, delete_job
@@ -57,7 +57,8 @@ class TusCurlPatch:
                              nbytes=setup.size)
 
     def start(self) -> None:
-        require("curl")
+        if shutil.which("curl") is None:
+            raise Skip("curl is not installed (apt-get install curl)")
 
     def run_once(self, index: int) -> Sample:
         server = self.setup.server
