@@ -14,7 +14,9 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import time
+import zlib
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -127,7 +129,21 @@ def test_curl_speaks_tus_by_hand_and_the_file_is_a_file_of_the_job(tus_server, t
     assert job["state"] == "complete"
     status, _, body = call(server, "GET", f"/v1/files/{record['key']}/content")
     assert status == 200 and body == data
+    env = server.env()
+    shown = json.loads(filedock_cli("job", "show", "j1", "--json", env=env).stdout)
+    (entry,) = shown["files"]
+    assert (entry["name"], entry["state"], entry["digest"]) == ("big.bin", "complete", blake(data))
+    assert int(entry["crc32"], 16) == zlib.crc32(data)
+    filedock_cli("download", "--job", "j1", "big.bin", str(tmp_path / "dl.bin"), env=env)
+    assert (tmp_path / "dl.bin").read_bytes() == data
     no_traceback(server)
+
+
+def filedock_cli(*args: str, env: dict) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "filedock", *args], capture_output=True, text=True, timeout=120,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr
+    return proc
 
 
 def test_curl_speaks_the_draft_by_hand_and_reads_the_104(tus_server, tmp_path):
@@ -272,8 +288,6 @@ def test_a_checksum_mismatch_is_460_and_the_offset_stays_at_the_chunks_start(tus
     status, headers, body = patch(server, path, 100_000, chunk, {"Upload-Checksum": f"sha1 {wrong}"})
     assert status == 460 and headers["filedock-error"] == "checksum-mismatch"
     assert head(server, path) == 100_000
-    import zlib
-
     good = {"sha1": hashlib.sha1(chunk).digest(), "sha256": hashlib.sha256(chunk).digest(),
             "md5": hashlib.md5(chunk).digest(), "crc32": zlib.crc32(chunk).to_bytes(4, "big")}
     for algorithm in ("crc32", "md5"):  # wrong again, in other algorithms
@@ -416,3 +430,22 @@ def test_an_expired_upload_is_410(tmp_path):
         no_traceback(server)
     finally:
         server.stop()
+
+
+def test_deleting_the_job_ends_its_http_upload_at_once(tus_server):
+    """A job deleted while a PATCH streams into it: the PATCH ends with 410 ``gone`` at once, nothing is
+    kept, and the upload URL is 404 after."""
+    server = tus_server
+    data = os.urandom(2_000_000)
+    path = create(server, "d.bin", len(data))
+    sock = stalled_patch(server, path, 0, len(data), data[:500_000])
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    server.api.request("DELETE", "/v1/jobs/j1")
+    sock.settimeout(10)
+    reply = sock.recv(65536)
+    assert time.monotonic() - t0 < 5
+    assert reply.startswith(b"HTTP/1.1 410") and b"gone" in reply, reply[:300]
+    sock.close()
+    assert call(server, "HEAD", path, TUS)[0] == 404
+    no_traceback(server)

@@ -23,7 +23,7 @@ from filedock import httpupload, wire
 from filedock.digest import SCHEME
 from filedock.errors import ErrorCode, FiledockError, short_key
 from filedock.server.dataport.channel import IRequestChannel
-from filedock.server.dataport.upload import Upload
+from filedock.server.dataport.upload import PAUSED, Upload
 from filedock.store.model import FILE_COMPLETE, FileRecord, TokenGrant
 
 log = Logger(namespace="filedock.http_upload")
@@ -380,6 +380,7 @@ class HttpExchange:
             raise httpupload.HttpUploadError(400, ErrorCode.SHORT_UPLOAD.value,
                                              f"Upload-Complete: ?1 but the upload holds {upload.writer.offset} of "
                                              f"{record.size} bytes")
+        upload.note_outcome(PAUSED)
         yield self._close_upload()  # checkpoint and record: the offset we report is durable
         record = yield self.front.store.get_file(record.key)
         state = self.front.state_of(record)
