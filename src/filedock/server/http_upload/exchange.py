@@ -208,7 +208,7 @@ class HttpExchange:
             raise httpupload.HttpUploadError(404, ErrorCode.NOT_FOUND.value, "no such upload")
         self.front.may_upload(self.grant, record.job_id)
         expires = self.front.expires(record)
-        if expires is not None and record.received and expires < self.front.clock():
+        if expires is not None and expires < self.front.clock():
             raise httpupload.HttpUploadError(410, ErrorCode.EXPIRED.value,
                                              "the upload expired; its bytes are swept; create it again")
         self.job_id = record.job_id
