@@ -476,3 +476,27 @@ def test_an_upload_resumes_across_protocols(tus_server):
     assert status == 200 and headers["upload-complete"] == "?1"
     assert server.api.file(key)["digest"] == blake(data)
     no_traceback(server)
+
+
+def test_creation_with_upload_and_draft_content_digest(tus_server):
+    """tus creation-with-upload (201 with the offset of the bytes in the POST); the draft's Content-Digest:
+    a wrong sha-256 is 400 ``checksum-mismatch`` and nothing of the body counts, the right one is kept."""
+    server = tus_server
+    data = os.urandom(500_000)
+    meta = f"job {b64('j1')},filename {b64('w.bin')}"
+    status, headers, _ = call(server, "POST", "/files/", {**TUS, **OCTETS, "Upload-Length": str(len(data)),
+                                                          "Upload-Metadata": meta}, data[:200_000])
+    assert status == 201 and headers["upload-offset"] == "200000"
+    path = urlsplit(headers["location"]).path
+    draft = {"Upload-Draft-Interop-Version": "6", "Upload-Complete": "?1", "Upload-Offset": "200000",
+             "Content-Type": "application/partial-upload"}
+    wrong = base64.b64encode(hashlib.sha256(b"other").digest()).decode()
+    status, headers, _ = call(server, "PATCH", path, {**draft, "Content-Digest": f"sha-256=:{wrong}:"},
+                              data[200_000:])
+    assert (status, headers["filedock-error"]) == (400, "checksum-mismatch")
+    assert head(server, path) == 200_000
+    right = base64.b64encode(hashlib.sha256(data[200_000:]).digest()).decode()
+    status, headers, _ = call(server, "PATCH", path, {**draft, "Content-Digest": f"sha-256=:{right}:"},
+                              data[200_000:])
+    assert status == 200 and headers["filedock-digest"] == f"blake3-4m={blake(data)}"
+    no_traceback(server)
