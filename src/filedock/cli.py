@@ -108,7 +108,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server = FiledockServer(ServerOptions(args.data_dir, args.api_listen, args.data_listen,
                                               args.public_host, limits, args.webhook or [],
                                               args.on_complete or [], metadata=metadata,
-                                              blobs=blobs_url(args.blobs)), reactor)
+                                              blobs=blobs_url(args.blobs),
+                                              cors_origins=args.cors_origin or []), reactor)
     except FiledockError as exc:
         if exc.code_str not in _BLOBS_ERRORS:
             raise
@@ -428,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-complete", action="append", metavar="COMMAND",
                    help="run this shell command with each job-completion event as JSON on stdin")
     _metadata_flag(p)
+    p.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                   help="let browser pages from ORIGIN (e.g. https://app.example.com) upload to /files/ "
+                        "(repeat for more; none by default)")
     p.set_defaults(func=cmd_serve)
 
     token = _group(sub, "token", "API tokens")

@@ -198,6 +198,19 @@ def test_update_unknown_job_is_not_found(store):
     assert exc.value.code is ErrorCode.NOT_FOUND
 
 
+def test_delete_file_forgets_an_unfinished_file_never_a_complete_one(store):
+    """delete_file (a terminated HTTP upload) removes an unfinished file and its counts; a complete one stays."""
+    job = store.create_job("j", {})
+    open_, done = store.add_file(job.id, "a", 3), store.add_file(job.id, "b", 1)
+    store.record_progress(done.key, 1, 0, None)
+    assert store.record_complete(done.key, 0, "d") in (True, False)
+    assert store.delete_file(open_.key) is True
+    assert store.get_file(open_.key) is None
+    assert store.delete_file(open_.key) is False
+    assert store.delete_file(done.key) is False and store.get_file(done.key) is not None
+    assert store.job_counts(job.id)[0] == 1
+
+
 def test_delete_job_cascades(store):
     """Deleting a job returns its files and removes them and its sessions."""
     job = store.create_job("j", {})

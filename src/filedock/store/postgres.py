@@ -731,6 +731,17 @@ class PostgresStore:
                             (JOB_OPEN, hash_key(key)))
         self._write(reset)
 
+    def delete_file(self, key: str) -> bool:
+        """Forget a file that is not complete (an HTTP upload terminated by its client); False if there
+        is no such unfinished file."""
+        def delete(cur: psycopg.Cursor) -> bool:
+            # the job first, as every writer that changes a job's files does (one lock order)
+            cur.execute("SELECT 1 FROM jobs WHERE id = (SELECT job_id FROM files WHERE key_hash = %s) FOR UPDATE",
+                        (hash_key(key),))
+            cur.execute("DELETE FROM files WHERE key_hash = %s AND state != %s", (hash_key(key), FILE_COMPLETE))
+            return cur.rowcount > 0
+        return self._write(delete)
+
     def all_files(self) -> list[FileRecord]:
         """Every file record (fsck)."""
         return [self._file(r) for r in self._read(

@@ -19,12 +19,19 @@ from filedock.store.blobstore import PartialWriterLike, PrefixLost
 log = Logger(namespace="filedock.dataport")
 
 
+PAUSED = "paused"
+"""The outcome of an upload whose client sent what it meant to and will send the rest later (an HTTP
+chunk): its partial is kept and recorded, and it is not counted as failed."""
+
+
 class PartialFate(enum.Enum):
     """What happens to an upload's partial when its channel closes."""
 
     KEEP = "keep"  # checkpoint it and record what it holds: a retry resumes
     DISCARD = "discard"  # record 0 first, then delete: the bytes are not wanted (bad digest, broken protocol)
     FORGET = "forget"  # the job was deleted: delete, record nothing
+    ROLLBACK = "rollback"  # the last bytes failed a check (an HTTP chunk's checksum): close, record nothing;
+    # the record stays where the chunk began and the next open cuts the bytes past it off
 
 
 class Upload(Request):
@@ -37,6 +44,9 @@ class Upload(Request):
     """
 
     takes_bytes = True
+    hold_checkpoints = False
+    """True while bytes arrive that must be checked before they count (an HTTP chunk with a checksum):
+    no checkpoint records them until the channel clears it."""
 
     def __init__(self, services: RequestServices, channel: IRequestChannel, request: wire.UploadRequest) -> None:
         super().__init__(services, channel)
@@ -188,14 +198,15 @@ class Upload(Request):
                 # something else ate the space: stop before the store has none left to record in
                 self.channel.refused(ErrorCode.NO_SPACE, "the server's disk is nearly full; the partial is kept")
                 return
-        if self._since_checkpoint >= s.limits.checkpoint_bytes and self._checkpointing is None:
+        if self._since_checkpoint >= s.limits.checkpoint_bytes and self._checkpointing is None \
+                and not self.hold_checkpoints:
             self._checkpoint()
 
     def tick(self) -> None:
         writer = self.writer
         if self.target is not None and time.monotonic() - self._last_checkpoint > self.services.limits.checkpoint_seconds \
                 and self._checkpointing is None and writer and not writer.closed and not self.finishing \
-                and not self.channel.ended() and writer.offset < self.target.size:
+                and not self.channel.ended() and writer.offset < self.target.size and not self.hold_checkpoints:
             self._checkpoint()
 
     def _checkpoint(self) -> defer.Deferred:
@@ -210,7 +221,7 @@ class Upload(Request):
         def clear(result):
             self._checkpointing = None
             if self._since_checkpoint >= s.limits.checkpoint_bytes and not writer.closed and not self.finishing \
-                    and not self.channel.ended():
+                    and not self.channel.ended() and not self.hold_checkpoints:
                 self._checkpoint()  # more arrived meanwhile than one checkpoint's worth
             return result
 
@@ -274,6 +285,11 @@ class Upload(Request):
         if self.fate is PartialFate.KEEP:
             self.fate = PartialFate.DISCARD
 
+    def roll_back(self) -> None:
+        """The bytes since the durable record failed a check: keep none of them (``PartialFate.ROLLBACK``)."""
+        if self.fate is PartialFate.KEEP:
+            self.fate = PartialFate.ROLLBACK
+
     def end_job(self) -> None:
         super().end_job()
         self.fate = PartialFate.FORGET
@@ -292,6 +308,8 @@ class Upload(Request):
             writer.close()
             yield s.authority.record_discard(target)  # the record first: it never claims bytes that are gone
             yield s.in_thread(s.blobs.discard, target.job_id, target.blob_name)
+        elif self.fate is PartialFate.ROLLBACK:
+            yield s.in_thread(writer.close)  # nothing recorded: the record is where the checked bytes began
         elif not writer.closed:
             try:
                 cp = yield s.in_thread(writer.checkpoint)
@@ -304,7 +322,8 @@ class Upload(Request):
                 writer.close()
                 yield s.authority.record_progress(target, cp.offset, cp.crc32, cp.stamp)
         if self.outcome != "complete":
-            s.stats.uploads_failed[self.outcome or "disconnected"] += 1
+            if self.outcome != PAUSED:
+                s.stats.uploads_failed[self.outcome or "disconnected"] += 1
             self._log_outcome(None, None)
 
     def settle_failed(self, failure: Failure) -> None:
