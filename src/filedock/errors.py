@@ -35,11 +35,14 @@ class ErrorCode(str, enum.Enum):
     GONE = "gone"
     INTERNAL_ERROR = "internal-error"
     FORBIDDEN = "forbidden"
+    BLOB_STORE_UNAVAILABLE = "blob-store-unavailable"  # the object store cannot be reached or refused
     # clients only: what a client finds out by itself
     UNREACHABLE = "unreachable"
     TLS_FAILED = "tls-failed"
     CHANGED_DURING_UPLOAD = "changed-during-upload"
     BAD_REPLY = "bad-reply"  # the server's reply broke the protocol (never sent by a server)
+    # server start and fsck only
+    BAD_BLOBS_URL = "bad-blobs-url"
     # control API only
     BAD_REQUEST = "bad-request"
     UNAUTHORIZED = "unauthorized"

@@ -1,0 +1,1 @@
+"""Real engines (PostgreSQL, ...) started privately for tests and benchmarks, one module each."""

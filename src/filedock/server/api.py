@@ -31,7 +31,7 @@ from urllib.parse import parse_qs, quote, unquote_to_bytes
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http, resource, server
+from twisted.web import http, resource, server, static
 from twisted.web.iweb import IRequest
 
 import filedock
@@ -39,7 +39,7 @@ from filedock.config import Limits
 from filedock.digest import SCHEME
 from filedock.errors import ErrorCode, FiledockError, short_key
 from filedock.server.dataport import DataPortFactory
-from filedock.store.blobs import BlobStore
+from filedock.store.blobstore import BlobStorage
 from filedock.store.metadata import DeferredStore
 from filedock.store.model import (
     FILE_COMPLETE, SCOPE_ADMIN, SCOPE_READ, SCOPE_UPLOAD, SCOPES, FileRecord, Job, Session, TokenGrant,
@@ -280,10 +280,13 @@ def _query(request: IRequest) -> Query:
 
 @dataclass(frozen=True)
 class FileBody:
-    """A reply that streams a complete file from disk (Range requests answered), never whole in memory."""
+    """A reply that streams a complete file (Range requests answered), never whole in memory: from
+    ``path`` on disk, or from ``stream`` (a seekable stream of ``size`` bytes, e.g. from a bucket)."""
 
-    path: Path
+    path: Path | None
     name: str
+    stream: Any = None
+    size: int = 0
 
 
 # ------------------------------------------------------------ routing and replies
@@ -365,8 +368,6 @@ class _Responder:
         request.finish()
 
     def _send_file(self, reply: Reply) -> None:
-        from twisted.web import static
-
         if self.gone or self.request.finished:
             return
         request = self.request
@@ -376,12 +377,42 @@ class _Responder:
         request.setHeader(b"Cache-Control", b"no-store")
         request.setHeader(b"X-Content-Type-Options", b"nosniff")
         # twisted's static file: a producer that reads as the socket drains, Range and HEAD included
-        body = static.File(str(reply.payload.path), defaultType="application/octet-stream")
+        if reply.payload.path is None:
+            body = _OpenedFile(reply.payload.stream, reply.payload.size)
+        else:
+            body = static.File(str(reply.payload.path), defaultType="application/octet-stream")
         body.type, body.encoding = "application/octet-stream", None  # never rendered by a browser
         out = body.render_GET(request)
         if out != server.NOT_DONE_YET:  # HEAD, or the file vanished with its job
             request.write(out)
             request.finish()
+
+
+class _OpenedFile(static.File):
+    """twisted's static file (Range, HEAD, a producer that reads as the socket drains) over a
+    stream opened already, e.g. an object in a bucket: nothing on the local disk is looked at."""
+
+    def __init__(self, stream: Any, size: int) -> None:
+        super().__init__("/nonexistent", defaultType="application/octet-stream")
+        self._stream, self._size = stream, size
+
+    def restat(self, reraise: bool = True) -> None:
+        pass
+
+    def exists(self) -> bool:
+        return True
+
+    def isdir(self) -> bool:
+        return False
+
+    def openForReading(self):
+        return self._stream
+
+    def getsize(self) -> int:
+        return self._size
+
+    def getModificationTime(self) -> float:
+        return time.time()  # never "not modified": we keep no modification time for it
 
 
 class _APIResource(resource.Resource):
@@ -404,7 +435,7 @@ class ControlAPI:
     ``info()`` adds service facts (e.g. the data port's address) to ``GET /v1/info``.
     """
 
-    def __init__(self, store: DeferredStore, blobs: BlobStore, limits: Limits,
+    def __init__(self, store: DeferredStore, blobs: BlobStorage, limits: Limits,
                  dataport: DataPortFactory | None, info: Callable[[], dict]) -> None:
         self.store = store
         self.blobs = blobs
@@ -717,7 +748,13 @@ class ControlAPI:
     @defer.inlineCallbacks
     def _file_content(self, _query: Query, key: str):
         record = yield self._complete_file(key)
-        return 200, FileBody(self.blobs.final_path(record.job_id, record.blob_name), record.name)
+        if not self.blobs.remote:
+            return 200, FileBody(self.blobs.final_path(record.job_id, record.blob_name), record.name)
+        try:  # opened off the reactor; read by a thread that stays a few chunks ahead of the socket
+            stream = yield threads.deferToThread(self.blobs.open_complete, record.job_id, record.blob_name)
+        except FileNotFoundError:
+            raise FiledockError(ErrorCode.NOT_FOUND, "the file's bytes are gone from the object store") from None
+        return 200, FileBody(None, record.name, stream, record.size)
 
     @defer.inlineCallbacks
     def _file_link(self, _body: dict[str, Any], key: str):

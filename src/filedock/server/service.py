@@ -18,13 +18,13 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from filedock.config import Limits
-from filedock.digest import hash_file
+from filedock.digest import hash_stream
 from filedock.errors import ErrorCode, FiledockError, short_key
 from filedock.server.authority import StoreAuthority
 from filedock.server import proxied
 from filedock.server.dataport import DataPortFactory
 from filedock.server.events import EventDelivery
-from filedock.store.blobs import BlobStore
+from filedock.store.blobstore import open_blob_store
 from filedock.store.metadata import DeferredStore
 from filedock.store.sqlite import SQLiteStore
 from filedock.store.work_queue import WorkQueue
@@ -168,6 +168,8 @@ class ServerOptions:
     limits: Limits = field(default_factory=Limits)
     webhooks: list[str] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
+    blobs: str | None = None
+    """Where file bytes go (``--blobs``): ``file:///dir`` or ``s3://bucket/prefix?endpoint=URL``; None: the data dir."""
     umask: int | None = 0o077
     """The process umask the server sets at start (None: leave it): whatever else writes into the
     data dir (SQLite, a library) makes owner-only files too."""
@@ -192,7 +194,8 @@ class FiledockServer:
         self.store = DeferredStore(self.sqlite, reactor)
         self.work_queue = WorkQueue()  # the blob writers' disk threads; stopped after the reactor's own
         reactor.addSystemEventTrigger("after", "shutdown", self.work_queue.stop)
-        self.blobs = BlobStore(options.data_dir, self.work_queue)
+        self.blobs = open_blob_store(options.blobs, options.data_dir, self.work_queue)
+        reactor.addSystemEventTrigger("after", "shutdown", self.blobs.close)
         self.events = EventDelivery(self.store, reactor, options.webhooks, options.commands)
         self.authority = StoreAuthority(self.store, self.limits, on_complete=self._file_complete, blobs=self.blobs)
         self.dataport = DataPortFactory(self.authority, self.blobs, self.limits, reactor)
@@ -234,10 +237,10 @@ class FiledockServer:
         """
         found = 0
         for record in (yield self.store.unfinished_files()):
-            final = self.blobs.final_path(record.job_id, record.blob_name)
-            if not final.exists() or self.blobs.unrecorded_size(record.job_id, record.blob_name) != record.size:
+            size = yield self.dataport.in_thread(self.blobs.complete_size, record.job_id, record.blob_name)
+            if size != record.size:
                 continue  # none, or not whole: left to resumes and fsck
-            hasher = yield self.dataport.in_thread(hash_file, final)
+            hasher = yield self.dataport.in_thread(_hash_complete, self.blobs, record.job_id, record.blob_name)
             yield self.store.record_complete(record.key, hasher.crc32, hasher.hexdigest())
             yield self.dataport.in_thread(self.blobs.discard, record.job_id, record.blob_name)  # a stale partial
             found += 1
@@ -303,6 +306,11 @@ class FiledockServer:
 
     STAGING_GRACE = 60.0
     """Seconds a staging file is left alone even if its batch is unknown (one may be starting)."""
+
+
+def _hash_complete(blobs, job_id: str, key: str):
+    with blobs.open_complete(job_id, key) as f:
+        return hash_stream(f)
 
 
 class _StoreTellingTheDataPort:

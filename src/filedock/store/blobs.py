@@ -473,9 +473,10 @@ class BatchWriter(FlowControl):
 
 
 class BlobStore:
-    """The data dir's file bytes. Methods may block on disk: call them off the reactor."""
+    """The data dir's file bytes (a ``blobstore.BlobStorage``). Methods may block on disk: call them off the reactor."""
 
     STAGING_LANES = 4
+    remote = False
 
     def __init__(self, root: str | Path, work_queue: WorkQueue | None = None) -> None:
         """A store over the data dir ``root``; its writers hand their disk work to ``work_queue``.
@@ -487,6 +488,7 @@ class BlobStore:
         the calling thread.
         """
         self.root = Path(root)
+        self.url = self.root.resolve().as_uri()
         self.work_queue = work_queue if work_queue is not None else WorkQueue()
         self._owns_queue = work_queue is None
         (self.root / "jobs").mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -519,13 +521,20 @@ class BlobStore:
         except FileNotFoundError:
             return 0
 
+    def complete_size(self, job_id: str, key: str) -> int | None:
+        """The complete file's size, or None if there is none."""
+        try:
+            return self.final_path(job_id, key).stat().st_size
+        except FileNotFoundError:
+            return None
+
     def free_bytes(self) -> int:
         """Bytes available to us on the data dir's filesystem."""
         st = os.statvfs(self.root)
         return st.f_bavail * st.f_frsize
 
     def open_partial(self, job_id: str, key: str, offset: int, crc32: int,
-                     stamp: str | None, recover: bool = True) -> PartialWriter:
+                     stamp: str | None, recover: bool = True, size: int | None = None) -> PartialWriter:
         """Open ``key``'s partial to append from the durable ``offset``.
 
         Bytes past ``offset`` (written but never recorded durable) are cut off. A
@@ -534,7 +543,7 @@ class BlobStore:
         before its rename, so all of it is durable; it is hashed again from disk and
         the writer's ``offset`` is its size. Whenever the writer's (offset, CRC-32)
         differ from the ones passed in, ``needs_record`` is True: record a checkpoint
-        before accepting bytes. Raises ``PrefixLost`` (having changed nothing) if the
+        before accepting bytes. ``size`` (the declared size) is not needed here. Raises ``PrefixLost`` (having changed nothing) if the
         partial is shorter than ``offset``; ``FiledockError(no-space)`` if the disk is full.
         """
         try:

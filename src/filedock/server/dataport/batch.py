@@ -12,7 +12,7 @@ from filedock import wire
 from filedock.errors import ErrorCode, FiledockError
 from filedock.server.authority import DownloadSource, IBatchAuthority
 from filedock.server.dataport.channel import IRequestChannel, Request, RequestServices
-from filedock.store.blobs import BatchWriter
+from filedock.store.blobstore import BatchWriterLike
 
 log = Logger(namespace="filedock.dataport")
 
@@ -28,7 +28,7 @@ class BatchUpload(Request):
     def __init__(self, services: RequestServices, channel: IRequestChannel, request: wire.BatchRequest) -> None:
         super().__init__(services, channel)
         self.request = request
-        self.writer: BatchWriter | None = None
+        self.writer: BatchWriterLike | None = None
         self.job_id: str | None = None
         self.finishing = False
         self.started = 0.0

@@ -23,7 +23,7 @@ from filedock.errors import ErrorCode
 from filedock.server.authority import ISessionAuthority
 from filedock.server.dataport.stats import DataPortStats
 from filedock.server.registry import IUploadRegistry
-from filedock.store.blobs import BlobStore
+from filedock.store.blobstore import BlobStorage
 
 log = Logger(namespace="filedock.dataport")
 
@@ -92,7 +92,7 @@ class RequestServices:
     """The server's parts a request uses; one per front end, shared by all its requests."""
 
     authority: ISessionAuthority
-    blobs: BlobStore
+    blobs: BlobStorage
     limits: Limits
     registry: IUploadRegistry
     stats: DataPortStats

@@ -30,7 +30,7 @@ from filedock.server.dataport.download import Download
 from filedock.server.dataport.stats import DataPortStats
 from filedock.server.dataport.upload import Upload
 from filedock.server.registry import InProcessUploadRegistry, IUploadRegistry
-from filedock.store.blobs import BlobStore
+from filedock.store.blobstore import BlobStorage
 
 log = Logger(namespace="filedock.dataport")
 
@@ -76,7 +76,7 @@ class DataPortFactory(Factory):
     ``registry`` says who holds which file (default: this process's own).
     """
 
-    def __init__(self, authority: ISessionAuthority, blobs: BlobStore, limits: Limits = Limits(),
+    def __init__(self, authority: ISessionAuthority, blobs: BlobStorage, limits: Limits = Limits(),
                  reactor: Any = None, run_blocking: Any = None, registry: IUploadRegistry | None = None) -> None:
         if reactor is None:
             from twisted.internet import reactor as _reactor

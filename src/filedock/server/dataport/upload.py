@@ -14,7 +14,7 @@ from filedock import wire
 from filedock.errors import ErrorCode, FiledockError, short_key
 from filedock.server.authority import UploadTarget
 from filedock.server.dataport.channel import IRequestChannel, Request, RequestServices
-from filedock.store.blobs import PartialWriter, PrefixLost
+from filedock.store.blobstore import PartialWriterLike, PrefixLost
 
 log = Logger(namespace="filedock.dataport")
 
@@ -42,7 +42,7 @@ class Upload(Request):
         super().__init__(services, channel)
         self.request = request
         self.target: UploadTarget | None = None
-        self.writer: PartialWriter | None = None
+        self.writer: PartialWriterLike | None = None
         self.claim = None
         self.fate = PartialFate.KEEP
         self.finishing = False
@@ -77,7 +77,12 @@ class Upload(Request):
             # goes back to 0 (durably) before a byte of it is overwritten
             yield s.authority.record_discard(target)
             target = replace(target, received=0, crc32=0, stamp=None)
-        held = 0 if req.legacy else s.blobs.unrecorded_size(target.job_id, target.blob_name)
+        if req.legacy:
+            held = 0
+        elif s.blobs.remote:  # a request to the object store: never on the reactor
+            held = yield s.in_thread(s.blobs.unrecorded_size, target.job_id, target.blob_name)
+        else:
+            held = s.blobs.unrecorded_size(target.job_id, target.blob_name)
         need = target.size - max(target.received, held)
         promised = yield s.registry.bytes_promised(exclude=self)
         if need > s.room(promised):
@@ -124,16 +129,16 @@ class Upload(Request):
         s = self.services
         args = (target.job_id, target.blob_name, target.received, target.crc32, target.stamp, recover)
         try:
-            if inline:  # a new partial is a create and an fstat: not worth a thread hop
-                self.writer = s.blobs.open_partial(*args)
+            if inline and not s.blobs.remote:  # a new partial is a create and an fstat: not worth a thread hop
+                self.writer = s.blobs.open_partial(*args, size=target.size)
             else:  # a resume may read the partial back: off the reactor
-                self.writer = yield s.in_thread(s.blobs.open_partial, *args)
+                self.writer = yield s.in_thread(s.blobs.open_partial, *args, size=target.size)
         except PrefixLost as exc:
             log.warn("partial of {key} is shorter than its record ({why}): starting again from 0",
                      key=short_key(target.file_key), why=str(exc))
             yield s.authority.record_discard(target)
             target = replace(target, received=0, crc32=0, stamp=None)
-            self.writer = yield s.in_thread(s.blobs.open_partial, *args[:2], 0, 0, None, False)
+            self.writer = yield s.in_thread(s.blobs.open_partial, *args[:2], 0, 0, None, False, size=target.size)
         self.writer.on_drain = lambda: s.reactor.callFromThread(self.channel.resume_reading, "hashing")
         self.target = target  # from here on, the clean-up closes the writer and records what it holds
         if self.writer.needs_record:
