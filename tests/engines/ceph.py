@@ -331,3 +331,18 @@ def ceph_s3_endpoint() -> Iterator[CephS3]:
     require_ceph()
     with ceph_s3() as s3:
         yield s3
+
+
+@pytest.fixture
+def ceph_bucket(ceph_s3_endpoint):
+    """A fresh bucket on the session's gateway, as the blob-interface tests take an S3 engine
+    (an ``S3Target``); emptied (objects and multipart uploads) and removed after the test."""
+    from tests.engines.seaweedfs import S3Target, empty_bucket
+
+    ceph = ceph_s3_endpoint
+    target = S3Target(ceph.endpoint, ceph.access_key, ceph.secret_key,
+                      f"fd-{secrets.token_hex(8)}", ceph.region)
+    client = target.client()
+    client.create_bucket(Bucket=target.bucket)
+    yield target
+    empty_bucket(client, target.bucket)
