@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import subprocess
 import time
 import uuid
 
 import pytest
 
-from tests.engines.ceph import ceph_s3, ceph_s3_endpoint, require_ceph  # noqa: F401 (fixture)
+from tests.engines.ceph import (CephStartError, _Cluster, ceph_s3,  # noqa: F401 (fixture)
+                                ceph_s3_endpoint, require_ceph)
 
 pytestmark = pytest.mark.ceph
 
@@ -134,6 +136,29 @@ def test_orphan_multipart_upload_is_listed_and_abort_removes_it_and_its_parts(s3
     # S3 says NoSuchUpload; Ceph 16 says NoSuchKey. Both are a 404, which is what to test for.
     assert gone.value.response["ResponseMetadata"]["HTTPStatusCode"] == 404
     assert gone.value.response["Error"]["Code"] in ("NoSuchUpload", "NoSuchKey")
+    with pytest.raises(ClientError) as gone:
+        s3.upload_part(Bucket=bucket, Key="blobs/orphan", UploadId=orphan, PartNumber=2, Body=b"x")
+    assert gone.value.response["Error"]["Code"] == "NoSuchUpload"
+
+
+def test_completing_an_aborted_upload_fails_and_makes_no_object(s3, bucket):
+    """A job deleted while its last file is being published: the completion must not succeed.
+
+    S3 answers NoSuchUpload; Ceph 16 answers 500 InternalError, so the blob store cannot take
+    only NoSuchUpload to mean "aborted under us".
+    """
+    from botocore.exceptions import ClientError
+
+    key = "blobs/aborted"
+    upload_id = s3.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+    etag = s3.upload_part(Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=1,
+                          Body=os.urandom(MiB))["ETag"]
+    s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+    with pytest.raises(ClientError) as refused:
+        s3.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id,
+                                     MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": etag}]})
+    assert refused.value.response["Error"]["Code"] in ("NoSuchUpload", "InternalError")
+    assert s3.list_objects_v2(Bucket=bucket, Prefix=key).get("KeyCount", 0) == 0
 
 
 def test_tail_object_put_get_ranged_get_and_delete(s3, bucket):
@@ -189,3 +214,24 @@ def test_context_manager_starts_a_cluster_and_leaves_no_process_or_file(ceph_s3_
     assert not root.exists()
     # the session's cluster was not disturbed
     assert _daemons_under(ceph_s3_endpoint.root) != []
+
+
+def test_a_daemon_that_cannot_start_fails_fast_with_its_log_and_leaves_nothing(ceph_s3_endpoint):  # noqa: F811
+    """The gateway's port is taken: the start fails with the gateway's log tail, not a hang."""
+    require_ceph()
+    cluster = _Cluster()
+    taken = socket.socket()
+    try:
+        taken.bind(("127.0.0.1", cluster.rgw_port))
+        taken.listen()
+        began = time.monotonic()
+        with pytest.raises(CephStartError) as failed:
+            cluster.start()
+        assert time.monotonic() - began < 90
+        assert "rgw exited" in str(failed.value)
+        assert "tail of" in str(failed.value) and "bind" in str(failed.value).lower()
+    finally:
+        taken.close()
+        cluster.stop()
+    assert _daemons_under(cluster.root) == []
+    assert not cluster.root.exists()
