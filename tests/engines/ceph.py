@@ -325,12 +325,35 @@ def require_ceph() -> None:
         pytest.skip(message)
 
 
+# Each test module that imports the fixture below gets its own session-scoped definition of it
+# (pytest keys fixtures by the module that holds them), so the cluster is shared here instead:
+# the first user starts it, the last one stops it. A failed start is not retried.
+_session: dict = {"cluster": None, "s3": None, "error": None, "users": 0}
+
+
 @pytest.fixture(scope="session")
 def ceph_s3_endpoint() -> Iterator[CephS3]:
     """A running RADOS Gateway for the whole session: ``endpoint, access_key, secret_key, region``."""
     require_ceph()
-    with ceph_s3() as s3:
-        yield s3
+    if _session["error"] is not None:
+        raise CephStartError(f"the session's Ceph cluster did not start: {_session['error']}")
+    if _session["users"] == 0:
+        cluster = _Cluster()
+        try:
+            _session["s3"] = cluster.start()
+        except BaseException as exc:
+            cluster.stop()
+            _session["error"] = exc
+            raise
+        _session["cluster"] = cluster
+    _session["users"] += 1
+    try:
+        yield _session["s3"]
+    finally:
+        _session["users"] -= 1
+        if _session["users"] == 0:
+            _session["cluster"].stop()
+            _session["cluster"] = _session["s3"] = None
 
 
 @pytest.fixture
