@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from filedock.client import commands
-from filedock.config import Limits, parse_quantity
+from filedock.config import BLOBS_HELP, Limits, blobs_url, parse_quantity
 from filedock.errors import ErrorCode, FiledockError, short_key
 
 DEFAULT_URL = "http://127.0.0.1:7480/"
@@ -93,9 +93,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = Limits().with_overrides(args.limit or [])
     start_logging(args.log_format)
     # first: the data dir's lock (a second server must not touch the first one's tokens)
-    server = FiledockServer(ServerOptions(args.data_dir, args.api_listen, args.data_listen,
-                                          args.public_host, limits, args.webhook or [],
-                                          args.on_complete or []), reactor)
+    try:
+        server = FiledockServer(ServerOptions(args.data_dir, args.api_listen, args.data_listen,
+                                              args.public_host, limits, args.webhook or [],
+                                              args.on_complete or [], blobs=blobs_url(args.blobs)), reactor)
+    except FiledockError as exc:
+        if exc.code_str not in _BLOBS_ERRORS:
+            raise
+        print(f"error: {exc.code_str}: {exc.message}", file=sys.stderr)
+        return 2
     token = token_file = None
     if args.issue_admin_token:
         token, token_file, _ = first_run_token(args.data_dir)
@@ -164,10 +170,21 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     return 0
 
 
+_BLOBS_ERRORS = (ErrorCode.BAD_BLOBS_URL.value, ErrorCode.BLOB_STORE_UNAVAILABLE.value)
+"""A --blobs URL that cannot be used: a configuration error (exit 2), said in one line."""
+
+
 def cmd_fsck(args: argparse.Namespace) -> int:
     from filedock.fsck import run_fsck
 
-    fsck, findings = run_fsck(args.data_dir, repair=args.repair, verify=not args.quick)
+    try:
+        fsck, findings = run_fsck(args.data_dir, repair=args.repair, verify=not args.quick,
+                                  blobs_url=blobs_url(args.blobs))
+    except FiledockError as exc:
+        if exc.code_str not in _BLOBS_ERRORS:
+            raise
+        print(f"error: {exc.code_str}: {exc.message}", file=sys.stderr)
+        return 2
     if fsck.server_running:
         print("note: a server is using this data dir; uploads that change while fsck reads may show up as "
               "findings (run it again, or with the server stopped, to be sure)", file=sys.stderr)
@@ -389,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-format", choices=["text", "json"], default="text", help="log lines as text or JSON")
     p.add_argument("--webhook", action="append", metavar="URL",
                    help="POST each job-completion event here as JSON (at least once, retried)")
+    p.add_argument("--blobs", metavar="URL", help=BLOBS_HELP)
     p.add_argument("--on-complete", action="append", metavar="COMMAND",
                    help="run this shell command with each job-completion event as JSON on stdin")
     p.set_defaults(func=cmd_serve)
@@ -408,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default="./filedock-data", metavar="DIR", help="the server's data dir")
     p.add_argument("--repair", action="store_true", help="fix what is safe (server stopped)")
     p.add_argument("--quick", action="store_true", help="check sizes only, do not re-hash complete files")
+    p.add_argument("--blobs", metavar="URL", help=BLOBS_HELP)
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=JSON_HELP)
     p.set_defaults(func=cmd_fsck)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
@@ -52,6 +53,16 @@ class Limits:
                 raise ValueError(f"unknown limit {name!r}; known: {', '.join(self.names())}")
             values[name] = parse_quantity(raw, float if types[name] in (float, "float") else int)
         return Limits(**{**self.__dict__, **values})
+
+
+BLOBS_HELP = ("where file bytes go: file:///dir (default: the data dir) or s3://bucket/prefix?endpoint=URL&region=R"
+              "&profile=P (credentials as every S3 tool takes them: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+              "~/.aws/credentials, AWS_PROFILE); else FILEDOCK_BLOBS")
+
+
+def blobs_url(flag: str | None) -> str | None:
+    """The ``--blobs`` URL: the flag, else ``FILEDOCK_BLOBS``, else None (the data dir)."""
+    return flag or os.environ.get("FILEDOCK_BLOBS") or None
 
 
 def parse_quantity(raw: str, kind: type = int) -> int | float:

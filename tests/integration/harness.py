@@ -24,7 +24,8 @@ class ServerProcess:
     """``with ServerProcess(tmp_path / "data") as server: server.api.get(...)``."""
 
     def __init__(self, data_dir: Path, limits: list[str] | None = None, extra: list[str] | None = None,
-                 log_path: Path | None = None, tls: tuple[Path, Path] | None = None) -> None:
+                 log_path: Path | None = None, tls: tuple[Path, Path] | None = None,
+                 blobs: str | None = None, server_env: dict[str, str] | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.limits = limits or []
         self.extra = extra or []
@@ -33,6 +34,8 @@ class ServerProcess:
         self.info: dict[str, Any] = {}
         self.token: str | None = None
         self.tls = tls  # (key, certificate): both ports speak TLS
+        self.blobs = blobs  # --blobs URL (None: the data dir)
+        self.server_env = server_env or {}  # added to the server's environment (e.g. S3 credentials)
 
     # -- life cycle
 
@@ -54,10 +57,13 @@ class ServerProcess:
             key, cert = self.tls
             cmd += ["--api-listen", f"ssl:{api_port}:interface=127.0.0.1:privateKey={key}:certKey={cert}",
                     "--data-listen", f"ssl:{data_port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"]
+        if self.blobs:
+            cmd += ["--blobs", self.blobs]
         cmd += self.extra
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **self.server_env} if self.server_env else None)
         log.close()
         deadline = time.monotonic() + timeout
         while not ready.exists():

@@ -31,7 +31,7 @@ from urllib.parse import parse_qs, quote, unquote_to_bytes
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http, resource, server, static
+from twisted.web import http, resource, server
 from twisted.web.iweb import IRequest
 
 import filedock
@@ -368,6 +368,8 @@ class _Responder:
         request.finish()
 
     def _send_file(self, reply: Reply) -> None:
+        from twisted.web import static
+
         if self.gone or self.request.finished:
             return
         request = self.request
@@ -378,7 +380,7 @@ class _Responder:
         request.setHeader(b"X-Content-Type-Options", b"nosniff")
         # twisted's static file: a producer that reads as the socket drains, Range and HEAD included
         if reply.payload.path is None:
-            body = _OpenedFile(reply.payload.stream, reply.payload.size)
+            body = _opened_file_class()(reply.payload.stream, reply.payload.size)
         else:
             body = static.File(str(reply.payload.path), defaultType="application/octet-stream")
         body.type, body.encoding = "application/octet-stream", None  # never rendered by a browser
@@ -388,31 +390,37 @@ class _Responder:
             request.finish()
 
 
-class _OpenedFile(static.File):
-    """twisted's static file (Range, HEAD, a producer that reads as the socket drains) over a
-    stream opened already, e.g. an object in a bucket: nothing on the local disk is looked at."""
+@functools.cache
+def _opened_file_class() -> type:
+    from twisted.web import static  # on first use: its import warns about twisted's own deprecations
 
-    def __init__(self, stream: Any, size: int) -> None:
-        super().__init__("/nonexistent", defaultType="application/octet-stream")
-        self._stream, self._size = stream, size
+    class OpenedFile(static.File):
+        """twisted's static file (Range, HEAD, a producer that reads as the socket drains) over a
+        stream opened already, e.g. an object in a bucket: nothing on the local disk is looked at."""
 
-    def restat(self, reraise: bool = True) -> None:
-        pass
+        def __init__(self, stream: Any, size: int) -> None:
+            super().__init__("/nonexistent", defaultType="application/octet-stream")
+            self._stream, self._size = stream, size
 
-    def exists(self) -> bool:
-        return True
+        def restat(self, reraise: bool = True) -> None:
+            pass
 
-    def isdir(self) -> bool:
-        return False
+        def exists(self) -> bool:
+            return True
 
-    def openForReading(self):
-        return self._stream
+        def isdir(self) -> bool:
+            return False
 
-    def getsize(self) -> int:
-        return self._size
+        def openForReading(self):
+            return self._stream
 
-    def getModificationTime(self) -> float:
-        return time.time()  # never "not modified": we keep no modification time for it
+        def getsize(self) -> int:
+            return self._size
+
+        def getModificationTime(self) -> float:
+            return time.time()  # never "not modified": we keep no modification time for it
+
+    return OpenedFile
 
 
 class _APIResource(resource.Resource):

@@ -190,12 +190,13 @@ class FiledockServer:
             os.umask(options.umask)
         self._lock = lock_data_dir(options.data_dir)
         owner_only_data_dir(options.data_dir)
+        self.work_queue = WorkQueue()  # the blob writers' disk threads; stopped after the reactor's own
+        # before the metadata store starts its threads: a bad --blobs URL ends the process at once
+        self.blobs = open_blob_store(options.blobs, options.data_dir, self.work_queue)
+        reactor.addSystemEventTrigger("after", "shutdown", self.work_queue.stop)
+        reactor.addSystemEventTrigger("after", "shutdown", self.blobs.close)
         self.sqlite = open_store(options.data_dir)
         self.store = DeferredStore(self.sqlite, reactor)
-        self.work_queue = WorkQueue()  # the blob writers' disk threads; stopped after the reactor's own
-        reactor.addSystemEventTrigger("after", "shutdown", self.work_queue.stop)
-        self.blobs = open_blob_store(options.blobs, options.data_dir, self.work_queue)
-        reactor.addSystemEventTrigger("after", "shutdown", self.blobs.close)
         self.events = EventDelivery(self.store, reactor, options.webhooks, options.commands)
         self.authority = StoreAuthority(self.store, self.limits, on_complete=self._file_complete, blobs=self.blobs)
         self.dataport = DataPortFactory(self.authority, self.blobs, self.limits, reactor)

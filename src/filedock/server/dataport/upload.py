@@ -132,13 +132,13 @@ class Upload(Request):
             if inline and not s.blobs.remote:  # a new partial is a create and an fstat: not worth a thread hop
                 self.writer = s.blobs.open_partial(*args, size=target.size)
             else:  # a resume may read the partial back: off the reactor
-                self.writer = yield s.in_thread(s.blobs.open_partial, *args, size=target.size)
+                self.writer = yield s.in_thread(s.blobs.open_partial, *args, target.size)
         except PrefixLost as exc:
             log.warn("partial of {key} is shorter than its record ({why}): starting again from 0",
                      key=short_key(target.file_key), why=str(exc))
             yield s.authority.record_discard(target)
             target = replace(target, received=0, crc32=0, stamp=None)
-            self.writer = yield s.in_thread(s.blobs.open_partial, *args[:2], 0, 0, None, False, size=target.size)
+            self.writer = yield s.in_thread(s.blobs.open_partial, *args[:2], 0, 0, None, False, target.size)
         self.writer.on_drain = lambda: s.reactor.callFromThread(self.channel.resume_reading, "hashing")
         self.target = target  # from here on, the clean-up closes the writer and records what it holds
         if self.writer.needs_record:
