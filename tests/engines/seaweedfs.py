@@ -28,6 +28,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -94,7 +95,7 @@ def empty_bucket(client: Any, bucket: str, remove: bool = True) -> None:
 
 def weed_binary() -> str:
     """The ``weed`` binary: next to this Python (a venv's bin), else on PATH."""
-    beside = Path(os.sys.executable).parent / "weed"
+    beside = Path(sys.executable).parent / "weed"
     if beside.is_file():
         return str(beside)
     found = shutil.which("weed")

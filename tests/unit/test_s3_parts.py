@@ -57,3 +57,13 @@ def test_an_unknown_profile_is_a_bad_url():
     with pytest.raises(FiledockError) as err:
         s3_client_for("s3://my-bucket/p?profile=no-such-profile-here")
     assert err.value.code is ErrorCode.BAD_BLOBS_URL
+
+
+def test_blobs_url_comes_from_the_flag_else_filedock_blobs(monkeypatch):
+    from filedock.config import blobs_url
+
+    monkeypatch.delenv("FILEDOCK_BLOBS", raising=False)
+    assert blobs_url(None) is None
+    monkeypatch.setenv("FILEDOCK_BLOBS", "s3://from-env/p")
+    assert blobs_url(None) == "s3://from-env/p"
+    assert blobs_url("s3://from-flag/p") == "s3://from-flag/p"
