@@ -6,7 +6,7 @@ DATA_DIR ?= ./filedock-data
 API_LISTEN ?= tcp:7480:interface=127.0.0.1
 DATA_LISTEN ?= tcp:7481:interface=127.0.0.1:backlog=1024
 
-.PHONY: run test soak e2e bench install clean
+.PHONY: run test test-ceph soak e2e bench install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,11 @@ run: $(VENV)/.installed
 	$(VENV)/bin/filedock serve --data-dir $(DATA_DIR) --api-listen '$(API_LISTEN)' --data-listen '$(DATA_LISTEN)' --issue-admin-token
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q -m 'not soak and not e2e'
+	$(PY) -m pytest -q -m 'not soak and not e2e and not ceph'
+
+# S3 conformance against a private Ceph RADOS Gateway (needs Debian's ceph-mon ceph-osd radosgw)
+test-ceph: $(VENV)/.installed-test
+	$(PY) -m pytest -q -m ceph
 
 e2e: $(VENV)/.installed-e2e
 	@command -v chromium >/dev/null || { echo "make e2e needs Debian's chromium: apt-get install chromium"; exit 1; }
