@@ -221,3 +221,56 @@ def hash_bytes(data: bytes) -> ContentHasher:
     hasher = ContentHasher()
     hasher.update(data)
     return hasher
+
+
+def _chain(directory):
+    """root CA -> intermediate CA -> leaf for 127.0.0.1: (root.pem, leaf key, leaf cert, intermediate.pem)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def cert(subject, issuer, public_key, signing_key, ca, sans=()):
+        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
+        if ca:
+            builder = builder.add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+                                            critical=True)
+        return builder.sign(signing_key, hashes.SHA256())
+
+    def name(text):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
+
+    root_key, mid_key, leaf_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    root = cert(name("root"), name("root"), root_key.public_key(), root_key, True)
+    mid = cert(name("mid"), name("root"), mid_key.public_key(), root_key, True)
+    leaf = cert(name("leaf"), name("mid"), leaf_key.public_key(), mid_key, False,
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    paths = [directory / n for n in ("root.pem", "leaf-key.pem", "leaf.pem", "mid.pem")]
+    paths[0].write_bytes(root.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(leaf_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                serialization.NoEncryption()))
+    paths[2].write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    paths[3].write_bytes(mid.public_bytes(serialization.Encoding.PEM))
+    return paths
+
+
+def test_extra_cert_chain_is_sent_after_the_leaf(tmp_path):
+    """``extraCertChain=`` (as documented for Twisted's ssl:) works on the fast path: a client that
+    trusts only the root verifies a leaf signed by an intermediate the server sends."""
+    root, key, leaf, mid = _chain(tmp_path)
+    listen = f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={leaf}:extraCertChain={mid}"
+    with ServerProcess(tmp_path / "data", extra=["--data-listen", listen]) as server:
+        ctx = ssl.create_default_context(cafile=str(root))
+        with ctx.wrap_socket(server.connect(), server_hostname="127.0.0.1") as sock:
+            assert sock.version()
+        assert "data port: TLS by the standard library's ssl.SSLObject" in server.log()

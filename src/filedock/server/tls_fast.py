@@ -3,7 +3,8 @@
 Twisted's ``ssl:`` endpoint runs TLS through pyOpenSSL (``TLSMemoryBIOProtocol``): every
 32 KiB ``recv`` on the TLS object allocates a fresh buffer and copies out of it, and the
 reactor thread saturated there at 0.28x the raw plaintext limit. Here the same listener
-string (``ssl:PORT:privateKey=KEY:certKey=CERT``, with ``interface=`` and ``backlog=``)
+string (``ssl:PORT:privateKey=KEY:certKey=CERT``, with ``interface=``, ``backlog=``,
+``extraCertChain=`` and ``dhParameters=``)
 listens on plain TCP, and each connection is wrapped in :class:`FastTLSProtocol`:
 ciphertext from the socket goes into an incoming ``MemoryBIO`` (one copy, in C), and
 ``SSLObject.read(n, buffer)`` decrypts straight into a 1 MiB ``bytearray`` that is handed
@@ -11,8 +12,8 @@ on in views of disjoint regions, never reused: the upload's writer may keep a vi
 queued, and the bytes under it never change. Plaintext is never copied in Python.
 
 Only the data port uses this; the control API keeps Twisted's own TLS (its bodies are small).
-An ``ssl:`` listener with options this module does not speak (``sslmethod``,
-``extraCertChain``, ``dhParameters``, ...) keeps Twisted's path, with a log line saying so,
+An ``ssl:`` listener with options this module does not speak (``sslmethod``, ...) keeps
+Twisted's path, with a log line saying so,
 and so does every ``ssl:`` listener when the environment has ``FILEDOCK_DATA_TLS=twisted``.
 """
 
@@ -37,18 +38,32 @@ TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!SHA1"
 CPU of the last decade). TLS 1.3 keeps OpenSSL's default order (AES-256-GCM, ChaCha20,
 AES-128-GCM)."""
 
-_SPOKEN = frozenset({"interface", "backlog", "privateKey", "certKey"})
+_SPOKEN = frozenset({"interface", "backlog", "privateKey", "certKey", "extraCertChain", "dhParameters"})
 """The ``ssl:`` options this module understands; any other keeps Twisted's own TLS."""
 
 
-def server_context(private_key: str, cert: str) -> ssl.SSLContext:
-    """A server context for the data port: TLS 1.2+, AEAD suites, the given PEM key and certificate chain."""
+def server_context(private_key: str, cert: str, extra_chain: str | None = None,
+                   dh_parameters: str | None = None) -> ssl.SSLContext:
+    """A server context for the data port: TLS 1.2+, AEAD suites, the given PEM key and certificate
+    (``extra_chain``: intermediates sent after it, as Twisted's ``extraCertChain``)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(TLS12_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
     try:
-        ctx.load_cert_chain(cert, private_key)  # certKey may hold the chain after the leaf, as with Twisted
+        if dh_parameters:
+            ctx.load_dh_params(dh_parameters)
+        if extra_chain:
+            # the stdlib loads a chain from one file only: leaf then intermediates, in a private temporary file
+            import tempfile
+
+            with open(cert, "rb") as leaf, open(extra_chain, "rb") as chain, \
+                    tempfile.NamedTemporaryFile(suffix=".pem") as both:
+                both.write(leaf.read().rstrip(b"\n") + b"\n" + chain.read())
+                both.flush()
+                ctx.load_cert_chain(both.name, private_key)
+        else:
+            ctx.load_cert_chain(cert, private_key)  # certKey may hold the chain after the leaf, as with Twisted
     except (ssl.SSLError, OSError) as exc:
         why = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
         raise ValueError(f"data port TLS: cannot use the certificate {cert} with the private key "
@@ -92,7 +107,8 @@ def server_endpoint(reactor: Any, description: str) -> Any:
     if unknown or "privateKey" not in options or not port:
         log.info("data port: ssl: options {unknown} keep Twisted's (slower) TLS", unknown=",".join(unknown) or "-")
         return endpoints.serverFromString(reactor, description)
-    ctx = server_context(options["privateKey"], options.get("certKey", options["privateKey"]))
+    ctx = server_context(options["privateKey"], options.get("certKey", options["privateKey"]),
+                         options.get("extraCertChain"), options.get("dhParameters"))
     tcp = endpoints.TCP4ServerEndpoint if ":" not in options.get("interface", "") else endpoints.TCP6ServerEndpoint
     inner = tcp(reactor, int(port), backlog=int(options.get("backlog", 50)), interface=options.get("interface", ""))
     return FastTLSEndpoint(inner, ctx, reactor)
