@@ -64,7 +64,9 @@ def test_the_data_port_serves_tls_itself_not_through_pyopenssl(tls_server):
     assert "data port: TLS by the standard library's ssl.SSLObject" in server.log()
 
 
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")  # refusing TLS 1.0/1.1 is tested
 def test_tls12_client_gets_an_aes_gcm_suite(tls_server):
+    """A TLS 1.2 client gets an AES-GCM suite; a client that offers only TLS 1.0/1.1 is refused."""
     server, cert = tls_server
     ctx = ssl.create_default_context(cafile=str(cert))
     ctx.maximum_version = ssl.TLSVersion.TLSv1_2
@@ -73,7 +75,7 @@ def test_tls12_client_gets_an_aes_gcm_suite(tls_server):
         assert "AES" in sock.cipher()[0] and "GCM" in sock.cipher()[0]
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.load_verify_locations(str(cert))
-    ctx.maximum_version = ssl.TLSVersion.TLSv1_1  # noqa: the refusal is what is tested
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_1
     ctx.minimum_version = ssl.TLSVersion.TLSv1
     with pytest.raises((ssl.SSLError, OSError)):
         ctx.wrap_socket(server.connect(), server_hostname="127.0.0.1")
