@@ -197,6 +197,12 @@ class FastTLSProtocol(ProtocolWrapper):
             self._pool.append(buf)
         return buf
 
+    def connectionLost(self, reason: Any) -> None:
+        # the buffers go now, whoever still holds this object (a timer, a reference cycle)
+        self._pool, self._buf, self._early = [], None, []
+        self._eof = self._closing = True  # a delivery still scheduled does nothing
+        super().connectionLost(reason)
+
     def makeConnection(self, transport: Any) -> None:
         if hasattr(transport, "bufferSize"):
             transport.bufferSize = READ_SIZE  # 1 MiB per recv: fewer calls into the BIO and the decrypter
