@@ -243,7 +243,9 @@ class FastTLSProtocol(ProtocolWrapper):
         """Decrypt whatever is whole in the BIO into the shared buffer and hand it on, while not paused."""
         self._delivery_due = False
         tls, wrapped = self._tls, self.wrappedProtocol
-        while not self._paused and wrapped is not None and not self._eof and not self._handshaking:
+        # once closing (the wrapped protocol said its last word, or the client's close_notify came),
+        # nothing more is handed on
+        while not (self._paused or self._eof or self._closing or self._handshaking) and wrapped is not None:
             start = pos = self._pos
             buf = self._buf
             try:
