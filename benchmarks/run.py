@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         f"cases {', '.join(sorted(cases, key=CASES.get))}; load average {load_before}")
     if cases & {"upload", "small-files"} or variants & {"rsync", "socat"}:
         ensure_tools()
+    _byte_compile()
     figures: list[Figure] = []
     timings: dict[str, float] = {}
     # (b) is the reference for every ratio, so case 1 runs (with (b) alone at least) whatever was chosen
@@ -104,6 +105,21 @@ def main(argv: list[str] | None = None) -> int:
     written = ", ".join(n for n in ("results.json", "results.md", "concurrency.png") if (out / n).exists())
     print(f"\nresults in {out}/ ({written}); {meta['seconds']:.0f} s in all")
     return 0
+
+
+def _byte_compile() -> None:
+    """Byte-compile filedock's sources, as ``pip install`` does for an installed package.
+
+    An editable install (``make``'s) leaves that to the first import, and where
+    ``PYTHONDONTWRITEBYTECODE`` is set (this machine's environment) nothing is ever written:
+    every ``filedock`` command compiled all its modules again, 0.15-0.2 s of each whole-command
+    figure (a 1 KB upload: 0.50-0.72 s without, 0.30-0.47 s with). Stale files are redone.
+    """
+    import compileall
+
+    import filedock
+
+    compileall.compile_dir(str(Path(filedock.__file__).parent), quiet=1)
 
 
 def _load() -> str:

@@ -21,7 +21,7 @@ from filedock.config import Limits
 from filedock.digest import hash_stream
 from filedock.errors import ErrorCode, FiledockError, short_key
 from filedock.server.authority import StoreAuthority
-from filedock.server import proxied
+from filedock.server import proxied, tls_fast
 from filedock.server.dataport import DataPortFactory
 from filedock.server.events import EventDelivery
 from filedock.store.blobstore import open_blob_store
@@ -296,7 +296,7 @@ class FiledockServer:
         """Listen on both ports; returns (api_url, data_host, data_port)."""
         yield self.record_unrecorded()
         header_timeout = self.limits.header_timeout
-        data_ep = proxied.server_endpoint(self.reactor, with_backlog(self.options.data_listen), header_timeout)
+        data_ep = tls_fast.data_endpoint(self.reactor, with_backlog(self.options.data_listen), header_timeout)
         data_port = yield data_ep.listen(self.dataport)
         self.data_address = _address(data_port, self.options.data_listen)
         api_ep = proxied.server_endpoint(self.reactor, with_backlog(self.options.api_listen), header_timeout)
