@@ -8,6 +8,7 @@ import json
 import math
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -23,15 +24,15 @@ from wan import Link, namespaces, unavailable_reason  # noqa: E402
 
 PROBE = str(BENCHMARKS / "wan" / "probe.py")
 
-_reason = unavailable_reason()
-if _reason and not os.environ.get("CI"):
-    pytest.skip(f"{_reason}; run as root on Linux to test the WAN emulator", allow_module_level=True)
 
 
-@pytest.fixture(autouse=True)
-def emulator_available():
-    """Under CI a machine that cannot run the emulator fails every test here instead of skipping."""
-    assert _reason is None, _reason
+@pytest.fixture
+def emulator():
+    """Tests of the emulator skip, with the reason, where it cannot run; under CI they fail instead."""
+    reason = unavailable_reason()
+    if reason and not os.environ.get("CI"):
+        pytest.skip(f"{reason}; run as root on Linux to test the WAN emulator")
+    assert reason is None, reason
 
 
 def probe(ns, *args: str, timeout: float = 60) -> dict:
@@ -54,7 +55,7 @@ def tcp_stream(link: Link, cc: str, seconds: float, warmup: float) -> dict:
                  "--seconds", str(seconds), timeout=seconds + 60)
 
 
-def test_ping_shows_the_set_rtt():
+def test_ping_shows_the_set_rtt(emulator):
     """ICMP echo through the link takes the set RTT: never less, and the median at most 5 ms more
     (the relay wakes on a millisecond timer; the rest is scheduling on a loaded host)."""
     with Link(rtt_ms=60) as link:
@@ -64,7 +65,7 @@ def test_ping_shows_the_set_rtt():
     assert statistics.median(result["rtt_ms"]) <= 65, result["rtt_ms"]
 
 
-def test_rate_limit_holds_for_one_bbr_stream():
+def test_rate_limit_holds_for_one_bbr_stream(emulator):
     """One BBR stream on a clean 100 Mbit/s link (10 ms RTT) gets 85-100% of the link rate; the rate
     counts IP bytes, so the TCP payload can reach at most 1448/1500 of it."""
     with Link(rtt_ms=10, rate_mbit=100) as link:
@@ -74,7 +75,7 @@ def test_rate_limit_holds_for_one_bbr_stream():
     assert 0.85 <= fraction <= 1.0, f"{fraction:.3f} of the link rate"
 
 
-def test_loss_fraction_matches_the_setting():
+def test_loss_fraction_matches_the_setting(emulator):
     """5% loss: of 4000 UDP datagrams sent one way, 5% +- 1% (about 3 standard deviations) never arrive,
     and the relay counted the same drops."""
     with Link(loss=0.05, seed=7) as link:
@@ -87,7 +88,7 @@ def test_loss_fraction_matches_the_setting():
 
 
 @pytest.mark.parametrize("cc", ["reno", "cubic"])
-def test_one_lossy_stream_is_near_the_mathis_estimate(cc):
+def test_one_lossy_stream_is_near_the_mathis_estimate(emulator, cc):
     """40 ms RTT, 1% loss each way, 100 Mbit/s: one Reno or CUBIC stream (chosen per socket) runs
     within a factor of 2 of MSS/RTT x 1.22/sqrt(p) (here 0.43 MB/s); measured here 0.80-0.86 x."""
     rtt, loss = 0.040, 0.01
@@ -111,7 +112,7 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def test_nothing_is_left_after_the_link_closes():
+def test_nothing_is_left_after_the_link_closes(emulator):
     """After the with-block, also one left by an exception: no namespace, no process in them, no relay."""
     with Link(rtt_ms=10) as link:
         sleepers = _sleeper(link)
@@ -147,7 +148,7 @@ def _holder() -> tuple[subprocess.Popen, list]:
     return proc, json.loads(proc.stdout.readline())
 
 
-def test_ctrl_c_cleans_up():
+def test_ctrl_c_cleans_up(emulator):
     """SIGINT (Ctrl-C) in a process holding a Link: its namespaces and relay are gone when it exits."""
     proc, (sender, receiver, relay, sleeper) = _holder()
     proc.send_signal(signal.SIGINT)
@@ -156,7 +157,7 @@ def test_ctrl_c_cleans_up():
     assert _gone(relay) and _gone(sleeper)
 
 
-def test_a_killed_run_is_cleaned_by_the_next():
+def test_a_killed_run_is_cleaned_by_the_next(emulator):
     """SIGKILL leaves no chance to clean: the relay dies with its parent, and the next Link deletes the
     dead run's namespaces and kills what still ran in them."""
     proc, (sender, receiver, relay, sleeper) = _holder()
@@ -171,3 +172,42 @@ def test_a_killed_run_is_cleaned_by_the_next():
     with Link():
         assert not {sender, receiver} & set(namespaces())
         assert _gone(sleeper)
+
+
+# -- the client's choice of congestion control, which the WAN bench rows rely on
+
+
+def test_upload_sends_with_the_congestion_control_asked_for(server, tmp_path):
+    """``--congestion-control reno`` (or FILEDOCK_TCP_CONGESTION) is set on the data connection (the
+    server sees a connection whose sender uses it: checked on the client's socket) and reported in --json."""
+    from filedock.client.blocking import DataPortClient, congestion_control
+
+    if congestion_control() is None:
+        pytest.skip("this platform cannot choose TCP congestion control per socket")
+    client = DataPortClient(*server.data_addr, congestion_control="reno")
+    link = client._connect(None)
+    try:
+        assert link.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b"\0") == b"reno"
+    finally:
+        link.sock.close()
+    source = tmp_path / "a.bin"
+    source.write_bytes(os.urandom(100_000))
+    for how, env in ((["--congestion-control", "reno"], {}), ([], {"FILEDOCK_TCP_CONGESTION": "cubic"})):
+        done = subprocess.run([sys.executable, "-m", "filedock", "upload", "--job", f"cc-{len(env)}", "--create",
+                               "--json", *how, str(source)], env=server.env() | env, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        row = json.loads(done.stdout.strip().splitlines()[-1])
+        assert row["state"] == "complete"
+        assert row["congestion_control"] == ("reno" if how else "cubic")
+
+
+def test_an_unknown_congestion_control_is_a_clear_error(server, tmp_path):
+    """A name the kernel does not offer is refused before anything is sent, naming what it allows."""
+    source = tmp_path / "a.bin"
+    source.write_bytes(b"x")
+    done = subprocess.run([sys.executable, "-m", "filedock", "upload", "--job", "cc", "--create",
+                           "--congestion-control", "nosuch", str(source)], env=server.env(),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "'nosuch' cannot be used here" in done.stderr and "Traceback" not in done.stderr

@@ -15,6 +15,7 @@ zero-copy) or through one reused 1 MiB buffer (TLS); replies and downloads are r
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
@@ -111,6 +112,20 @@ def _tune_socket(sock: socket.socket) -> None:
     for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6)):
         if hasattr(socket, name):
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+
+
+def congestion_control(name: str | None = None) -> str | None:
+    """The TCP congestion control a new socket gets here when it asks for ``name`` (None: the system's
+    default), as the kernel names it; None where the platform cannot choose per socket. ``OSError`` if
+    the kernel refuses ``name`` (not built, or not allowed for this user)."""
+    if not hasattr(socket, "TCP_CONGESTION"):
+        if name:
+            raise OSError(errno.ENOPROTOOPT, "this platform cannot choose TCP congestion control per socket")
+        return None
+    with socket.socket() as sock:
+        if name:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, name.encode())
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).split(b"\0")[0].decode()
 
 
 class _Link:
@@ -350,13 +365,17 @@ class DataPortClient:
     downloaded) resets the count, so a long transfer survives any number of
     drops as long as each one leaves it further along.
     ``stall_timeout`` is how long a connection may move nothing while sending or
-    receiving before it is abandoned for a new one. Instances hold no per-transfer
+    receiving before it is abandoned for a new one. ``congestion_control`` names the
+    TCP congestion control of its connections (``TCP_CONGESTION``, e.g. ``"bbr"``;
+    None: the system's default). Instances hold no per-transfer
     state: one client may serve several threads.
     """
 
     def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None,
-                 stall_timeout: float = 60.0, attempts: int = 5, backoff: float = 0.5) -> None:
+                 stall_timeout: float = 60.0, attempts: int = 5, backoff: float = 0.5,
+                 congestion_control: str | None = None) -> None:
         self.host = host
+        self.congestion_control = congestion_control
         self.port = port
         self.ssl_context = ssl_context
         self.stall_timeout = stall_timeout
@@ -682,6 +701,8 @@ class DataPortClient:
                                    ErrorCode.UNREACHABLE) from None
         try:
             _tune_socket(sock)
+            if self.congestion_control:  # the sender's choice decides how a long, lossy path is used
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, self.congestion_control.encode())
             if self.ssl_context is not None:
                 sock = self.ssl_context.wrap_socket(sock, server_hostname=self.host)
         except ssl.SSLCertVerificationError as exc:
