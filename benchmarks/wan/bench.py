@@ -200,16 +200,18 @@ class BareStream:
         self.figure = Figure(setup.key("tcp-" + ("default" if not sndbuf else "sndbuf")),
                              setup.title(f"bare TCP stream (bbr), {what}"), nbytes=setup.size)
         self.sink: subprocess.Popen | None = None
+        self.port = 5301 if not sndbuf else 5302
 
     def start(self) -> None:
-        self.sink = subprocess.Popen(self.setup.link.receiver.command([PYTHON, PROBE, "tcp-sink", "--port", "5301"]),
-                                     stdout=subprocess.PIPE, text=True)
-        self.sink.stdout.readline()
+        self.sink = subprocess.Popen(self.setup.link.receiver.command(
+            [PYTHON, PROBE, "tcp-sink", "--port", str(self.port)]), stdout=subprocess.PIPE, text=True)
+        if "listening" not in self.sink.stdout.readline():
+            raise RuntimeError(f"probe sink on port {self.port} did not start")
 
     def run_once(self, index: int) -> Sample:
         s = self.setup
         done = subprocess.run(s.link.sender.command([PYTHON, PROBE, "tcp-source", "--to",
-                                                     f"{s.link.receiver_address}:5301", "--cc", "bbr",
+                                                     f"{s.link.receiver_address}:{self.port}", "--cc", "bbr",
                                                      "--bytes", str(s.size), "--sndbuf", str(self.sndbuf)]),
                               capture_output=True, text=True, check=True)
         result = json.loads(done.stdout)
