@@ -196,7 +196,7 @@ class BareStream:
 
     def __init__(self, setup: WanSetup, sndbuf: int) -> None:
         self.setup, self.sndbuf = setup, sndbuf
-        what = "default buffers" if not sndbuf else f"SO_SNDBUF {human_size(sndbuf)}"
+        what = "default buffers" if not sndbuf else f"SO_SNDBUF = wmem_max {human_size(sndbuf)} (the kernel doubles it)"
         self.figure = Figure(setup.key("tcp-" + ("default" if not sndbuf else "sndbuf")),
                              setup.title(f"bare TCP stream (bbr), {what}"), nbytes=setup.size)
         self.sink: subprocess.Popen | None = None

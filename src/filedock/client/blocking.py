@@ -16,6 +16,7 @@ zero-copy) or through one reused 1 MiB buffer (TLS); replies and downloads are r
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import select
@@ -126,6 +127,30 @@ def congestion_control(name: str | None = None) -> str | None:
         if name:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, name.encode())
         return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).split(b"\0")[0].decode()
+
+
+def _widen_send_buffer(sock: socket.socket) -> None:
+    """Ask for the largest send buffer an explicit ``SO_SNDBUF`` may have, where that is more than the
+    kernel's autotuning may reach (``net.core.wmem_max``, doubled by the kernel, above the third
+    ``net.ipv4.tcp_wmem``): in flight is at most the send buffer, so at 100 ms RTT the common 4 MiB
+    autotuning limit holds one stream to about 30 MB/s (docs/wan.md). Where ``wmem_max`` is lower (often
+    208 KiB), an explicit size would shrink the buffer, so autotuning is left alone."""
+    limits = _send_buffer_limits()
+    if limits is not None and 2 * limits[0] > limits[1]:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, limits[0])
+
+
+@functools.lru_cache(maxsize=1)
+def _send_buffer_limits() -> tuple[int, int] | None:
+    """(net.core.wmem_max, the largest autotuned send buffer), or None where /proc does not say."""
+    try:
+        with open("/proc/sys/net/core/wmem_max") as f:
+            explicit = int(f.read())
+        with open("/proc/sys/net/ipv4/tcp_wmem") as f:
+            autotuned = int(f.read().split()[2])
+    except (OSError, ValueError, IndexError):
+        return None
+    return explicit, autotuned
 
 
 class _Link:
@@ -701,6 +726,7 @@ class DataPortClient:
                                    ErrorCode.UNREACHABLE) from None
         try:
             _tune_socket(sock)
+            _widen_send_buffer(sock)
             if self.congestion_control:  # the sender's choice decides how a long, lossy path is used
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, self.congestion_control.encode())
             if self.ssl_context is not None:
