@@ -59,7 +59,7 @@ class WanSetup:
         return f"{what}, {RTT_MS} ms {loss}, {human_size(self.size)}"
 
 
-def _link_note(fig: Figure, cc: str) -> None:
+def _sender_note(fig: Figure, cc: str) -> None:
     fig.notes.append(f"sender {cc}")
 
 
@@ -77,7 +77,7 @@ class FiledockWan:
     def __init__(self, setup: WanSetup, cc: str) -> None:
         self.setup, self.cc = setup, cc
         self.figure = Figure(setup.key(f"filedock-{cc}"), setup.title(f"filedock upload ({cc})"), nbytes=setup.size)
-        _link_note(self.figure, cc)
+        _sender_note(self.figure, cc)
 
     def start(self) -> None:
         pass
@@ -133,7 +133,7 @@ class _SshCopy:
         self.setup, self.cc = setup, cc
         self.dest = setup.work / f"ssh-dest-{setup.tag}"
         self.figure = Figure(setup.key(f"{self.tool}-{cc}"), setup.title(self.label), nbytes=setup.size)
-        _link_note(self.figure, cc)
+        _sender_note(self.figure, cc)
         self.figure.notes.append(f"ssh -c {SSH_CIPHER}")
 
     label = ""
