@@ -400,12 +400,12 @@ class DataPortClient:
                  stall_timeout: float = 60.0, attempts: int = 5, backoff: float = 0.5,
                  congestion_control: str | None = None) -> None:
         self.host = host
-        self.congestion_control = congestion_control
         self.port = port
         self.ssl_context = ssl_context
         self.stall_timeout = stall_timeout
         self.attempts = max(1, attempts)
         self.backoff = backoff
+        self.congestion_control = congestion_control
 
     @property
     def policy(self) -> RetryPolicy:

@@ -170,8 +170,8 @@ def cmd_upload(args: argparse.Namespace) -> int:
     uploader.data_client = _data_client(api, args)
     from filedock.client.blocking import congestion_control
 
-    view = _JsonLines(extra={"congestion_control": congestion_control(args.congestion_control)}) if args.json \
-        else _UploadBars(plan)
+    sent_with = {"congestion_control": congestion_control(args.congestion_control)}
+    view = _JsonLines(extra=sent_with) if args.json else _UploadBars(plan)
     try:
         with view:
             results = uploader.run(plan, parallel=args.parallel, progress=view.progress,
