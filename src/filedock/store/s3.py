@@ -376,7 +376,8 @@ class S3BatchWriter(BatchWriter):
     """The files of one ``BATCH``, spooled to local staging files and each sent as one PutObject on publish."""
 
     def __init__(self, store: "S3BlobStore", job_id: str) -> None:
-        super().__init__(store.staging_root / "jobs-unused", store.staging, None, store.work_queue)
+        # the base class's target directory is never used: ``publish`` sends to the bucket instead
+        super().__init__(store.staging_root / "unused", store.staging, None, store.work_queue)
         self._store, self._job_id = store, job_id
 
     def publish(self, accepted: list[BatchEntry]) -> None:
