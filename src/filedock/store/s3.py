@@ -323,12 +323,23 @@ class S3PartialWriter(FlowControl):
             try:
                 self._on_strand(self._publish)
             except Exception as exc:  # noqa: BLE001
-                if _code(exc) == "NoSuchUpload":  # aborted under us: the file (or its job) was deleted
+                # aborted under us: the file (or its job) was deleted. S3 says NoSuchUpload; Ceph's
+                # gateway says 500 InternalError, so any other failure asks whether the upload still exists
+                if _code(exc) == "NoSuchUpload" or (self.upload_id and self._upload_gone()):
                     raise FileNotFoundError(self.name) from None
                 raise _unavailable("the object store could not complete the upload; the partial is kept",
                                    exc) from None
         self.published = True
         self.close()
+
+    def _upload_gone(self) -> bool:
+        """True if our multipart upload no longer exists (ListParts: not found); False if it does or we cannot tell."""
+        try:
+            self.store.client.list_parts(Bucket=self.store.bucket, Key=self.name, UploadId=self.upload_id,
+                                         MaxParts=1)
+        except Exception as exc:  # noqa: BLE001
+            return _not_found(exc)
+        return False
 
     def _publish(self) -> None:
         self._tail.flush()
