@@ -449,6 +449,9 @@ class DataPortProtocol(Protocol):
         self.factory.authorized.discard(self)
         if self.request is not None:
             self.request.release()
+        # the request holds this connection as its channel: let go of it (and of the parser's buffers),
+        # so a closed connection is freed at once, not by the next full garbage collection
+        self.request = self._receive = self.conn = None
         self.released.callback(None)
 
     # ------------------------------------------------------------ timeouts
