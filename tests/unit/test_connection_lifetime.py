@@ -71,14 +71,15 @@ def test_a_closed_upload_connection_is_freed_without_the_cycle_collector(tmp_pat
     assert not alive(request), alive(request)
 
 
-def test_a_refused_connection_is_freed_without_the_cycle_collector(tmp_path, no_cycle_collector):
-    """An unknown session: the error line, the close; the connection goes once its grace timer ran."""
+def test_a_closed_abort_connection_is_freed_without_the_cycle_collector(tmp_path, no_cycle_collector):
+    """ABORT claims the file like an upload: once ABORTED and closed, the connection is gone too."""
     h = Harness(tmp_path)
+    cut_upload(h, "f")
+    key = next(iter(h.app.files))
     proto, transport = h.connect()
-    proto.dataReceived(b"FILEDOCK/1 PUT nosuchsession nosuchkey 10\r\n")
-    assert transport.value().startswith(b"ERR ")
+    proto.dataReceived(f"FILEDOCK/1 ABORT {h.session} {key}\r\n".encode())
+    assert transport.value() == b"ABORTED\r\n"
     h.close(proto, transport)
     ref = weakref.ref(proto)
     del proto, transport
-    h.clock.advance(10)  # the abort grace timer held it on purpose until now
     assert not alive(ref), alive(ref)
