@@ -144,6 +144,13 @@ class FastTLSEndpoint:
         log.info("data port: TLS by the standard library's ssl.SSLObject ({openssl})", openssl=ssl.OPENSSL_VERSION)
         return self.inner.listen(FastTLSFactory(factory, self.context, self.reactor))
 
+    def plain_and_tls(self, factory: Any) -> tuple[Any, "FastTLSFactory"]:
+        """(the plain TCP endpoint, ``factory`` wrapped in this TLS): for ``haproxy:ssl:``, whose PROXY
+        header comes in clear before the handshake (``proxied.tls_after_header``)."""
+        log.info("data port: TLS by the standard library's ssl.SSLObject ({openssl}), after the PROXY header",
+                 openssl=ssl.OPENSSL_VERSION)
+        return self.inner, FastTLSFactory(factory, self.context, self.reactor)
+
 
 class FastTLSFactory(WrappingFactory):
     """Wraps each connection of ``wrapped`` (a protocol factory) in server-side TLS."""
@@ -204,8 +211,11 @@ class FastTLSProtocol(ProtocolWrapper):
         super().connectionLost(reason)
 
     def makeConnection(self, transport: Any) -> None:
-        if hasattr(transport, "bufferSize"):
-            transport.bufferSize = READ_SIZE  # 1 MiB per recv: fewer calls into the BIO and the decrypter
+        below = transport
+        while isinstance(below, ProtocolWrapper):  # under a PROXY header reader: its TCP transport
+            below = below.transport
+        if hasattr(below, "bufferSize"):
+            below.bufferSize = READ_SIZE  # 1 MiB per recv: fewer calls into the BIO and the decrypter
         super().makeConnection(transport)
 
     # -- the socket's side
