@@ -95,7 +95,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # first: the data dir's lock (a second server must not touch the first one's tokens)
     server = FiledockServer(ServerOptions(args.data_dir, args.api_listen, args.data_listen,
                                           args.public_host, limits, args.webhook or [],
-                                          args.on_complete or []), reactor)
+                                          args.on_complete or [], cors_origins=args.cors_origin or []), reactor)
     token = token_file = None
     if args.issue_admin_token:
         token, token_file, _ = first_run_token(args.data_dir)
@@ -391,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="POST each job-completion event here as JSON (at least once, retried)")
     p.add_argument("--on-complete", action="append", metavar="COMMAND",
                    help="run this shell command with each job-completion event as JSON on stdin")
+    p.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                   help="let browser pages from ORIGIN (e.g. https://app.example.com) upload to /files/ "
+                        "(repeat for more; none by default)")
     p.set_defaults(func=cmd_serve)
 
     token = _group(sub, "token", "API tokens")

@@ -47,6 +47,13 @@ class ErrorCode(str, enum.Enum):
     METHOD_NOT_ALLOWED = "method-not-allowed"
     CONFLICT = "conflict"
     BODY_TOO_LARGE = "body-too-large"
+    # HTTP uploads (tus, the IETF draft) only
+    UNSUPPORTED_VERSION = "unsupported-version"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported-media-type"
+    UNSUPPORTED_CHECKSUM = "unsupported-checksum"
+    UNSUPPORTED_EXTENSION = "unsupported-extension"
+    CHECKSUM_MISMATCH = "checksum-mismatch"
+    EXPIRED = "expired"
 
 
 class FiledockError(Exception):

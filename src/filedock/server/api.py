@@ -412,6 +412,7 @@ class ControlAPI:
         self.limits = limits
         self.dataport = dataport
         self.info = info
+        self.http_uploads: Any = None  # server/http_upload's front end for /files/, if the server mounts it
         self._epoch = secrets.token_hex(4)  # in every ETag: a restart's change count starts at 0 again
         self._link_secret = secrets.token_bytes(32)
         self.routes = [
@@ -924,9 +925,17 @@ class ControlRequest(server.Request):
 
     token_check: defer.Deferred | None = None
     answered_early = False
+    http_upload: Any = None
+    """The ``server/http_upload`` exchange that serves this request (``/files/``): its body is streamed
+    to the exchange, never held here."""
 
     def gotLength(self, length: int | None) -> None:
         site: ControlSite = self.channel.site
+        uploads = site.api.http_uploads if site.api is not None else None
+        if uploads is not None and uploads.claims(self.channel._path):
+            self.content = BoundedBody(0)
+            self.http_upload = uploads.exchange(self, length)
+            return
         self.content = site.getContentFile(length)
         if site.api is None:
             return
@@ -944,6 +953,23 @@ class ControlRequest(server.Request):
         transport.pauseProducing()  # not one more byte of the body until the token is known
         self.token_check = site.api.check_token(self, token).addCallback(self._admit, length)
         self.token_check.addErrback(self._check_failed)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.http_upload is not None:
+            self.http_upload.receive(data)
+            return
+        super().handleContentChunk(data)
+
+    def process(self) -> None:
+        if self.http_upload is not None:
+            self.http_upload.content_ended()
+            return
+        super().process()
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self.http_upload is not None:
+            self.http_upload.connection_lost()
+        super().connectionLost(reason)
 
     def _admit(self, grant: TokenGrant | None, length: int | None) -> TokenGrant | None:
         channel = self.channel
@@ -1001,6 +1027,11 @@ class ControlChannel(http.HTTPChannel):
     def admitted(self) -> None:
         """A request's token was accepted: this connection is no longer only waiting."""
         self.site.channel_busy(self)
+
+    def no_deadline(self) -> None:
+        """The request in progress is an HTTP upload whose body may take long: its own idle timeout
+        applies, not the deadline for a whole request."""
+        self._disarm()
 
     def allContentReceived(self) -> None:
         self._disarm()

@@ -171,6 +171,8 @@ class ServerOptions:
     umask: int | None = 0o077
     """The process umask the server sets at start (None: leave it): whatever else writes into the
     data dir (SQLite, a library) makes owner-only files too."""
+    cors_origins: list[str] = field(default_factory=list)
+    """Origins whose browser pages may upload to ``/files/`` (tus, the IETF draft); none by default."""
 
 
 class FiledockServer:
@@ -217,8 +219,12 @@ class FiledockServer:
         """The control API's hardened ``Site`` (bounded bodies, keys cut in the access log)."""
         from filedock.server.api import ControlAPI
 
-        site = ControlAPI(_StoreTellingTheDataPort(self.store, self.dataport), self.blobs, self.limits,
-                          self.dataport, self.info).site()
+        from filedock.server.http_upload import HttpUploads
+
+        api = ControlAPI(_StoreTellingTheDataPort(self.store, self.dataport), self.blobs, self.limits,
+                         self.dataport, self.info)
+        api.http_uploads = HttpUploads(api, self.dataport, self.authority, tuple(self.options.cors_origins))
+        site = api.site()
         site.noisy = False
         return site
 

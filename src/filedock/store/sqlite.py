@@ -632,6 +632,13 @@ class SQLiteStore:
                 db.execute("UPDATE jobs SET state = ? WHERE id = (SELECT job_id FROM files WHERE key_hash = ?)",
                            (JOB_OPEN, hash_key(key)))
 
+    def delete_file(self, key: str) -> bool:
+        """Forget a file that is not complete (an HTTP upload terminated by its client); False if there
+        is no such unfinished file."""
+        with self._write() as db:
+            cur = db.execute("DELETE FROM files WHERE key_hash = ? AND state != ?", (hash_key(key), FILE_COMPLETE))
+            return cur.rowcount > 0
+
     def all_files(self) -> list[FileRecord]:
         """Every file record (fsck)."""
         return [self._file(r) for r in self._read(f"SELECT {_FILE_COLS} FROM files ORDER BY job_id, name")]

@@ -25,6 +25,8 @@ class PartialFate(enum.Enum):
     KEEP = "keep"  # checkpoint it and record what it holds: a retry resumes
     DISCARD = "discard"  # record 0 first, then delete: the bytes are not wanted (bad digest, broken protocol)
     FORGET = "forget"  # the job was deleted: delete, record nothing
+    ROLLBACK = "rollback"  # the last bytes failed a check (an HTTP chunk's checksum): close, record nothing;
+    # the record stays where the chunk began and the next open cuts the bytes past it off
 
 
 class Upload(Request):
@@ -37,6 +39,9 @@ class Upload(Request):
     """
 
     takes_bytes = True
+    hold_checkpoints = False
+    """True while bytes arrive that must be checked before they count (an HTTP chunk with a checksum):
+    no checkpoint records them until the channel clears it."""
 
     def __init__(self, services: RequestServices, channel: IRequestChannel, request: wire.UploadRequest) -> None:
         super().__init__(services, channel)
@@ -183,14 +188,15 @@ class Upload(Request):
                 # something else ate the space: stop before the store has none left to record in
                 self.channel.refused(ErrorCode.NO_SPACE, "the server's disk is nearly full; the partial is kept")
                 return
-        if self._since_checkpoint >= s.limits.checkpoint_bytes and self._checkpointing is None:
+        if self._since_checkpoint >= s.limits.checkpoint_bytes and self._checkpointing is None \
+                and not self.hold_checkpoints:
             self._checkpoint()
 
     def tick(self) -> None:
         writer = self.writer
         if self.target is not None and time.monotonic() - self._last_checkpoint > self.services.limits.checkpoint_seconds \
                 and self._checkpointing is None and writer and not writer.closed and not self.finishing \
-                and not self.channel.ended() and writer.offset < self.target.size:
+                and not self.channel.ended() and writer.offset < self.target.size and not self.hold_checkpoints:
             self._checkpoint()
 
     def _checkpoint(self) -> defer.Deferred:
@@ -205,7 +211,7 @@ class Upload(Request):
         def clear(result):
             self._checkpointing = None
             if self._since_checkpoint >= s.limits.checkpoint_bytes and not writer.closed and not self.finishing \
-                    and not self.channel.ended():
+                    and not self.channel.ended() and not self.hold_checkpoints:
                 self._checkpoint()  # more arrived meanwhile than one checkpoint's worth
             return result
 
@@ -269,6 +275,11 @@ class Upload(Request):
         if self.fate is PartialFate.KEEP:
             self.fate = PartialFate.DISCARD
 
+    def roll_back(self) -> None:
+        """The bytes since the durable record failed a check: keep none of them (``PartialFate.ROLLBACK``)."""
+        if self.fate is PartialFate.KEEP:
+            self.fate = PartialFate.ROLLBACK
+
     def end_job(self) -> None:
         super().end_job()
         self.fate = PartialFate.FORGET
@@ -287,6 +298,8 @@ class Upload(Request):
             writer.close()
             yield s.authority.record_discard(target)  # the record first: it never claims bytes that are gone
             yield s.in_thread(s.blobs.discard, target.job_id, target.blob_name)
+        elif self.fate is PartialFate.ROLLBACK:
+            yield s.in_thread(writer.close)  # nothing recorded: the record is where the checked bytes began
         elif not writer.closed:
             try:
                 cp = yield s.in_thread(writer.checkpoint)
