@@ -13,7 +13,8 @@ const TOKEN_KEY = 'filedock-token' // sessionStorage: shared with the dashboard,
 const JOB_KEY = 'filedock-upload-job'
 const ENDPOINT = new URL('/files/', location.href).href
 // the server's digest of the whole file (blake3-4m), on the response that completes an upload
-const DIGEST_HEADER = 'Upload-Digest'
+const DIGEST_HEADER = 'Filedock-Digest'
+const STATE_HEADER = 'Filedock-Upload-State' // HEAD: partial, finishing or complete
 const RETRY_DELAYS = [0, 1000, 3000, 5000, 10000, 20000, 30000]
 
 const $ = (id) => document.getElementById(id)
@@ -22,6 +23,9 @@ let job = null // {id, name} of the job files go into
 let uppy = null
 const resumedAt = new Map() // upload URL -> offset the server held when this page took it up again
 const digests = new Map() // Uppy file id -> the server's digest of the stored file
+// Uppy file id -> bytes sent, from every progress event: Uppy's own state stops counting once its
+// rounded percentage reads 100 (99.9% of a large file), so it cannot tell "all sent" apart
+const sentBytes = new Map()
 let renderQueued = false
 
 function bytes(n) {
@@ -108,6 +112,7 @@ function uploadName(file) {
 function startUppy() {
   if (uppy) uppy.destroy()
   digests.clear()
+  sentBytes.clear()
   // The instance id is part of every Uppy file id, and so of the tus fingerprint that finds an
   // unfinished upload again: the same file dropped into another job starts a new upload there.
   uppy = new Uppy({ id: 'filedock-' + job.id, meta: { job: job.id } })
@@ -136,16 +141,20 @@ function startUppy() {
   uppy.on('upload-success', (file, response) => {
     const xhr = response && response.body && response.body.xhr
     const digest = xhr && xhr.getResponseHeader(DIGEST_HEADER)
-    if (digest) digests.set(file.id, digest)
+    if (digest) digests.set(file.id, digest.replace(/^blake3-4m=/, '')) // the column names the scheme
   })
   uppy.on('upload-progress', (file, progress) => {
+    sentBytes.set(file.id, progress.bytesUploaded)
     if (progress.bytesTotal && progress.bytesUploaded >= progress.bytesTotal) {
       // all bytes sent: the server answers once they are on disk for good (fsync, rename, record)
       uppy.info(`${uploadName(file)}: finishing, the server is making it durable`, 'info', 3000)
+      renderFiles() // now, not at the next frame: a small file's finish may be over by then
     }
   })
   uppy.on('state-update', queueRender)
-  window.filedockUppy = uppy // for the browser test and for curious users
+  // for the browser test and for curious users
+  window.filedockUppy = uppy
+  window.filedockResumedAt = () => [...resumedAt.values()]
   queueRender()
 }
 
@@ -163,8 +172,26 @@ function fileState(file) {
   if (p.uploadComplete) return ['stored', 'stored']
   if (file.isPaused) return ['paused', 'paused']
   if (!p.uploadStarted) return ['waiting', 'waiting']
-  if (p.bytesTotal && p.bytesUploaded >= p.bytesTotal) return ['finishing', 'finishing: making it durable']
+  if (file.size && sentBytes.get(file.id) >= file.size) {
+    const url = file.tus && file.tus.uploadUrl
+    if (url) askState(url)
+    return ['finishing', serverStates.get(url) === 'finishing' ? 'finishing: the server is making it durable'
+      : 'finishing: all bytes sent, waiting for the server']
+  }
   return ['uploading', 'uploading']
+}
+
+const serverStates = new Map() // upload URL -> what the server's HEAD said while this page waits
+const asking = new Set()
+
+function askState(url) {
+  // Uppy shows 100% while the server fsyncs, renames and records (uppy#4743): ask the server what
+  // it is doing, at most once a second per upload, so the page can say so
+  if (asking.has(url)) return
+  asking.add(url)
+  fetch(url, { method: 'HEAD', headers: { Authorization: 'Bearer ' + token, 'Tus-Resumable': '1.0.0' }, cache: 'no-store' })
+    .then((r) => { if (r.ok && r.headers.get(STATE_HEADER)) serverStates.set(url, r.headers.get(STATE_HEADER)) }, () => {})
+    .finally(() => setTimeout(() => { asking.delete(url); queueRender() }, 1000))
 }
 
 function queueRender() {
@@ -181,7 +208,7 @@ function renderFiles() {
   let stored = 0
   const rows = files.map((file) => {
     const [state, label] = fileState(file)
-    const done = file.progress.uploadComplete ? file.size : (file.progress.bytesUploaded || 0)
+    const done = file.progress.uploadComplete ? file.size : (sentBytes.get(file.id) || 0)
     sent += done
     total += file.size || 0
     stored += state === 'stored'
