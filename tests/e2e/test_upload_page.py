@@ -102,6 +102,9 @@ def test_upload_page_reload_midway_resumes_and_finishes_byte_identical(tmp_path,
         record_states(page)
         page.set_input_files("#uppy input[type=file]:not([webkitdirectory])", str(source))
         page.click(".uppy-StatusBar-actionBtn--upload")
+        wait_for(lambda: sent(page) > SIZE * 2 // 3, timeout=60)
+        if os.environ.get("FILEDOCK_UPLOAD_SCREENSHOT"):  # the README's picture: a resumed upload under way
+            page.screenshot(path=os.environ["FILEDOCK_UPLOAD_SCREENSHOT"], full_page=True)
         page.wait_for_selector("tr.upload-file[data-state=stored]", timeout=120_000)
         seen = set(page.evaluate("() => [...window.seenStates]"))
         assert "finishing" in seen, seen  # not stuck at 100% with no word (uppy#4743)
@@ -115,11 +118,6 @@ def test_upload_page_reload_midway_resumes_and_finishes_byte_identical(tmp_path,
         assert [(f["name"], f["state"], f["size"]) for f in files] == [("film.mov", "complete", SIZE)]
         shown = page.inner_text("tr.upload-file td.digest")
         assert shown == files[0]["digest"]
-
-        shot = tmp_path / "upload-page.png"
-        page.screenshot(path=str(shot), full_page=True)
-        if os.environ.get("FILEDOCK_UPLOAD_SCREENSHOT"):
-            page.screenshot(path=os.environ["FILEDOCK_UPLOAD_SCREENSHOT"], full_page=True)
 
         back = tmp_path / "back.mov"
         run = subprocess.run([sys.executable, "-m", "filedock", "download", "--job", job["id"], "film.mov", str(back)],

@@ -142,6 +142,7 @@ function startUppy() {
     const xhr = response && response.body && response.body.xhr
     const digest = xhr && xhr.getResponseHeader(DIGEST_HEADER)
     if (digest) digests.set(file.id, digest.replace(/^blake3-4m=/, '')) // the column names the scheme
+    uppy.hideInfo() // "finishing" is over
   })
   uppy.on('upload-progress', (file, progress) => {
     sentBytes.set(file.id, progress.bytesUploaded)
