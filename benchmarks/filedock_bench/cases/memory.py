@@ -12,6 +12,7 @@ import time
 import uuid
 from pathlib import Path
 
+from filedock_bench.cases import http_upload
 from filedock_bench.cases.upload import cli_available
 from filedock_bench.measure import Figure, Sample, human_size, say
 from filedock_bench.memory import RssSampler, status_kib
@@ -60,9 +61,10 @@ def run(size: int) -> list[Figure]:
                 sampler.add(pid)
                 big = _upload(server, source, cli, sampler)
             after = status_kib(pid)
+            tus = http_upload.tus_rss(server, source)
         finally:
             server.stop()
-    return _figures(size, client_name, start_rss, idle, sampler, pid, after, warm, big, reason)
+    return _figures(size, client_name, start_rss, idle, sampler, pid, after, warm, big, reason) + [tus]
 
 
 def _figures(size, client_name, start_rss, idle, sampler, pid, after, warm, big, reason) -> list[Figure]:

@@ -2,7 +2,8 @@
 
 (a) ``filedock upload`` end to end, (b) the raw limit, (c) the 2007 design on
 Python 3, (d) the filedock server fed by a plain client (versioned dialect, and the
-2007 header with polling), (e) rsync --fsync to a daemon and socat.
+2007 header with polling), (e) rsync --fsync to a daemon and socat, (f) one tus PATCH
+from curl (cases/http_upload.py).
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from filedock_bench import plain_client
+from filedock_bench.cases.http_upload import TusCurlPatch
 from filedock_bench.external_tools import RsyncDaemon, require, rsync_command, socat_listener, socat_sender
 from filedock_bench.measure import Figure, Sample, Skip, human_size, median, run_interleaved, say
 from filedock_bench.processes import HelperServer, run_timed
 from filedock_bench.workspace import (PYTHON, ServerProcess, Workspace, delete_job, filedock_server, log_since,
                                       log_size, random_file, remove, wait_for)
 
-VARIANTS = ("cli", "raw", "twisted2007", "dataport", "dataport-2007", "rsync", "socat", "cli-tls")
+VARIANTS = ("cli", "raw", "twisted2007", "dataport", "dataport-2007", "rsync", "socat", "cli-tls", "tus-curl")
 """Names for ``--only``; ``raw`` always runs, as every ratio is against it."""
 
 SEPARATE = ("cli-tls",)
@@ -292,7 +294,8 @@ def _fsync(path: Path) -> None:
 
 
 CLASSES = {"cli": CliUpload, "raw": RawLimit, "twisted2007": Design2007, "dataport": DataportPut,
-           "dataport-2007": DataportLegacy, "rsync": RsyncUpload, "socat": SocatUpload, "cli-tls": CliUploadTls}
+           "dataport-2007": DataportLegacy, "rsync": RsyncUpload, "socat": SocatUpload, "cli-tls": CliUploadTls,
+           "tus-curl": TusCurlPatch}
 
 
 def run(size: int, runs: int, only: set[str]) -> list[Figure]:
@@ -301,7 +304,7 @@ def run(size: int, runs: int, only: set[str]) -> list[Figure]:
     with Workspace("upload") as work:
         say(f"case 1: one {human_size(size)} upload, variants {', '.join(names)}; creating the source file")
         setup = UploadSetup(random_file(work / "source.bin", size), size, work)
-        if {"cli", "dataport", "dataport-2007"} & set(names):
+        if {"cli", "dataport", "dataport-2007", "tus-curl"} & set(names):
             setup.server = filedock_server(work / "filedock-data")
         try:
             # TLS (no target) runs after the others, in its own round: 3 s of both cores busy with TLS

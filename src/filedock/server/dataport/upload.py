@@ -19,6 +19,11 @@ from filedock.store.blobs import PartialWriter, PrefixLost
 log = Logger(namespace="filedock.dataport")
 
 
+PAUSED = "paused"
+"""The outcome of an upload whose client sent what it meant to and will send the rest later (an HTTP
+chunk): its partial is kept and recorded, and it is not counted as failed."""
+
+
 class PartialFate(enum.Enum):
     """What happens to an upload's partial when its channel closes."""
 
@@ -312,7 +317,8 @@ class Upload(Request):
                 writer.close()
                 yield s.authority.record_progress(target, cp.offset, cp.crc32, cp.stamp)
         if self.outcome != "complete":
-            s.stats.uploads_failed[self.outcome or "disconnected"] += 1
+            if self.outcome != PAUSED:
+                s.stats.uploads_failed[self.outcome or "disconnected"] += 1
             self._log_outcome(None, None)
 
     def settle_failed(self, failure: Failure) -> None:

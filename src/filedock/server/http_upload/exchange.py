@@ -23,7 +23,7 @@ from filedock import httpupload, wire
 from filedock.digest import SCHEME
 from filedock.errors import ErrorCode, FiledockError, short_key
 from filedock.server.dataport.channel import IRequestChannel
-from filedock.server.dataport.upload import Upload
+from filedock.server.dataport.upload import PAUSED, Upload
 from filedock.store.model import FILE_COMPLETE, FileRecord, TokenGrant
 
 log = Logger(namespace="filedock.http_upload")
@@ -57,10 +57,14 @@ class HttpExchange:
     down the server and taking over reach HTTP uploads too.
     """
 
+    EARLY_LIMIT = 8 << 20
+    """Most body bytes held while the request is decided (what the last reads carried after the headers)."""
+
     def __init__(self, front: Any, request: Any, length: int | None) -> None:
         self.front, self.http, self.length = front, request, length
         self.expects_body = length is None or length > 0  # None: chunked
         self.method = request.channel._command.decode("latin-1").upper()  # request.method is set later
+        self.version = request.channel._version  # and request.clientproto too
         self.path = request.channel._path.split(b"?", 1)[0].decode("utf-8", "replace")
         self.origin: str | None = None
         self.peer = getattr(request.getClientAddress(), "host", "-")
@@ -78,6 +82,7 @@ class HttpExchange:
         self._ended = False  # the upload must stop: the client gone, taken over, refused
         self._pauses: set[str] = set()
         self._early: list[bytes] = []  # body bytes that came before the upload accepted them
+        self._early_bytes = 0
         self._receiving = False
         self._hashers: list[tuple[httpupload.Checksum, httpupload.ChunkHasher]] = []
         self._starting: defer.Deferred | None = None
@@ -108,8 +113,13 @@ class HttpExchange:
             for _, hasher in self._hashers:
                 hasher.update(data)
             self.request.receive(data)
-        elif not self.answered and len(self._early) < 64:
-            self._early.append(data)  # the rest of the read that carried the headers
+        elif not self.answered and not self._ended:
+            # the rest of the read that carried the headers (reading is paused): never dropped, and bounded
+            self._early_bytes += len(data)
+            if self._early_bytes > self.EARLY_LIMIT:
+                self.refused(ErrorCode.TOO_MANY_CONNECTIONS, "the body came before the server could take it")
+                return
+            self._early.append(data)
 
     def content_ended(self) -> None:
         """The whole body arrived."""
@@ -240,7 +250,7 @@ class HttpExchange:
         log.info("HTTP upload created: job={job} file={name!r} key={key} size={size} via {dialect}",
                  job=short_key(job.id), name=name, key=short_key(record.key), size=record.size,
                  dialect=self.speaker.dialect.value)
-        if self.speaker.dialect is httpupload.Dialect.DRAFT and self.http.clientproto == b"HTTP/1.1" \
+        if self.speaker.dialect is httpupload.Dialect.DRAFT and self.version == b"HTTP/1.1" \
                 and self.transport is not None:
             self.transport.write(httpupload.informational_104(
                 self.speaker, location, httpupload.upload_limit(self.front.max_size, int(self.front.limits.partial_ttl))))
@@ -308,18 +318,20 @@ class HttpExchange:
             raise httpupload.HttpUploadError(400, ErrorCode.SIZE_MISMATCH.value,
                                              f"the upload is {record.size} bytes, not {length}")
         if record.state == FILE_COMPLETE:
-            state = self.front.state_of(record)
-            if offset == record.size and not self.expects_body:
-                yield self._body()
-                status, headers = httpupload.append_response(self.speaker, state)
-                yield self._respond(status, headers)
-                return
-            raise httpupload.offset_mismatch(self.speaker, state, offset)
+            yield self._already_complete(record, offset)
+            return
         self.request = Upload(self.front.services, self, wire.UploadRequest(self.session_key, record.key, record.size))
         self.request.hold_checkpoints = checksum is not None or repr_digest is not None
         self._starting = self.request.start()
         try:
             yield self._starting
+        except FiledockError as err:
+            if err.code is not ErrorCode.ALREADY_COMPLETE:
+                raise
+            # an older request finished the file while this one waited for it
+            record = yield self.front.store.get_file(record.key)
+            yield self._already_complete(record, offset)
+            return
         finally:
             self._starting = None
         if self._ended:
@@ -368,6 +380,7 @@ class HttpExchange:
             raise httpupload.HttpUploadError(400, ErrorCode.SHORT_UPLOAD.value,
                                              f"Upload-Complete: ?1 but the upload holds {upload.writer.offset} of "
                                              f"{record.size} bytes")
+        upload.note_outcome(PAUSED)
         yield self._close_upload()  # checkpoint and record: the offset we report is durable
         record = yield self.front.store.get_file(record.key)
         state = self.front.state_of(record)
@@ -376,6 +389,16 @@ class HttpExchange:
         else:
             status, headers = httpupload.append_response(self.speaker, state)
         yield self._respond(status, headers)
+
+    @defer.inlineCallbacks
+    def _already_complete(self, record: FileRecord, offset: int):
+        """An append to a complete upload: 204 if it sends nothing from the end, else 409 at the end."""
+        state = self.front.state_of(record)
+        if offset == record.size and not self.expects_body:
+            status, headers = httpupload.append_response(self.speaker, state)
+            yield self._respond(status, headers)
+            return
+        raise httpupload.offset_mismatch(self.speaker, state, offset)
 
     @defer.inlineCallbacks
     def _finish(self, upload: Upload, record: FileRecord, location: str | None):
