@@ -55,7 +55,7 @@ e2e: $(VENV)/.installed-e2e
 soak: $(VENV)/.installed-test
 	$(PY) -m pytest -q -m soak
 
-bench: $(VENV)/.installed-bench
+bench: $(VENV)/.installed-bench $(if $(NPM),benchmarks/node/node_modules/.installed)
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
 
 clean:
