@@ -14,7 +14,6 @@ const JOB_KEY = 'filedock-upload-job'
 const ENDPOINT = new URL('/files/', location.href).href
 // the server's digest of the whole file (blake3-4m), on the response that completes an upload
 const DIGEST_HEADER = 'Filedock-Digest'
-const STATE_HEADER = 'Filedock-Upload-State' // HEAD: partial, finishing or complete
 const RETRY_DELAYS = [0, 1000, 3000, 5000, 10000, 20000, 30000]
 
 const $ = (id) => document.getElementById(id)
@@ -173,26 +172,11 @@ function fileState(file) {
   if (p.uploadComplete) return ['stored', 'stored']
   if (file.isPaused) return ['paused', 'paused']
   if (!p.uploadStarted) return ['waiting', 'waiting']
-  if (file.size && sentBytes.get(file.id) >= file.size) {
-    const url = file.tus && file.tus.uploadUrl
-    if (url) askState(url)
-    return ['finishing', serverStates.get(url) === 'finishing' ? 'finishing: the server is making it durable'
-      : 'finishing: all bytes sent, waiting for the server']
-  }
+  // All bytes sent, no answer yet: the server is making the file durable (fsync, rename, record)
+  // and answers when it is. Uppy alone would sit at 100% saying nothing (uppy#4743). No HEAD to ask:
+  // on filedock a HEAD takes an upload over, and bytes still in flight would be cut off.
+  if (file.size && sentBytes.get(file.id) >= file.size) return ['finishing', 'finishing: the server is making it durable']
   return ['uploading', 'uploading']
-}
-
-const serverStates = new Map() // upload URL -> what the server's HEAD said while this page waits
-const asking = new Set()
-
-function askState(url) {
-  // Uppy shows 100% while the server fsyncs, renames and records (uppy#4743): ask the server what
-  // it is doing, at most once a second per upload, so the page can say so
-  if (asking.has(url)) return
-  asking.add(url)
-  fetch(url, { method: 'HEAD', headers: { Authorization: 'Bearer ' + token, 'Tus-Resumable': '1.0.0' }, cache: 'no-store' })
-    .then((r) => { if (r.ok && r.headers.get(STATE_HEADER)) serverStates.set(url, r.headers.get(STATE_HEADER)) }, () => {})
-    .finally(() => setTimeout(() => { asking.delete(url); queueRender() }, 1000))
 }
 
 function queueRender() {
@@ -252,6 +236,7 @@ function unfinishedUploads() {
 const serverOffsets = new Map() // upload URL -> offset (or an error word), asked once per page
 
 function askOffset(upload) {
+  // only for uploads this page is not sending: a HEAD takes an upload over on filedock
   if (serverOffsets.has(upload.uploadUrl)) return
   serverOffsets.set(upload.uploadUrl, '…')
   fetch(upload.uploadUrl, {
