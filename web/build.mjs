@@ -21,6 +21,7 @@ await esbuild.build({
   legalComments: 'linked', // the licences of Uppy, Preact and the rest, in upload.js.LEGAL.txt
   banner: { js: banner, css: banner },
   charset: 'utf8',
+  alias: { '@transloadit/prettier-bytes': join(here, 'src', 'decimal-bytes.js') },
   logLevel: 'warning',
 })
 copyFileSync(join(here, 'src', 'upload.html'), join(outdir, 'upload.html'))
