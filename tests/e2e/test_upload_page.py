@@ -128,3 +128,51 @@ def test_upload_page_reload_midway_resumes_and_finishes_byte_identical(tmp_path,
         outside = [u for u in requests if not u.startswith(server.url) and not u.startswith(("blob:", "data:"))]
         assert outside == []
         context.close()
+
+
+def test_upload_page_takes_a_folder_pauses_and_resumes(tmp_path, browser):  # noqa: F811
+    """A folder picked whole: each file is named by its path under the folder; pausing every upload
+    stops the bytes (the server's count stands still), resuming finishes them all, byte for byte."""
+    folder = tmp_path / "session-42"
+    sizes = {"take1.wav": 24_000_000, "notes/readme.txt": 1_000, "notes/deep/take2.wav": 30_000_000}
+    for name, size in sizes.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        random_file(folder / name, size)
+    with ServerProcess(tmp_path / "data") as server:
+        job = server.api.create_job("sessions")
+        token = upload_token(server, "sessions")
+        page = browser.new_page(viewport={"width": 1200, "height": 1000})
+        page.goto(f"{server.url}upload#token={token}&job=sessions")
+        page.wait_for_selector("#uppy .uppy-Dashboard")
+        throttle(page, 10 * 1000 * 1000)
+        page.set_input_files("#uppy input[type=file][webkitdirectory]", str(folder))
+        page.wait_for_selector("tr.upload-file >> nth=2")
+        names = sorted(page.eval_on_selector_all("tr.upload-file", "rows => rows.map(r => r.dataset.name)"))
+        assert names == sorted(f"session-42/{n}" for n in sizes)
+        page.click(".uppy-StatusBar-actionBtn--upload")
+
+        def received() -> int:
+            return sum(f["received"] for f in server.api.job("sessions")["files"])
+        total = sum(sizes.values())
+        wait_for(lambda: total // 5 < page.evaluate(
+            "() => window.filedockUppy.getFiles().reduce((n, f) => n + (f.progress.bytesUploaded || 0), 0)"), timeout=60)
+        page.click("button[title='Pause']")  # the status bar's "pause all"
+        wait_for(lambda: page.query_selector_all("tr.upload-file[data-state=paused]"), timeout=10)
+        time.sleep(1.5)  # what was in flight lands and is checkpointed
+        held = received()
+        time.sleep(2)
+        assert 0 < received() == held < total  # paused: what arrived is kept, nothing more arrives
+
+        page.click("button[title='Resume']")
+        wait_for(lambda: len(page.query_selector_all("tr.upload-file[data-state=stored]")) == 3, timeout=120)
+        files = {f["name"]: f for f in server.api.job("sessions")["files"]}
+        assert {n: (f["state"], f["size"]) for n, f in files.items()} == \
+            {f"session-42/{n}": ("complete", s) for n, s in sizes.items()}
+        for name in sizes:
+            back = tmp_path / "back" / name
+            back.parent.mkdir(parents=True, exist_ok=True)
+            run = subprocess.run([sys.executable, "-m", "filedock", "download", "--job", job["id"],
+                                  f"session-42/{name}", str(back)],
+                                 env=server.env(), capture_output=True, text=True, timeout=120)
+            assert run.returncode == 0, run.stderr
+            assert sha256_of(back) == sha256_of(folder / name)
