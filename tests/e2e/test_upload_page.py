@@ -4,6 +4,7 @@ A 200 MB file goes into a job through ``/upload`` with an upload token of that j
 the page is reloaded midway, the same file is added again, and the upload resumes from
 the server's durable offset and finishes byte for byte. Uploads are slowed by Chromium's
 own network throttling (DevTools), so "midway" does not depend on the machine's speed.
+A second test picks a whole folder, pauses every upload and resumes them.
 ``FILEDOCK_UPLOAD_SCREENSHOT=docs/upload-page.png make e2e`` refreshes the README's picture.
 """
 
