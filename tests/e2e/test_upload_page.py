@@ -83,6 +83,8 @@ def test_upload_page_reload_midway_resumes_and_finishes_byte_identical(tmp_path,
         requests: list[str] = []
         context.on("request", lambda r: requests.append(r.url))
         page = context.new_page()
+        console: list[str] = []
+        page.on("console", lambda message: console.append(message.text))
         page.goto(f"{server.url}upload#token={token}&job=films")
         page.wait_for_selector("#uppy .uppy-Dashboard")
         assert "token=" not in page.url  # the fragment leaves the address bar at once
@@ -128,6 +130,7 @@ def test_upload_page_reload_midway_resumes_and_finishes_byte_identical(tmp_path,
 
         outside = [u for u in requests if not u.startswith(server.url) and not u.startswith(("blob:", "data:"))]
         assert outside == []
+        assert not [m for m in console if "Content Security Policy" in m]  # the page works under its policy
         context.close()
 
 
