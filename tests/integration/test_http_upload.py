@@ -449,3 +449,54 @@ def test_deleting_the_job_ends_its_http_upload_at_once(tus_server):
     sock.close()
     assert call(server, "HEAD", path, TUS)[0] == 404
     no_traceback(server)
+
+
+def test_an_upload_resumes_across_protocols(tus_server):
+    """One file, three front ends: declared through the API, begun with a tus PATCH, continued on the
+    data port (which offers the tus bytes' end), finished with an IETF-draft PATCH."""
+    from tests.integration.test_dataport import put
+
+    server = tus_server
+    data = os.urandom(3_000_000)
+    _, files, session = server.job_with_files("cross", {"x.bin": len(data)})
+    key = files["x.bin"]["key"]
+    path = f"/files/{key}"
+    assert patch(server, path, 0, data[:1_000_000])[0] == 204
+    sock, line = put(server, session["key"], key, len(data))
+    assert line == b"OFFSET 1000000"
+    sock.sendall(data[1_000_000:2_000_000])
+    time.sleep(0.3)
+    sock.close()
+    deadline = time.monotonic() + 10
+    while server.api.file(key)["received"] < 2_000_000 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    status, headers, _ = call(server, "PATCH", path, {
+        "Upload-Draft-Interop-Version": "8", "Upload-Complete": "?1", "Upload-Offset": "2000000",
+        "Content-Type": "application/partial-upload"}, data[2_000_000:])
+    assert status == 200 and headers["upload-complete"] == "?1"
+    assert server.api.file(key)["digest"] == blake(data)
+    no_traceback(server)
+
+
+def test_creation_with_upload_and_draft_content_digest(tus_server):
+    """tus creation-with-upload (201 with the offset of the bytes in the POST); the draft's Content-Digest:
+    a wrong sha-256 is 400 ``checksum-mismatch`` and nothing of the body counts, the right one is kept."""
+    server = tus_server
+    data = os.urandom(500_000)
+    meta = f"job {b64('j1')},filename {b64('w.bin')}"
+    status, headers, _ = call(server, "POST", "/files/", {**TUS, **OCTETS, "Upload-Length": str(len(data)),
+                                                          "Upload-Metadata": meta}, data[:200_000])
+    assert status == 201 and headers["upload-offset"] == "200000"
+    path = urlsplit(headers["location"]).path
+    draft = {"Upload-Draft-Interop-Version": "6", "Upload-Complete": "?1", "Upload-Offset": "200000",
+             "Content-Type": "application/partial-upload"}
+    wrong = base64.b64encode(hashlib.sha256(b"other").digest()).decode()
+    status, headers, _ = call(server, "PATCH", path, {**draft, "Content-Digest": f"sha-256=:{wrong}:"},
+                              data[200_000:])
+    assert (status, headers["filedock-error"]) == (400, "checksum-mismatch")
+    assert head(server, path) == 200_000
+    right = base64.b64encode(hashlib.sha256(data[200_000:]).digest()).decode()
+    status, headers, _ = call(server, "PATCH", path, {**draft, "Content-Digest": f"sha-256=:{right}:"},
+                              data[200_000:])
+    assert status == 200 and headers["filedock-digest"] == f"blake3-4m={blake(data)}"
+    no_traceback(server)

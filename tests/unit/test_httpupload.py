@@ -281,3 +281,83 @@ def test_any_request_is_an_event_or_a_clean_refusal(method, path, headers):
         assert 400 <= err.status < 500 and err.code and err.message
     else:
         assert isinstance(event, (hu.Options, hu.Create, hu.Probe, hu.Append, hu.Terminate))
+
+
+# ------------------------------------------------------------ the front end, in process
+
+
+def test_head_during_the_finish_says_finishing_at_once_and_never_more_than_is_durable(reactor_thread, tmp_path,
+                                                                                       monkeypatch):
+    """While the last bytes are made durable, HEAD answers at once with ``finishing``, ``Retry-After`` and
+    the last durable offset (not the length); once recorded, the PATCH gets its 204 and HEAD says complete."""
+    import http.client
+    import threading
+
+    from twisted.internet import threads
+
+    from filedock.config import Limits
+    from filedock.server.api import ControlAPI
+    from filedock.server.authority import StoreAuthority
+    from filedock.server.dataport import DataPortFactory
+    from filedock.server.http_upload import HttpUploads
+    from filedock.store.blobs import BlobStore, PartialWriter
+    from filedock.store.metadata import DeferredStore
+    from filedock.store.sqlite import SQLiteStore
+
+    reactor = reactor_thread
+    sqlite = SQLiteStore(tmp_path / "meta.db")
+    token = sqlite.create_token("test")
+    sqlite.create_job("j1", {})
+    blobs = BlobStore(tmp_path / "data")
+    entered, gate = threading.Event(), threading.Event()
+    real_finish = PartialWriter.finish
+
+    def slow_finish(self, expected_digest=None):
+        entered.set()
+        gate.wait(20)
+        return real_finish(self, expected_digest)
+
+    monkeypatch.setattr(PartialWriter, "finish", slow_finish)
+
+    def listen():
+        store = DeferredStore(sqlite, reactor)
+        authority = StoreAuthority(store, Limits(), blobs=blobs)
+        dataport = DataPortFactory(authority, blobs, Limits(), reactor)
+        api = ControlAPI(store, blobs, Limits(), dataport, lambda: {})
+        api.http_uploads = HttpUploads(api, dataport, authority)
+        return reactor.listenTCP(0, api.site(), interface="127.0.0.1")
+
+    port = threads.blockingCallFromThread(reactor, listen)
+
+    def call(method, path, headers, body=None):
+        conn = http.client.HTTPConnection("127.0.0.1", port.getHost().port, timeout=30)
+        conn.request(method, path, body=body, headers={"Authorization": f"Bearer {token}", **TUS, **headers})
+        resp = conn.getresponse()
+        resp.read()
+        conn.close()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}
+
+    try:
+        status, headers = call("POST", "/files/", {"Upload-Length": "300000", "Upload-Metadata":
+                                                   f"job {base64.b64encode(b'j1').decode()},name YQ=="})
+        assert status == 201
+        path = "/files/" + headers["location"].rsplit("/", 1)[1]
+        answer = {}
+        sender = threading.Thread(target=lambda: answer.update(result=call(
+            "PATCH", path, {**OCTETS, "Upload-Offset": "0"}, bytes(300000))))
+        sender.start()
+        assert entered.wait(20)
+        status, headers = call("HEAD", path, {})
+        assert status == 200 and headers[hu.STATE_HEADER.lower()] == "finishing"
+        assert headers["retry-after"] == "1" and int(headers["upload-offset"]) < 300000
+        assert "result" not in answer  # the PATCH is still finishing
+        gate.set()
+        sender.join(20)
+        status, headers = answer["result"]
+        assert status == 204 and headers["upload-offset"] == "300000" and headers["filedock-digest"]
+        status, headers = call("HEAD", path, {})
+        assert headers[hu.STATE_HEADER.lower()] == "complete" and headers["upload-offset"] == "300000"
+    finally:
+        gate.set()
+        threads.blockingCallFromThread(reactor, port.stopListening)
+        sqlite.close()

@@ -12,16 +12,18 @@ reported, exactly like the data port's ``OFFSET``.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web import http
 from zope.interface import implementer
 
 from filedock import httpupload, wire
-from filedock.digest import SCHEME
 from filedock.errors import ErrorCode, FiledockError, short_key
+from filedock.server.authority import UploadTarget
 from filedock.server.dataport.channel import IRequestChannel
 from filedock.server.dataport.upload import PAUSED, Upload
 from filedock.store.model import FILE_COMPLETE, FileRecord, TokenGrant
@@ -206,7 +208,7 @@ class HttpExchange:
             raise httpupload.HttpUploadError(404, ErrorCode.NOT_FOUND.value, "no such upload")
         self.front.may_upload(self.grant, record.job_id)
         expires = self.front.expires(record)
-        if expires is not None and record.received and expires < self.front.clock():
+        if expires is not None and expires < self.front.clock():
             raise httpupload.HttpUploadError(410, ErrorCode.EXPIRED.value,
                                              "the upload expired; its bytes are swept; create it again")
         self.job_id = record.job_id
@@ -262,11 +264,11 @@ class HttpExchange:
         yield self._respond(status, headers)
 
     def _location(self, key: str) -> str:
-        host = self.http.getHeader(b"host")
+        host = (self.http.getHeader(b"host") or b"").decode("latin-1")
         scheme = "https" if self.http.isSecure() else "http"
-        if host:
-            return f"{scheme}://{host.decode('latin-1')}{httpupload.PATH_PREFIX}{key}"
-        return f"{httpupload.PATH_PREFIX}{key}"
+        if re.fullmatch(r"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?", host):
+            return f"{scheme}://{host}{httpupload.PATH_PREFIX}{key}"
+        return f"{httpupload.PATH_PREFIX}{key}"  # no Host, or one that is not a host: a relative URL
 
     # ------------------------------------------------------------ offsets
 
@@ -624,15 +626,11 @@ class HttpExchange:
 
 
 def _reason(status: int) -> bytes:
-    from twisted.web import http
-
     return {460: b"Checksum Mismatch", 104: b"Upload Resumption Supported"}.get(status) or \
         http.RESPONSES.get(status, b"Unknown")
 
 
-def _target(record: FileRecord):
-    from filedock.server.authority import UploadTarget
-
+def _target(record: FileRecord) -> UploadTarget:
     return UploadTarget(record.job_id, record.key, record.size, record.received, record.crc32, record.part_stamp,
                         record.public_name, record.id)
 

@@ -118,8 +118,8 @@ class HttpUploads:
 
     def expires(self, record: FileRecord) -> float | None:
         """When the stale-partial sweeper may take this unfinished upload (``partial_ttl`` after its
-        last progress); None for a complete file."""
-        if record.state == FILE_COMPLETE:
+        last progress); None for a complete file and for one that holds nothing yet (never swept)."""
+        if record.state == FILE_COMPLETE or not record.received:
             return None
         return record.updated + self.limits.partial_ttl
 
