@@ -135,7 +135,8 @@ def test_upload_page_reload_midway_resumes_and_finishes_byte_identical(tmp_path,
 
 
 def test_upload_page_takes_a_folder_pauses_and_resumes(tmp_path, browser):  # noqa: F811
-    """A folder picked whole: each file is named by its path under the folder; pausing every upload
+    """Signing in with a bad token or another job's name is refused with a word; then a folder picked
+    whole: each file is named by its path under the folder; pausing every upload
     stops the bytes (the server's count stands still), resuming finishes them all, byte for byte."""
     folder = tmp_path / "session-42"
     sizes = {"take1.wav": 24_000_000, "notes/readme.txt": 1_000, "notes/deep/take2.wav": 30_000_000}
@@ -144,9 +145,20 @@ def test_upload_page_takes_a_folder_pauses_and_resumes(tmp_path, browser):  # no
         random_file(folder / name, size)
     with ServerProcess(tmp_path / "data") as server:
         job = server.api.create_job("sessions")
+        server.api.create_job("other")
         token = upload_token(server, "sessions")
         page = browser.new_page(viewport={"width": 1200, "height": 1000})
-        page.goto(f"{server.url}upload#token={token}&job=sessions")
+        page.goto(f"{server.url}upload")
+        page.fill("#token", "fdk_not-a-token")
+        page.fill("#job", "sessions")
+        page.click("#signin-form button[type=submit]")
+        page.wait_for_selector("#signin-error:has-text('not valid')")
+        page.fill("#token", token)
+        page.fill("#job", "other")  # exists, but the token is of another job
+        page.click("#signin-form button[type=submit]")
+        page.wait_for_selector("#signin-error:has-text('may not upload to it')")
+        page.fill("#job", "sessions")
+        page.click("#signin-form button[type=submit]")
         page.wait_for_selector("#uppy .uppy-Dashboard")
         throttle(page, 10 * 1000 * 1000)
         page.set_input_files("#uppy input[type=file][webkitdirectory]", str(folder))
