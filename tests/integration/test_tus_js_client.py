@@ -9,12 +9,14 @@ Without Node the tests skip and say how to install it; under CI (``CI`` set) the
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -74,6 +76,17 @@ def tus_upload(node: str, server: ServerProcess, token: str, path: Path, **optio
     return events
 
 
+def tus_extensions(server: ServerProcess) -> list[str]:
+    """What ``OPTIONS /files/`` lists in ``Tus-Extension``."""
+    address = urlsplit(server.url)
+    conn = http.client.HTTPConnection(address.hostname, address.port, timeout=10)
+    conn.request("OPTIONS", "/files/")
+    response = conn.getresponse()
+    response.read()
+    conn.close()
+    return [e.strip() for e in (response.getheader("Tus-Extension") or "").split(",")]
+
+
 def upload_token(server: ServerProcess, job: str) -> str:
     return server.api.post("/v1/tokens", {"scope": "upload", "job": job, "label": "tus-js-client"})["token"]
 
@@ -121,6 +134,9 @@ def test_upload_aborted_midway_resumes_from_its_stored_url(node, server, tmp_pat
 def test_parallel_uploads_concatenate_into_one_file(node, server, tmp_path):
     """``parallelUploads: 4`` (tus-v1): four partial uploads at once, then a final one that
     concatenates them; the job holds one complete file, byte-identical, and no parts."""
+    if "concatenation" not in tus_extensions(server):
+        # issue 12 asks for it; until the server side serves it this test reports, not passes
+        pytest.xfail("the server does not offer the tus concatenation extension yet (OPTIONS Tus-Extension)")
     size = 40 * MiB + 7
     source = random_file(tmp_path / "take.wav", size)
     server.api.create_job("takes")

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from filedock_bench.measure import Figure, Sample, Skip
 from filedock_bench.processes import run_timed
@@ -133,6 +134,8 @@ class TusJsUpload:
         self.node = node_or_skip("tus-js-client")
         if self.setup.server is None:
             raise Skip("no filedock server in this run")
+        if self.parallel > 1 and "concatenation" not in tus_extensions(self.setup.server.url):
+            raise Skip("the server does not offer the tus concatenation extension (OPTIONS Tus-Extension)")
 
     def run_once(self, index: int) -> Sample:
         server = self.setup.server
@@ -151,6 +154,17 @@ class TusJsUpload:
 
     def stop(self) -> None:
         pass
+
+
+def tus_extensions(url: str) -> list[str]:
+    """What ``OPTIONS /files/`` on the filedock server at ``url`` lists in ``Tus-Extension``."""
+    address = urlsplit(url)
+    conn = http.client.HTTPConnection(address.hostname, address.port, timeout=10)
+    conn.request("OPTIONS", "/files/")
+    resp = conn.getresponse()
+    resp.read()
+    conn.close()
+    return [e.strip() for e in (resp.getheader("Tus-Extension") or "").split(",")]
 
 
 def per_run_ratios(top: Figure, bottom: Figure) -> list[float]:
