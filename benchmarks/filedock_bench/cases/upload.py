@@ -20,6 +20,7 @@ from pathlib import Path
 
 from filedock_bench import plain_client
 from filedock_bench.cases.http_upload import TusCurlPatch
+from filedock_bench.cases.tus_node import NodeTusServerPatch, TusJsUpload, note_ratios
 from filedock_bench.external_tools import RsyncDaemon, require, rsync_command, socat_listener, socat_sender
 from filedock_bench.measure import Figure, Sample, Skip, human_size, median, run_interleaved, say
 from filedock_bench.processes import HelperServer, run_timed
@@ -28,7 +29,7 @@ from filedock_bench.workspace import (PYTHON, ServerProcess, Workspace, delete_j
                                       log_size, random_file, remove, wait_for)
 
 VARIANTS = ("cli", "raw", "twisted2007", "dataport", "dataport-2007", "rsync", "socat", "cli-tls", "cli-tls-twisted",
-            "socat-tls", "scp", "sftp", "tus-curl")
+            "socat-tls", "scp", "sftp", "tus-curl", "tus-node", "tus-js", "tus-js-parallel")
 """Names for ``--only``; ``raw`` always runs, as every ratio is against it."""
 
 SEPARATE = ("cli-tls", "cli-tls-twisted", "socat-tls", "scp", "sftp")
@@ -335,7 +336,8 @@ def _fsync(path: Path) -> None:
 CLASSES = {"cli": CliUpload, "raw": RawLimit, "twisted2007": Design2007, "dataport": DataportPut,
            "dataport-2007": DataportLegacy, "rsync": RsyncUpload, "socat": SocatUpload, "cli-tls": CliUploadTls,
            "cli-tls-twisted": CliUploadTlsTwisted, "socat-tls": SocatTlsUpload, "scp": ScpUpload, "sftp": SftpUpload,
-           "tus-curl": TusCurlPatch}
+           "tus-curl": TusCurlPatch, "tus-node": NodeTusServerPatch, "tus-js": lambda setup: TusJsUpload(setup, 1),
+           "tus-js-parallel": lambda setup: TusJsUpload(setup, 4)}
 
 
 def run(size: int, runs: int, only: set[str]) -> list[Figure]:
@@ -344,7 +346,7 @@ def run(size: int, runs: int, only: set[str]) -> list[Figure]:
     with Workspace("upload") as work:
         say(f"case 1: one {human_size(size)} upload, variants {', '.join(names)}; creating the source file")
         setup = UploadSetup(random_file(work / "source.bin", size), size, work)
-        if {"cli", "dataport", "dataport-2007", "tus-curl"} & set(names):
+        if {"cli", "dataport", "dataport-2007", "tus-curl", "tus-js", "tus-js-parallel"} & set(names):
             setup.server = filedock_server(work / "filedock-data")
         try:
             # TLS (no target) runs after the others, in its own round: 3 s of both cores busy with TLS
@@ -357,6 +359,7 @@ def run(size: int, runs: int, only: set[str]) -> list[Figure]:
         finally:
             if setup.server:
                 setup.server.stop()
+    note_ratios(figures)
     return figures + _cli_side_figures(figures)
 
 
