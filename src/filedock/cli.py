@@ -84,6 +84,16 @@ def emit(args: argparse.Namespace, payload: Any, human: Callable[[Any], None] | 
 # ---------------------------------------------------------------- serve and token
 
 
+def metadata_url(args: argparse.Namespace) -> str | None:
+    """``--metadata``, else ``FILEDOCK_METADATA``, checked: a bad URL is a usage error (exit 2)."""
+    from filedock.server.service import METADATA_ENV, check_metadata_url
+
+    try:
+        return check_metadata_url(args.metadata or os.environ.get(METADATA_ENV))
+    except FiledockError as exc:
+        raise ValueError(str(exc)) from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from twisted.internet import reactor
 
@@ -91,14 +101,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from filedock.server.service import FiledockServer, ServerOptions, first_run_token, write_ready_file
 
     limits = Limits().with_overrides(args.limit or [])
+    metadata = metadata_url(args)
     start_logging(args.log_format)
     # first: the data dir's lock (a second server must not touch the first one's tokens)
     server = FiledockServer(ServerOptions(args.data_dir, args.api_listen, args.data_listen,
                                           args.public_host, limits, args.webhook or [],
-                                          args.on_complete or []), reactor)
+                                          args.on_complete or [], metadata=metadata), reactor)
     token = token_file = None
     if args.issue_admin_token:
-        token, token_file, _ = first_run_token(args.data_dir)
+        token, token_file, _ = first_run_token(args.data_dir, metadata)
 
     def started(result):
         api_url, (host, port, tls) = result
@@ -150,7 +161,7 @@ def _host_port(host: str, port: int | None) -> str:
 def cmd_token_create(args: argparse.Namespace) -> int:
     from filedock.server.service import open_store
 
-    store = open_store(args.data_dir)
+    store = open_store(args.data_dir, metadata_url(args))
     try:
         job = store.find_job(args.job) if args.job is not None else None
         if args.job is not None and job is None:
@@ -167,7 +178,7 @@ def cmd_token_create(args: argparse.Namespace) -> int:
 def cmd_fsck(args: argparse.Namespace) -> int:
     from filedock.fsck import run_fsck
 
-    fsck, findings = run_fsck(args.data_dir, repair=args.repair, verify=not args.quick)
+    fsck, findings = run_fsck(args.data_dir, repair=args.repair, verify=not args.quick, metadata=metadata_url(args))
     if fsck.server_running:
         print("note: a server is using this data dir; uploads that change while fsck reads may show up as "
               "findings (run it again, or with the server stopped, to be sure)", file=sys.stderr)
@@ -356,6 +367,12 @@ def _client_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=JSON_HELP)
 
 
+def _metadata_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metadata", metavar="URL",
+                   help="the metadata store: sqlite:///path or postgresql://user@host:port/db (else "
+                        "FILEDOCK_METADATA, else the data dir's SQLite database)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     import filedock
 
@@ -391,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="POST each job-completion event here as JSON (at least once, retried)")
     p.add_argument("--on-complete", action="append", metavar="COMMAND",
                    help="run this shell command with each job-completion event as JSON on stdin")
+    _metadata_flag(p)
     p.set_defaults(func=cmd_serve)
 
     token = _group(sub, "token", "API tokens")
@@ -402,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "read: list, show and download")
     p.add_argument("--job", metavar="JOB", help="the token reaches this job (id or name) only")
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=JSON_HELP)
+    _metadata_flag(p)
     p.set_defaults(func=cmd_token_create)
 
     p = sub.add_parser("fsck", help="check that the store and the files on disk agree")
@@ -409,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repair", action="store_true", help="fix what is safe (server stopped)")
     p.add_argument("--quick", action="store_true", help="check sizes only, do not re-hash complete files")
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=JSON_HELP)
+    _metadata_flag(p)
     p.set_defaults(func=cmd_fsck)
 
     job = _group(sub, "job", "jobs: create, show, delete")

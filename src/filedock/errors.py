@@ -34,6 +34,7 @@ class ErrorCode(str, enum.Enum):
     TOO_MANY_CONNECTIONS = "too-many-connections"
     GONE = "gone"
     INTERNAL_ERROR = "internal-error"
+    STORE_UNAVAILABLE = "store-unavailable"  # the metadata database (PostgreSQL) cannot be reached: retry later
     FORBIDDEN = "forbidden"
     # clients only: what a client finds out by itself
     UNREACHABLE = "unreachable"

@@ -19,7 +19,7 @@ from pathlib import Path
 from filedock.digest import hash_file
 from filedock.store.blobs import BlobStore
 from filedock.store.model import FILE_COMPLETE, FileRecord
-from filedock.store.sqlite import SQLiteStore
+from filedock.store.metadata import MetadataStore
 from filedock.wire import format_crc
 
 
@@ -40,7 +40,7 @@ class Finding:
 class Fsck:
     """One check of a data dir. ``run()`` returns the findings; nothing found means healthy."""
 
-    def __init__(self, store: SQLiteStore, blobs: BlobStore, repair: bool = False, verify: bool = True,
+    def __init__(self, store: MetadataStore, blobs: BlobStore, repair: bool = False, verify: bool = True,
                  server_running: bool = False) -> None:
         self.store, self.blobs, self.repair, self.verify = store, blobs, repair, verify
         self.server_running = server_running  # then staging files may belong to live batches
@@ -142,15 +142,17 @@ def _mismatch(r: FileRecord, crc32: int, digest: str) -> str:
     return f"recorded CRC-32 {format_crc(r.crc32)}, disk has {format_crc(crc32)} (the digest agrees)"
 
 
-def run_fsck(data_dir: str | Path, repair: bool = False, verify: bool = True) -> tuple[Fsck, list[Finding]]:
-    """Check (and with ``repair``, mend) the data dir ``data_dir``."""
+def run_fsck(data_dir: str | Path, repair: bool = False, verify: bool = True,
+             metadata: str | None = None) -> tuple[Fsck, list[Finding]]:
+    """Check (and with ``repair``, mend) the data dir ``data_dir`` against its metadata store
+    (the data dir's SQLite database, or the one ``metadata`` names)."""
     from filedock.server.service import data_dir_in_use, lock_data_dir, open_store
 
     # mending under a live server would race with it: --repair holds the lock throughout; a
     # read-only check only asks, so a server may start while it runs (hours, on a big store)
     lock = lock_data_dir(data_dir) if repair else -1
     running = lock < 0 and data_dir_in_use(data_dir)
-    store = open_store(data_dir)
+    store = open_store(data_dir, metadata)
     blobs = BlobStore(data_dir)
     try:
         fsck = Fsck(store, blobs, repair=repair, verify=verify, server_running=running)

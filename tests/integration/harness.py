@@ -24,8 +24,10 @@ class ServerProcess:
     """``with ServerProcess(tmp_path / "data") as server: server.api.get(...)``."""
 
     def __init__(self, data_dir: Path, limits: list[str] | None = None, extra: list[str] | None = None,
-                 log_path: Path | None = None, tls: tuple[Path, Path] | None = None) -> None:
+                 log_path: Path | None = None, tls: tuple[Path, Path] | None = None,
+                 metadata: str | None = None) -> None:
         self.data_dir = Path(data_dir)
+        self.metadata = metadata  # --metadata URL (None: the data dir's SQLite database)
         self.limits = limits or []
         self.extra = extra or []
         self.log_path = log_path or self.data_dir.parent / f"{self.data_dir.name}-server.log"
@@ -54,6 +56,8 @@ class ServerProcess:
             key, cert = self.tls
             cmd += ["--api-listen", f"ssl:{api_port}:interface=127.0.0.1:privateKey={key}:certKey={cert}",
                     "--data-listen", f"ssl:{data_port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"]
+        if self.metadata:
+            cmd += ["--metadata", self.metadata]
         cmd += self.extra
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
@@ -127,6 +131,14 @@ class ServerProcess:
         import hashlib
         import sqlite3
 
+        if self.metadata and self.metadata.startswith("postgres"):
+            import psycopg
+
+            with psycopg.connect(self.metadata) as conn:
+                row = conn.execute("SELECT id FROM files WHERE key_hash = %s",
+                                   (hashlib.sha256(key.encode()).hexdigest(),)).fetchone()
+            assert row is not None, f"no file of key {key[:8]}"
+            return self.data_dir / "jobs" / job_id / row[0]
         db = sqlite3.connect(f"file:{self.data_dir / 'filedock.sqlite3'}?mode=ro", uri=True, timeout=10)
         try:
             row = db.execute("SELECT id FROM files WHERE key_hash = ?",

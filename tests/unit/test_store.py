@@ -1,4 +1,5 @@
-"""Tests for the job store: ``SQLiteStore`` (a real SQLite file) and ``BlobStore`` (real files)."""
+"""Tests for the job store: the metadata store on both backends (``SQLiteStore`` on a real SQLite
+file, ``PostgresStore`` on a real private PostgreSQL) and ``BlobStore`` (real files)."""
 
 from __future__ import annotations
 
@@ -46,15 +47,39 @@ def clock() -> Clock:
     return Clock()
 
 
-@pytest.fixture
-def store(tmp_path, clock):
-    """A fresh SQLiteStore in tmp_path on the test's clock."""
-    s = SQLiteStore(tmp_path / "filedock.sqlite3", clock=clock)
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request, tmp_path, clock):
+    """A fresh metadata store on the test's clock: SQLite in tmp_path, or PostgreSQL in a fresh database."""
+    if request.param == "sqlite":
+        s = SQLiteStore(tmp_path / "filedock.sqlite3", clock=clock)
+    else:
+        from filedock.store.postgres import PostgresStore
+
+        s = PostgresStore(request.getfixturevalue("postgres_dsn"), clock=clock,
+                          secret_path=tmp_path / "filedock.secret")
     yield s
     try:
         s.close()
     except sqlite3.ProgrammingError:  # closed by the test already
         pass
+
+
+@pytest.fixture
+def sqlite_store(tmp_path, clock):
+    """A fresh SQLiteStore in tmp_path (for what only SQLite has: its file, its pragmas)."""
+    s = SQLiteStore(tmp_path / "filedock.sqlite3", clock=clock)
+    yield s
+    s.close()
+
+
+def raw_rows(store, sql: str, args: tuple = ()) -> list[tuple]:
+    """``sql`` (``?`` placeholders) straight on either backend's database, past the store's methods."""
+    if isinstance(store, SQLiteStore):
+        return store._db.execute(sql, args).fetchall()
+    import psycopg
+
+    with psycopg.connect(store.url) as conn:
+        return conn.execute(sql.replace("?", "%s"), args).fetchall()
 
 
 def reference_digest(data: bytes) -> str:
@@ -89,9 +114,9 @@ def test_migrations_are_idempotent(tmp_path):
     assert versions == list(range(1, len(MIGRATIONS) + 1))
 
 
-def test_database_settings(store):
+def test_database_settings(sqlite_store):
     """The store runs in WAL mode with full synchronous writes and foreign keys on."""
-    db = store._db
+    db = sqlite_store._db
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     assert db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
@@ -386,7 +411,7 @@ def test_outbox_delivery(store, clock):
     clock.now = 3000.0
     store.mark_event(ev.id, delivered=True)
     assert store.pending_events() == []
-    row = store._db.execute("SELECT attempts, delivered FROM events WHERE id = ?", (ev.id,)).fetchone()
+    (row,) = raw_rows(store, "SELECT attempts, delivered FROM events WHERE id = ?", (ev.id,))
     assert row == (3, 3000.0)
 
 

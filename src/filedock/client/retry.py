@@ -24,9 +24,11 @@ partial or fsyncing, and the protocol has no keepalive to say so."""
 
 RETRYABLE_REFUSALS = frozenset({
     ErrorCode.TAKEN_OVER, ErrorCode.IDLE_TIMEOUT, ErrorCode.INTERNAL_ERROR, ErrorCode.TOO_MANY_CONNECTIONS,
+    ErrorCode.STORE_UNAVAILABLE,
 })
 """Server refusals a new connection may cure: another connection held the file, the server
-timed ours out or had too many, or it failed inside (a restart may cure it). Every other
+timed ours out or had too many, or it failed inside (a restart may cure it), or its metadata
+database was unreachable for a while. Every other
 refusal is final."""
 
 RETRY_STATUSES = frozenset({500, 502, 503, 504})

@@ -75,6 +75,7 @@ HTTP_STATUS: dict[str, int] = {
     ErrorCode.BODY_TOO_LARGE.value: 413,
     ErrorCode.INTERNAL_ERROR.value: 500,
     ErrorCode.TOO_MANY_CONNECTIONS.value: 503,
+    ErrorCode.STORE_UNAVAILABLE.value: 503,
     ErrorCode.NO_SPACE.value: 507,
 }
 """The HTTP status for each error code; any other refusal is a 400."""

@@ -25,7 +25,7 @@ from filedock.server import proxied
 from filedock.server.dataport import DataPortFactory
 from filedock.server.events import EventDelivery
 from filedock.store.blobs import BlobStore
-from filedock.store.metadata import DeferredStore
+from filedock.store.metadata import DeferredStore, MetadataStore
 from filedock.store.sqlite import SQLiteStore
 from filedock.store.work_queue import WorkQueue
 
@@ -84,18 +84,50 @@ def data_dir_in_use(data_dir: str | Path) -> bool:
     return False
 
 
-def open_store(data_dir: str | Path) -> SQLiteStore:
-    """The SQLite store of a data dir, created and migrated if needed."""
+METADATA_ENV = "FILEDOCK_METADATA"
+"""The environment variable ``--metadata`` falls back to."""
+
+
+def check_metadata_url(url: str | None) -> str | None:
+    """``url`` if it is a metadata URL filedock can open (``sqlite:///path`` or
+    ``postgresql://user@host:port/db``; None or empty: the data dir's SQLite database),
+    else ``FiledockError(bad-request)`` saying what one looks like."""
+    if not url:
+        return None
+    if url.startswith("sqlite:"):
+        if not url.startswith("sqlite:///") or len(url) <= len("sqlite:///"):
+            raise FiledockError(ErrorCode.BAD_REQUEST,
+                                f"a SQLite metadata URL is sqlite:///absolute/path, not {url[:40]!r}")
+        return url
+    if url.startswith(("postgresql:", "postgres:")):
+        from filedock.store.postgres import check_url
+
+        return check_url(url)
+    raise FiledockError(ErrorCode.BAD_REQUEST, f"--metadata is sqlite:///path or postgresql://user@host:port/db, "
+                                               f"not {url[:40]!r}")
+
+
+def open_store(data_dir: str | Path, metadata: str | None = None) -> MetadataStore:
+    """The metadata store, created and migrated if needed: the data dir's SQLite database, or the
+    one ``metadata`` names (see ``check_metadata_url``). PostgreSQL's file keys are derived with
+    the data dir's secret file (``filedock.secret``), which every server sharing it must hold."""
+    url = check_metadata_url(metadata)
     path = Path(data_dir)
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return SQLiteStore(path / DB_NAME)
+    if url is None:
+        return SQLiteStore(path / DB_NAME)
+    if url.startswith("sqlite:"):
+        return SQLiteStore(url[len("sqlite://"):])
+    from filedock.store.postgres import PostgresStore
+
+    return PostgresStore(url, secret_path=(path / DB_NAME).with_suffix(".secret"))
 
 
 ADMIN_TOKEN_NAME = "admin-token"
 """The file in the data dir that keeps the first-run admin token (owner-only, 0600)."""
 
 
-def first_run_token(data_dir: str | Path) -> tuple[str, Path, bool]:
+def first_run_token(data_dir: str | Path, metadata: str | None = None) -> tuple[str, Path, bool]:
     """The admin token ``serve --issue-admin-token`` hands out: (token, its file, newly made).
 
     The token is kept in ``<data>/admin-token`` (mode 0600) so that it survives restarts:
@@ -104,7 +136,7 @@ def first_run_token(data_dir: str | Path) -> tuple[str, Path, bool]:
     accepts. The caller holds the data dir's lock.
     """
     path = Path(data_dir) / ADMIN_TOKEN_NAME
-    store = open_store(data_dir)
+    store = open_store(data_dir, metadata)
     try:
         try:
             kept = path.read_text(encoding="ascii").strip()
@@ -169,6 +201,8 @@ class ServerOptions:
     webhooks: list[str] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
     umask: int | None = 0o077
+    metadata: str | None = None
+    """The metadata store's URL (``--metadata``; None: the data dir's SQLite database)."""
     """The process umask the server sets at start (None: leave it): whatever else writes into the
     data dir (SQLite, a library) makes owner-only files too."""
 
@@ -188,7 +222,7 @@ class FiledockServer:
             os.umask(options.umask)
         self._lock = lock_data_dir(options.data_dir)
         owner_only_data_dir(options.data_dir)
-        self.sqlite = open_store(options.data_dir)
+        self.sqlite = open_store(options.data_dir, options.metadata)
         self.store = DeferredStore(self.sqlite, reactor)
         self.work_queue = WorkQueue()  # the blob writers' disk threads; stopped after the reactor's own
         reactor.addSystemEventTrigger("after", "shutdown", self.work_queue.stop)

@@ -1,12 +1,13 @@
 """The metadata store's interface: what the server asks of SQL, and nothing else.
 
-``SQLiteStore`` implements it; a PostgreSQL backend (several servers, one store)
+``SQLiteStore`` implements it; ``PostgresStore`` (several servers, one store)
 implements the same methods. Methods are synchronous and may block: the server
 calls them through ``DeferredStore``, which runs them off the reactor thread.
 """
 
 from __future__ import annotations
 
+import zlib
 from typing import Any, Callable, Protocol, TypeVar
 
 from twisted.internet import defer, threads
@@ -69,10 +70,19 @@ class MetadataStore(Protocol):
 
 
 class DeferredStore:
-    """Any ``MetadataStore`` method, run on one dedicated thread, as a Deferred.
+    """Any ``MetadataStore`` method, run on a store thread, as a Deferred.
 
-    One thread keeps SQLite's single writer simple and the order of writes the
-    order of calls; the reactor thread never waits on the database.
+    SQLite runs on one thread: that keeps its single writer simple and the order of
+    writes the order of calls. A store with a ``threads`` attribute above 1 (PostgreSQL:
+    each thread has its own connection) runs on that many threads, and a call goes to
+    the thread its first argument picks (a hash of it; calls without one go to the
+    first thread). So calls about one file (its key first: ``record_progress`` then
+    ``record_complete``), one job or one session still run one after the other, in the
+    order they were made, each on one connection; calls about different things run side
+    by side. No caller relies on the order of two calls in flight at once about
+    different things: a caller that needs one waits for the first call's Deferred (a file
+    key is known only once ``add_files`` has returned, an event is marked only after
+    ``pending_events`` has handed it out). The reactor thread never waits on the database.
     """
 
     def __init__(self, store: MetadataStore, reactor: Any = None) -> None:
@@ -82,14 +92,21 @@ class DeferredStore:
             reactor = _reactor
         self.store = store
         self._reactor = reactor
-        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="filedock-store")
-        self._pool.start()
-        reactor.addSystemEventTrigger("during", "shutdown", self._pool.stop)
+        count = max(1, int(getattr(store, "threads", 1)))
+        self._pools = [ThreadPool(minthreads=1, maxthreads=1, name=f"filedock-store-{i}") for i in range(count)]
+        for pool in self._pools:
+            pool.start()
+            reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
+
+    def _pool_for(self, args: tuple) -> ThreadPool:
+        if len(self._pools) == 1 or not args or not isinstance(args[0], str):
+            return self._pools[0]
+        return self._pools[zlib.crc32(args[0].encode("utf-8", "surrogatepass")) % len(self._pools)]
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> defer.Deferred:
-        """``store.<method>(*args, **kwargs)`` on the store thread."""
+        """``store.<method>(*args, **kwargs)`` on the store thread its first argument picks."""
         fn: Callable[..., Any] = getattr(self.store, method)
-        return threads.deferToThreadPool(self._reactor, self._pool, fn, *args, **kwargs)
+        return threads.deferToThreadPool(self._reactor, self._pool_for(args), fn, *args, **kwargs)
 
     def __getattr__(self, method: str) -> Callable[..., defer.Deferred]:
         if method.startswith("_"):
