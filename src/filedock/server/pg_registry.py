@@ -40,6 +40,7 @@ claims until the lease is renewed: two servers never write one file at once.
 
 from __future__ import annotations
 
+import os
 import secrets
 import socket
 import threading
@@ -111,7 +112,7 @@ class PostgresUploadRegistry:
         if self.heartbeat * 2 > self.lease:
             raise ValueError("the heartbeat must be at most half the lease")
         self.server_id = secrets.token_hex(8)
-        self.label = label if label is not None else socket.gethostname()
+        self.label = label if label is not None else f"{socket.gethostname()} pid {os.getpid()}"  # for operators
         self._local = InProcessUploadRegistry()
         self._held: dict[str, SharedClaim] = {}  # file hash -> our claim holding its row
         self._claim_ids: set[int] = set()  # ids that may have a row now (the heartbeat keeps only those)
@@ -232,7 +233,8 @@ class PostgresUploadRegistry:
     def _beat(self, conn: psycopg.Connection, lock_id: int) -> None:
         began = time.monotonic()
         promised, live = self._snapshot
-        ok, others = pg_claims.renew_lease(conn, self.server_id, self.lease, promised, live)
+        # the list is made on the reactor every half heartbeat; a beat may come late: three beats' margin
+        ok, others = pg_claims.renew_lease(conn, self.server_id, self.lease, promised, live, 3 * self.heartbeat)
         if not ok:
             # the lease ran out before we renewed it (a long stall): whatever we held may be another's now
             self.reactor.callFromThread(self._fence, "its lease ran out before it was renewed")

@@ -24,6 +24,7 @@ from filedock.server.authority import StoreAuthority
 from filedock.server import proxied
 from filedock.server.dataport import DataPortFactory
 from filedock.server.events import EventDelivery
+from filedock.server.registry import InProcessUploadRegistry, IUploadRegistry
 from filedock.store.blobs import BlobStore
 from filedock.store.metadata import DeferredStore, MetadataStore
 from filedock.store.sqlite import SQLiteStore
@@ -37,11 +38,14 @@ DB_NAME = "filedock.sqlite3"
 LOCK_NAME = "filedock.lock"
 
 
-def lock_data_dir(data_dir: str | Path) -> int:
+def lock_data_dir(data_dir: str | Path, shared: bool = False) -> int:
     """Take the data dir for this process (an exclusive ``flock``); returns the descriptor to keep open.
 
-    One server per data dir: two would sweep each other's batches and race on the
-    SQLite file's single writer. Raises ``FiledockError(conflict)`` if another
+    One server per data dir on SQLite: two would race on the SQLite file's single writer
+    (and sweep each other's partials). Servers whose metadata and upload registry are in
+    PostgreSQL share a data dir of blobs (``shared``: a shared ``flock``, which any number
+    of them hold at once): the database says who holds which file. Either lock keeps
+    ``fsck --repair`` (exclusive) away while a server runs. Raises ``FiledockError(conflict)`` if another
     process holds it, ``FiledockError(internal-error)`` if the lock cannot be taken at
     all (a filesystem without locks); the lock goes with the process, however it
     ends (the descriptor is not inherited by children). The lock file is readable by
@@ -61,7 +65,7 @@ def lock_data_dir(data_dir: str | Path) -> int:
     except OSError:
         pass  # someone else's lock file: it is readable, or the open above had failed
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         raise FiledockError(ErrorCode.CONFLICT, f"another filedock process is using {path} "
@@ -105,6 +109,23 @@ def check_metadata_url(url: str | None) -> str | None:
         return check_url(url)
     raise FiledockError(ErrorCode.BAD_REQUEST, f"--metadata is sqlite:///path or postgresql://user@host:port/db, "
                                                f"not {url[:40]!r}")
+
+
+def shares_the_data_dir(metadata: str | None) -> bool:
+    """Whether servers with this ``--metadata`` may share one data dir: metadata in PostgreSQL, and
+    with it the upload registry (see ``upload_registry_for``)."""
+    url = check_metadata_url(metadata)
+    return url is not None and not url.startswith("sqlite:")
+
+
+def upload_registry_for(metadata: str | None, reactor: Any) -> IUploadRegistry:
+    """Who holds which file: with metadata in PostgreSQL the registry every server on that database
+    shares (claims, takeover across servers); on SQLite this process's own."""
+    if shares_the_data_dir(metadata):
+        from filedock.server.pg_registry import PostgresUploadRegistry
+
+        return PostgresUploadRegistry(check_metadata_url(metadata), reactor)
+    return InProcessUploadRegistry()
 
 
 def open_store(data_dir: str | Path, metadata: str | None = None) -> MetadataStore:
@@ -203,6 +224,9 @@ class ServerOptions:
     umask: int | None = 0o077
     metadata: str | None = None
     """The metadata store's URL (``--metadata``; None: the data dir's SQLite database)."""
+    public_data_port: int | None = None
+    """The data port clients are told to use (``--public-data-port``; default: the one it listens on),
+    as ``public_host`` for the host: behind a balancer, the balancer's."""
     """The process umask the server sets at start (None: leave it): whatever else writes into the
     data dir (SQLite, a library) makes owner-only files too."""
 
@@ -220,7 +244,7 @@ class FiledockServer:
         self.limits = options.limits
         if options.umask is not None:
             os.umask(options.umask)
-        self._lock = lock_data_dir(options.data_dir)
+        self._lock = lock_data_dir(options.data_dir, shared=shares_the_data_dir(options.metadata))
         owner_only_data_dir(options.data_dir)
         self.sqlite = open_store(options.data_dir, options.metadata)
         self.store = DeferredStore(self.sqlite, reactor)
@@ -229,7 +253,8 @@ class FiledockServer:
         self.blobs = BlobStore(options.data_dir, self.work_queue)
         self.events = EventDelivery(self.store, reactor, options.webhooks, options.commands)
         self.authority = StoreAuthority(self.store, self.limits, on_complete=self._file_complete, blobs=self.blobs)
-        self.dataport = DataPortFactory(self.authority, self.blobs, self.limits, reactor)
+        self.registry = upload_registry_for(options.metadata, reactor)
+        self.dataport = DataPortFactory(self.authority, self.blobs, self.limits, reactor, registry=self.registry)
         self.dataport.noisy = False  # no "Starting factory <... object at 0x...>" lines in the log
         self.data_address: tuple[str, int, bool] | None = None
         self.api_address: tuple[str, int, bool] | None = None
@@ -245,7 +270,8 @@ class FiledockServer:
     def info(self) -> dict[str, Any]:
         """What clients learn from GET /v1/info about where to send bytes."""
         host, port, tls = self.data_address
-        return {"data_port": {"host": self.options.public_host or host, "port": port, "tls": tls}}
+        return {"data_port": {"host": self.options.public_host or host, "port": self.options.public_data_port or port,
+                              "tls": tls}}
 
     def api_site(self):
         """The control API's hardened ``Site`` (bounded bodies, keys cut in the access log)."""
@@ -271,9 +297,15 @@ class FiledockServer:
             final = self.blobs.final_path(record.job_id, record.blob_name)
             if not final.exists() or self.blobs.unrecorded_size(record.job_id, record.blob_name) != record.size:
                 continue  # none, or not whole: left to resumes and fsck
-            hasher = yield self.dataport.in_thread(hash_file, final)
-            yield self.store.record_complete(record.key, hasher.crc32, hasher.hexdigest())
-            yield self.dataport.in_thread(self.blobs.discard, record.job_id, record.blob_name)  # a stale partial
+            claim = yield self.registry.try_acquire(record.key)
+            if claim is None:
+                continue  # another server (sharing the blobs) is finishing it now
+            try:
+                hasher = yield self.dataport.in_thread(hash_file, final)
+                yield self.store.record_complete(record.key, hasher.crc32, hasher.hexdigest())
+                yield self.dataport.in_thread(self.blobs.discard, record.job_id, record.blob_name)  # a stale partial
+            finally:
+                self.registry.release(claim)
             found += 1
             log.info("recorded {key} of job {job} complete: it was in place but never recorded",
                      key=short_key(record.key), job=short_key(record.job_id))
@@ -282,6 +314,9 @@ class FiledockServer:
     @defer.inlineCallbacks
     def start(self):
         """Listen on both ports; returns (api_url, data_host, data_port)."""
+        if hasattr(self.registry, "start"):  # a shared registry: registered before any claim
+            yield self.registry.start()
+            self.reactor.addSystemEventTrigger("during", "shutdown", self.registry.stop)  # after the drain
         yield self.record_unrecorded()
         header_timeout = self.limits.header_timeout
         data_ep = proxied.server_endpoint(self.reactor, with_backlog(self.options.data_listen), header_timeout)
@@ -329,7 +364,11 @@ class FiledockServer:
         # a batch's staging files live as long as its connection: any others were left by a crash
         # (anything from before this process started is a leftover at once)
         active = set(self.dataport.batch_tags)
-        older_than = max(self._started_at, time.time() - self.STAGING_GRACE)
+        if shares_the_data_dir(self.options.metadata):
+            # other servers' batches stage here too, and only they know theirs: only old files go
+            older_than = time.time() - self.SHARED_STAGING_GRACE
+        else:
+            older_than = max(self._started_at, time.time() - self.STAGING_GRACE)
         staged = yield self.dataport.in_thread(self.blobs.sweep_staging, active, older_than)
         if staged:
             log.info("swept {count} staging files of batches that did not finish", count=staged)
@@ -337,6 +376,11 @@ class FiledockServer:
 
     STAGING_GRACE = 60.0
     """Seconds a staging file is left alone even if its batch is unknown (one may be starting)."""
+
+    SHARED_STAGING_GRACE = 6 * 3600.0
+    """In a data dir several servers share: seconds since its last write before a staging file of a
+    batch this server does not know is taken for a crash's leftover (another server's batch may be
+    writing other items meanwhile)."""
 
 
 class _StoreTellingTheDataPort:

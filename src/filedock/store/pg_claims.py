@@ -109,9 +109,10 @@ def listen(conn: psycopg.Connection, server_id: str) -> None:
 
 
 def renew_lease(conn: psycopg.Connection, server_id: str, lease_seconds: float, promised: int,
-                live_claims: list[int]) -> tuple[bool, int]:
+                live_claims: list[int], list_age: float) -> tuple[bool, int]:
     """One heartbeat: extend the lease, publish ``promised``, drop claims of ours that nobody holds
-    any more (a release whose DELETE failed). Returns (lease still ours, bytes the other live
+    any more (a release whose DELETE failed): those not in ``live_claims``, a list made at most
+    ``list_age`` seconds ago. Returns (lease still ours, bytes the other live
     servers promised)."""
     with conn.transaction():
         row = conn.execute("UPDATE registry_servers SET lease_until = now() + make_interval(secs => %s), "
@@ -119,8 +120,9 @@ def renew_lease(conn: psycopg.Connection, server_id: str, lease_seconds: float, 
                            (lease_seconds, promised, server_id)).fetchone()
         if row is None:
             return False, 0
-        conn.execute("DELETE FROM upload_claims WHERE server_id = %s AND NOT (claim_id = ANY(%s))",
-                     (server_id, live_claims))
+        # only rows older than the list can be: a claim taken since it was made is not in it
+        conn.execute("DELETE FROM upload_claims WHERE server_id = %s AND NOT (claim_id = ANY(%s)) "
+                     "AND claimed_at < now() - make_interval(secs => %s)", (server_id, live_claims, list_age))
         others = conn.execute("SELECT coalesce(sum(promised), 0) FROM registry_servers s WHERE s.server_id <> %s AND "
                               + _ALIVE.format(lock_class=LOCK_CLASS, holder="s.server_id"),
                               (server_id,)).fetchone()[0]
