@@ -176,8 +176,9 @@ def test_four_uploads_ride_through_repeated_sigkills_of_the_server_they_are_on(t
     cluster = Cluster(tmp_path, postgres_dsn, blob_setup, LIMITS).start()
     shared = cluster.servers[0].data_dir
     try:
+        cluster.api.create_job("several")  # four clients creating one job at once would conflict
         clients = {name: subprocess.Popen(
-            [sys.executable, "-m", "filedock", "upload", "--job", "several", "--create", "--json",
+            [sys.executable, "-m", "filedock", "upload", "--job", "several", "--json",
              str(sources / name)], env=cluster.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for name in sums}
         kills: list[int] = []

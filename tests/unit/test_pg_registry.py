@@ -223,3 +223,34 @@ def test_a_clean_stop_frees_every_claim(reactor_thread, two_servers):
     acquire(reactor_thread, a, Holder(reactor_thread, a, let_go=False))
     in_reactor(reactor_thread, a.stop)
     assert in_reactor(reactor_thread, b.try_acquire, FILE) is not None
+
+
+def test_the_metadata_url_picks_the_registry(reactor_thread, postgres_dsn, tmp_path):
+    """PostgreSQL metadata: the shared registry; SQLite (or none): the in-process one."""
+    from filedock.server.registry import InProcessUploadRegistry
+    from filedock.server.service import upload_registry_for
+
+    assert isinstance(upload_registry_for(None, reactor_thread), InProcessUploadRegistry)
+    assert isinstance(upload_registry_for(f"sqlite:///{tmp_path}/m.sqlite3", reactor_thread), InProcessUploadRegistry)
+    shared = upload_registry_for(postgres_dsn, reactor_thread)
+    assert isinstance(shared, PostgresUploadRegistry) and shared.dsn.endswith(postgres_dsn.rsplit("/", 1)[1])
+
+
+def test_servers_on_postgresql_share_the_data_dir_and_keep_fsck_repair_out(tmp_path):
+    """Several servers on PostgreSQL hold the data dir's lock shared; a SQLite server (exclusive) and
+    fsck --repair (exclusive) are refused while any of them runs."""
+    import os
+
+    from filedock.server.service import data_dir_in_use, lock_data_dir
+
+    first = lock_data_dir(tmp_path, shared=True)
+    second = lock_data_dir(tmp_path, shared=True)
+    try:
+        with pytest.raises(FiledockError) as err:
+            lock_data_dir(tmp_path)
+        assert err.value.code is ErrorCode.CONFLICT
+        assert data_dir_in_use(tmp_path)
+    finally:
+        os.close(first)
+        os.close(second)
+    assert not data_dir_in_use(tmp_path)
