@@ -21,94 +21,19 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
-import psycopg
 import pytest
 
-from filedock.client.http import ApiClient
 from filedock.server.pg_registry import PostgresUploadRegistry
-from tests.engines.haproxy import BalancerConfig, HAProxy, free_port
-from tests.integration.harness import ServerProcess
+from tests.integration.cluster import BLOB_SETUPS, Cluster
 
 MB = 1_000_000
 
 
-def shared_data_dir(tmp_path: Path, n: int) -> tuple[Path, list[str]]:
-    """Both servers get the same data dir (blobs and the key secret); the second reaches it through
-    a symbolic link so that each has its own ready file and log beside it."""
-    data = tmp_path / "data"
-    data.mkdir(exist_ok=True)
-    if n == 0:
-        return data, []
-    alias = tmp_path / f"data-{n}"
-    if not alias.exists():
-        alias.symlink_to(data, target_is_directory=True)
-    return alias, []
-
-
-BLOB_SETUPS: dict[str, Callable[[Path, int], tuple[Path, list[str]]]] = {"shared-dir": shared_data_dir}
-"""How server ``n`` keeps its blobs: (its data dir, extra ``serve`` arguments)."""
-
-
 @pytest.fixture(params=sorted(BLOB_SETUPS))
 def blob_setup(request):
+    """How the servers share their blobs (one value per blob store)."""
     return BLOB_SETUPS[request.param]
-
-
-class Cluster:
-    """Two servers behind one HAProxy, metadata in PostgreSQL."""
-
-    def __init__(self, tmp_path: Path, dsn: str, blob_setup, limits: list[str], count: int = 2) -> None:
-        self.dsn = dsn
-        ports = [(free_port(), free_port()) for _ in range(count)]
-        self.balancer = HAProxy(BalancerConfig(ports), tmp_path / "haproxy")
-        self.servers = []
-        for n, (api, data) in enumerate(ports):
-            data_dir, extra = blob_setup(tmp_path, n)
-            self.servers.append(ServerProcess(
-                data_dir, limits=limits, metadata=dsn, log_path=tmp_path / f"server{n}.log",
-                extra=[*extra, "--api-listen", f"haproxy:tcp:{api}:interface=127.0.0.1",
-                       "--data-listen", f"haproxy:tcp:{data}:interface=127.0.0.1",
-                       "--public-host", "127.0.0.1", "--public-data-port", str(self.balancer.config.data_port)]))
-
-    def start(self) -> "Cluster":
-        self.servers[0].start()  # first: it makes the schema and the admin token the others reuse
-        for server in self.servers[1:]:
-            server.token = self.servers[0].token
-            server.start()
-        self.balancer.start()
-        self.balancer.wait_backends("UP")
-        return self
-
-    def stop(self) -> None:
-        self.balancer.stop()
-        for server in self.servers:
-            server.stop()
-
-    @property
-    def token(self) -> str:
-        return self.servers[0].token
-
-    @property
-    def api(self) -> ApiClient:
-        return ApiClient(self.balancer.api_url, self.token)
-
-    def env(self) -> dict[str, str]:
-        return {**os.environ, "FILEDOCK_URL": self.balancer.api_url, "FILEDOCK_TOKEN": self.token}
-
-    def holders(self) -> dict[str, int]:
-        """{file hash: pid of the server holding it} from the shared registry."""
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            rows = conn.execute("SELECT c.file_hash, s.label FROM upload_claims c "
-                                "JOIN registry_servers s USING (server_id)").fetchall()
-        return {h: int(label.rsplit(" ", 1)[1]) for h, label in rows}
-
-    def server_of_pid(self, pid: int) -> ServerProcess:
-        return next(s for s in self.servers if s.proc and s.proc.pid == pid)
-
-    def logs(self) -> str:
-        return "".join(s.log_path.read_text(errors="replace") for s in self.servers if s.log_path.exists())
 
 
 def cli(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
