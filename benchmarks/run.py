@@ -20,13 +20,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from filedock_bench.cases import concurrency, memory, resume, small_files, upload  # noqa: E402
+from filedock_bench.cases import concurrency, memory, resume, several_servers, small_files, upload  # noqa: E402
 from filedock_bench.external_tools import ensure_tools  # noqa: E402
 from filedock_bench.measure import Figure, human_size, parse_size, say  # noqa: E402
 from filedock_bench.report import markdown_table, write_all  # noqa: E402
 from filedock_bench.workspace import BENCH_DIR, WORK  # noqa: E402
 
-CASES = {"upload": "1", "rss": "2", "concurrency": "3", "resume": "4", "small-files": "5"}
+CASES = {"upload": "1", "rss": "2", "concurrency": "3", "resume": "4", "small-files": "5", "several-servers": "6"}
 """``--only`` names: the cases (or their numbers) and case 1's variants."""
 
 
@@ -43,7 +43,7 @@ def parse_only(raw: str | None) -> tuple[set[str], set[str]]:
             variants.add(name)
         else:
             known = ", ".join([*CASES, *upload.VARIANTS])
-            raise SystemExit(f"run.py: --only: unknown name {name!r}; known: {known} (or case numbers 1-5)")
+            raise SystemExit(f"run.py: --only: unknown name {name!r}; known: {known} (or case numbers 1-6)")
     if variants:
         cases.add("upload")
     elif "upload" in cases:
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog="cases: upload (1), rss (2), concurrency (3), resume (4), small-files (5); "
                                        "case 1 variants: " + ", ".join(upload.VARIANTS) +
                                        ". (b) 'raw' always runs: every ratio is against it.")
-    p.add_argument("--size", default="1G", help="bytes per upload in cases 1, 3 and 4 (K/M/G suffixes; default 1G)")
+    p.add_argument("--size", default="1G", help="bytes per upload in cases 1, 3, 4 and 6 (K/M/G suffixes; default 1G)")
     p.add_argument("--runs", type=int, default=3, help="interleaved runs per figure; the median is reported")
     p.add_argument("--rss-size", default="4G", help="upload size for the memory case (default 4G)")
     p.add_argument("--only", metavar="NAME[,NAME]", help="run only these cases or case-1 variants")
@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                       ("rss", lambda: memory.run(rss_size)),
                       ("concurrency", lambda: concurrency.run(size, args.runs)),
                       ("resume", lambda: resume.run(size, args.runs)),
-                      ("small-files", lambda: small_files.run(args.runs))):
+                      ("small-files", lambda: small_files.run(args.runs)),
+                      ("several-servers", lambda: several_servers.run(size, args.runs))):
         if name != "upload" and name not in cases:
             continue
         case_started = time.monotonic()
