@@ -75,6 +75,7 @@ def config_text(cfg: BalancerConfig, stats_socket: Path | None = None) -> str:
         f"    timeout server {cfg.idle_timeout}",
         "    retries 3                         # a refused connection is tried again...",
         "    option redispatch 1               # ...on another server each time",
+        "    option splice-auto                # bytes move by kernel splice, not through HAProxy's buffers",
         "",
         "frontend api",
         f"    bind 127.0.0.1:{cfg.api_port}",

@@ -157,7 +157,8 @@ class PostgresUploadRegistry:
                 yield self._query(pg_claims.notify, self.server_id, "stop")  # wakes the listener now
             except psycopg.Error:
                 pass  # it wakes at its next heartbeat
-            yield threads.deferToThread(self._listener.join, self.heartbeat * 3)
+            # on our own thread: the reactor's pool may be stopped already at shutdown
+            yield threads.deferToThreadPool(self.reactor, self._pool, self._listener.join, self.heartbeat * 3)
         try:
             yield self._query(pg_claims.unregister_server, self.server_id)
         except Exception as exc:  # PostgreSQL gone: the lease runs out by itself
