@@ -65,7 +65,7 @@ def config_text(cfg: BalancerConfig, stats_socket: Path | None = None) -> str:
     """HAProxy's configuration for ``cfg`` (the text docs/deploy.md explains)."""
     lines = [
         "global",
-        "    maxconn 8192",
+        "    maxconn 4096                      # each spliced connection also takes a pipe: keep the FDs under the limit",
         *([f"    stats socket {stats_socket} mode 600 level admin"] if stats_socket else []),
         "",
         "defaults",
