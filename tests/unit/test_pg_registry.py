@@ -182,6 +182,8 @@ def test_a_server_that_cannot_renew_its_lease_lets_go_and_refuses_new_claims(rea
     with pytest.raises(FiledockError) as err:
         acquire(reactor_thread, a, Holder(reactor_thread, a), file_key=OTHER)
     assert err.value.code is ErrorCode.INTERNAL_ERROR
+    assert in_reactor(reactor_thread, a.try_acquire, OTHER) is None  # "held": the sweeper leaves it alone
+    assert not in_reactor(reactor_thread, a._local.is_held, OTHER)  # and nothing is left held locally
 
 
 def test_session_slots_and_batch_shares_are_per_process(reactor_thread, two_servers):

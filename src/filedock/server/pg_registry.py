@@ -328,6 +328,8 @@ class PostgresUploadRegistry:
             return None
         try:
             claim = yield self._take_row(local, wait=False)
+        except FiledockError:
+            claim = None  # PostgreSQL unreachable: "held" is the safe answer (the sweeper and a batch skip it)
         except BaseException:
             self._local.release(local)
             raise
