@@ -198,3 +198,79 @@ def test_deferred_store_keeps_each_files_calls_in_order(reactor_thread):
     blockingCallFromThread(reactor_thread, issue)
     for k in keys:
         assert [n for key, n in inner.calls if key == k] == list(range(20))
+
+
+def test_a_database_newer_than_this_filedock_is_refused(postgres_dsn, secret):
+    """A database migrated by a newer filedock (a higher schema version) is refused with a clear
+    error instead of being used with a schema this code does not know."""
+    PostgresStore(postgres_dsn, secret=secret).close()
+    with psycopg.connect(postgres_dsn) as conn:
+        conn.execute("INSERT INTO schema_version VALUES (%s)", (len(MIGRATIONS) + 1,))
+    with pytest.raises(FiledockError) as exc:
+        PostgresStore(postgres_dsn, secret=secret)
+    assert exc.value.code is ErrorCode.CONFLICT and "upgrade" in exc.value.message
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def either_store(request, tmp_path, secret):
+    """A fresh store on each backend (what both must do alike)."""
+    from filedock.store.sqlite import SQLiteStore
+
+    if request.param == "sqlite":
+        s = SQLiteStore(tmp_path / "filedock.sqlite3", secret=secret)
+    else:
+        s = PostgresStore(request.getfixturevalue("postgres_dsn"), secret=secret)
+    yield s
+    s.close()
+
+
+def test_a_batch_completes_plain_files_and_new_versions_alike(either_store):
+    """``record_complete_many`` with plain files and a new version of a file: every one complete with
+    its values, the new version in the old one's place, the job complete with one event; a batch
+    naming a deleted file is ``gone`` and changes nothing."""
+    store = either_store
+    job = store.create_job("b", {})
+    a, b, old = store.add_files(job.id, [("a", 1), ("b", 2), ("c", 3)])
+    store.record_complete(old.key, 3, "c" * 64)
+    (new,) = store.add_files(job.id, [("c", 4)], replace=frozenset({"c"}))
+    assert new.replaces == old.id
+    assert store.record_complete_many([(a.key, 1, "a" * 64), (b.key, 2, "b" * 64), (new.key, 4, "d" * 64)]) \
+        == [job.id]
+    files = {f.name: f for f in store.list_files(job.id)}
+    assert {n: (f.state, f.received, f.crc32, f.digest) for n, f in files.items()} == {
+        "a": ("complete", 1, 1, "a" * 64), "b": ("complete", 2, 2, "b" * 64), "c": ("complete", 4, 4, "d" * 64)}
+    assert files["c"].id == new.id and store.get_file(old.key) is None
+    assert len([e for e in store.pending_events() if e.job_id == job.id]) == 1
+    assert store.job_counts(job.id) == (3, 3, 7, 7)
+    other = store.create_job("o", {})
+    x, y = store.add_files(other.id, [("x", 1), ("y", 1)])
+    store.delete_job(job.id)
+    with pytest.raises(FiledockError) as exc:
+        store.record_complete_many([(x.key, 1, "e" * 64), (a.key, 1, "a" * 64)])
+    assert exc.value.code is ErrorCode.GONE
+    assert store.get_file(x.key).state == "pending"
+
+
+def test_job_complete_events_say_the_same_on_both_backends(tmp_path, postgres_dsn, secret):
+    """The event PostgreSQL builds (in SQL, ``filedock_complete_file``) is the one SQLite builds (in
+    Python): same files in the same order, same CRC text, same time, same keys."""
+    from filedock.store.sqlite import SQLiteStore
+
+    def event_of(store):
+        job = store.create_job("j", {})
+        b, a = store.add_files(job.id, [("b.bin", 5), ("a é.bin", 7)])
+        store.record_complete(b.key, 0xABC, "d" * 64)
+        store.record_complete(a.key, 0xFFFFFFFE, "e" * 64)
+        (event,) = store.pending_events()
+        payload = dict(event.payload)
+        assert payload.pop("id") == event.id and payload["job"].pop("id") == job.id
+        assert [f["key"] for f in payload["files"]] == [a.key, b.key]
+        for f in payload["files"]:
+            f.pop("key")
+        store.close()
+        return payload
+
+    on_sqlite = event_of(SQLiteStore(tmp_path / "db.sqlite3", clock=lambda: 1234.5678, secret=secret))
+    on_postgres = event_of(PostgresStore(postgres_dsn, clock=lambda: 1234.5678, secret=secret))
+    assert on_postgres == on_sqlite
+    assert [f["crc32"] for f in on_postgres["files"]] == ["fffffffe", "00000abc"]

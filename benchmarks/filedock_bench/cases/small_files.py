@@ -1,10 +1,13 @@
 """Case 5: many small files. 1000 files of 64 KiB: filedock with one session and one
 versioned connection per file, one after another; filedock with one ``BATCH``; the
 real CLI; and a Twisted program calling ``upload_job``, against ``rsync -r --fsync`` to a daemon copying the same directory (one
-connection for all, pipelined)."""
+connection for all, pipelined). The connection-per-file and ``BATCH`` figures are also
+measured with the metadata in PostgreSQL (a private one, ``fsync=on``, started here),
+as a ratio to the same figure on SQLite in the same run."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 import uuid
@@ -24,10 +27,11 @@ SIZE = 64 * 1024
 class FiledockFiles:
     """Declare the files (one batch call, not timed), then PUT them one by one (timed)."""
 
-    def __init__(self, server: ServerProcess, paths: list[Path]) -> None:
+    def __init__(self, server: ServerProcess, paths: list[Path], postgres: bool = False) -> None:
         self.server, self.paths = server, paths
-        self.figure = Figure("5-filedock", f"{COUNT} x 64 KiB, filedock (connection per file)",
-                             nbytes=COUNT * SIZE, files=COUNT)
+        self.figure = Figure("5-filedock-pg" if postgres else "5-filedock",
+                             f"{COUNT} x 64 KiB, filedock (connection per file)"
+                             + (", metadata on PostgreSQL" if postgres else ""), nbytes=COUNT * SIZE, files=COUNT)
 
     def start(self) -> None:
         pass
@@ -56,10 +60,11 @@ class FiledockFiles:
 class BatchFiles:
     """Declare the files (not timed), then send them all in one ``BATCH`` with a plain client (timed)."""
 
-    def __init__(self, server: ServerProcess, paths: list[Path]) -> None:
+    def __init__(self, server: ServerProcess, paths: list[Path], postgres: bool = False) -> None:
         self.server, self.paths = server, paths
-        self.figure = Figure("5-filedock-batch", f"{COUNT} x 64 KiB, filedock BATCH (one connection)",
-                             nbytes=COUNT * SIZE, files=COUNT)
+        self.figure = Figure("5-filedock-batch-pg" if postgres else "5-filedock-batch",
+                             f"{COUNT} x 64 KiB, filedock BATCH (one connection)"
+                             + (", metadata on PostgreSQL" if postgres else ""), nbytes=COUNT * SIZE, files=COUNT)
 
     def start(self) -> None:
         pass
@@ -174,17 +179,38 @@ class RsyncFiles:
 
 
 def run(runs: int) -> list[Figure]:
-    with Workspace("small-files") as work:
+    from tests.engines.postgres import PostgresUnavailable, running_postgres
+
+    with Workspace("small-files") as work, contextlib.ExitStack() as stack:
         say(f"case 5: {COUNT} files of 64 KiB, filedock vs rsync; creating the files")
         paths = random_tree(work / "tree", COUNT, SIZE)
         server = filedock_server(work / "filedock-data")
+        pg_server, pg_skipped = None, None
         try:
-            ours, theirs, *cli = run_interleaved([FiledockFiles(server, paths), RsyncFiles(work, work / "tree"),
-                                                  BatchFiles(server, paths), CliFiles(server, work / "tree", 1),
-                                                  CliFiles(server, work / "tree", 8),
-                                                  TwistedFiles(server, work / "tree")], runs)
+            pg = stack.enter_context(running_postgres())
+            pg_server = ServerProcess(work / "filedock-data-pg", metadata=pg.create_database("filedock")).start()
+        except PostgresUnavailable as exc:
+            pg_skipped = str(exc)
+        try:
+            cases = [FiledockFiles(server, paths), RsyncFiles(work, work / "tree"),
+                     BatchFiles(server, paths), CliFiles(server, work / "tree", 1),
+                     CliFiles(server, work / "tree", 8), TwistedFiles(server, work / "tree")]
+            if pg_server is not None:
+                cases += [FiledockFiles(pg_server, paths, postgres=True), BatchFiles(pg_server, paths, postgres=True)]
+            ours, theirs, *cli = run_interleaved(cases, runs)
         finally:
             server.stop()
+            if pg_server is not None:
+                pg_server.stop()
+    on_pg = [fig for fig in cli if fig.key.endswith("-pg")]
+    cli = [fig for fig in cli if not fig.key.endswith("-pg")]
+    if pg_skipped:
+        on_pg = [Figure("5-filedock-pg", f"{COUNT} x 64 KiB, filedock (connection per file), metadata on PostgreSQL",
+                        skipped=pg_skipped)]
+    for fig, on_sqlite in zip(on_pg, (ours, cli[0])):
+        if fig.samples and on_sqlite.samples:
+            fig.notes.append(f"{fig.files_per_second:.0f} files/s vs {on_sqlite.files_per_second:.0f} on SQLite: "
+                             f"{fig.files_per_second / on_sqlite.files_per_second:.2f}x SQLite (target 0.7x)")
     if ours.samples:
         declare = median(ours.extras("declare_seconds"))
         ours.notes.append(f"declaring the {COUNT} files (1 API call) took {declare:.2f} s more, not counted")
@@ -199,4 +225,4 @@ def run(runs: int) -> list[Figure]:
     if batch.samples and theirs.samples:
         batch.notes.append(f"declaring not timed, as above; {batch.files_per_second / theirs.files_per_second:.2f}x "
                            "rsync")
-    return [ours, theirs, *cli]
+    return [ours, theirs, *cli, *on_pg]

@@ -958,6 +958,11 @@ class ControlRequest(server.Request):
         return grant
 
     def _check_failed(self, failure: Failure) -> None:
+        if failure.check(FiledockError) and failure.value.code is ErrorCode.STORE_UNAVAILABLE:
+            # the metadata database is down: a known state, one line in the log, 503 to the client
+            log.warn("control API: could not check a token: {why}", why=failure.value.message)
+            self.refuse_early(failure.value)
+            return None
         log.failure("control API: could not check a token", failure)
         self.refuse_early(FiledockError(ErrorCode.INTERNAL_ERROR, "internal error; the server log has details"))
         return None
