@@ -54,12 +54,18 @@ class Cluster:
                        "--public-host", "127.0.0.1", "--public-data-port", str(self.balancer.config.data_port)]))
 
     def start(self) -> "Cluster":
-        self.servers[0].start()  # first: it makes the schema and the admin token the others reuse
-        for server in self.servers[1:]:
-            server.token = self.servers[0].token
-            server.start()
-        self.balancer.start()
-        self.balancer.wait_backends("UP")
+        """Start the servers (the first one first: it makes the schema and the admin token the others
+        reuse), then the balancer; on a failure, stop whatever did start."""
+        try:
+            self.servers[0].start()
+            for server in self.servers[1:]:
+                server.token = self.servers[0].token
+                server.start()
+            self.balancer.start()
+            self.balancer.wait_backends("UP")
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:

@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from filedock.server.pg_registry import PostgresUploadRegistry
@@ -168,7 +169,8 @@ def test_a_client_reconnecting_through_the_other_server_takes_over_at_once(tmp_p
     """A CLI uploading through server A is stopped (SIGSTOP) mid-file; a new connection for the same
     file arrives through HAProxy at server B (least connections). B asks A to let go; A checkpoints,
     records and closes its connection, and B answers OFFSET with A's bytes well under the lease. The
-    stopped CLI, continued, finds its connection gone, resumes, and ends with the file complete."""
+    stopped CLI, continued, finds its connection gone, resumes (HAProxy is reloaded meanwhile), and
+    ends with the file complete."""
     size = 200 * MB
     source = tmp_path / "stalled.bin"
     digest = write_random(source, size)
@@ -206,6 +208,9 @@ def test_a_client_reconnecting_through_the_other_server_takes_over_at_once(tmp_p
             assert re.search(r"upload taken-over: job=\S+ file='stalled.bin'", old_log), old_log[-2000:]
         finally:
             stalled.send_signal(signal.SIGCONT)
+        old_balancer = cluster.balancer.proc
+        cluster.balancer.reload()  # while the CLI resumes: the old process finishes what it carries
+        assert cluster.balancer.proc.pid != old_balancer.pid
         out, err = stalled.communicate(timeout=300)
         assert stalled.returncode == 0, err
         row = json.loads(out.strip().splitlines()[-1])
@@ -214,5 +219,11 @@ def test_a_client_reconnecting_through_the_other_server_takes_over_at_once(tmp_p
         down = cli(cluster.env(), "download", "--job", "takeover", "--all", str(back))
         assert down.returncode == 0, down.stderr
         assert sha256_of(back / "stalled.bin") == digest
+        # a clean stop lets go of the registry: the process ends (its threads too) and its row goes
+        for server in cluster.servers:
+            server.proc.terminate()
+            server.proc.wait(10)
+        with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+            assert conn.execute("SELECT count(*) FROM registry_servers").fetchone()[0] == 0
     finally:
         cluster.stop()

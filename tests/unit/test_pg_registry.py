@@ -256,3 +256,16 @@ def test_servers_on_postgresql_share_the_data_dir_and_keep_fsck_repair_out(tmp_p
         os.close(first)
         os.close(second)
     assert not data_dir_in_use(tmp_path)
+
+
+def test_stop_ends_even_when_postgresql_is_gone(reactor_thread, postgres_server):
+    """A server shutting down after its database went away still stops its registry: the threads
+    are gone (before, a failed last query left the registry's thread, and the process, alive)."""
+    dsn = postgres_server.create_database()
+    registry = PostgresUploadRegistry(dsn, reactor_thread)
+    in_reactor(reactor_thread, registry.start)
+    postgres_server.drop_database(dsn)  # ends its connections too
+    began = time.monotonic()
+    in_reactor(reactor_thread, registry.stop, timeout=30)
+    assert time.monotonic() - began < 10
+    assert not any(t.is_alive() for t in registry._pool.threads) and not registry._listener.is_alive()

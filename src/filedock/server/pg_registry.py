@@ -146,29 +146,33 @@ class PostgresUploadRegistry:
 
     @defer.inlineCallbacks
     def stop(self):
-        """Let go of everything: the server's row and its claims go; threads and connections close."""
+        """Let go of everything: the server's row and its claims go; threads and connections close.
+        With PostgreSQL gone it still ends (the lease runs out by itself): its threads must not
+        keep the process alive."""
         if self._stopping.is_set():
             return
         if self._watch.running:
             self._watch.stop()
         self._stopping.set()
-        if self._listener is not None and self._listener.is_alive():
-            try:
-                yield self._query(pg_claims.notify, self.server_id, "stop")  # wakes the listener now
-            except psycopg.Error:
-                pass  # it wakes at its next heartbeat
-            # on our own thread: the reactor's pool may be stopped already at shutdown
-            yield threads.deferToThreadPool(self.reactor, self._pool, self._listener.join, self.heartbeat * 3)
         try:
+            if self._listener is not None and self._listener.is_alive():
+                try:
+                    yield self._query(pg_claims.notify, self.server_id, "stop")  # wakes the listener now
+                except psycopg.Error:
+                    pass  # it wakes at its next heartbeat
+                # on our own thread: the reactor's pool may be stopped already at shutdown
+                yield threads.deferToThreadPool(self.reactor, self._pool, self._listener.join, self.heartbeat * 3)
             yield self._query(pg_claims.unregister_server, self.server_id)
         except Exception as exc:  # PostgreSQL gone: the lease runs out by itself
             log.warn("upload registry: could not unregister: {error}", error=str(exc))
-        yield self._query(self._close_connection)
-        self._pool.stop()
+        finally:
+            self._pool.callInThread(self._close_connection)
+            self._pool.stop()  # runs what is queued, then joins its thread
 
-    def _close_connection(self, conn: psycopg.Connection) -> None:
-        conn.close()
-        self._conn = None
+    def _close_connection(self, *_: Any) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     def _query(self, fn: Callable, *args: Any) -> defer.Deferred:
         """Run ``fn(conn, *args)`` on the registry's own connection, in its thread."""

@@ -316,7 +316,6 @@ class FiledockServer:
         """Listen on both ports; returns (api_url, data_host, data_port)."""
         if hasattr(self.registry, "start"):  # a shared registry: registered before any claim
             yield self.registry.start()
-            self.reactor.addSystemEventTrigger("during", "shutdown", self.registry.stop)  # after the drain
         yield self.record_unrecorded()
         header_timeout = self.limits.header_timeout
         data_ep = proxied.server_endpoint(self.reactor, with_backlog(self.options.data_listen), header_timeout)
@@ -326,12 +325,21 @@ class FiledockServer:
         api_port = yield api_ep.listen(self.api_site())
         self.api_address = _address(api_port, self.options.api_listen)
         self.events.start()
-        self.reactor.addSystemEventTrigger("before", "shutdown", self.drain)
+        self.reactor.addSystemEventTrigger("before", "shutdown", self.shut_down)
         self._sweeper.start(self.limits.sweep_interval, now=True).addErrback(
             lambda f: log.failure("sweeper stopped", f))
         host, port, tls = self.api_address
         scheme = "https" if tls else "http"
         return f"{scheme}://{_url_host(host)}:{port}/", self.data_address
+
+    def shut_down(self) -> defer.Deferred:
+        """On shutdown: drain the uploads, then let go of a shared registry (its claims, its threads).
+        A "before" trigger, as only those are waited for."""
+        done = self.drain()
+        stop = getattr(self.registry, "stop", None)
+        if stop is not None:
+            done.addBoth(lambda _: stop()).addErrback(lambda f: log.failure("upload registry did not stop", f))
+        return done
 
     def drain(self, timeout: float = 20.0) -> defer.Deferred:
         """On shutdown: end every upload so each partial is checkpointed and recorded first."""
