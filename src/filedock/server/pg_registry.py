@@ -134,12 +134,17 @@ class PostgresUploadRegistry:
     def start(self):
         """Make the tables, register this server, listen, and start the heartbeat."""
         self._pool.start()
-        yield self._query(pg_claims.create_schema)
-        started = defer.Deferred()
-        self._listener = threading.Thread(target=self._listen, args=(started,), name="filedock-registry-listener",
-                                          daemon=True)
-        self._listener.start()
-        yield started
+        try:
+            yield self._query(pg_claims.create_schema)
+            started = defer.Deferred()
+            self._listener = threading.Thread(target=self._listen, args=(started,),
+                                              name="filedock-registry-listener", daemon=True)
+            self._listener.start()
+            yield started
+        except BaseException:
+            self._stopping.set()
+            self._pool.stop()  # its thread would keep a server that cannot start alive
+            raise
         self._watch.start(self.heartbeat / 2, now=True)
         log.info("upload registry on PostgreSQL: server {server}, lease {lease:g} s",
                  server=self.server_id, lease=self.lease)
