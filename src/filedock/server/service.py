@@ -372,8 +372,8 @@ class FiledockServer:
         # a batch's staging files live as long as its connection: any others were left by a crash
         # (anything from before this process started is a leftover at once)
         active = set(self.dataport.batch_tags)
-        if shares_the_data_dir(self.options.metadata):
-            # other servers' batches stage here too, and only they know theirs: only old files go
+        if not isinstance(self.dataport.registry, InProcessUploadRegistry):
+            # a shared registry: other servers' batches stage here too, and only they know theirs: only old files go
             older_than = time.time() - self.SHARED_STAGING_GRACE
         else:
             older_than = max(self._started_at, time.time() - self.STAGING_GRACE)
