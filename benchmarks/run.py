@@ -21,14 +21,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from filedock_bench.cases import concurrency, memory, resume, s3, small_files, upload  # noqa: E402
+from filedock_bench.cases import concurrency, memory, resume, s3, several_servers, small_files, upload  # noqa: E402
 from filedock_bench.external_tools import ensure_tools  # noqa: E402
 from filedock_bench.measure import Figure, human_size, parse_size, say  # noqa: E402
 from filedock_bench.report import markdown_table, write_all  # noqa: E402
 from filedock_bench.workspace import BENCH_DIR, WORK  # noqa: E402
 from wan import bench as wan  # noqa: E402
 
-CASES = {"upload": "1", "rss": "2", "concurrency": "3", "resume": "4", "small-files": "5", "s3": "6", "wan": "7"}
+CASES = {"upload": "1", "rss": "2", "concurrency": "3", "resume": "4", "small-files": "5", "s3": "6", "wan": "7",
+         "several-servers": "8"}
 """``--only`` names: the cases (or their numbers) and case 1's variants."""
 
 
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                       ("resume", lambda: resume.run(size, args.runs)),
                       ("small-files", lambda: small_files.run(args.runs)),
                       ("s3", lambda: s3.run(size, args.runs)),
-                      ("wan", lambda: wan.run(wan_size, wan_lossy_size, args.runs))):
+                      ("wan", lambda: wan.run(wan_size, wan_lossy_size, args.runs)),
+                      ("several-servers", lambda: several_servers.run(size, args.runs))):
         if name != "upload" and name not in cases:
             continue
         case_started = time.monotonic()
