@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="cases: upload (1), rss (2), concurrency (3), resume (4), small-files (5), s3 (6), "
-                                       "wan (7); "
+                                       "wan (7), several-servers (8); "
                                        "case 1 variants: " + ", ".join(upload.VARIANTS) +
                                        ". (b) 'raw' always runs: every ratio is against it.")
     p.add_argument("--size", default="1G", help="bytes per upload in cases 1, 3, 4 and 6 (K/M/G suffixes; default 1G)")

@@ -33,8 +33,22 @@ def shared_data_dir(tmp_path: Path, n: int) -> tuple[Path, list[str]]:
     return alias, []
 
 
+class BucketBlobs:
+    """Each server its own data dir (the first one's key secret copied in by ``Cluster.start``), the
+    blobs in one S3 bucket (``--blobs s3://...``, credentials in the servers' environment)."""
+
+    def __init__(self, target) -> None:
+        self.target = target  # an S3Target (tests/engines/seaweedfs.py)
+        self.url = target.blobs_url()
+        self.env = target.env()
+
+    def __call__(self, tmp_path: Path, n: int) -> tuple[Path, list[str]]:
+        return tmp_path / f"data-{n}", ["--blobs", self.url]
+
+
 BLOB_SETUPS: dict[str, Callable[[Path, int], tuple[Path, list[str]]]] = {"shared-dir": shared_data_dir}
-"""How server ``n`` keeps its blobs: (its data dir, extra ``serve`` arguments)."""
+"""How server ``n`` keeps its blobs: (its data dir, extra ``serve`` arguments). The test module adds
+``s3`` (``BucketBlobs``), which needs the session's SeaweedFS."""
 
 
 class Cluster:
@@ -49,6 +63,7 @@ class Cluster:
             data_dir, extra = blob_setup(tmp_path, n)
             self.servers.append(ServerProcess(
                 data_dir, limits=limits, metadata=dsn, log_path=tmp_path / f"server{n}.log",
+                server_env=getattr(blob_setup, "env", None),
                 extra=[*extra, "--api-listen", f"haproxy:tcp:{api}:interface=127.0.0.1",
                        "--data-listen", f"haproxy:tcp:{data}:interface=127.0.0.1",
                        "--public-host", "127.0.0.1", "--public-data-port", str(self.balancer.config.data_port)]))
@@ -57,9 +72,16 @@ class Cluster:
         """Start the servers (the first one first: it makes the schema and the admin token the others
         reuse), then the balancer; on a failure, stop whatever did start."""
         try:
-            self.servers[0].start()
+            first = self.servers[0]
+            first.start()
             for server in self.servers[1:]:
-                server.token = self.servers[0].token
+                server.token = first.token
+                if server.data_dir.resolve() != first.data_dir.resolve():
+                    # one store, one key secret: a server with another one is refused at start
+                    server.data_dir.mkdir(parents=True, exist_ok=True)
+                    secret = server.data_dir / "filedock.secret"
+                    secret.write_bytes((first.data_dir / "filedock.secret").read_bytes())
+                    secret.chmod(0o600)
                 server.start()
             self.balancer.start()
             self.balancer.wait_backends("UP")
@@ -99,6 +121,12 @@ class Cluster:
     def env(self) -> dict[str, str]:
         """Environment for the CLI, through the balancer."""
         return {**os.environ, "FILEDOCK_URL": self.balancer.api_url, "FILEDOCK_TOKEN": self.token}
+
+    def received_bytes(self) -> int:
+        """Bytes the shared store records as received, over every file (durable offsets; any blob store)."""
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            (total,) = conn.execute("SELECT COALESCE(SUM(received), 0) FROM files").fetchone()
+        return int(total)
 
     def holders(self) -> dict[str, int]:
         """{file hash: pid of the server holding it} from the shared registry."""

@@ -26,14 +26,18 @@ import psycopg
 import pytest
 
 from filedock.server.pg_registry import PostgresUploadRegistry
-from tests.integration.cluster import BLOB_SETUPS, Cluster
+from tests.engines.seaweedfs import s3_bucket, seaweedfs  # noqa: F401 (fixtures)
+from tests.integration.cluster import BLOB_SETUPS, BucketBlobs, Cluster
 
 MB = 1_000_000
 
 
-@pytest.fixture(params=sorted(BLOB_SETUPS))
+@pytest.fixture(params=[*sorted(BLOB_SETUPS), "s3"])
 def blob_setup(request):
-    """How the servers share their blobs (one value per blob store)."""
+    """How the servers share their blobs (one value per blob store): a shared data dir, or one
+    bucket on the session's SeaweedFS (each server then has its own data dir)."""
+    if request.param == "s3":
+        return BucketBlobs(request.getfixturevalue("s3_bucket"))
     return BLOB_SETUPS[request.param]
 
 
@@ -101,6 +105,10 @@ def test_four_uploads_ride_through_repeated_sigkills_of_the_server_they_are_on(t
     sums = {f"big{i}.bin": write_random(sources / f"big{i}.bin", size + i) for i in range(4)}
     cluster = Cluster(tmp_path, postgres_dsn, blob_setup, LIMITS).start()
     shared = cluster.servers[0].data_dir
+    in_bucket = isinstance(blob_setup, BucketBlobs)
+
+    def arrived() -> int:  # the bytes under way: partials in the shared dir, or durable offsets (bucket)
+        return cluster.received_bytes() if in_bucket else partial_bytes(shared)
     try:
         cluster.api.create_job("several")  # four clients creating one job at once would conflict
         clients = {name: subprocess.Popen(
@@ -111,7 +119,7 @@ def test_four_uploads_ride_through_repeated_sigkills_of_the_server_they_are_on(t
         total = sum(size + i for i in range(4))
         for n, fraction in enumerate((0.12, 0.3, 0.48, 0.66)):
             deadline = time.monotonic() + 120
-            while partial_bytes(shared) < fraction * total and time.monotonic() < deadline:
+            while arrived() < fraction * total and time.monotonic() < deadline:
                 if all(c.poll() is not None for c in clients.values()):
                     break
                 time.sleep(0.02)
@@ -131,8 +139,13 @@ def test_four_uploads_ride_through_repeated_sigkills_of_the_server_they_are_on(t
         assert len(kills) == 4 and set(kills) == {0, 1}, kills
         for name, row in results.items():
             assert row["state"] == "complete", row
-            # a restart from 0 after a kill would send at least the whole file again
-            assert row["sent"] < 1.5 * size, f"{name}: {row['sent']} bytes sent for {size}"
+            # bytes sent again after the kills are bounded: in a shared data dir by the checkpoint
+            # (8 MB here) and what was in flight; in a bucket also by the parts still uploading when
+            # the server died (up to 4 parts of 8 MiB in flight, the tail, the socket buffers; 66 MB a
+            # kill measured on a loaded host): under 100 MB a kill. Never from 0 is asserted below.
+            resent = row["sent"] - size
+            bound = len(kills) * 100 * MB if in_bucket else 0.5 * size
+            assert resent < bound, f"{name}: {row['sent']} bytes sent for {size}"
             offsets = [start for _, start in starts.get(name, [])]
             (completed_from,) = [start for result, start in starts.get(name, []) if result == "complete"]
             assert offsets.count(0) <= 1 and completed_from > 0, f"{name} started again from 0: {starts[name]}"
@@ -148,8 +161,13 @@ def test_four_uploads_ride_through_repeated_sigkills_of_the_server_they_are_on(t
                 assert sha256_of(back / name) == digest, f"{name} from server {n}"
             other.start()
             cluster.balancer.wait_backends("UP")
-        check = cli(cluster.env(), "fsck", "--data-dir", str(shared), "--metadata", postgres_dsn, "--json")
+        blobs = ["--blobs", blob_setup.url] if in_bucket else []
+        check = cli({**cluster.env(), **getattr(blob_setup, "env", {})}, "fsck", "--data-dir", str(shared),
+                    "--metadata", postgres_dsn, *blobs, "--json")
         assert check.returncode == 0, check.stdout + check.stderr
+        if in_bucket:  # and no multipart upload left behind by the kills
+            target = blob_setup.target
+            assert target.client().list_multipart_uploads(Bucket=target.bucket).get("Uploads", []) == []
     finally:
         cluster.stop()
 
@@ -176,12 +194,15 @@ def test_a_client_reconnecting_through_the_other_server_takes_over_at_once(tmp_p
     digest = write_random(source, size)
     cluster = Cluster(tmp_path, postgres_dsn, blob_setup, LIMITS).start()
     shared = cluster.servers[0].data_dir
+    in_bucket = isinstance(blob_setup, BucketBlobs)
     try:
         stalled = subprocess.Popen([sys.executable, "-m", "filedock", "upload", "--job", "takeover", "--create",
                                     "--json", str(source)], env=cluster.env(),
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 60
-        while partial_bytes(shared) < 40 * MB and time.monotonic() < deadline:
+        # the bytes under way: the partial in the shared dir, or the durable offset (bucket)
+        while (cluster.received_bytes() if in_bucket else partial_bytes(shared)) < 40 * MB \
+                and time.monotonic() < deadline:
             time.sleep(0.01)
         stalled.send_signal(signal.SIGSTOP)
         try:
