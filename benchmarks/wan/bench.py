@@ -52,7 +52,7 @@ class WanSetup:
     ssh_missing: str | None = None
 
     def key(self, what: str) -> str:
-        return f"6-{self.tag}-{what}"
+        return f"7-{self.tag}-{what}"
 
     def title(self, what: str) -> str:
         loss = "no loss" if not self.link.loss else f"{self.link.loss * 100:g} % loss"
@@ -309,12 +309,12 @@ def run(size: int, lossy_size: int, runs: int) -> list[Figure]:
     keys = [(tag, what) for tag, _ in LINKS for what in
             [f"{tool}-{cc}" for tool in ("filedock", "rsync", "scp") for cc in SENDERS]]
     if reason:
-        say(f"case 6 (wan): skipped: {reason}")
-        return [Figure(f"6-{tag}-{what}", "WAN", skipped=reason) for tag, what in keys]
+        say(f"case 7 (wan): skipped: {reason}")
+        return [Figure(f"7-{tag}-{what}", "WAN", skipped=reason) for tag, what in keys]
     figures: list[Figure] = []
     with Workspace("wan") as work:
         biggest = max(size, lossy_size)
-        say(f"case 6 (wan): {RTT_MS} ms, {RATE_MBIT} Mbit/s, MTU {MTU}; clean link {human_size(size)}, "
+        say(f"case 7 (wan): {RTT_MS} ms, {RATE_MBIT} Mbit/s, MTU {MTU}; clean link {human_size(size)}, "
             f"0.1 % loss {human_size(lossy_size)}; creating the source file")
         source = random_file(work / "wan-source.bin", biggest)
         for tag, loss in LINKS:
