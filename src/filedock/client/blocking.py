@@ -15,6 +15,7 @@ zero-copy) or through one reused 1 MiB buffer (TLS); replies and downloads are r
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import logging
@@ -451,6 +452,8 @@ class DataPortClient:
                         result = ranged.run()
                         if result is not None:
                             return result
+                        result = self._upload(session_key, file_key, f, size, name, local, report, cancel, source)
+                        return dataclasses.replace(result, streams=ranged.detail())
                     return self._upload(session_key, file_key, f, size, name, local, report, cancel, source)
                 finally:
                     local.stop()
@@ -773,6 +776,13 @@ class DataPortClient:
             _sleep(decision.seconds, cancel)
 
 
+def _default_congestion() -> str | None:
+    try:
+        return congestion_control()
+    except OSError:
+        return None
+
+
 class RangedUpload:
     """One file over K connections at once (``PUTR``), each its own aligned byte range.
 
@@ -796,8 +806,8 @@ class RangedUpload:
         self.ranges: list[dict[str, Any]] = []
         self.stored: list[wire.Stored] = []
         self.errors: list[BaseException] = []
-        self.already_complete = False
         self.congestion: str | None = None
+        self.how, self.rtt = "fixed", None
 
     def choose_streams(self) -> tuple[int, str, float | None]:
         """(K, how it was chosen, the measured RTT in seconds or None)."""
@@ -822,8 +832,16 @@ class RangedUpload:
             sock.close()
         return best
 
+    def detail(self, plan: list[tuple[int, int]] | None = None) -> dict[str, Any]:
+        """What ``--json`` and the logs say about the streams: how many, why, RTT, congestion control, ranges."""
+        return {"streams": len(plan) if plan else 1, "chosen": self.how,
+                "rtt_ms": round(self.rtt * 1000, 3) if self.rtt is not None else None,
+                "congestion_control": self.congestion or self.client.congestion_control or _default_congestion(),
+                "ranges": [{k: r[k] for k in ("start", "end", "from", "sent", "reply")} for r in self.ranges]}
+
     def run(self) -> UploadResult | None:
         k, how, rtt = self.choose_streams()
+        self.how, self.rtt = how, rtt
         plan = plan_ranges(self.size, k)
         if len(plan) < 2:
             log.info("%s: one stream (%s%s)", self.name, how, f", rtt {rtt * 1000:.2f} ms" if rtt is not None else "")
@@ -865,9 +883,7 @@ class RangedUpload:
                                 f"{wire.format_crc(stored.crc32)} and digest {stored.digest}, but the local file has "
                                 f"{self.size} bytes, CRC-32 {wire.format_crc(hasher.crc32)}, digest {local[2]}")
         sent = sum(r["sent"] for r in self.ranges)
-        detail = {"streams": len(plan), "chosen": how, "rtt_ms": round(rtt * 1000, 3) if rtt is not None else None,
-                  "congestion_control": self.congestion,
-                  "ranges": [{k: r[k] for k in ("start", "end", "from", "sent", "reply")} for r in self.ranges]}
+        detail = self.detail(plan)
         log.info("%s: %d streams (%s), congestion control %s, %d bytes sent", self.name, len(plan), how,
                  self.congestion, sent)
         self.report(VERIFIED, self.size, self.size)

@@ -147,6 +147,9 @@ class RangedUpload(Request):
 
         def clear(result):
             self._checkpointing = None
+            if self._since_checkpoint >= s.limits.checkpoint_bytes and not writer.closed and not self.finishing \
+                    and not self.channel.ended():
+                self._checkpoint()  # more arrived meanwhile than one checkpoint's worth
             return result
 
         d = s.in_thread(writer.sync).addCallback(record).addBoth(clear)
