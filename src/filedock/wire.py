@@ -302,8 +302,8 @@ class ServerError:
 
 
 ServerEvent = (
-    UploadRequest | RangedUploadRequest | DownloadRequest | AbortRequest | BatchRequest | BatchItem | Data | BodyComplete | Done
-    | EndOfStream | ProtocolError
+    UploadRequest | RangedUploadRequest | DownloadRequest | AbortRequest | BatchRequest | BatchItem | Data
+    | BodyComplete | Done | EndOfStream | ProtocolError
 )
 ClientEvent = (
     Offset | RangeOffset | RangeStored | Stored | DownloadStart | Aborted | ItemStored | ItemFailed | BatchEnd
@@ -470,17 +470,22 @@ LEGACY_SERVER_TRANSITIONS: dict[tuple[ServerState, type], ServerState] = {
 """The 2007 dialect's table: the versioned one, except that a complete body waits for the close.
 Chosen when a 2007 header is parsed."""
 
-SERVER_REPLY_TO: dict[type, type | tuple[type, ...]] = {
+SERVER_REPLY_TO: dict[type, type] = {
     Offset: UploadRequest,
     RangeOffset: RangedUploadRequest,
     BatchAccepted: BatchRequest,
     DownloadStart: DownloadRequest,
     Aborted: AbortRequest,
-    Stored: (UploadRequest, RangedUploadRequest),  # a ranged upload's last range completes the file
+    Stored: UploadRequest,
     RangeStored: RangedUploadRequest,
     BatchResults: BatchRequest,
 }
 """The request each server reply answers: ``send`` refuses a reply to another kind of request."""
+
+SERVER_REPLY_ALSO_TO: dict[type, type] = {
+    Stored: RangedUploadRequest,  # the range whose DONE completes the file is answered STORED
+}
+"""A second request a reply may answer, beside ``SERVER_REPLY_TO``'s."""
 
 _C = ClientState
 CLIENT_TRANSITIONS: dict[tuple[ClientState, type], ClientState] = {
@@ -632,9 +637,9 @@ class ServerConnection:
         kind = type(event)
         next_state = _next_state(self._table, self.state, kind)
         wanted = SERVER_REPLY_TO.get(kind)
-        if wanted is not None and not isinstance(self.request, wanted):
-            names = "/".join(w.__name__ for w in (wanted if isinstance(wanted, tuple) else (wanted,)))
-            raise LocalProtocolError(f"{kind.__name__} answers no pending {names} (state {self.state.value})")
+        if wanted is not None and not isinstance(self.request, (wanted, SERVER_REPLY_ALSO_TO.get(kind, wanted))):
+            raise LocalProtocolError(f"{kind.__name__} answers no pending {wanted.__name__}"
+                                     f" (state {self.state.value})")
         data = self._WRITERS[kind](self, event)
         self.state = next_state
         return data
