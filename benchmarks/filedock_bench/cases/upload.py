@@ -24,7 +24,7 @@ from filedock_bench.processes import HelperServer, run_timed
 from filedock_bench.workspace import (PYTHON, ServerProcess, Workspace, delete_job, filedock_server, log_since,
                                       log_size, random_file, remove, wait_for)
 
-VARIANTS = ("cli", "raw", "twisted2007", "dataport", "dataport-2007", "rsync", "socat", "cli-tls", "cli-auto")
+VARIANTS = ("cli", "cli-auto", "raw", "twisted2007", "dataport", "dataport-2007", "rsync", "socat", "cli-tls")
 """Names for ``--only``; ``raw`` always runs, as every ratio is against it."""
 
 SEPARATE = ("cli-tls",)
