@@ -228,3 +228,25 @@ def test_streams_auto_on_loopback_picks_one_and_completes(server, tmp_path):
     assert row["streams"]["chosen"] == "auto" and row["streams"]["streams"] == 1
     assert 0 < row["streams"]["rtt_ms"] < 2
     assert row["streams"]["congestion_control"]
+
+
+def test_2007_upload_over_ranged_progress_replaces_it(server, tmp_path):
+    """A 2007 client (no reply, ever) uploading a file with ranged progress: the blocks are dropped, its
+    bytes from 0 make the file, which is complete and byte-identical."""
+    size = 8 * MiB + 3
+    src = random_file(tmp_path / "old.bin", size)
+    data = src.read_bytes()
+    job, files, session = server.job_with_files("j", {"old.bin": size})
+    key = files["old.bin"]["key"]
+    head = RawRange(server, session["key"], key, size, 0, 4 * MiB)
+    head.send(bytes(4 * MiB))  # other bytes than the file's: they must not survive
+    assert head.done() == wire.RangeStored(0, 4 * MiB)
+    head.close()
+    with server.connect() as sock:
+        sock.sendall(wire.legacy_header(session["key"], key, size) + data)
+    deadline = time.monotonic() + 30
+    while server.api.file(key)["state"] != "complete" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    record = server.api.file(key)
+    assert (record["state"], record["digest"]) == ("complete", hash_file(src).hexdigest())
+    assert server.blob_path(job["id"], key).read_bytes() == data
