@@ -72,11 +72,13 @@ def _fraction_note(fig: Figure) -> list[str]:
 
 
 class FiledockWan:
-    """``filedock upload --congestion-control CC`` of one file, one stream, whole command."""
+    """``filedock upload --congestion-control CC [--streams K]`` of one file, whole command."""
 
-    def __init__(self, setup: WanSetup, cc: str) -> None:
-        self.setup, self.cc = setup, cc
-        self.figure = Figure(setup.key(f"filedock-{cc}"), setup.title(f"filedock upload ({cc})"), nbytes=setup.size)
+    def __init__(self, setup: WanSetup, cc: str, streams: str | None = None) -> None:
+        self.setup, self.cc, self.streams = setup, cc, streams
+        tag = f"filedock-streams{streams}-{cc}" if streams else f"filedock-{cc}"
+        label = f"filedock upload --streams {streams} ({cc})" if streams else f"filedock upload ({cc})"
+        self.figure = Figure(setup.key(tag), setup.title(label), nbytes=setup.size)
         _sender_note(self.figure, cc)
 
     def start(self) -> None:
@@ -86,7 +88,9 @@ class FiledockWan:
         s = self.setup
         name = f"wan-{index}-{uuid.uuid4().hex[:8]}"
         done = run_timed(s.link.sender.command([PYTHON, "-m", "filedock", "upload", "--job", name, "--create",
-                                                "--json", "--congestion-control", self.cc, str(s.source)]),
+                                                "--json", "--congestion-control", self.cc,
+                                                *(["--streams", self.streams] if self.streams else []),
+                                                str(s.source)]),
                          env=s.env)
         if done.returncode != 0:
             raise RuntimeError(f"filedock upload exited {done.returncode}: {done.stderr.strip()[-500:]}")
@@ -94,7 +98,10 @@ class FiledockWan:
         if row.get("state") != "complete" or row.get("congestion_control") != self.cc:
             raise RuntimeError(f"filedock upload: {row}")
         _delete_job(s, name)
-        return Sample(done.seconds, {"congestion_control": row["congestion_control"]})
+        extra = {"congestion_control": row["congestion_control"]}
+        if row.get("streams"):
+            extra["streams"] = row["streams"]["streams"]
+        return Sample(done.seconds, extra)
 
     def stop(self) -> None:
         pass
@@ -307,14 +314,15 @@ def run(size: int, lossy_size: int, runs: int) -> list[Figure]:
     """Case 6 on both links; every figure skipped with the reason where the emulator cannot run."""
     reason = unavailable_reason()
     keys = [(tag, what) for tag, _ in LINKS for what in
-            [f"{tool}-{cc}" for tool in ("filedock", "rsync", "scp") for cc in SENDERS]]
+            [f"{tool}-{cc}" for tool in ("filedock", "filedock-streams8", "filedock-streamsauto", "rsync", "scp")
+             for cc in SENDERS]]
     if reason:
-        say(f"case 6 (wan): skipped: {reason}")
+        say(f"case 7 (wan): skipped: {reason}")
         return [Figure(f"7-{tag}-{what}", "WAN", skipped=reason) for tag, what in keys]
     figures: list[Figure] = []
     with Workspace("wan") as work:
         biggest = max(size, lossy_size)
-        say(f"case 6 (wan): {RTT_MS} ms, {RATE_MBIT} Mbit/s, MTU {MTU}; clean link {human_size(size)}, "
+        say(f"case 7 (wan): {RTT_MS} ms, {RATE_MBIT} Mbit/s, MTU {MTU}; clean link {human_size(size)}, "
             f"0.1 % loss {human_size(lossy_size)}; creating the source file")
         source = random_file(work / "wan-source.bin", biggest)
         for tag, loss in LINKS:
@@ -325,6 +333,7 @@ def run(size: int, lossy_size: int, runs: int) -> list[Figure]:
                 start_filedock(setup)
                 start_sshd(setup)
                 variants = [cls(setup, cc) for cls in (FiledockWan, RsyncSsh, Scp) for cc in SENDERS]
+                variants += [FiledockWan(setup, cc, streams) for streams in ("8", "auto") for cc in SENDERS]
                 if not loss:
                     variants += [BareStream(setup, 0), BareStream(setup, _wmem_max())]
                 say(f"  link {tag}: {link.rtt_ms:g} ms, loss {link.loss:g}, {link.rate_mbit:g} Mbit/s, "

@@ -10,6 +10,7 @@ again.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import BinaryIO
 
@@ -33,6 +34,44 @@ SCHEME = "blake3-4m"
 def crc32(data: bytes | memoryview, value: int = 0) -> int:
     """Running CRC-32, compatible with ``zlib.crc32``."""
     return _crc32(data, value)
+
+
+_CRC_POLY = 0xEDB88320  # zlib's polynomial, reflected
+
+
+def _multmodp(a: int, b: int) -> int:
+    """a(x) * b(x) modulo the CRC polynomial (reflected bit order, as zlib's ``multmodp``)."""
+    m, p = 1 << 31, 0
+    while True:
+        if a & m:
+            p ^= b
+            if not a & (m - 1):
+                return p
+        m >>= 1
+        b = (b >> 1) ^ _CRC_POLY if b & 1 else b >> 1
+
+
+_X2N = [1 << 30]  # x^(2^k) mod p(x), k = 0..31
+for _ in range(31):
+    _X2N.append(_multmodp(_X2N[-1], _X2N[-1]))
+
+
+@functools.lru_cache(maxsize=64)
+def _x8nmodp(n: int) -> int:
+    """x^(8n) mod p(x): the operator that shifts a CRC over ``n`` zero bytes (cached: ranges repeat lengths)."""
+    p, k = 1 << 31, 3
+    while n:
+        if n & 1:
+            p = _multmodp(_X2N[k & 31], p)
+        n >>= 1
+        k += 1
+    return p
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """The CRC-32 of ``A + B`` from ``crc32(A)``, ``crc32(B)`` and ``len(B)`` (zlib's ``crc32_combine``):
+    ranges of a file hashed apart give the whole file's CRC without reading it again."""
+    return _multmodp(_x8nmodp(len2), crc1 & 0xFFFFFFFF) ^ (crc2 & 0xFFFFFFFF)
 
 
 def format_crc(crc32: int) -> str:

@@ -37,6 +37,8 @@ class ErrorCode(str, enum.Enum):
     STORE_UNAVAILABLE = "store-unavailable"  # the metadata database (PostgreSQL) cannot be reached: retry later
     FORBIDDEN = "forbidden"
     BLOB_STORE_UNAVAILABLE = "blob-store-unavailable"  # the object store cannot be reached or refused
+    BAD_RANGE = "bad-range"  # a ranged upload's range is not inside the file or not aligned
+    RANGES_UNSUPPORTED = "ranges-unsupported"  # this server's blob store takes no ranged uploads (S3)
     # clients only: what a client finds out by itself
     UNREACHABLE = "unreachable"
     TLS_FAILED = "tls-failed"

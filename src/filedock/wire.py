@@ -41,6 +41,7 @@ _NUM = r"(?:0|[1-9][0-9]{0,18})"
 _HEX = r"[0-9a-f]"
 _LEGACY_RE = re.compile(rf"({_UUID}) ({_UUID}) ({_NUM})")
 _PUT_RE = re.compile(rf"PUT ({_UUID}) ({_UUID}) ({_NUM})")
+_PUTR_RE = re.compile(rf"PUTR ({_UUID}) ({_UUID}) ({_NUM}) ({_NUM}) ({_NUM})")
 _GET_RE = re.compile(rf"GET ({_UUID}) ({_UUID}) ({_NUM})")
 _ABORT_RE = re.compile(rf"ABORT ({_UUID}) ({_UUID})")
 _BATCH_RE = re.compile(rf"BATCH ({_UUID}) ({_NUM})")
@@ -51,6 +52,8 @@ _END_RE = re.compile(rf"END ({_NUM})")
 _DONE_RE = re.compile(rf"DONE(?: ({_HEX}{{64}}))?")
 _OFFSET_RE = re.compile(rf"OFFSET ({_NUM})")
 _STORED_RE = re.compile(rf"STORED ({_NUM}) ({_HEX}{{8}}) ({_HEX}{{64}})")
+_RANGES_RE = re.compile(rf"RANGES ({_NUM}) (-|{_NUM}-{_NUM}(?:,{_NUM}-{_NUM})*)")
+_DURABLE_RE = re.compile(rf"DURABLE ({_NUM}) ({_NUM})")
 _DATA_RE = re.compile(rf"DATA ({_NUM}) ({_NUM}) ({_HEX}{{8}}) ({_HEX}{{64}})")
 _ERR_RE = re.compile(r"ERR ([a-z][a-z0-9-]{0,63})(?: (.*))?")
 
@@ -81,6 +84,56 @@ class UploadRequest:
     file_key: str
     size: int
     legacy: bool = False
+
+
+RANGE_ALIGN = 4 * 1024 * 1024
+"""Ranges of a ranged upload start on, and end on (but for the file's end), multiples of this: the
+``blake3-4m`` block size, so each range hashes whole blocks and the block tree stays end to end."""
+
+
+def range_error(size: int, start: int, end: int) -> str | None:
+    """Why ``[start, end)`` is not a valid range of a ``size``-byte file, or None if it is."""
+    if size == 0:
+        return "an empty file has no ranges; send it with PUT"
+    if not start < end <= size:
+        return f"range {start}-{end} is not inside the file of {size} bytes (start < end <= size)"
+    if start % RANGE_ALIGN or (end % RANGE_ALIGN and end != size):
+        return f"range {start}-{end} is not aligned to {RANGE_ALIGN} bytes (or ends at the file's end)"
+    return None
+
+
+def format_ranges(ranges: tuple[tuple[int, int], ...]) -> str:
+    """Durable ranges as on the wire: ``a-b,c-d`` (half-open, ascending, disjoint), or ``-`` for none."""
+    return ",".join(f"{a}-{b}" for a, b in ranges) or "-"
+
+
+def parse_ranges(text: str) -> tuple[tuple[int, int], ...] | None:
+    """The ranges ``format_ranges`` wrote; None unless ascending, disjoint, non-empty and in range."""
+    if text == "-":
+        return ()
+    out: list[tuple[int, int]] = []
+    for part in text.split(","):
+        a, _, b = part.partition("-")
+        start, end = int(a), int(b)
+        if not start < end <= MAX_SIZE or (out and start <= out[-1][1]):
+            return None
+        out.append((start, end))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class RangedUploadRequest:
+    """A client sends bytes ``[start, end)`` of the ``size``-byte file ``file_key`` on this connection.
+
+    Several connections may each carry a range of the same file into the same partial
+    (``FILEDOCK/1 PUTR``); ranges are aligned (``range_error``).
+    """
+
+    session_key: str
+    file_key: str
+    size: int
+    start: int
+    end: int
 
 
 @dataclass(frozen=True)
@@ -195,6 +248,24 @@ class Offset:
 
 
 @dataclass(frozen=True)
+class RangeOffset:
+    """Server reply to PUTR: it holds this range durably up to ``offset`` (send from there to the
+    range's end); ``durable`` lists every range of the file it holds durably, ascending."""
+
+    offset: int
+    durable: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class RangeStored:
+    """Server reply to a ranged upload's DONE when the file is not complete yet: the range
+    ``[start, end)`` is durable (fsync'd and recorded); other ranges are still missing."""
+
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
 class Stored:
     """Server reply to DONE: the file is durable (fsync'd, renamed, recorded)."""
 
@@ -231,11 +302,12 @@ class ServerError:
 
 
 ServerEvent = (
-    UploadRequest | DownloadRequest | AbortRequest | BatchRequest | BatchItem | Data | BodyComplete | Done
-    | EndOfStream | ProtocolError
+    UploadRequest | RangedUploadRequest | DownloadRequest | AbortRequest | BatchRequest | BatchItem | Data
+    | BodyComplete | Done | EndOfStream | ProtocolError
 )
 ClientEvent = (
-    Offset | Stored | DownloadStart | Aborted | ItemStored | ItemFailed | BatchEnd | ServerError | Data
+    Offset | RangeOffset | RangeStored | Stored | DownloadStart | Aborted | ItemStored | ItemFailed | BatchEnd
+    | ServerError | Data
     | BodyComplete | EndOfStream
 )
 
@@ -366,6 +438,7 @@ _S = ServerState
 SERVER_TRANSITIONS: dict[tuple[ServerState, type], ServerState] = {
     # received from the client
     (_S.REQUEST, UploadRequest): _S.DECIDING,
+    (_S.REQUEST, RangedUploadRequest): _S.DECIDING,
     (_S.REQUEST, DownloadRequest): _S.DECIDING,
     (_S.REQUEST, AbortRequest): _S.DECIDING,
     (_S.REQUEST, BatchRequest): _S.DECIDING,
@@ -376,10 +449,12 @@ SERVER_TRANSITIONS: dict[tuple[ServerState, type], ServerState] = {
     (_S.BATCH_ITEM, Done): _S.FINISHING,
     # sent by the server: the decision on a request, then its final reply
     (_S.DECIDING, Offset): _S.BODY,
+    (_S.DECIDING, RangeOffset): _S.BODY,
     (_S.DECIDING, BatchAccepted): _S.BATCH_ITEM,
     (_S.DECIDING, DownloadStart): _S.SENDING,
     (_S.DECIDING, Aborted): _S.CLOSED,
     (_S.FINISHING, Stored): _S.CLOSED,
+    (_S.FINISHING, RangeStored): _S.CLOSED,
     (_S.FINISHING, BatchResults): _S.CLOSED,
     # the peer broke the protocol (only where something is parsed), or the server refuses (anywhere)
     **{(state, ProtocolError): _S.CLOSED
@@ -397,18 +472,26 @@ Chosen when a 2007 header is parsed."""
 
 SERVER_REPLY_TO: dict[type, type] = {
     Offset: UploadRequest,
+    RangeOffset: RangedUploadRequest,
     BatchAccepted: BatchRequest,
     DownloadStart: DownloadRequest,
     Aborted: AbortRequest,
     Stored: UploadRequest,
+    RangeStored: RangedUploadRequest,
     BatchResults: BatchRequest,
 }
 """The request each server reply answers: ``send`` refuses a reply to another kind of request."""
+
+SERVER_REPLY_ALSO_TO: dict[type, type] = {
+    Stored: RangedUploadRequest,  # the range whose DONE completes the file is answered STORED
+}
+"""A second request a reply may answer, beside ``SERVER_REPLY_TO``'s."""
 
 _C = ClientState
 CLIENT_TRANSITIONS: dict[tuple[ClientState, type], ClientState] = {
     # sent by the client: one request per connection, then what it owes after the request
     (_C.IDLE, UploadRequest): _C.AWAIT_OFFSET,
+    (_C.IDLE, RangedUploadRequest): _C.AWAIT_OFFSET,
     (_C.IDLE, DownloadRequest): _C.AWAIT_DATA,
     (_C.IDLE, AbortRequest): _C.AWAIT_ABORTED,
     (_C.IDLE, BatchRequest): _C.BATCH_SENDING,
@@ -417,7 +500,9 @@ CLIENT_TRANSITIONS: dict[tuple[ClientState, type], ClientState] = {
     (_C.BATCH_SENDING, Done): _C.AWAIT_BATCH,
     # received from the server
     (_C.AWAIT_OFFSET, Offset): _C.SENDING,
+    (_C.AWAIT_OFFSET, RangeOffset): _C.SENDING,
     (_C.AWAIT_STORED, Stored): _C.CLOSED,
+    (_C.AWAIT_STORED, RangeStored): _C.CLOSED,
     (_C.AWAIT_DATA, DownloadStart): _C.RECEIVING,
     (_C.RECEIVING, BodyComplete): _C.CLOSED,
     (_C.AWAIT_ABORTED, Aborted): _C.CLOSED,
@@ -552,7 +637,7 @@ class ServerConnection:
         kind = type(event)
         next_state = _next_state(self._table, self.state, kind)
         wanted = SERVER_REPLY_TO.get(kind)
-        if wanted is not None and not isinstance(self.request, wanted):
+        if wanted is not None and not isinstance(self.request, (wanted, SERVER_REPLY_ALSO_TO.get(kind, wanted))):
             raise LocalProtocolError(f"{kind.__name__} answers no pending {wanted.__name__}"
                                      f" (state {self.state.value})")
         data = self._WRITERS[kind](self, event)
@@ -567,6 +652,20 @@ class ServerConnection:
             raise ValueError("offset outside the file")
         self.body_expected = req.size - event.offset
         return b"" if req.legacy else _line(f"OFFSET {event.offset}")
+
+    def _write_range_offset(self, event: RangeOffset) -> bytes:
+        req = self.request
+        if not req.start <= event.offset <= req.end:
+            raise ValueError("offset outside the range")
+        if parse_ranges(format_ranges(event.durable)) != tuple(event.durable):
+            raise ValueError("durable ranges must be ascending, disjoint and non-empty")
+        self.body_expected = req.end - event.offset
+        return _line(f"RANGES {event.offset} {format_ranges(event.durable)}")
+
+    def _write_range_stored(self, event: RangeStored) -> bytes:
+        if (event.start, event.end) != (self.request.start, self.request.end):
+            raise ValueError("a ranged upload reports its own range durable")
+        return _line(f"DURABLE {event.start} {event.end}")
 
     def _write_batch_accepted(self, event: BatchAccepted) -> bytes:
         self.items_left = self.request.count
@@ -596,6 +695,8 @@ class ServerConnection:
 
     _WRITERS = {
         Offset: _write_offset,
+        RangeOffset: _write_range_offset,
+        RangeStored: _write_range_stored,
         BatchAccepted: _write_batch_accepted,
         DownloadStart: _write_download_start,
         Aborted: _write_aborted,
@@ -643,6 +744,8 @@ class ServerConnection:
                               " or 'FILEDOCK/1 PUT|GET|ABORT ...'")
         if getattr(event, "size", 0) > MAX_SIZE or getattr(event, "offset", 0) > MAX_SIZE:
             return self._fail(ErrorCode.MALFORMED_HEADER, "size out of range")
+        if isinstance(event, RangedUploadRequest) and (why := range_error(event.size, event.start, event.end)):
+            return self._fail(ErrorCode.BAD_RANGE, why)
         self.request = event
         if getattr(event, "legacy", False):
             self._table = LEGACY_SERVER_TRANSITIONS
@@ -652,6 +755,8 @@ class ServerConnection:
     def _parse_versioned(rest: str) -> ServerEvent | None:
         if m := _PUT_RE.fullmatch(rest):
             return UploadRequest(m[1].lower(), m[2].lower(), int(m[3]))
+        if m := _PUTR_RE.fullmatch(rest):
+            return RangedUploadRequest(m[1].lower(), m[2].lower(), int(m[3]), int(m[4]), int(m[5]))
         if m := _GET_RE.fullmatch(rest):
             return DownloadRequest(m[1].lower(), m[2].lower(), int(m[3]))
         if m := _ABORT_RE.fullmatch(rest):
@@ -707,6 +812,7 @@ class ClientConnection:
         self.max_line = max_line
         self.size = 0
         self.offset = 0
+        self.range: tuple[int, int] | None = None  # a ranged upload's [start, end)
         self.body_expected = 0
         self.body_received = 0
         self.items_left = 0
@@ -756,6 +862,13 @@ class ClientConnection:
         self.size = event.size
         return _line(f"{VERSION} PUT {event.session_key} {event.file_key} {event.size}")
 
+    def _write_ranged_upload(self, event: RangedUploadRequest) -> bytes:
+        why = range_error(event.size, event.start, event.end)
+        if why:
+            raise ValueError(why)
+        self.size, self.range = event.size, (event.start, event.end)
+        return _line(f"{VERSION} PUTR {event.session_key} {event.file_key} {event.size} {event.start} {event.end}")
+
     def _write_download(self, event: DownloadRequest) -> bytes:
         self.offset = event.offset
         return _line(f"{VERSION} GET {event.session_key} {event.file_key} {event.offset}")
@@ -782,6 +895,7 @@ class ClientConnection:
 
     _WRITERS = {
         UploadRequest: _write_upload,
+        RangedUploadRequest: _write_ranged_upload,
         DownloadRequest: _write_download,
         AbortRequest: _write_abort,
         BatchRequest: _write_batch,
@@ -823,7 +937,7 @@ class ClientConnection:
         event = self._parse_reply(text)
         if event is None or (self.state, type(event)) not in CLIENT_TRANSITIONS:
             return self._advance(ServerError(ErrorCode.MALFORMED_HEADER.value, f"unexpected reply {text[:80]!r}"))
-        if type(event) is Offset:
+        if type(event) is Offset or type(event) is RangeOffset:
             self.offset = event.offset
         elif type(event) is DownloadStart:
             self.size = event.size
@@ -834,7 +948,15 @@ class ClientConnection:
         """The reply ``text`` says, if it is well formed and fits the request; None otherwise."""
         if m := _OFFSET_RE.fullmatch(text):
             offset = int(m[1])
-            return Offset(offset) if offset <= self.size else None
+            return Offset(offset) if offset <= self.size and self.range is None else None
+        if m := _RANGES_RE.fullmatch(text):
+            offset, durable = int(m[1]), parse_ranges(m[2])
+            if self.range is None or durable is None or not self.range[0] <= offset <= self.range[1] \
+                    or (durable and durable[-1][1] > self.size):
+                return None
+            return RangeOffset(offset, durable)
+        if m := _DURABLE_RE.fullmatch(text):
+            return RangeStored(int(m[1]), int(m[2])) if self.range == (int(m[1]), int(m[2])) else None
         if m := _STORED_RE.fullmatch(text):
             return Stored(int(m[1]), int(m[2], 16), m[3])
         if m := _DATA_RE.fullmatch(text):

@@ -28,8 +28,8 @@ from filedock_bench.tls_tools import ScpUpload, SftpUpload, SocatTlsUpload
 from filedock_bench.workspace import (PYTHON, ServerProcess, Workspace, delete_job, filedock_server, log_since,
                                       log_size, random_file, remove, wait_for)
 
-VARIANTS = ("cli", "raw", "twisted2007", "dataport", "dataport-2007", "rsync", "socat", "cli-tls", "cli-tls-twisted",
-            "socat-tls", "scp", "sftp", "tus-curl", "tus-node", "tus-js", "tus-js-parallel")
+VARIANTS = ("cli", "cli-auto", "raw", "twisted2007", "dataport", "dataport-2007", "rsync", "socat", "cli-tls",
+            "cli-tls-twisted", "socat-tls", "scp", "sftp", "tus-curl", "tus-node", "tus-js", "tus-js-parallel")
 """Names for ``--only``; ``raw`` always runs, as every ratio is against it."""
 
 SEPARATE = ("cli-tls", "cli-tls-twisted", "socat-tls", "scp", "sftp")
@@ -57,6 +57,8 @@ def cli_available() -> str | None:
 class CliUpload:
     """(a) ``python -m filedock upload --job J --create --json FILE``, the whole command timed."""
 
+    EXTRA: list[str] = []  # more upload flags (a variant's)
+
     def __init__(self, setup: UploadSetup) -> None:
         self.setup = setup
         self.figure = Figure("1a", "filedock upload (CLI), whole command", nbytes=setup.size)
@@ -71,7 +73,7 @@ class CliUpload:
         startup = run_timed([PYTHON, "-m", "filedock", "--help"]).seconds
         name = f"bench-cli-{index}-{uuid.uuid4().hex[:8]}"
         mark = log_size(server)
-        done = run_timed([PYTHON, "-m", "filedock", "upload", "--job", name, "--create", "--json",
+        done = run_timed([PYTHON, "-m", "filedock", "upload", "--job", name, "--create", "--json", *self.EXTRA,
                           str(self.setup.source)], env=server.env())
         if done.returncode != 0:
             raise RuntimeError(f"filedock upload exited {done.returncode}: {done.stderr.strip()[-500:]}")
@@ -79,6 +81,8 @@ class CliUpload:
         if result.get("state") != "complete":
             raise RuntimeError(f"filedock upload did not complete: {result}")
         extra = {"startup_seconds": startup, "client_max_rss_kib": done.max_rss_kib}
+        if result.get("streams"):
+            extra["streams"] = result["streams"]["streams"]
         found = _OUTCOME.findall(wait_for(lambda: _complete_line(server, mark), 10, what="server log line"))
         if found:
             extra["server_seconds"] = float(found[-1])
@@ -146,6 +150,17 @@ class RawLimitTlsRound:
         raw.sink = HelperServer("raw_sink.py", ["--dir", str(raw.dest)], setup.work)
         raw.figure = Figure("1b-tls-round", "raw limit, measured again within the TLS round", nbytes=setup.size)
         return raw
+
+
+class CliUploadAuto(CliUpload):
+    """(a-auto) the same command with ``--streams auto`` on loopback: it must not be slower than one stream
+    (issue 14: at least 0.95x (a))."""
+
+    EXTRA = ["--streams", "auto"]
+
+    def __init__(self, setup: UploadSetup) -> None:
+        super().__init__(setup)
+        self.figure = Figure("1a-auto", "filedock upload --streams auto (CLI), whole command", nbytes=setup.size)
 
 
 def _complete_line(server: ServerProcess, mark: int) -> str:
@@ -337,7 +352,7 @@ CLASSES = {"cli": CliUpload, "raw": RawLimit, "twisted2007": Design2007, "datapo
            "dataport-2007": DataportLegacy, "rsync": RsyncUpload, "socat": SocatUpload, "cli-tls": CliUploadTls,
            "cli-tls-twisted": CliUploadTlsTwisted, "socat-tls": SocatTlsUpload, "scp": ScpUpload, "sftp": SftpUpload,
            "tus-curl": TusCurlPatch, "tus-node": NodeTusServerPatch, "tus-js": lambda setup: TusJsUpload(setup, 1),
-           "tus-js-parallel": lambda setup: TusJsUpload(setup, 4)}
+           "tus-js-parallel": lambda setup: TusJsUpload(setup, 4), "cli-auto": CliUploadAuto}
 
 
 def run(size: int, runs: int, only: set[str]) -> list[Figure]:
@@ -346,7 +361,7 @@ def run(size: int, runs: int, only: set[str]) -> list[Figure]:
     with Workspace("upload") as work:
         say(f"case 1: one {human_size(size)} upload, variants {', '.join(names)}; creating the source file")
         setup = UploadSetup(random_file(work / "source.bin", size), size, work)
-        if {"cli", "dataport", "dataport-2007", "tus-curl", "tus-js", "tus-js-parallel"} & set(names):
+        if {"cli", "cli-auto", "dataport", "dataport-2007", "tus-curl", "tus-js", "tus-js-parallel"} & set(names):
             setup.server = filedock_server(work / "filedock-data")
         try:
             # TLS (no target) runs after the others, in its own round: 3 s of both cores busy with TLS
@@ -360,7 +375,20 @@ def run(size: int, runs: int, only: set[str]) -> list[Figure]:
             if setup.server:
                 setup.server.stop()
     note_ratios(figures)
+    _auto_note(figures)
     return figures + _cli_side_figures(figures)
+
+
+def _auto_note(figures: list[Figure]) -> None:
+    """(a-auto) as a ratio to (a), from the medians and per run (the runs are interleaved)."""
+    one = next((f for f in figures if f.key == "1a" and f.samples), None)
+    auto = next((f for f in figures if f.key == "1a-auto" and f.samples), None)
+    if one is None or auto is None:
+        return
+    per_run = sorted(a / b for a, b in zip(one.seconds, auto.seconds))
+    streams = sorted(set(auto.extras("streams"))) or [1]
+    auto.notes.append(f"**{auto.mbps / one.mbps:.3f}x one stream (1a)** (runs {per_run[0]:.3f}-{per_run[-1]:.3f}); "
+                      f"auto chose {'/'.join(map(str, streams))} stream(s)")
 
 
 def _cli_side_figures(figures: list[Figure]) -> list[Figure]:

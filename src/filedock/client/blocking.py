@@ -15,6 +15,7 @@ zero-copy) or through one reused 1 MiB buffer (TLS); replies and downloads are r
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import logging
@@ -28,13 +29,14 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 from filedock import durability, wire
-from filedock.client.model import (DURABLE, SENT, VERIFIED, Cancelled, DownloadResult, ProgressCallback,
+from filedock.client.model import (DURABLE, SENT, VERIFIED, Cancelled, DownloadResult, Outcome, ProgressCallback,
                                    RetryPolicy, SourceStamp, SourceWatch, UploadResult)
+from filedock.client.ranges import MIN_RANGED_SIZE, auto_streams, plan_ranges
 from filedock.client.retry import REPLY_PATIENCE, RETRYABLE_REFUSALS, GiveUp, RetryBudget
 from filedock.client.transfer import (AwaitDigest, BatchAttempt, Connect, DownloadAttempt, DropPartial, Fail, Finish,
                                       QueryStored, Restart, SendBody, Sleep, UploadAttempt, reply_error)
 from filedock.digest import ContentHasher
-from filedock.errors import ErrorCode, FiledockError, TransportFailure, short_key
+from filedock.errors import ErrorCode, FiledockError, RefusedByServer, TransportFailure, short_key
 
 log = logging.getLogger("filedock.client")
 
@@ -398,7 +400,7 @@ class DataPortClient:
 
     def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None,
                  stall_timeout: float = 60.0, attempts: int = 5, backoff: float = 0.5,
-                 congestion_control: str | None = None) -> None:
+                 congestion_control: str | None = None, streams: int | str | None = None) -> None:
         self.host = host
         self.port = port
         self.ssl_context = ssl_context
@@ -406,6 +408,7 @@ class DataPortClient:
         self.attempts = max(1, attempts)
         self.backoff = backoff
         self.congestion_control = congestion_control
+        self.streams = streams  # connections per large file: a number, "auto", or None (one plain PUT)
 
     @property
     def policy(self) -> RetryPolicy:
@@ -443,6 +446,14 @@ class DataPortClient:
                 size = source.stamp.size
                 local = _LocalDigest(f, size, short_key(file_key))
                 try:
+                    if self.streams is not None and size >= MIN_RANGED_SIZE:
+                        ranged = RangedUpload(self, session_key, file_key, f, size, name, local, report, cancel,
+                                              source)
+                        result = ranged.run()
+                        if result is not None:
+                            return result
+                        result = self._upload(session_key, file_key, f, size, name, local, report, cancel, source)
+                        return dataclasses.replace(result, streams=ranged.detail())
                     return self._upload(session_key, file_key, f, size, name, local, report, cancel, source)
                 finally:
                     local.stop()
@@ -763,6 +774,196 @@ class DataPortClient:
                 if link is not None:
                     link.close()
             _sleep(decision.seconds, cancel)
+
+
+def _default_congestion() -> str | None:
+    try:
+        return congestion_control()
+    except OSError:
+        return None
+
+
+class RangedUpload:
+    """One file over K connections at once (``PUTR``), each its own aligned byte range.
+
+    Each range resumes where the server's durable blocks of it end (the reply lists
+    every durable range of the file, so a range already durable sends nothing); the
+    connection whose range completes the file gets ``STORED`` and the others
+    ``DURABLE``. The end-to-end check is the plain upload's: the server's size, CRC-32
+    and ``blake3-4m`` digest must equal the local file's. ``run`` returns None when
+    ranges cannot be used (K is 1 for this path, or the server keeps blobs in object
+    storage): the caller sends the file with a plain ``PUT``.
+    """
+
+    def __init__(self, client: "DataPortClient", session_key: str, file_key: str, f: BinaryIO, size: int,
+                 name: str, local: "_LocalDigest", report: "_Reports", cancel: threading.Event | None,
+                 source: SourceWatch) -> None:
+        self.client, self.session_key, self.file_key = client, session_key, file_key
+        self.f, self.size, self.name, self.local, self.report, self.source = f, size, name, local, report, source
+        self.cancel = cancel
+        self.halt = threading.Event()  # set when the caller cancels or one range fails for good
+        self.lock = threading.Lock()
+        self.ranges: list[dict[str, Any]] = []
+        self.stored: list[wire.Stored] = []
+        self.errors: list[BaseException] = []
+        self.congestion: str | None = None
+        self.how, self.rtt = "fixed", None
+
+    def choose_streams(self) -> tuple[int, str, float | None]:
+        """(K, how it was chosen, the measured RTT in seconds or None)."""
+        wanted = self.client.streams
+        if wanted != "auto":
+            return max(1, int(wanted)), "fixed", None
+        rtt = self._measure_rtt()
+        return auto_streams(rtt, self.size), "auto", rtt
+
+    def _measure_rtt(self) -> float:
+        """The smallest of three TCP handshakes to the data port: one round trip each."""
+        best = float("inf")
+        for _ in range(3):
+            _check_cancel(self.cancel)
+            started = time.monotonic()
+            try:
+                sock = socket.create_connection((self.client.host, self.client.port), timeout=10.0)
+            except OSError as exc:
+                raise TransportFailure(data_port_unreachable(self.client.host, self.client.port,
+                                                             exc.strerror or str(exc)), ErrorCode.UNREACHABLE) from None
+            best = min(best, time.monotonic() - started)
+            sock.close()
+        return best
+
+    def detail(self, plan: list[tuple[int, int]] | None = None) -> dict[str, Any]:
+        """What ``--json`` and the logs say about the streams: how many, why, RTT, congestion control, ranges."""
+        return {"streams": len(plan) if plan else 1, "chosen": self.how,
+                "rtt_ms": round(self.rtt * 1000, 3) if self.rtt is not None else None,
+                "congestion_control": self.congestion or self.client.congestion_control or _default_congestion(),
+                "ranges": [{k: r[k] for k in ("start", "end", "from", "sent", "reply")} for r in self.ranges]}
+
+    def run(self) -> UploadResult | None:
+        k, how, rtt = self.choose_streams()
+        self.how, self.rtt = how, rtt
+        plan = plan_ranges(self.size, k)
+        if len(plan) < 2:
+            log.info("%s: one stream (%s%s)", self.name, how, f", rtt {rtt * 1000:.2f} ms" if rtt is not None else "")
+            return None
+        self.ranges = [{"start": a, "end": b, "from": None, "pos": a, "sent": 0, "reply": None} for a, b in plan]
+        threads = [threading.Thread(target=self._range, args=(i,), name=f"filedock-range-{i}", daemon=True)
+                   for i in range(len(plan))]
+        for t in threads:
+            t.start()
+        try:
+            for t in threads:
+                while t.is_alive():
+                    t.join(POLL_SECONDS)
+                    if self.cancel is not None and self.cancel.is_set():
+                        self.halt.set()
+        except KeyboardInterrupt:
+            self.halt.set()
+            raise
+        _check_cancel(self.cancel)
+        unsupported = [e for e in self.errors if isinstance(e, FiledockError)
+                       and e.code is ErrorCode.RANGES_UNSUPPORTED]
+        if unsupported:
+            log.info("%s: %s; sending it with one PUT", self.name, unsupported[0].message)
+            return None
+        if self.errors:
+            raise self.errors[0]
+        if self.stored:
+            stored = self.stored[0]
+        else:  # every range durable, STORED lost in a drop or the file complete already: ask its values
+            stored = self.client._retrying(self.cancel, lambda link: self.client._complete_values(
+                link, self.session_key, self.file_key, self.size))
+        self.source.check(stored=True)
+        hasher = self.local.wait_cancellable(self.cancel)
+        self.report(DURABLE, self.size, self.size)
+        local = (self.size, hasher.crc32, hasher.hexdigest())
+        if (stored.size, stored.crc32, stored.digest) != local:
+            raise FiledockError(ErrorCode.DIGEST_MISMATCH,
+                                f"{self.name}: the server stored {stored.size} bytes with CRC-32 "
+                                f"{wire.format_crc(stored.crc32)} and digest {stored.digest}, but the local file has "
+                                f"{self.size} bytes, CRC-32 {wire.format_crc(hasher.crc32)}, digest {local[2]}")
+        sent = sum(r["sent"] for r in self.ranges)
+        detail = self.detail(plan)
+        log.info("%s: %d streams (%s), congestion control %s, %d bytes sent", self.name, len(plan), how,
+                 self.congestion, sent)
+        self.report(VERIFIED, self.size, self.size)
+        return UploadResult(self.name, self.size, self.file_key, self.size - sent if sent <= self.size else 0, sent,
+                            hasher.crc32, hasher.hexdigest(), Outcome.COMPLETE, streams=detail)
+
+    def _progress(self) -> None:
+        with self.lock:
+            done = self.size - sum(r["end"] - r["pos"] for r in self.ranges)
+        self.report(SENT, done, self.size)
+
+    def _range(self, i: int) -> None:
+        """One range's connections until it is durable, the file complete, or the range gives up."""
+        r = self.ranges[i]
+        budget = RetryBudget(self.client.policy)
+        best = -1
+        while not self.halt.is_set():
+            link: _Link | None = None
+            progressed = False
+            try:
+                link = self.client._connect(self.halt)
+                if self.congestion is None and hasattr(socket, "TCP_CONGESTION"):
+                    try:
+                        raw = link.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16)
+                        self.congestion = raw.split(b"\0")[0].decode()
+                    except OSError:
+                        pass
+                link.send_all(link.conn.send(wire.RangedUploadRequest(
+                    self.session_key, self.file_key, self.size, r["start"], r["end"])))
+                offset = link.expect(wire.RangeOffset, REPLY_PATIENCE).offset
+                with self.lock:
+                    r["pos"] = offset
+                    if r["from"] is None:
+                        r["from"] = offset
+                progressed, best = offset > best, max(best, offset)
+                self._progress()
+
+                def sent(n: int) -> None:
+                    with self.lock:
+                        r["pos"] += n
+                        r["sent"] += n
+                    self._progress()
+
+                link.send_body(self.f, offset, r["end"] - offset, sent)
+                hasher = self.local.wait(0)  # the digest if ready; the verdict compares it after STORED anyway
+                self.source.check()  # DONE may commit the file: never one that changed meanwhile
+                link.send_all(link.conn.send(wire.Done(hasher.hexdigest() if hasher else None)))
+                reply = link.expect((wire.RangeStored, wire.Stored), REPLY_PATIENCE)
+                with self.lock:
+                    r["reply"] = "stored" if isinstance(reply, wire.Stored) else "durable"
+                    if isinstance(reply, wire.Stored):
+                        self.stored.append(reply)
+                return
+            except FiledockError as exc:
+                if isinstance(exc, RefusedByServer) and exc.code is ErrorCode.ALREADY_COMPLETE:
+                    with self.lock:
+                        r["reply"] = "complete"
+                        r["pos"] = r["end"]
+                    return
+                decision = budget.failed(exc, progressed)
+                if isinstance(decision, GiveUp) or self.halt.is_set():
+                    if not self.halt.is_set() or not isinstance(exc, Cancelled):
+                        with self.lock:
+                            self.errors.append(decision.error if isinstance(decision, GiveUp) else exc)
+                    self.halt.set()
+                    return
+                log.info("%s range %d-%d: %s; reconnecting in %.1fs", self.name, r["start"], r["end"], exc.message,
+                         decision.seconds)
+            except Cancelled:
+                return
+            except BaseException as exc:  # noqa: BLE001 - a thread must hand every failure to run()
+                with self.lock:
+                    self.errors.append(exc)
+                self.halt.set()
+                return
+            finally:
+                if link is not None:
+                    link.close()
+            if self.halt.wait(decision.seconds):
+                return
 
 
 def data_port_unreachable(host: str, port: int, reason: str) -> str:

@@ -65,6 +65,10 @@ def add_parsers(sub: Any, client_flags: Callable[[argparse.ArgumentParser], None
                    default=os.environ.get("FILEDOCK_TCP_CONGESTION") or None,
                    help="TCP congestion control of the data connections, e.g. bbr or cubic (else "
                         "FILEDOCK_TCP_CONGESTION, else the system's default); --json reports the one used")
+    p.add_argument("--streams", type=_streams, metavar="K|auto", default=None,
+                   help="send each large file (8 MiB or more) over K connections at once, each a range of it "
+                        "(fills long or lossy links); auto picks K from the measured round-trip time (one "
+                        "stream on a LAN); default: one connection per file")
     _transfer_flags(p)
     client_flags(p)
     p.set_defaults(func=cmd_upload, services=services)
@@ -98,6 +102,20 @@ def _transfer_flags(p: argparse.ArgumentParser) -> None:
                    help="connections in a row that may fail without progress before giving up (default 5)")
     p.add_argument("--stall-timeout", type=_positive(float), default=60.0, metavar="S",
                    help="seconds without progress before reconnecting (default 60)")
+
+
+def _streams(raw: str) -> int | str:
+    from filedock.client.ranges import MAX_STREAMS
+
+    if raw == "auto":
+        return raw
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_STREAMS:
+        raise argparse.ArgumentTypeError(f"--streams takes a number from 1 to {MAX_STREAMS}, or auto, not {raw!r}")
+    return value
 
 
 def _congestion_control(raw: str) -> str:
@@ -144,7 +162,8 @@ def _data_client(api: Any, args: argparse.Namespace):
     from filedock.client.uploader import data_client_for
 
     return data_client_for(api, stall_timeout=args.stall_timeout, attempts=args.attempts,
-                           congestion_control=getattr(args, "congestion_control", None))
+                           congestion_control=getattr(args, "congestion_control", None),
+                           streams=getattr(args, "streams", None))
 
 
 def _stderr_console():

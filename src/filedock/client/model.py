@@ -145,6 +145,8 @@ class TransferResult:
     outcome: Outcome = Outcome.PENDING
     message: str = ""
     code: ErrorCode | str | None = None
+    streams: dict[str, Any] | None = None
+    """A ranged upload's connections: how many, why, the path's RTT, the congestion control, each range."""
 
     @classmethod
     def failed(cls, name: str, size: int, key: str, error: FiledockError) -> "TransferResult":
@@ -172,7 +174,7 @@ class TransferResult:
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "size": self.size, "key": self.key, "resumed_from": self.resumed_from,
                 "sent": self.sent, "crc32": self.crc32_hex, "digest": self.digest, "state": self.state,
-                "message": self.message}
+                "message": self.message} | ({"streams": self.streams} if self.streams is not None else {})
 
 
 class UploadResult(TransferResult):

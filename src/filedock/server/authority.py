@@ -239,3 +239,11 @@ class StoreAuthority:
 
     def record_discard(self, target: UploadTarget):
         return self.store.reset_file(target.file_key)
+
+    def record_range_blocks(self, target: UploadTarget, blocks: list[tuple[int, str, int]]):
+        """Blocks of a ranged upload are fsync'd: record them (index, hash hex, CRC-32)."""
+        return self.store.record_range_blocks(target.file_key, blocks)
+
+    def range_blocks(self, target: UploadTarget):
+        """Fires with the durable blocks of a ranged upload: (index, hash hex, CRC-32), by index."""
+        return self.store.range_blocks(target.file_key)

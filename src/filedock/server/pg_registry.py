@@ -320,6 +320,15 @@ class PostgresUploadRegistry:
 
     # -- files and upload slots
 
+    supports_ranges = False
+    """Ranged uploads (``PUTR``) need range claims shared across servers, which this registry does
+    not keep yet: the request is refused with ``ranges-unsupported`` and the client sends the file
+    with one ``PUT`` (docs/deploy.md, "Running several servers")."""
+
+    def acquire_range(self, file_key, start, end, session_key, limit, request_release):
+        return defer.fail(FiledockError(ErrorCode.RANGES_UNSUPPORTED, "servers sharing PostgreSQL take no "
+                                        "ranged uploads yet; send the file with PUT"))
+
     @defer.inlineCallbacks
     def acquire(self, file_key, session_key, limit, request_release):
         local = yield self._local.acquire(file_key, session_key, limit, request_release)

@@ -44,6 +44,15 @@ class IUploadRegistry(Interface):
         are taken.
         """
 
+    def acquire_range(file_key: str, start: int, end: int, session_key: str, limit: int,
+                      request_release: Callable[[], None]) -> defer.Deferred:
+        """Hold bytes ``[start, end)`` of ``file_key`` (a ranged upload) and one of the session's slots.
+
+        Holders of overlapping ranges, and a holder of the whole file (a plain upload), are
+        asked to let go first (``took_over`` is True then); holders of other ranges of the
+        same file keep theirs. ``acquire`` of the whole file takes over every range.
+        """
+
     def try_acquire(file_key: str) -> defer.Deferred:
         """Hold ``file_key`` if nobody does (no slot, no takeover); fires with the claim or None."""
 
@@ -80,12 +89,14 @@ class IUploadRegistry(Interface):
 
 @implementer(IUploadClaim)
 class _Claim:
-    __slots__ = ("file_key", "session_key", "took_over", "request_release", "released")
+    __slots__ = ("file_key", "session_key", "took_over", "request_release", "released", "range")
 
-    def __init__(self, file_key: str, session_key: str | None, request_release: Callable[[], None]) -> None:
+    def __init__(self, file_key: str, session_key: str | None, request_release: Callable[[], None],
+                 byte_range: tuple[int, int] | None = None) -> None:
         self.file_key, self.session_key, self.took_over = file_key, session_key, False
         self.request_release = request_release
         self.released = defer.Deferred()
+        self.range = byte_range  # a ranged upload's [start, end); None: the whole file
 
     def __repr__(self) -> str:
         return f"<claim of {short_key(self.file_key)}>"
@@ -97,6 +108,7 @@ class InProcessUploadRegistry:
 
     def __init__(self) -> None:
         self._claims: dict[str, _Claim] = {}
+        self._range_claims: dict[str, list[_Claim]] = {}  # ranged uploads' claims, per file
         self._slots: Counter[str] = Counter()  # upload slots (PUT and ABORT) taken, per session
         self._batch_slots: Counter[str] = Counter()
         self._slot_waiters: dict[str, deque[defer.Deferred]] = {}
@@ -108,6 +120,8 @@ class InProcessUploadRegistry:
 
     def acquire(self, file_key, session_key, limit, request_release):
         old = self._claims.get(file_key)
+        if file_key in self._range_claims:  # a plain upload takes over every range of the file
+            return self._take_over(file_key, None, session_key, limit, request_release)
         if self._slots[session_key] - self._replacing(old, session_key) >= limit:
             return defer.fail(FiledockError(ErrorCode.TOO_MANY_CONNECTIONS, "too many connections for this session"))
         claim = _Claim(file_key, session_key, request_release)
@@ -121,8 +135,40 @@ class InProcessUploadRegistry:
         old.released.addBoth(lambda result: (let_go.callback(claim), result)[1])
         return let_go
 
-    def try_acquire(self, file_key):
+    def acquire_range(self, file_key, start, end, session_key, limit, request_release):
+        return self._take_over(file_key, (start, end), session_key, limit, request_release)
+
+    def _take_over(self, file_key: str, byte_range: tuple[int, int] | None, session_key: str, limit: int,
+                   request_release: Callable[[], None]) -> defer.Deferred:
+        """Claim the whole file (``byte_range`` None) or a range of it, taking over every claim it overlaps."""
+        ranged = self._range_claims.get(file_key, [])
+        olds = [c for c in ranged if byte_range is None or (c.range[0] < byte_range[1] and byte_range[0] < c.range[1])]
         if file_key in self._claims:
+            olds.append(self._claims[file_key])
+        replacing = sum(1 for c in olds if c.session_key == session_key)
+        if self._slots[session_key] - replacing >= limit:
+            return defer.fail(FiledockError(ErrorCode.TOO_MANY_CONNECTIONS, "too many connections for this session"))
+        claim = _Claim(file_key, session_key, request_release, byte_range)
+        self._slots[session_key] += 1
+        self._claims.pop(file_key, None)
+        kept = [c for c in ranged if c not in olds]
+        if byte_range is None:
+            self._claims[file_key] = claim
+        else:
+            kept.append(claim)
+        if kept:
+            self._range_claims[file_key] = kept
+        else:
+            self._range_claims.pop(file_key, None)
+        if not olds:
+            return defer.succeed(claim)
+        claim.took_over = True
+        for old in olds:
+            old.request_release()
+        return defer.DeferredList([old.released for old in olds], consumeErrors=True).addCallback(lambda _: claim)
+
+    def try_acquire(self, file_key):
+        if file_key in self._claims or file_key in self._range_claims:
             return defer.succeed(None)
         claim = self._claims[file_key] = _Claim(file_key, None, lambda: None)
         return defer.succeed(claim)
@@ -130,6 +176,11 @@ class InProcessUploadRegistry:
     def release(self, claim):
         if self._claims.get(claim.file_key) is claim:
             del self._claims[claim.file_key]
+        ranged = self._range_claims.get(claim.file_key)
+        if ranged and claim in ranged:
+            ranged.remove(claim)
+            if not ranged:
+                del self._range_claims[claim.file_key]
         if claim.session_key is not None:
             session = claim.session_key
             self._slots[session] -= 1
@@ -173,7 +224,7 @@ class InProcessUploadRegistry:
             del self._passes_due[session_key]
 
     def is_held(self, file_key):
-        return defer.succeed(file_key in self._claims)
+        return defer.succeed(file_key in self._claims or file_key in self._range_claims)
 
     @staticmethod
     def _replacing(old: _Claim | None, session_key: str) -> int:

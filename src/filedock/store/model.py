@@ -13,6 +13,8 @@ JOB_COMPLETE = "complete"
 FILE_PENDING = "pending"
 FILE_PARTIAL = "partial"
 FILE_COMPLETE = "complete"
+RANGED_STAMP = "ranged"
+"""A file's ``part_stamp`` while its progress is a ranged upload's blocks (``range_blocks``), not a prefix."""
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,8 @@ import psycopg
 from psycopg import errors as pg_errors
 
 from filedock.errors import ErrorCode, FiledockError
+from filedock.digest import BLOCK_SIZE
+from filedock.store.model import RANGED_STAMP
 from filedock.store.model import (
     FILE_COMPLETE, FILE_PARTIAL, FILE_PENDING, JOB_COMPLETE, JOB_OPEN, REPLACEMENT_MARK, SCOPE_ADMIN, SCOPES, Event,
     FileRecord, Job, Session, TokenGrant, replacement_name,
@@ -195,6 +197,16 @@ MIGRATIONS: list[str] = [
             RETURN QUERY SELECT v_job, FALSE;
         END IF;
     END $$
+    """,
+    # 3: ranged uploads (see sqlite.py's migration 6)
+    """
+    CREATE TABLE range_blocks (
+        file_id TEXT NOT NULL REFERENCES files(id) ON DELETE CASCADE,
+        block BIGINT NOT NULL,
+        hash TEXT NOT NULL,
+        crc32 BIGINT NOT NULL,
+        PRIMARY KEY (file_id, block)
+    )
     """,
 ]
 
@@ -717,12 +729,38 @@ class PostgresStore:
         cur.execute("INSERT INTO events (id, job_id, kind, payload, created) VALUES (%s, %s, %s, %s, %s)",
                     (event_id, job_id, kind, json.dumps(payload), now))
 
+    def record_range_blocks(self, key: str, blocks: list[tuple[int, str, int]]) -> None:
+        """Blocks of a ranged upload are durable on disk: record them (index, hash hex, CRC-32), mark
+        the file's progress as ranged and count its durable bytes in ``received``."""
+        def record(cur: psycopg.Cursor) -> None:
+            cur.execute("SELECT id FROM files WHERE key_hash = %s AND state != %s FOR UPDATE",
+                        (hash_key(key), FILE_COMPLETE))
+            row = cur.fetchone()
+            if row is None:
+                return
+            cur.executemany("INSERT INTO range_blocks (file_id, block, hash, crc32) VALUES (%s, %s, %s, %s) "
+                            "ON CONFLICT (file_id, block) DO UPDATE SET hash = EXCLUDED.hash, crc32 = EXCLUDED.crc32",
+                            [(row[0], i, h, c) for i, h, c in blocks])
+            cur.execute("UPDATE files SET part_stamp = %s, state = %s, updated = %s, received = (SELECT "
+                        "COALESCE(SUM(LEAST(files.size - block * %s, %s)), 0) FROM range_blocks "
+                        "WHERE file_id = files.id) WHERE id = %s",
+                        (RANGED_STAMP, FILE_PARTIAL, self._clock(), BLOCK_SIZE, BLOCK_SIZE, row[0]))
+        self._write(record)
+
+    def range_blocks(self, key: str) -> list[tuple[int, str, int]]:
+        """The durable blocks of a ranged upload: (index, hash hex, CRC-32), by index."""
+        return [tuple(r) for r in self._read(
+            "SELECT block, hash, crc32 FROM range_blocks WHERE file_id = (SELECT id FROM files WHERE key_hash = %s) "
+            "ORDER BY block", (hash_key(key),))]
+
     def reset_file(self, key: str, force: bool = False) -> None:
         """Back to pending with nothing received; a complete file only with ``force`` (fsck)."""
         def reset(cur: psycopg.Cursor) -> None:
             if force:  # the job first, as every writer that changes a job does
                 cur.execute("SELECT 1 FROM jobs WHERE id = (SELECT job_id FROM files WHERE key_hash = %s) "
                             "FOR UPDATE", (hash_key(key),))
+            cur.execute("DELETE FROM range_blocks WHERE file_id = (SELECT id FROM files WHERE key_hash = %s)",
+                        (hash_key(key),))
             cur.execute("UPDATE files SET received = 0, crc32 = 0, state = %s, part_stamp = NULL, digest = NULL, "
                         "uploaded_at = NULL, updated = %s WHERE key_hash = %s AND (state != %s OR %s)",
                         (FILE_PENDING, self._clock(), hash_key(key), FILE_COMPLETE, force))

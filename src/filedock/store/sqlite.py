@@ -23,6 +23,8 @@ from typing import Any, Iterator
 
 from filedock.durability import fsync_dir
 from filedock.errors import ErrorCode, FiledockError
+from filedock.digest import BLOCK_SIZE
+from filedock.store.model import RANGED_STAMP
 from filedock.store.model import (
     FILE_COMPLETE, FILE_PARTIAL, FILE_PENDING, JOB_COMPLETE, JOB_OPEN, SCOPE_ADMIN, SCOPES, Event, FileRecord,
     Job, Session, TokenGrant, replacement_name,
@@ -135,6 +137,18 @@ MIGRATIONS: list[str] = [
             bytes_total = bytes_total + NEW.size, bytes_received = bytes_received + NEW.received
         WHERE job_id = NEW.job_id;
     END
+    """,
+    # 6: ranged uploads (FILEDOCK/1 PUTR): the blocks of a file held durably, each with its content
+    # hash and CRC-32, so a resume learns every durable range (not just a prefix) and completion
+    # builds the file's digest and CRC from them; the file's part_stamp says 'ranged' meanwhile
+    """
+    CREATE TABLE range_blocks (
+        file_id TEXT NOT NULL REFERENCES files(id) ON DELETE CASCADE,
+        block INTEGER NOT NULL,
+        hash TEXT NOT NULL,
+        crc32 INTEGER NOT NULL,
+        PRIMARY KEY (file_id, block)
+    )
     """,
 ]
 
@@ -622,9 +636,31 @@ class SQLiteStore:
         db.execute("INSERT INTO events (id, job_id, kind, payload, created) VALUES (?, ?, ?, ?, ?)",
                    (event_id, job_id, kind, json.dumps(payload), now))
 
+    def record_range_blocks(self, key: str, blocks: list[tuple[int, str, int]]) -> None:
+        """Blocks of a ranged upload are durable on disk: record them (index, hash hex, CRC-32), mark
+        the file's progress as ranged and count its durable bytes in ``received``."""
+        with self._write() as db:
+            row = db.execute("SELECT id FROM files WHERE key_hash = ? AND state != ?",
+                             (hash_key(key), FILE_COMPLETE)).fetchone()
+            if row is None:
+                return
+            db.executemany("INSERT OR REPLACE INTO range_blocks (file_id, block, hash, crc32) VALUES (?, ?, ?, ?)",
+                           [(row[0], i, h, c) for i, h, c in blocks])
+            db.execute("UPDATE files SET part_stamp = ?, state = ?, updated = ?, received = (SELECT "
+                       "COALESCE(SUM(MIN(files.size - block * ?, ?)), 0) FROM range_blocks WHERE file_id = files.id) "
+                       "WHERE id = ?", (RANGED_STAMP, FILE_PARTIAL, self._clock(), BLOCK_SIZE, BLOCK_SIZE, row[0]))
+
+    def range_blocks(self, key: str) -> list[tuple[int, str, int]]:
+        """The durable blocks of a ranged upload: (index, hash hex, CRC-32), by index."""
+        return [tuple(r) for r in self._read(
+            "SELECT block, hash, crc32 FROM range_blocks WHERE file_id = (SELECT id FROM files WHERE key_hash = ?) "
+            "ORDER BY block", (hash_key(key),))]
+
     def reset_file(self, key: str, force: bool = False) -> None:
         """Back to pending with nothing received; a complete file only with ``force`` (fsck)."""
         with self._write() as db:
+            db.execute("DELETE FROM range_blocks WHERE file_id = (SELECT id FROM files WHERE key_hash = ?)",
+                       (hash_key(key),))
             db.execute("UPDATE files SET received = 0, crc32 = 0, state = ?, part_stamp = NULL, digest = NULL, "
                        "uploaded_at = NULL, updated = ? WHERE key_hash = ? AND (state != ? OR ?)",
                        (FILE_PENDING, self._clock(), hash_key(key), FILE_COMPLETE, force))

@@ -27,6 +27,7 @@ from filedock.server.dataport.batch import BatchUpload
 from filedock.server.dataport.budget import UnauthenticatedBudget, peer_group
 from filedock.server.dataport.channel import IRequestChannel, Request, RequestServices
 from filedock.server.dataport.download import Download
+from filedock.server.dataport.ranged import RangedUpload
 from filedock.server.dataport.stats import DataPortStats
 from filedock.server.dataport.upload import Upload
 from filedock.server.registry import InProcessUploadRegistry, IUploadRegistry
@@ -36,6 +37,7 @@ log = Logger(namespace="filedock.dataport")
 
 REQUEST_KINDS: dict[type, type[Request]] = {
     wire.UploadRequest: Upload,
+    wire.RangedUploadRequest: RangedUpload,
     wire.DownloadRequest: Download,
     wire.AbortRequest: Abort,
     wire.BatchRequest: BatchUpload,
@@ -273,7 +275,7 @@ class DataPortProtocol(Protocol):
         if self.conn.awaiting_close:
             self._finish(None)
             return
-        if self.conn.receiving_body and isinstance(self.request, Upload):  # a batch item's body is not an upload
+        if self.conn.receiving_body and isinstance(self.request, (Upload, RangedUpload)):  # a batch item's body is not an upload
             self.request.note_outcome(ErrorCode.SHORT_UPLOAD.value)
         self._enter(Lifecycle.ENDING)
         self.transport.loseConnection()
@@ -323,6 +325,19 @@ class DataPortProtocol(Protocol):
         self.transport.write(self.conn.send(wire.Offset(offset)))
         self._enter(Lifecycle.TRANSFERRING)
         self.expect_within(self.factory.limits.idle_timeout)
+
+    def accepted_range(self, offset: int, durable: tuple[tuple[int, int], ...]) -> None:
+        """A ranged upload: send the range from ``offset``; ``durable`` is every range the server holds."""
+        if self.phase in _ENDED:
+            return
+        self.transport.write(self.conn.send(wire.RangeOffset(offset, durable)))
+        self._enter(Lifecycle.TRANSFERRING)
+        self.expect_within(self.factory.limits.idle_timeout)
+
+    def range_stored(self, start: int, end: int) -> None:
+        """A ranged upload's final reply when other ranges are still missing: its range is durable."""
+        if self.phase not in _ENDED:
+            self._final_reply(self.conn.send(wire.RangeStored(start, end)))
 
     def stored(self, size: int, crc32: int, digest: str) -> None:
         if self.phase not in _ENDED:  # a 2007 upload finishes once its client is gone: nothing to say

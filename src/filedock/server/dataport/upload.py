@@ -15,6 +15,7 @@ from filedock.errors import ErrorCode, FiledockError, short_key
 from filedock.server.authority import UploadTarget
 from filedock.server.dataport.channel import IRequestChannel, Request, RequestServices
 from filedock.store.blobstore import PartialWriterLike, PrefixLost
+from filedock.store.model import RANGED_STAMP
 
 log = Logger(namespace="filedock.dataport")
 
@@ -82,6 +83,11 @@ class Upload(Request):
             return  # taken over (or the job deleted) while we waited for the older connection
         if self.claim.took_over:  # the older connection recorded more: ask again
             target = yield s.authority.authorize_upload(req.session_key, req.file_key, req.size)
+        if target.stamp == RANGED_STAMP:
+            # the file's progress is a ranged upload's blocks, not a prefix: a plain upload (either
+            # dialect) starts again from 0, the record (and its blocks) back at 0 before a byte is written
+            yield s.authority.record_discard(target)
+            target = replace(target, received=0, crc32=0, stamp=None)
         if req.legacy and target.received:
             # a 2007 client always starts at byte 0: whatever partial we held is replaced, and the record
             # goes back to 0 (durably) before a byte of it is overwritten

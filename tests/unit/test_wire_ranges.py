@@ -1,0 +1,169 @@
+"""The ranged upload in the sans-IO core: ``PUTR``, ``RANGES``, ``DURABLE`` and their table rows."""
+
+from __future__ import annotations
+
+import uuid
+import zlib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from filedock import wire
+from filedock.digest import crc32_combine
+from filedock.errors import ErrorCode
+
+A = RANGE = wire.RANGE_ALIGN
+SESSION, FILE = str(uuid.uuid4()), str(uuid.uuid4())
+
+
+def valid_range(draw) -> tuple[int, int, int]:
+    blocks = draw(st.integers(1, 64))
+    size = (blocks - 1) * A + draw(st.integers(1, A))
+    first = draw(st.integers(0, blocks - 1))
+    last = draw(st.integers(first + 1, blocks))
+    return size, first * A, min(size, last * A)
+
+
+ranges_st = st.composite(valid_range)()
+
+
+def server_with(line: bytes) -> tuple[wire.ServerConnection, object]:
+    conn = wire.ServerConnection()
+    conn.receive_data(line)
+    return conn, conn.next_event()
+
+
+@given(ranges_st)
+def test_putr_round_trips_through_both_cores(r):
+    """What the client core writes, the server core parses back to the same request."""
+    size, start, end = r
+    client = wire.ClientConnection()
+    line = client.send(wire.RangedUploadRequest(SESSION, FILE, size, start, end))
+    server, event = server_with(line)
+    assert event == wire.RangedUploadRequest(SESSION, FILE, size, start, end)
+    assert server.deciding
+
+
+@given(st.integers(0, 2**40), st.integers(0, 2**40), st.integers(0, 2**40))
+def test_invalid_ranges_are_refused_with_bad_range(size, start, end):
+    """Any range that is empty, outside the file or off the 4 MiB grid is ``bad-range``, never accepted."""
+    line = f"FILEDOCK/1 PUTR {SESSION} {FILE} {size} {start} {end}\r\n".encode()
+    server, event = server_with(line)
+    why = wire.range_error(size, start, end)
+    if why is None:
+        assert isinstance(event, wire.RangedUploadRequest)
+    else:
+        assert isinstance(event, wire.ProtocolError) and event.code is ErrorCode.BAD_RANGE
+        assert server.closed
+
+
+@pytest.mark.parametrize("line", [
+    b"FILEDOCK/1 PUTR %s %s 10 0\r\n", b"FILEDOCK/1 PUTR %s %s 10 0 10 5\r\n", b"FILEDOCK/1 PUTR %s %s -1 0 10\r\n",
+    b"FILEDOCK/1 PUTR %s %s 010 0 10\r\n",
+])
+def test_malformed_putr_lines(line):
+    _, event = server_with(line % (SESSION.encode(), FILE.encode()))
+    assert isinstance(event, wire.ProtocolError) and event.code is ErrorCode.MALFORMED_HEADER
+
+
+def durable_st(size: int):
+    return st.lists(st.integers(0, max(0, (size - 1) // A)), unique=True).map(
+        lambda blocks: _runs(sorted(blocks), size))
+
+
+def _runs(blocks, size):
+    out = []
+    for i in blocks:
+        a, b = i * A, min(size, (i + 1) * A)
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return tuple(out)
+
+
+@settings(deadline=None, max_examples=40)  # each example moves up to a few MiB of body
+@given(ranges_st, st.data())
+def test_ranges_reply_round_trips_and_body_is_the_rest_of_the_range(r, data):
+    """``RANGES offset list`` written by the server is read back by the client; the body expected is
+    ``end - offset``; then ``DONE`` and ``DURABLE`` (or ``STORED``) close both sides."""
+    size, start, end = r
+    durable = data.draw(durable_st(size))
+    offset = data.draw(st.integers(start, end))
+    client = wire.ClientConnection()
+    server, _ = server_with(client.send(wire.RangedUploadRequest(SESSION, FILE, size, start, end)))
+    client.receive_data(server.send(wire.RangeOffset(offset, durable)))
+    assert client.next_event() == wire.RangeOffset(offset, durable)
+    assert server.body_expected == end - offset and client.sending_body
+    body = bytes(min(end - offset, 1 << 20))
+    fed = 0
+    while fed < end - offset:
+        n = min(len(body), end - offset - fed)
+        server.receive_data(body[:n])
+        fed += n
+        while isinstance(server.next_event(), wire.Data):
+            pass
+    server.receive_data(client.send(wire.Done(None)))
+    events = []
+    while (event := server.next_event()) is not wire.NEED_DATA:
+        events.append(type(event))
+    assert events[-1] is wire.Done and server.body_received == end - offset
+    last = data.draw(st.sampled_from([wire.RangeStored(start, end), wire.Stored(size, 0, "0" * 64)]))
+    client.receive_data(server.send(last))
+    assert client.next_event() == last
+    assert client.closed and server.closed
+
+
+def test_replies_that_do_not_fit_the_request_are_bad_replies():
+    """An ``OFFSET`` to a ranged request, ``RANGES`` outside the range or with overlapping ranges, or
+    ``DURABLE`` for another range: the client core turns each into a ``malformed-header`` error."""
+    for reply in (b"OFFSET 0\r\n", f"RANGES {3 * A} -\r\n".encode(), f"RANGES {A} 0-{A},{A // 2}-{2 * A}\r\n".encode()):
+        client = wire.ClientConnection()
+        client.send(wire.RangedUploadRequest(SESSION, FILE, 2 * A, A, 2 * A))
+        client.receive_data(reply)
+        event = client.next_event()
+        assert isinstance(event, wire.ServerError) and event.code == "malformed-header", reply
+    client = wire.ClientConnection()
+    client.send(wire.RangedUploadRequest(SESSION, FILE, 2 * A, A, 2 * A))
+    client.receive_data(f"RANGES {2 * A} 0-{2 * A}\r\nDURABLE 0 {A}\r\n".encode())
+    assert isinstance(client.next_event(), wire.RangeOffset)
+    client.send(wire.Done(None))
+    assert isinstance(client.next_event(), wire.ServerError)
+
+
+def test_table_rows_keep_dialects_apart():
+    """A plain PUT cannot be answered with RANGES or DURABLE, a ranged one not with OFFSET; the 2007
+    table still completes on close; STORED answers both kinds of upload."""
+    server, _ = server_with(f"FILEDOCK/1 PUT {SESSION} {FILE} 10\r\n".encode())
+    with pytest.raises(wire.LocalProtocolError):
+        server.send(wire.RangeOffset(0, ()))
+    server, _ = server_with(f"FILEDOCK/1 PUTR {SESSION} {FILE} 10 0 10\r\n".encode())
+    with pytest.raises(wire.LocalProtocolError):
+        server.send(wire.Offset(0))
+    with pytest.raises(ValueError):
+        server.send(wire.RangeOffset(11, ()))
+    assert wire.SERVER_TRANSITIONS[(wire.ServerState.FINISHING, wire.RangeStored)] is wire.ServerState.CLOSED
+    assert wire.LEGACY_SERVER_TRANSITIONS[(wire.ServerState.BODY, wire.BodyComplete)] is wire.ServerState.LEGACY_END
+    assert wire.SERVER_REPLY_ALSO_TO[wire.Stored] is wire.RangedUploadRequest
+
+
+@given(st.lists(st.tuples(st.integers(0, 2**40), st.integers(1, 2**20)), max_size=8))
+def test_format_and_parse_ranges(pairs):
+    ranges, pos = [], 0
+    for gap, length in pairs:
+        ranges.append((pos + gap, pos + gap + length))
+        pos = pos + gap + length + 1
+    ranges = tuple(ranges)
+    assert wire.parse_ranges(wire.format_ranges(ranges)) == ranges
+
+
+@given(st.binary(max_size=20000), st.data())
+def test_crc32_combine_equals_zlib_on_random_splits(data, draw):
+    """Ranges' CRC-32s combined equal zlib's CRC-32 of the whole, for any split into pieces."""
+    cuts = sorted(draw.draw(st.lists(st.integers(0, len(data)), max_size=6)))
+    pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])]
+    crc = 0
+    for piece in pieces:
+        crc = crc32_combine(crc, zlib.crc32(piece), len(piece))
+    assert crc == zlib.crc32(data)
