@@ -101,7 +101,13 @@ def test_one_lossy_stream_is_near_the_mathis_estimate(emulator, cc):
 
 
 def _sleeper(link: Link) -> list[subprocess.Popen]:
-    return [subprocess.Popen(ns.command(["sleep", "600"])) for ns in (link.sender, link.receiver)]
+    """A process in each namespace, returned once it is inside (``ip netns exec`` enters it after the
+    fork: a process that is not in yet is not the emulator's to kill)."""
+    procs = [(ns, subprocess.Popen(ns.command(["sleep", "600"]))) for ns in (link.sender, link.receiver)]
+    deadline = time.monotonic() + 10
+    while not all(p.pid in ns.pids() for ns, p in procs) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return [p for _, p in procs]
 
 
 def _gone(pid: int) -> bool:
