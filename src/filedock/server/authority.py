@@ -40,6 +40,11 @@ class UploadTarget:
     stamp: str | None
     name: str = ""
     file_id: str = ""
+    replaces: str | None = None
+    """The id of the file this new version replaces once complete (``upload --replace``), when known."""
+    replaces_known: bool = False
+    """Whether ``replaces`` was read with the record (else ``record_complete`` looks it up: one more
+    round trip to the store, which PostgreSQL makes dear for many small files)."""
 
     @property
     def blob_name(self) -> str:
@@ -126,10 +131,12 @@ class StoreAuthority:
         self.blobs = blobs  # where a file replaced by a new version (upload --replace) is deleted
 
     @defer.inlineCallbacks
-    def _replaced(self, keys: list[str]):
-        """(job id, key) of the files that these new versions replace once recorded complete."""
-        records = yield self.store.files_by_keys(keys)
-        return [(r.job_id, r.replaces) for r in records if r.replaces]
+    def _replaced(self, targets: list[UploadTarget]):
+        """(job id, file id) of the files that these new versions replace once recorded complete."""
+        known = [(t.job_id, t.replaces) for t in targets if t.replaces_known and t.replaces]
+        unknown = [t.file_key for t in targets if not t.replaces_known]
+        records = (yield self.store.files_by_keys(unknown)) if unknown else []
+        return known + [(r.job_id, r.replaces) for r in records if r.replaces]
 
     @defer.inlineCallbacks
     def _delete_replaced(self, replaced: list[tuple[str, str]]):
@@ -189,12 +196,13 @@ class StoreAuthority:
                                                record.public_name, record.id)
             else:
                 verdicts[key] = UploadTarget(record.job_id, key, record.size, record.received, record.crc32,
-                                             record.part_stamp, record.public_name, record.id)
+                                             record.part_stamp, record.public_name, record.id,
+                                             record.replaces, replaces_known=True)
         return verdicts
 
     @defer.inlineCallbacks
     def record_batch(self, items: list[tuple[UploadTarget, int, str]]):
-        replaced = yield self._replaced([t.file_key for t, _, _ in items])
+        replaced = yield self._replaced([t for t, _, _ in items])
         completed_jobs = yield self.store.record_complete_many([(t.file_key, crc, dig) for t, crc, dig in items])
         yield self._delete_replaced(replaced)
         if self.on_complete is not None:
@@ -215,7 +223,7 @@ class StoreAuthority:
         if record.state == FILE_COMPLETE:
             raise FiledockError(ErrorCode.ALREADY_COMPLETE, "the file is complete already")
         return UploadTarget(record.job_id, record.key, record.size, record.received, record.crc32,
-                            record.part_stamp, record.public_name, record.id)
+                            record.part_stamp, record.public_name, record.id, record.replaces, replaces_known=True)
 
     @defer.inlineCallbacks
     def authorize_download(self, session_key: str, file_key: str):
@@ -230,7 +238,7 @@ class StoreAuthority:
 
     @defer.inlineCallbacks
     def record_complete(self, target: UploadTarget, crc32: int, digest: str):
-        replaced = yield self._replaced([target.file_key])
+        replaced = yield self._replaced([target])
         job_complete = yield self.store.record_complete(target.file_key, crc32, digest)
         yield self._delete_replaced(replaced)
         if self.on_complete is not None:
