@@ -317,6 +317,26 @@ class FiledockServer:
             lambda f: log.warn("shutdown: some uploads did not checkpoint in time"))
 
     @defer.inlineCallbacks
+    def _sweep_parts(self, cutoff: float):
+        """Delete tus concatenation parts untouched since ``cutoff`` (complete or not: no final upload
+        came for them), record and bytes; returns how many went."""
+        swept = 0
+        for record in (yield self.store.stale_parts(cutoff)):
+            registry = self.dataport.registry
+            claim = yield registry.try_acquire(record.key)
+            if claim is None:
+                continue  # in use (being uploaded, or a final upload is made of it)
+            try:
+                yield self.store.delete_parts([record.key])  # the record first: it never claims bytes that are gone
+                yield self.dataport.in_thread(self.blobs.delete_file, record.job_id, record.blob_name)
+            finally:
+                registry.release(claim)
+            swept += 1
+            log.info("swept abandoned concatenation part {key} of job {job} ({received} bytes)",
+                     key=short_key(record.key), job=short_key(record.job_id), received=record.received)
+        return swept
+
+    @defer.inlineCallbacks
     def sweep(self):
         """Delete partials untouched for ``limits.partial_ttl`` seconds (not those in use), and
         staging files of batches that are gone; returns how many went."""
@@ -338,6 +358,7 @@ class FiledockServer:
             swept += 1
             log.info("swept stale partial {key} of job {job} ({received} bytes)",
                      key=short_key(record.key), job=short_key(record.job_id), received=record.received)
+        swept += yield self._sweep_parts(cutoff)
         # a batch's staging files live as long as its connection: any others were left by a crash
         # (anything from before this process started is a leftover at once)
         active = set(self.dataport.batch_tags)
