@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import uuid
 import subprocess
 import sys
 import time
@@ -20,7 +21,11 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from filedock.digest import ContentHasher
+from filedock.store.concat import PartSource, concatenate
+from tests.engines.seaweedfs import S3Target, s3_bucket, seaweedfs  # noqa: F401 (fixtures)
 from tests.integration.harness import ServerProcess
+from tests.integration.test_blobstores import backend, blob_store_factory  # noqa: F401 (fixtures)
 from tests.integration.test_http_upload import OCTETS, TUS, b64, blake, call, head, patch
 
 MiB = 1 << 20
@@ -85,7 +90,8 @@ def test_curl_two_parts_and_a_final_make_one_file(concat_server, tmp_path):
     """By hand with curl: OPTIONS advertises concatenation; two parts created and PATCHed (in the
     reverse order), the final made of them; HEAD of the final reports Upload-Concat; `job show` lists
     the final alone, one job completion event names it alone; `filedock download` gives the bytes of the
-    parts in order; a PATCH to the final is 403; the parts are gone."""
+    parts in order; a PATCH to the final is 403; the parts are gone; the final sent again (a lost
+    response) gets the same 201 and no second event."""
     server = concat_server
     auth = f"Authorization: Bearer {server.token}"
     data = os.urandom(6 * MiB + 12345)
@@ -117,7 +123,7 @@ def test_curl_two_parts_and_a_final_make_one_file(concat_server, tmp_path):
     assert header(out, "Upload-Offset") == str(len(data))
     assert header(out, "Filedock-Digest") == f"blake3-4m={blake(data)}"
     out = curl("-I", location, "-H", auth, "-H", "Tus-Resumable: 1.0.0")
-    assert header(out, "Upload-Concat") == "final;" + " ".join(locations)
+    assert header(out, "Upload-Concat") == "final;" + " ".join(urlsplit(p).path for p in locations)
     assert header(out, "Upload-Offset") == header(out, "Upload-Length") == str(len(data))
     out = curl("-X", "PATCH", location, "-H", auth, "-H", "Tus-Resumable: 1.0.0", "-H",
                "Content-Type: application/offset+octet-stream", "-H", f"Upload-Offset: {len(data)}",
@@ -134,6 +140,11 @@ def test_curl_two_parts_and_a_final_make_one_file(concat_server, tmp_path):
     assert len(events) == 1 and [f["name"] for f in events[0]["files"]] == ["whole.bin"]
     for part in locations:  # the parts went, record and bytes
         assert call(server, "HEAD", urlsplit(part).path, TUS)[0] == 404
+    out = curl("-X", "POST", server.url + "files/", "-H", auth, "-H", "Tus-Resumable: 1.0.0",
+               "-H", "Upload-Concat: final;" + " ".join(locations),
+               "-H", f"Upload-Metadata: job {b64('j1')},filename {b64('whole.bin')}")
+    assert out.startswith("HTTP/1.1 201") and header(out, "Location") == location, out  # sent again: same answer
+    assert len(completion_events(server, wait=0.5)) == 1
     job_dir = server.data_dir / "jobs" / server.api.job("j1")["id"]
     assert len(list(job_dir.iterdir())) == 1  # the final's bytes alone: no part, no partial
     assert "Traceback" not in server.log_path.read_text(errors="replace")
@@ -238,3 +249,62 @@ def test_deferred_length_is_quota_checked_when_told(tmp_path):
         assert status == 204 and headers["upload-offset"] == "3"
         assert [(f["name"], f["size"], f["state"]) for f in server.api.job("j1")["files"]] == \
             [("big", 6 * MiB, "pending"), ("q.bin", 3, "complete")]
+
+
+def test_concatenate_on_every_blob_store(blob_store_factory):
+    """The data dir (kernel copy, read back) and S3 (SeaweedFS: copied through a multipart upload): the
+    final holds the parts' bytes in order (a part under 5 MiB first, as tus-js-client's last part may be
+    anywhere), its CRC-32 and blake3-4m are the whole's, and a part whose bytes changed is refused."""
+    store = blob_store_factory()
+    job = str(uuid.uuid4())
+    datas = [os.urandom(n) for n in (3 * MiB + 1, 6 * MiB + 5, 17)]
+    parts = []
+    for data in datas:
+        key = str(uuid.uuid4())
+        writer = store.open_partial(job, key, 0, 0, None)
+        writer.write(data)
+        writer.finish()
+        parts.append(PartSource(key, len(data), zlib.crc32(data)))
+    final_key = str(uuid.uuid4())
+    crc, digest = concatenate(store, job, final_key, parts)
+    whole = b"".join(datas)
+    hasher = ContentHasher()
+    hasher.update(whole)
+    assert (crc, digest) == (zlib.crc32(whole), hasher.hexdigest())
+    with blob_store_factory().open_complete(job, final_key) as f:
+        back = bytearray()
+        while piece := f.read(MiB):
+            back += piece
+    assert bytes(back) == whole
+    lying = [parts[0], PartSource(parts[1].blob_name, parts[1].size, parts[1].crc32 ^ 1)]
+    with pytest.raises(Exception) as info:
+        concatenate(store, job, str(uuid.uuid4()), lying)
+    assert getattr(info.value, "code", None) is not None and info.value.code.value == "digest-mismatch"
+
+
+def test_a_final_cut_short_by_a_crash_is_made_again_when_sent_again(concat_server, tmp_path):
+    """SIGKILL after the final's record was made, before its bytes were (the state is written as the
+    server leaves it); after a restart the same final POST makes it from its parts, byte-identical, and
+    the job completes once."""
+    from filedock.store.sqlite import SQLiteStore
+
+    server = concat_server
+    datas = [os.urandom(2 * MiB + 3), os.urandom(MiB + 9)]
+    parts = []
+    for data in datas:
+        path = create_part(server, len(data))
+        assert patch(server, path, 0, data)[0] == 204
+        parts.append(path)
+    server.kill()
+    store = SQLiteStore(server.data_dir / "filedock.sqlite3")
+    job_id = store.find_job("j1").id
+    cut_short = store.add_file(job_id, "whole.bin", sum(map(len, datas)))
+    store.set_upload_info(cut_short.key, False, "final;" + " ".join(parts))
+    store.close()
+    server.start()
+    status, headers, body = final(server, parts, "whole.bin")
+    assert status == 201, body
+    assert urlsplit(headers["location"]).path.endswith(cut_short.key)
+    cli(server, "download", "--job", "j1", "whole.bin", str(tmp_path / "back.bin"))
+    assert (tmp_path / "back.bin").read_bytes() == b"".join(datas)
+    assert len(completion_events(server)) == 1

@@ -342,7 +342,17 @@ class HttpExchange:
         """``Upload-Concat: final;<url> ...``: a file of the job whose bytes are its complete parts' in order,
         made durable (fsync'd, checked, renamed, recorded) before the 201; then the parts go."""
         s, registry = self.front.services, self.front.services.registry
-        parts = yield self._final_parts(job.id, keys)
+        concat = "final;" + " ".join(f"{httpupload.PATH_PREFIX}{key}" for key in keys)
+        try:
+            parts = yield self._final_parts(job.id, keys)
+        except httpupload.HttpUploadError as err:
+            done = yield self._same_final(job.id, name, concat) if err.status == 404 else None
+            if done is None or done.state != FILE_COMPLETE:
+                raise
+            # the client sends again a final that was made (its response lost): the same answer
+            yield self._respond(*httpupload.create_response(self.speaker, self._location(done.key),
+                                                            self.front.state_of(done, concat=concat)))
+            return
         size = sum(p.size for p in parts)
         if size > self.front.max_size:
             raise httpupload.HttpUploadError(413, ErrorCode.TOO_LARGE.value,
@@ -356,10 +366,15 @@ class HttpExchange:
                                                      "a part is in use (by another final upload?)")
                 claims.append(claim)
             # the parts' bytes count against the quota already: the final is checked by its parts'
-            final: FileRecord = yield self.front.store.add_file(job.id, name, size, None)
+            try:
+                final: FileRecord = yield self.front.store.add_file(job.id, name, size, None)
+                yield self.front.store.set_upload_info(final.key, False, concat)
+            except FiledockError as err:
+                final = yield self._same_final(job.id, name, concat) if err.code is ErrorCode.CONFLICT else None
+                if final is None or final.state == FILE_COMPLETE:
+                    raise
+                # a final whose making was cut short (a crash): made again from its parts, which are all here
             self.job_id = job.id
-            concat = "final;" + " ".join(self._location(p.key) for p in parts)
-            yield self.front.store.set_upload_info(final.key, False, concat)
             self.front.finishing[final.key] = 0
             try:
                 crc, digest = yield s.in_thread(concatenate, s.blobs, job.id, final.blob_name,
@@ -382,6 +397,15 @@ class HttpExchange:
         status, headers = httpupload.create_response(self.speaker, self._location(final.key),
                                                      self.front.state_of(record, concat=concat))
         yield self._respond(status, headers)
+
+    @defer.inlineCallbacks
+    def _same_final(self, job_id: str, name: str, concat: str):
+        """The job's file ``name`` if it is a final upload made (or being made) of the same parts, else None."""
+        for record in (yield self.front.store.list_files(job_id)):
+            if record.name == name:
+                _, made_of = yield self.front.store.upload_info(record.key)
+                return record if made_of == concat else None
+        return None
 
     def _location(self, key: str) -> str:
         host = (self.http.getHeader(b"host") or b"").decode("latin-1")
