@@ -308,3 +308,23 @@ def test_a_final_cut_short_by_a_crash_is_made_again_when_sent_again(concat_serve
     cli(server, "download", "--job", "j1", "whole.bin", str(tmp_path / "back.bin"))
     assert (tmp_path / "back.bin").read_bytes() == b"".join(datas)
     assert len(completion_events(server)) == 1
+
+
+def test_deferred_length_told_by_an_empty_last_patch(concat_server):
+    """tus-js-client's way (uploadLengthDeferred): every byte sent with the length unknown, then an empty
+    PATCH at the end carrying Upload-Length: the file completes, its job once."""
+    server = concat_server
+    data = os.urandom(2 * MiB + 5)
+    status, headers, _ = call(server, "POST", "/files/", {**TUS, "Upload-Defer-Length": "1",
+                              "Upload-Metadata": f"job {b64('j1')},filename {b64('end.bin')}"})
+    path = urlsplit(headers["location"]).path
+    assert patch(server, path, 0, data[:MiB])[0] == 204
+    status, headers, _ = patch(server, path, MiB, data[MiB:])
+    assert status == 204 and headers["upload-offset"] == str(len(data)) and "upload-length" not in headers
+    assert server.api.job("j1")["state"] != "complete"
+    status, headers, _ = patch(server, path, len(data), b"", {"Upload-Length": str(len(data))})
+    assert status == 204 and headers["upload-length"] == str(len(data))
+    assert headers["filedock-digest"] == f"blake3-4m={blake(data)}"
+    status, _, body = call(server, "GET", f"/v1/files/{path.rsplit('/', 1)[1]}/content")
+    assert status == 200 and body == data
+    assert len(completion_events(server, wait=1)) == 1
