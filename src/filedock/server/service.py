@@ -242,7 +242,7 @@ class FiledockServer:
         self.data_address: tuple[str, int, bool] | None = None
         self.api_address: tuple[str, int, bool] | None = None
         self._started_at = time.time()
-        self._sweeper = task.LoopingCall(self.sweep)
+        self._sweeper = task.LoopingCall(self.sweep_all)
         self._sweeper.clock = reactor
 
     def _file_complete(self, target: Any, job_complete: bool) -> None:
@@ -317,9 +317,17 @@ class FiledockServer:
             lambda f: log.warn("shutdown: some uploads did not checkpoint in time"))
 
     @defer.inlineCallbacks
-    def _sweep_parts(self, cutoff: float):
-        """Delete tus concatenation parts untouched since ``cutoff`` (complete or not: no final upload
-        came for them), record and bytes; returns how many went."""
+    def sweep_all(self):
+        """What the sweeper does every ``sweep_interval``: ``sweep`` and ``sweep_parts``."""
+        swept = yield self.sweep()
+        parts = yield self.sweep_parts()
+        return swept + parts
+
+    @defer.inlineCallbacks
+    def sweep_parts(self):
+        """Delete tus concatenation parts untouched for ``limits.partial_ttl`` seconds (complete or not:
+        no final upload came for them; not those in use), record and bytes; returns how many went."""
+        cutoff = time.time() - self.limits.partial_ttl
         swept = 0
         for record in (yield self.store.stale_parts(cutoff)):
             registry = self.dataport.registry
@@ -358,7 +366,6 @@ class FiledockServer:
             swept += 1
             log.info("swept stale partial {key} of job {job} ({received} bytes)",
                      key=short_key(record.key), job=short_key(record.job_id), received=record.received)
-        swept += yield self._sweep_parts(cutoff)
         # a batch's staging files live as long as its connection: any others were left by a crash
         # (anything from before this process started is a leftover at once)
         active = set(self.dataport.batch_tags)
