@@ -109,7 +109,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                               args.public_host, limits, args.webhook or [],
                                               args.on_complete or [], metadata=metadata,
                                               blobs=blobs_url(args.blobs),
-                                              cors_origins=args.cors_origin or []), reactor)
+                                              cors_origins=args.cors_origin or [],
+                                              public_data_port=args.public_data_port), reactor)
     except FiledockError as exc:
         if exc.code_str not in _BLOBS_ERRORS:
             raise
@@ -122,15 +123,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def started(result):
         api_url, (host, port, tls) = result
         out = sys.stderr if args.log_format == "json" else sys.stdout  # keep stdout pure JSON lines
-        public = server.info()["data_port"]["host"]  # what clients are told, not the bind address
+        told = server.info()["data_port"]  # what clients are told, not the bind address
+        public, public_port = told["host"], told["port"]
         client_url = _with_host(api_url, args.public_host) if args.public_host else api_url
 
         def say(line: str) -> None:
             print(line, file=out, flush=True)
         say(f"filedock API:       {client_url}")
-        say(f"filedock data port: {_host_port(public, port)}{' (TLS)' if tls else ''}")
-        if public != host:
-            say(f"  (listening on {_host_port(host, port)}; clients are told {public})")
+        say(f"filedock data port: {_host_port(public, public_port)}{' (TLS)' if tls else ''}")
+        if (public, public_port) != (host, port):
+            say(f"  (listening on {_host_port(host, port)}; clients are told {_host_port(public, public_port)})")
         say(f"filedock dashboard: {client_url} (sign in with an API token)")
         if token and out.isatty():
             say(f"filedock admin token: {token} (kept in {token_file})")
@@ -415,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--public-host", metavar="HOST",
                    help="host name clients are told to use for the data port (default: the address it "
                         "listens on; with TLS, the name the certificate carries)")
+    p.add_argument("--public-data-port", type=int, metavar="PORT",
+                   help="data port clients are told to use (default: the one it listens on; behind a load "
+                        "balancer, the balancer's)")
     p.add_argument("--issue-admin-token", action="store_true",
                    help="keep an admin token in DIR/admin-token (owner-only; made if missing or revoked) and "
                         "print it, or where it is when the output is not a terminal")

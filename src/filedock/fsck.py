@@ -255,7 +255,7 @@ def run_fsck(data_dir: str | Path, repair: bool = False, verify: bool = True,
     lock = lock_data_dir(data_dir) if repair else -1
     running = lock < 0 and data_dir_in_use(data_dir)
     try:
-        blobs = open_blob_store(blobs_url, data_dir)
+        blobs = open_blob_store(blobs_url, data_dir) if blobs_url else BlobStore(data_dir)
     except BaseException:
         if lock >= 0:
             os.close(lock)

@@ -295,3 +295,23 @@ def test_unrecorded_complete_file_is_taken_back_whole(blob_store_factory):
     crc, digest = w2.finish(_digest(data))
     assert digest == _digest(data)
     assert _read_all(store, job, key) == data
+
+
+def test_publishing_a_file_whose_job_was_deleted_meanwhile_is_file_not_found(blob_store_factory):
+    """A job deleted (by another server) between seal and publish: FileNotFoundError, and no object appears.
+
+    S3 answers CompleteMultipartUpload on an aborted upload with NoSuchUpload; Ceph's gateway with
+    500 InternalError: both must read as "gone", never as the store being unavailable.
+    """
+    job, key = _key(), _key()
+    data = os.urandom(18 * MiB + 5)  # two full parts and a tail: a real multipart upload
+    store = blob_store_factory()
+    w = store.open_partial(job, key, 0, 0, None, size=len(data))
+    _write(w, data)
+    w.seal()
+    blob_store_factory().delete_job(job)
+    with pytest.raises(FileNotFoundError):
+        w.publish()
+    w.close()
+    assert _uploads(blob_store_factory) == []
+    assert [o for o in _objects(blob_store_factory) if key in o] == []

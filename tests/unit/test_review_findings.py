@@ -361,6 +361,10 @@ def test_run_fsck_closes_the_blob_store_it_made(tmp_path, monkeypatch):
             closed.append(self)
             super().close()
 
+    from filedock.store import blobs as blobs_module
+
+    # open_blob_store (the --blobs URL's store) builds the data dir's store from its module
+    monkeypatch.setattr(blobs_module, "BlobStore", Recording)
     monkeypatch.setattr(fsck, "BlobStore", Recording)
     fsck.run_fsck(tmp_path / "data")
     assert len(closed) == 1

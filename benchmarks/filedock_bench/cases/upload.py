@@ -20,16 +20,19 @@ from pathlib import Path
 
 from filedock_bench import plain_client
 from filedock_bench.cases.http_upload import TusCurlPatch
+from filedock_bench.cases.tus_node import NodeTusServerPatch, TusJsUpload, note_ratios
 from filedock_bench.external_tools import RsyncDaemon, require, rsync_command, socat_listener, socat_sender
 from filedock_bench.measure import Figure, Sample, Skip, human_size, median, run_interleaved, say
 from filedock_bench.processes import HelperServer, run_timed
+from filedock_bench.tls_tools import ScpUpload, SftpUpload, SocatTlsUpload
 from filedock_bench.workspace import (PYTHON, ServerProcess, Workspace, delete_job, filedock_server, log_since,
                                       log_size, random_file, remove, wait_for)
 
-VARIANTS = ("cli", "raw", "twisted2007", "dataport", "dataport-2007", "rsync", "socat", "cli-tls", "tus-curl")
+VARIANTS = ("cli", "raw", "twisted2007", "dataport", "dataport-2007", "rsync", "socat", "cli-tls", "cli-tls-twisted",
+            "socat-tls", "scp", "sftp", "tus-curl", "tus-node", "tus-js", "tus-js-parallel")
 """Names for ``--only``; ``raw`` always runs, as every ratio is against it."""
 
-SEPARATE = ("cli-tls",)
+SEPARATE = ("cli-tls", "cli-tls-twisted", "socat-tls", "scp", "sftp")
 """Variants run in a round of their own after the others (measured all the same, against the same (b))."""
 
 _OUTCOME = re.compile(r"upload complete: .* seconds=([0-9.]+) rate=")
@@ -94,18 +97,55 @@ class CliUploadTls(CliUpload):
         self.figure = Figure("1a-tls", "filedock upload (CLI) over TLS on both ports, whole command",
                              nbytes=setup.size)
 
+    DATA_TLS = ""
+    """``FILEDOCK_DATA_TLS`` for the server: empty is the data port's own TLS (``tls_fast``)."""
+
     def start(self) -> None:
         super().start()
         from tests.integration.harness import tls_files
 
-        key, cert = tls_files(self.setup.work)
-        self.setup.server = ServerProcess(self.setup.work / "filedock-tls-data", tls=(key, cert)).start()
+        tls_dir = self.setup.work / f"tls-{self.DATA_TLS or 'fast'}"  # each server its own pair
+        tls_dir.mkdir(exist_ok=True)
+        key, cert = tls_files(tls_dir)
+        saved = os.environ.get("FILEDOCK_DATA_TLS")
+        os.environ["FILEDOCK_DATA_TLS"] = self.DATA_TLS
+        try:
+            self.setup.server = ServerProcess(self.setup.work / f"filedock-tls{self.DATA_TLS}-data",
+                                              tls=(key, cert)).start()
+        finally:
+            if saved is None:
+                os.environ.pop("FILEDOCK_DATA_TLS", None)
+            else:
+                os.environ["FILEDOCK_DATA_TLS"] = saved
         self.cert = cert
-        self.figure.notes.append("TLS 1.3 (Python ssl / pyOpenSSL defaults), ECDSA P-256 certificate")
+        how = "Twisted's pyOpenSSL" if self.DATA_TLS else "ssl.SSLObject (tls_fast)"
+        self.figure.notes.append(f"TLS 1.3 AES-256-GCM, ECDSA P-256 certificate; data port: {how}")
 
     def stop(self) -> None:
         if self.setup.server:
             self.setup.server.stop()
+
+
+class CliUploadTlsTwisted(CliUploadTls):
+    """(a-tls-twisted) the same, with the data port on Twisted's own TLS (pyOpenSSL), for the A/B."""
+
+    DATA_TLS = "twisted"
+
+    def __init__(self, setup: UploadSetup) -> None:
+        super().__init__(setup)
+        self.figure = Figure("1a-tls-twisted", "filedock upload (CLI) over TLS, data port on Twisted's pyOpenSSL",
+                             nbytes=setup.size)
+
+
+class RawLimitTlsRound:
+    """(b) again, interleaved with the TLS round, so its ratios can also be read within one interleaving."""
+
+    def __new__(cls, setup: UploadSetup) -> "RawLimit":
+        raw = RawLimit(setup)
+        raw.dest = setup.work / "raw-tls-round"
+        raw.sink = HelperServer("raw_sink.py", ["--dir", str(raw.dest)], setup.work)
+        raw.figure = Figure("1b-tls-round", "raw limit, measured again within the TLS round", nbytes=setup.size)
+        return raw
 
 
 def _complete_line(server: ServerProcess, mark: int) -> str:
@@ -295,7 +335,9 @@ def _fsync(path: Path) -> None:
 
 CLASSES = {"cli": CliUpload, "raw": RawLimit, "twisted2007": Design2007, "dataport": DataportPut,
            "dataport-2007": DataportLegacy, "rsync": RsyncUpload, "socat": SocatUpload, "cli-tls": CliUploadTls,
-           "tus-curl": TusCurlPatch}
+           "cli-tls-twisted": CliUploadTlsTwisted, "socat-tls": SocatTlsUpload, "scp": ScpUpload, "sftp": SftpUpload,
+           "tus-curl": TusCurlPatch, "tus-node": NodeTusServerPatch, "tus-js": lambda setup: TusJsUpload(setup, 1),
+           "tus-js-parallel": lambda setup: TusJsUpload(setup, 4)}
 
 
 def run(size: int, runs: int, only: set[str]) -> list[Figure]:
@@ -304,16 +346,20 @@ def run(size: int, runs: int, only: set[str]) -> list[Figure]:
     with Workspace("upload") as work:
         say(f"case 1: one {human_size(size)} upload, variants {', '.join(names)}; creating the source file")
         setup = UploadSetup(random_file(work / "source.bin", size), size, work)
-        if {"cli", "dataport", "dataport-2007", "tus-curl"} & set(names):
+        if {"cli", "dataport", "dataport-2007", "tus-curl", "tus-js", "tus-js-parallel"} & set(names):
             setup.server = filedock_server(work / "filedock-data")
         try:
             # TLS (no target) runs after the others, in its own round: 3 s of both cores busy with TLS
             # made the host hold back the contender after it (see benchmarks/README.md)
             figures = run_interleaved([CLASSES[n](setup) for n in names if n not in SEPARATE], runs)
-            figures += run_interleaved([CLASSES[n](setup) for n in names if n in SEPARATE], runs)
+            tls_round = [CLASSES[n](setup) for n in names if n in SEPARATE]
+            if tls_round:
+                tls_round.insert(0, RawLimitTlsRound(setup))
+            figures += run_interleaved(tls_round, runs)
         finally:
             if setup.server:
                 setup.server.stop()
+    note_ratios(figures)
     return figures + _cli_side_figures(figures)
 
 

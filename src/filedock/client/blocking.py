@@ -15,6 +15,8 @@ zero-copy) or through one reused 1 MiB buffer (TLS); replies and downloads are r
 
 from __future__ import annotations
 
+import errno
+import functools
 import logging
 import os
 import select
@@ -111,6 +113,44 @@ def _tune_socket(sock: socket.socket) -> None:
     for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6)):
         if hasattr(socket, name):
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+
+
+def congestion_control(name: str | None = None) -> str | None:
+    """The TCP congestion control a new socket gets here when it asks for ``name`` (None: the system's
+    default), as the kernel names it; None where the platform cannot choose per socket. ``OSError`` if
+    the kernel refuses ``name`` (not built, or not allowed for this user)."""
+    if not hasattr(socket, "TCP_CONGESTION"):
+        if name:
+            raise OSError(errno.ENOPROTOOPT, "this platform cannot choose TCP congestion control per socket")
+        return None
+    with socket.socket() as sock:
+        if name:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, name.encode())
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).split(b"\0")[0].decode()
+
+
+def _widen_send_buffer(sock: socket.socket) -> None:
+    """Ask for the largest send buffer an explicit ``SO_SNDBUF`` may have, where that is more than the
+    kernel's autotuning may reach (``net.core.wmem_max``, doubled by the kernel, above the third
+    ``net.ipv4.tcp_wmem``): in flight is at most the send buffer, so at 100 ms RTT the common 4 MiB
+    autotuning limit holds one stream to about 30 MB/s (docs/wan.md). Where ``wmem_max`` is lower (often
+    208 KiB), an explicit size would shrink the buffer, so autotuning is left alone."""
+    limits = _send_buffer_limits()
+    if limits is not None and 2 * limits[0] > limits[1]:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, limits[0])
+
+
+@functools.lru_cache(maxsize=1)
+def _send_buffer_limits() -> tuple[int, int] | None:
+    """(net.core.wmem_max, the largest autotuned send buffer), or None where /proc does not say."""
+    try:
+        with open("/proc/sys/net/core/wmem_max") as f:
+            explicit = int(f.read())
+        with open("/proc/sys/net/ipv4/tcp_wmem") as f:
+            autotuned = int(f.read().split()[2])
+    except (OSError, ValueError, IndexError):
+        return None
+    return explicit, autotuned
 
 
 class _Link:
@@ -350,18 +390,22 @@ class DataPortClient:
     downloaded) resets the count, so a long transfer survives any number of
     drops as long as each one leaves it further along.
     ``stall_timeout`` is how long a connection may move nothing while sending or
-    receiving before it is abandoned for a new one. Instances hold no per-transfer
+    receiving before it is abandoned for a new one. ``congestion_control`` names the
+    TCP congestion control of its connections (``TCP_CONGESTION``, e.g. ``"bbr"``;
+    None: the system's default). Instances hold no per-transfer
     state: one client may serve several threads.
     """
 
     def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None,
-                 stall_timeout: float = 60.0, attempts: int = 5, backoff: float = 0.5) -> None:
+                 stall_timeout: float = 60.0, attempts: int = 5, backoff: float = 0.5,
+                 congestion_control: str | None = None) -> None:
         self.host = host
         self.port = port
         self.ssl_context = ssl_context
         self.stall_timeout = stall_timeout
         self.attempts = max(1, attempts)
         self.backoff = backoff
+        self.congestion_control = congestion_control
 
     @property
     def policy(self) -> RetryPolicy:
@@ -682,6 +726,9 @@ class DataPortClient:
                                    ErrorCode.UNREACHABLE) from None
         try:
             _tune_socket(sock)
+            _widen_send_buffer(sock)
+            if self.congestion_control:  # the sender's choice decides how a long, lossy path is used
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, self.congestion_control.encode())
             if self.ssl_context is not None:
                 sock = self.ssl_context.wrap_socket(sock, server_hostname=self.host)
         except ssl.SSLCertVerificationError as exc:

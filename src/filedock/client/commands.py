@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 import threading
 from dataclasses import dataclass
@@ -60,6 +61,10 @@ def add_parsers(sub: Any, client_flags: Callable[[argparse.ArgumentParser], None
                         "conflict and leave it)")
     p.add_argument("--parallel", type=_positive(int), default=1, metavar="N",
                    help="files sent at once (default 1: one after another)")
+    p.add_argument("--congestion-control", type=_congestion_control, metavar="NAME",
+                   default=os.environ.get("FILEDOCK_TCP_CONGESTION") or None,
+                   help="TCP congestion control of the data connections, e.g. bbr or cubic (else "
+                        "FILEDOCK_TCP_CONGESTION, else the system's default); --json reports the one used")
     _transfer_flags(p)
     client_flags(p)
     p.set_defaults(func=cmd_upload, services=services)
@@ -95,6 +100,20 @@ def _transfer_flags(p: argparse.ArgumentParser) -> None:
                    help="seconds without progress before reconnecting (default 60)")
 
 
+def _congestion_control(raw: str) -> str:
+    from filedock.client.blocking import congestion_control
+
+    try:
+        return congestion_control(raw)
+    except OSError as exc:
+        try:
+            with open("/proc/sys/net/ipv4/tcp_allowed_congestion_control") as f:
+                offered = f"; this system allows: {f.read().strip()}"
+        except OSError:
+            offered = ""
+        raise argparse.ArgumentTypeError(f"{raw!r} cannot be used here ({exc.strerror or exc}){offered}") from None
+
+
 def _positive(kind: type) -> Callable[[str], Any]:
     def parse(raw: str) -> Any:
         try:
@@ -124,7 +143,8 @@ def _local_errors(command: Callable[[argparse.Namespace], int]) -> Callable[[arg
 def _data_client(api: Any, args: argparse.Namespace):
     from filedock.client.uploader import data_client_for
 
-    return data_client_for(api, stall_timeout=args.stall_timeout, attempts=args.attempts)
+    return data_client_for(api, stall_timeout=args.stall_timeout, attempts=args.attempts,
+                           congestion_control=getattr(args, "congestion_control", None))
 
 
 def _stderr_console():
@@ -148,7 +168,10 @@ def cmd_upload(args: argparse.Namespace) -> int:
     uploader = JobUploader(api)
     plan = uploader.prepare(args.job, args.paths, create=args.create, prefix=args.prefix, replace=args.replace)
     uploader.data_client = _data_client(api, args)
-    view = _JsonLines() if args.json else _UploadBars(plan)
+    from filedock.client.blocking import congestion_control
+
+    sent_with = {"congestion_control": congestion_control(args.congestion_control)}
+    view = _JsonLines(extra=sent_with) if args.json else _UploadBars(plan)
     try:
         with view:
             results = uploader.run(plan, parallel=args.parallel, progress=view.progress,
@@ -167,12 +190,14 @@ def cmd_upload(args: argparse.Namespace) -> int:
 class _JsonLines:
     """``--json``: one object per file on stdout, as each file ends; no bars.
 
-    For a download (``root`` given) each object also says where the file went.
+    For a download (``root`` given) each object also says where the file went; ``extra`` is added to
+    every object (an upload's ``congestion_control``).
     """
 
-    def __init__(self, root: Path | None = None) -> None:
+    def __init__(self, root: Path | None = None, extra: dict[str, Any] | None = None) -> None:
         self._lock = threading.Lock()
         self._root = root
+        self._extra = extra or {}
 
     def __enter__(self) -> "_JsonLines":
         return self
@@ -184,7 +209,7 @@ class _JsonLines:
         pass
 
     def result(self, result: TransferResult) -> None:
-        row = result.to_json()
+        row = result.to_json() | self._extra
         if self._root is not None:
             from filedock.client.downloader import local_path
 

@@ -39,7 +39,7 @@ _ANY_ADDRESS = ("", "0.0.0.0", "::")
 
 
 def data_client_for(api: ApiClient, *, stall_timeout: float = 60.0, attempts: int = 5,
-                    backoff: float = 0.5) -> DataPortClient:
+                    backoff: float = 0.5, congestion_control: str | None = None) -> DataPortClient:
     """A data-port client for the address the server gives in ``GET /v1/info``.
 
     A server listening on every interface reports an unspecified address; the API's
@@ -57,7 +57,7 @@ def data_client_for(api: ApiClient, *, stall_timeout: float = 60.0, attempts: in
     if port.get("tls"):
         context = api.ssl_context or ssl.create_default_context()
     return DataPortClient(host, int(port["port"]), ssl_context=context, stall_timeout=stall_timeout,
-                          attempts=attempts, backoff=backoff)
+                          attempts=attempts, backoff=backoff, congestion_control=congestion_control)
 
 
 class JobUploader:

@@ -39,6 +39,7 @@ from filedock.config import Limits
 from filedock.digest import SCHEME
 from filedock.errors import ErrorCode, FiledockError, short_key
 from filedock.server.dataport import DataPortFactory
+from filedock.server.uploadpage import UPLOAD_PAGE_CSP, upload_page_file
 from filedock.store.blobstore import BlobStorage
 from filedock.store.metadata import DeferredStore
 from filedock.store.model import (
@@ -494,6 +495,11 @@ class ControlAPI:
             # the page holds no data: it asks the API, with the token the user types in
             responder.send(Reply(200, dashboard_page(), {"Content-Security-Policy": _DASHBOARD_CSP},
                                 "text/html; charset=utf-8"))
+            return
+        page_file = upload_page_file(request.path) if request.method == b"GET" else None
+        if page_file is not None:
+            responder.send(Reply(200, page_file.body, {"Content-Security-Policy": UPLOAD_PAGE_CSP,
+                                                       "X-Content-Type-Options": "nosniff"}, page_file.content_type))
             return
         d = self._dispatch(request)
         d.addCallback(lambda result: Reply(*result))
@@ -980,8 +986,8 @@ class ControlRequest(server.Request):
         if site.api is None:
             return
         method, path = self.channel._command, self.channel._path.split(b"?", 1)[0]
-        if method == b"GET" and path in (b"/", b"/dashboard"):
-            return  # the dashboard page needs no token
+        if method == b"GET" and (path in (b"/", b"/dashboard") or upload_page_file(path) is not None):
+            return  # the dashboard and upload pages need no token
         if site.api.signed_link_valid(method, self.channel._path):
             return  # a download through a signed link carries no token
         try:

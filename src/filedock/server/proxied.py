@@ -6,6 +6,11 @@ opens, before the PROXY header has arrived, so anything the protocol does in ``c
 is built and connected only once the header is parsed, so it sees the real client from its first
 moment (its factory's ``buildProtocol`` gets that address, as for a direct connection);
 a connection whose header does not come within the header timeout is dropped.
+
+Under ``haproxy:ssl:...`` the balancer passes the client's TLS through (``mode tcp``): the PROXY header
+comes first and in clear, then the client's handshake. So such a listener is plain TCP, and TLS starts
+only after the header, as the innermost layer (Twisted's, with the ``ssl:`` part's certificate, key and
+options; the data port brings its own, ``tls_fast``).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from twisted.internet.protocol import Protocol
 # Twisted exports only proxyEndpoint; its wrapper classes (unchanged since 2016) are what we extend
 from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWrappingFactory
 from twisted.protocols.policies import ProtocolWrapper
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
 PREFIX = "haproxy:"
 
@@ -117,8 +123,26 @@ class ProxiedServerEndpoint:
         self.inner, self.reactor, self.header_timeout = inner, reactor, header_timeout
 
     def listen(self, factory: Any) -> Any:
-        """Listen on the inner endpoint; its port (and so ``getHost``) is the real listening one."""
-        return self.inner.listen(HeaderFirstFactory(factory, self.reactor, self.header_timeout))
+        """Listen on the inner endpoint; its port (and so ``getHost``) is the real listening one.
+
+        A TLS inner endpoint listens on plain TCP instead, with TLS started after the header."""
+        inner, factory = tls_after_header(self.inner, factory)
+        return inner.listen(HeaderFirstFactory(factory, self.reactor, self.header_timeout))
+
+
+def tls_after_header(inner: Any, factory: Any) -> tuple[Any, Any]:
+    """(the plain TCP endpoint under a TLS endpoint ``inner``, ``factory`` wrapped in its TLS), so that
+    TLS begins after the PROXY header; ``(inner, factory)`` unchanged when ``inner`` is not TLS.
+
+    An endpoint with its own TLS (``tls_fast.FastTLSEndpoint``) says how with ``plain_and_tls``."""
+    if hasattr(inner, "plain_and_tls"):
+        return inner.plain_and_tls(factory)
+    if isinstance(inner, endpoints.SSL4ServerEndpoint):
+        # what listenSSL does (TLSMemoryBIOFactory over TCP), with the header read first; the endpoint
+        # keeps what serverFromString parsed in these attributes (unchanged since Twisted 10.1)
+        tcp = endpoints.TCP4ServerEndpoint(inner._reactor, inner._port, inner._backlog, inner._interface)
+        return tcp, TLSMemoryBIOFactory(inner._sslContextFactory, False, factory)
+    return inner, factory
 
 
 def server_endpoint(reactor: Any, description: str, header_timeout: float) -> Any:

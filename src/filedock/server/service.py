@@ -21,9 +21,10 @@ from filedock.config import Limits
 from filedock.digest import hash_stream
 from filedock.errors import ErrorCode, FiledockError, short_key
 from filedock.server.authority import StoreAuthority
-from filedock.server import proxied
+from filedock.server import proxied, tls_fast
 from filedock.server.dataport import DataPortFactory
 from filedock.server.events import EventDelivery
+from filedock.server.registry import InProcessUploadRegistry, IUploadRegistry
 from filedock.store.blobstore import open_blob_store
 from filedock.store.metadata import DeferredStore, MetadataStore
 from filedock.store.sqlite import SQLiteStore
@@ -37,11 +38,14 @@ DB_NAME = "filedock.sqlite3"
 LOCK_NAME = "filedock.lock"
 
 
-def lock_data_dir(data_dir: str | Path) -> int:
+def lock_data_dir(data_dir: str | Path, shared: bool = False) -> int:
     """Take the data dir for this process (an exclusive ``flock``); returns the descriptor to keep open.
 
-    One server per data dir: two would sweep each other's batches and race on the
-    SQLite file's single writer. Raises ``FiledockError(conflict)`` if another
+    One server per data dir on SQLite: two would race on the SQLite file's single writer
+    (and sweep each other's partials). Servers whose metadata and upload registry are in
+    PostgreSQL share a data dir of blobs (``shared``: a shared ``flock``, which any number
+    of them hold at once): the database says who holds which file. Either lock keeps
+    ``fsck --repair`` (exclusive) away while a server runs. Raises ``FiledockError(conflict)`` if another
     process holds it, ``FiledockError(internal-error)`` if the lock cannot be taken at
     all (a filesystem without locks); the lock goes with the process, however it
     ends (the descriptor is not inherited by children). The lock file is readable by
@@ -61,7 +65,7 @@ def lock_data_dir(data_dir: str | Path) -> int:
     except OSError:
         pass  # someone else's lock file: it is readable, or the open above had failed
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         raise FiledockError(ErrorCode.CONFLICT, f"another filedock process is using {path} "
@@ -105,6 +109,23 @@ def check_metadata_url(url: str | None) -> str | None:
         return check_url(url)
     raise FiledockError(ErrorCode.BAD_REQUEST, f"--metadata is sqlite:///path or postgresql://user@host:port/db, "
                                                f"not {url[:40]!r}")
+
+
+def shares_the_data_dir(metadata: str | None) -> bool:
+    """Whether servers with this ``--metadata`` may share one data dir: metadata in PostgreSQL, and
+    with it the upload registry (see ``upload_registry_for``)."""
+    url = check_metadata_url(metadata)
+    return url is not None and not url.startswith("sqlite:")
+
+
+def upload_registry_for(metadata: str | None, reactor: Any) -> IUploadRegistry:
+    """Who holds which file: with metadata in PostgreSQL the registry every server on that database
+    shares (claims, takeover across servers); on SQLite this process's own."""
+    if shares_the_data_dir(metadata):
+        from filedock.server.pg_registry import PostgresUploadRegistry
+
+        return PostgresUploadRegistry(check_metadata_url(metadata), reactor)
+    return InProcessUploadRegistry()
 
 
 def open_store(data_dir: str | Path, metadata: str | None = None) -> MetadataStore:
@@ -206,6 +227,9 @@ class ServerOptions:
     """Where file bytes go (``--blobs``): ``file:///dir`` or ``s3://bucket/prefix?endpoint=URL``; None: the data dir."""
     metadata: str | None = None
     """The metadata store's URL (``--metadata``; None: the data dir's SQLite database)."""
+    public_data_port: int | None = None
+    """The data port clients are told to use (``--public-data-port``; default: the one it listens on),
+    as ``public_host`` for the host: behind a balancer, the balancer's."""
     umask: int | None = 0o077
     """The process umask the server sets at start (None: leave it): whatever else writes into the
     data dir (SQLite, a library) makes owner-only files too."""
@@ -226,7 +250,7 @@ class FiledockServer:
         self.limits = options.limits
         if options.umask is not None:
             os.umask(options.umask)
-        self._lock = lock_data_dir(options.data_dir)
+        self._lock = lock_data_dir(options.data_dir, shared=shares_the_data_dir(options.metadata))
         owner_only_data_dir(options.data_dir)
         self.work_queue = WorkQueue()  # the blob writers' disk threads; stopped after the reactor's own
         # before the metadata store starts its threads: a bad --blobs URL ends the process at once
@@ -237,7 +261,8 @@ class FiledockServer:
         self.store = DeferredStore(self.sqlite, reactor)
         self.events = EventDelivery(self.store, reactor, options.webhooks, options.commands)
         self.authority = StoreAuthority(self.store, self.limits, on_complete=self._file_complete, blobs=self.blobs)
-        self.dataport = DataPortFactory(self.authority, self.blobs, self.limits, reactor)
+        self.registry = upload_registry_for(options.metadata, reactor)
+        self.dataport = DataPortFactory(self.authority, self.blobs, self.limits, reactor, registry=self.registry)
         self.dataport.noisy = False  # no "Starting factory <... object at 0x...>" lines in the log
         self.data_address: tuple[str, int, bool] | None = None
         self.api_address: tuple[str, int, bool] | None = None
@@ -253,7 +278,8 @@ class FiledockServer:
     def info(self) -> dict[str, Any]:
         """What clients learn from GET /v1/info about where to send bytes."""
         host, port, tls = self.data_address
-        return {"data_port": {"host": self.options.public_host or host, "port": port, "tls": tls}}
+        return {"data_port": {"host": self.options.public_host or host, "port": self.options.public_data_port or port,
+                              "tls": tls}}
 
     def api_site(self):
         """The control API's hardened ``Site`` (bounded bodies, keys cut in the access log)."""
@@ -283,9 +309,15 @@ class FiledockServer:
             size = yield self.dataport.in_thread(self.blobs.complete_size, record.job_id, record.blob_name)
             if size != record.size:
                 continue  # none, or not whole: left to resumes and fsck
-            hasher = yield self.dataport.in_thread(_hash_complete, self.blobs, record.job_id, record.blob_name)
-            yield self.store.record_complete(record.key, hasher.crc32, hasher.hexdigest())
-            yield self.dataport.in_thread(self.blobs.discard, record.job_id, record.blob_name)  # a stale partial
+            claim = yield self.registry.try_acquire(record.key)
+            if claim is None:
+                continue  # another server (sharing the blobs) is finishing it now
+            try:
+                hasher = yield self.dataport.in_thread(_hash_complete, self.blobs, record.job_id, record.blob_name)
+                yield self.store.record_complete(record.key, hasher.crc32, hasher.hexdigest())
+                yield self.dataport.in_thread(self.blobs.discard, record.job_id, record.blob_name)  # a stale partial
+            finally:
+                self.registry.release(claim)
             found += 1
             log.info("recorded {key} of job {job} complete: it was in place but never recorded",
                      key=short_key(record.key), job=short_key(record.job_id))
@@ -294,21 +326,32 @@ class FiledockServer:
     @defer.inlineCallbacks
     def start(self):
         """Listen on both ports; returns (api_url, data_host, data_port)."""
+        if hasattr(self.registry, "start"):  # a shared registry: registered before any claim
+            yield self.registry.start()
         yield self.record_unrecorded()
         header_timeout = self.limits.header_timeout
-        data_ep = proxied.server_endpoint(self.reactor, with_backlog(self.options.data_listen), header_timeout)
+        data_ep = tls_fast.data_endpoint(self.reactor, with_backlog(self.options.data_listen), header_timeout)
         data_port = yield data_ep.listen(self.dataport)
         self.data_address = _address(data_port, self.options.data_listen)
         api_ep = proxied.server_endpoint(self.reactor, with_backlog(self.options.api_listen), header_timeout)
         api_port = yield api_ep.listen(self.api_site())
         self.api_address = _address(api_port, self.options.api_listen)
         self.events.start()
-        self.reactor.addSystemEventTrigger("before", "shutdown", self.drain)
+        self.reactor.addSystemEventTrigger("before", "shutdown", self.shut_down)
         self._sweeper.start(self.limits.sweep_interval, now=True).addErrback(
             lambda f: log.failure("sweeper stopped", f))
         host, port, tls = self.api_address
         scheme = "https" if tls else "http"
         return f"{scheme}://{_url_host(host)}:{port}/", self.data_address
+
+    def shut_down(self) -> defer.Deferred:
+        """On shutdown: drain the uploads, then let go of a shared registry (its claims, its threads).
+        A "before" trigger, as only those are waited for."""
+        done = self.drain()
+        stop = getattr(self.registry, "stop", None)
+        if stop is not None:
+            done.addBoth(lambda _: stop()).addErrback(lambda f: log.failure("upload registry did not stop", f))
+        return done
 
     def drain(self, timeout: float = 20.0) -> defer.Deferred:
         """On shutdown: end every upload so each partial is checkpointed and recorded first."""
@@ -369,7 +412,11 @@ class FiledockServer:
         # a batch's staging files live as long as its connection: any others were left by a crash
         # (anything from before this process started is a leftover at once)
         active = set(self.dataport.batch_tags)
-        older_than = max(self._started_at, time.time() - self.STAGING_GRACE)
+        if not isinstance(self.dataport.registry, InProcessUploadRegistry):
+            # a shared registry: other servers' batches stage here too, and only they know theirs: only old files go
+            older_than = time.time() - self.SHARED_STAGING_GRACE
+        else:
+            older_than = max(self._started_at, time.time() - self.STAGING_GRACE)
         staged = yield self.dataport.in_thread(self.blobs.sweep_staging, active, older_than)
         if staged:
             log.info("swept {count} staging files of batches that did not finish", count=staged)
@@ -377,6 +424,11 @@ class FiledockServer:
 
     STAGING_GRACE = 60.0
     """Seconds a staging file is left alone even if its batch is unknown (one may be starting)."""
+
+    SHARED_STAGING_GRACE = 6 * 3600.0
+    """In a data dir several servers share: seconds since its last write before a staging file of a
+    batch this server does not know is taken for a crash's leftover (another server's batch may be
+    writing other items meanwhile)."""
 
 
 def _hash_complete(blobs, job_id: str, key: str):

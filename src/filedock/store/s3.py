@@ -323,12 +323,23 @@ class S3PartialWriter(FlowControl):
             try:
                 self._on_strand(self._publish)
             except Exception as exc:  # noqa: BLE001
-                if _code(exc) == "NoSuchUpload":  # aborted under us: the file (or its job) was deleted
+                # aborted under us: the file (or its job) was deleted. S3 says NoSuchUpload; Ceph's
+                # gateway says 500 InternalError, so any other failure asks whether the upload still exists
+                if _code(exc) == "NoSuchUpload" or (self.upload_id and self._upload_gone()):
                     raise FileNotFoundError(self.name) from None
                 raise _unavailable("the object store could not complete the upload; the partial is kept",
                                    exc) from None
         self.published = True
         self.close()
+
+    def _upload_gone(self) -> bool:
+        """True if our multipart upload no longer exists (ListParts: not found); False if it does or we cannot tell."""
+        try:
+            self.store.client.list_parts(Bucket=self.store.bucket, Key=self.name, UploadId=self.upload_id,
+                                         MaxParts=1)
+        except Exception as exc:  # noqa: BLE001
+            return _not_found(exc)
+        return False
 
     def _publish(self) -> None:
         self._tail.flush()
@@ -376,7 +387,8 @@ class S3BatchWriter(BatchWriter):
     """The files of one ``BATCH``, spooled to local staging files and each sent as one PutObject on publish."""
 
     def __init__(self, store: "S3BlobStore", job_id: str) -> None:
-        super().__init__(store.staging_root / "jobs-unused", store.staging, None, store.work_queue)
+        # the base class's target directory is never used: ``publish`` sends to the bucket instead
+        super().__init__(store.staging_root / "unused", store.staging, None, store.work_queue)
         self._store, self._job_id = store, job_id
 
     def publish(self, accepted: list[BatchEntry]) -> None:

@@ -41,3 +41,4 @@ class Abort(Request):
     def release(self) -> None:
         if self.claim is not None:
             self.services.registry.release(self.claim)
+            self.claim = None  # the claim holds our let_go: a cycle that only a full collection would free

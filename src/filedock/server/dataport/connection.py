@@ -301,6 +301,9 @@ class DataPortProtocol(Protocol):
             else:
                 log.failure("data port step failed", failure)
                 self.refused(ErrorCode.INTERNAL_ERROR, "internal error; the partial is kept")
+            # its traceback's frames hold the request (and the request this connection) in a cycle
+            # through the exception: drop them, or a refused connection waits for a full collection
+            failure.cleanFailure()
 
         d.addCallbacks(done, failed)
         d.addBoth(lambda _: self._cleanup() if self.phase is Lifecycle.LOST else None)
@@ -449,6 +452,9 @@ class DataPortProtocol(Protocol):
         self.factory.authorized.discard(self)
         if self.request is not None:
             self.request.release()
+        # the request holds this connection as its channel: let go of it (and of the parser's buffers),
+        # so a closed connection is freed at once, not by the next full garbage collection
+        self.request = self._receive = self.conn = None
         self.released.callback(None)
 
     # ------------------------------------------------------------ timeouts

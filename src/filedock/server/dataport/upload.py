@@ -340,6 +340,9 @@ class Upload(Request):
         s.registry.withdraw(self)
         if self.claim is not None:
             s.registry.release(self.claim)
+            self.claim = None  # the claim holds our let_go: a cycle that only a full collection would free
+        if self.writer is not None:
+            self.writer.on_drain = None  # a closure over this upload: the same
 
     def _log_outcome(self, crc: int | None, digest: str | None) -> None:
         target = self.target

@@ -110,6 +110,23 @@ class HttpExchange:
         self.pause_reading("start")
         d = self._run()
         d.addErrback(self._failed)
+        # once it is served and its request finished (or its connection gone), let go of both sides
+        finished = self.http.notifyFinish()
+        finished.addErrback(lambda _: None)
+        defer.DeferredList([d, finished]).addCallback(self._let_go)
+
+    def _let_go(self, _: Any) -> None:
+        """The upload holds this exchange as its channel, and the HTTP request holds it as its
+        ``http_upload``: both cycles go now, so a finished exchange (and its request, its upload and
+        its writer) is freed at once, not by the next full garbage collection."""
+        self._receiving = False
+        self.request = None
+        # a lost connection's failure: its exception's traceback holds the frames that waited on it (and
+        # so this exchange); consumed here, as every waiter has had it
+        self._body_done.addErrback(lambda _: None)
+        self._body_done = defer.succeed(None)
+        if getattr(self.http, "http_upload", None) is self:
+            self.http.http_upload = None
 
     def receive(self, data: bytes) -> None:
         """Body bytes, as twisted.web decodes them."""

@@ -1,0 +1,29 @@
+// One upload with tus-js-client in Node for `make bench`, timed from start() to onSuccess
+// (creation, every PATCH and, with parallelUploads, the concatenation; not Node's start-up).
+//
+//   node tus_js_upload.mjs ENDPOINT TOKEN FILE PARALLEL JOB
+//
+// Prints {"seconds": s, "url": ...} on success; exits 1 with the error otherwise.
+import { createReadStream } from 'node:fs'
+import { basename } from 'node:path'
+import * as tus from 'tus-js-client'
+
+const [endpoint, token, path, parallel, job] = process.argv.slice(2)
+const started = process.hrtime.bigint()
+const upload = new tus.Upload(createReadStream(path), {
+  endpoint,
+  headers: token ? { Authorization: 'Bearer ' + token } : {},
+  metadata: { job, filename: basename(path) },
+  parallelUploads: Number(parallel),
+  chunkSize: Infinity, // each part in one PATCH: what a fast client does (small chunks ruin any server)
+  retryDelays: [],
+  onSuccess() {
+    const seconds = Number(process.hrtime.bigint() - started) / 1e9
+    console.log(JSON.stringify({ seconds, url: upload.url }))
+  },
+  onError(err) {
+    console.error(String(err.message || err))
+    process.exit(1)
+  },
+})
+upload.start()

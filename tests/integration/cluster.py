@@ -1,0 +1,116 @@
+"""Several filedock servers behind one HAProxy, metadata in PostgreSQL: for tests and benchmarks.
+
+``Cluster(tmp, dsn, blob_setup, limits)`` makes ``count`` servers (``ServerProcess``) on
+``haproxy:tcp:...`` endpoints with ``--metadata DSN`` and the balancer's data port as
+their public one, and a ``HAProxy`` in front; ``start()`` starts them (the first one
+first: it makes the schema and the admin token the others reuse) and waits for the
+health checks. ``blob_setup(tmp, n)`` says where server ``n`` keeps its blobs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import psycopg
+
+from filedock.client.http import ApiClient
+from tests.engines.haproxy import BalancerConfig, HAProxy, free_port
+from tests.integration.harness import ServerProcess
+
+
+def shared_data_dir(tmp_path: Path, n: int) -> tuple[Path, list[str]]:
+    """Both servers get the same data dir (blobs and the key secret); the second reaches it through
+    a symbolic link so that each has its own ready file and log beside it."""
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    if n == 0:
+        return data, []
+    alias = tmp_path / f"data-{n}"
+    if not alias.exists():
+        alias.symlink_to(data, target_is_directory=True)
+    return alias, []
+
+
+BLOB_SETUPS: dict[str, Callable[[Path, int], tuple[Path, list[str]]]] = {"shared-dir": shared_data_dir}
+"""How server ``n`` keeps its blobs: (its data dir, extra ``serve`` arguments)."""
+
+
+class Cluster:
+    """``count`` servers behind one HAProxy, metadata in PostgreSQL (see the module)."""
+
+    def __init__(self, tmp_path: Path, dsn: str, blob_setup, limits: list[str], count: int = 2) -> None:
+        self.dsn = dsn
+        ports = [(free_port(), free_port()) for _ in range(count)]
+        self.balancer = HAProxy(BalancerConfig(ports), tmp_path / "haproxy")
+        self.servers = []
+        for n, (api, data) in enumerate(ports):
+            data_dir, extra = blob_setup(tmp_path, n)
+            self.servers.append(ServerProcess(
+                data_dir, limits=limits, metadata=dsn, log_path=tmp_path / f"server{n}.log",
+                extra=[*extra, "--api-listen", f"haproxy:tcp:{api}:interface=127.0.0.1",
+                       "--data-listen", f"haproxy:tcp:{data}:interface=127.0.0.1",
+                       "--public-host", "127.0.0.1", "--public-data-port", str(self.balancer.config.data_port)]))
+
+    def start(self) -> "Cluster":
+        """Start the servers (the first one first: it makes the schema and the admin token the others
+        reuse), then the balancer; on a failure, stop whatever did start."""
+        try:
+            self.servers[0].start()
+            for server in self.servers[1:]:
+                server.token = self.servers[0].token
+                server.start()
+            self.balancer.start()
+            self.balancer.wait_backends("UP")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stop the balancer, then every server (SIGTERM: they drain and let go)."""
+        self.balancer.stop()
+        for server in self.servers:
+            server.stop()
+
+    @property
+    def token(self) -> str:
+        """The admin token every server accepts (one store)."""
+        return self.servers[0].token
+
+    @property
+    def api(self) -> ApiClient:
+        """The control API through the balancer."""
+        return ApiClient(self.balancer.api_url, self.token)
+
+    @property
+    def data_addr(self) -> tuple[str, int]:
+        """The balancer's data port (what the servers advertise)."""
+        return "127.0.0.1", self.balancer.config.data_port
+
+    def job_with_files(self, name: str, sizes: dict[str, int]):
+        """Create a job, declare files and open a session through the balancer: (job, {name: file}, session)."""
+        api = self.api
+        job = api.create_job(name)
+        files = {n: api.add_file(job["id"], n, s) for n, s in sizes.items()}
+        return job, files, api.open_session(job["id"])
+
+    def env(self) -> dict[str, str]:
+        """Environment for the CLI, through the balancer."""
+        return {**os.environ, "FILEDOCK_URL": self.balancer.api_url, "FILEDOCK_TOKEN": self.token}
+
+    def holders(self) -> dict[str, int]:
+        """{file hash: pid of the server holding it} from the shared registry."""
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            rows = conn.execute("SELECT c.file_hash, s.label FROM upload_claims c "
+                                "JOIN registry_servers s USING (server_id)").fetchall()
+        return {h: int(label.rsplit(" ", 1)[1]) for h, label in rows}
+
+    def server_of_pid(self, pid: int) -> ServerProcess:
+        """The server whose process is ``pid``."""
+        return next(s for s in self.servers if s.proc and s.proc.pid == pid)
+
+    def logs(self) -> str:
+        """Every server's log, one after the other."""
+        return "".join(s.log_path.read_text(errors="replace") for s in self.servers if s.log_path.exists())

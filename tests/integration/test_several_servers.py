@@ -1,0 +1,229 @@
+"""Several filedock servers behind HAProxy, sharing PostgreSQL and one blob store.
+
+Real processes throughout: a private PostgreSQL (``postgres_dsn``), two ``filedock
+serve`` processes on ``haproxy:tcp:...`` endpoints with ``--metadata postgresql://...``,
+HAProxy in front (``tests/engines/haproxy.py``), and the CLI as the client. Servers
+are SIGKILLed and restarted while bytes flow.
+
+The blob store is one parameter (``blob_setup``): today both servers are given the
+same data dir; an S3 bucket is another value of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from filedock.server.pg_registry import PostgresUploadRegistry
+from tests.integration.cluster import BLOB_SETUPS, Cluster
+
+MB = 1_000_000
+
+
+@pytest.fixture(params=sorted(BLOB_SETUPS))
+def blob_setup(request):
+    """How the servers share their blobs (one value per blob store)."""
+    return BLOB_SETUPS[request.param]
+
+
+def cli(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "filedock", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def write_random(path: Path, size: int) -> str:
+    """A file of ``size`` random bytes; returns its SHA-256."""
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            block = os.urandom(min(left, 8 << 20))
+            f.write(block)
+            digest.update(block)
+            left -= len(block)
+    return digest.hexdigest()
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def partial_bytes(data_dir: Path) -> int:
+    """Bytes in the partials of the shared data dir (what has arrived and not finished yet)."""
+    jobs = data_dir / "jobs"
+    total = 0
+    for part in jobs.rglob("*.part") if jobs.exists() else []:
+        try:
+            total += part.stat().st_size
+        except FileNotFoundError:
+            pass
+    return total
+
+
+UPLOAD_LINE = re.compile(r"upload (?P<result>[\w-]+): job=\S+ file='(?P<name>[^']+)' key=\S+ size=\d+ "
+                         r"from=(?P<start>\d+) bytes=(?P<sent>\d+)")
+
+
+def starts_by_file(log_text: str) -> dict[str, list[tuple[str, int]]]:
+    """{file name: [(outcome, offset it started at) of each upload connection a live server logged]}."""
+    starts: dict[str, list[tuple[str, int]]] = {}
+    for m in UPLOAD_LINE.finditer(log_text):
+        starts.setdefault(m["name"], []).append((m["result"], int(m["start"])))
+    return starts
+
+
+LIMITS = ["checkpoint_bytes=8M", "checkpoint_seconds=1"]
+
+
+def test_four_uploads_ride_through_repeated_sigkills_of_the_server_they_are_on(tmp_path, postgres_dsn, blob_setup):
+    """Four 300 MB uploads through HAProxy; each time, the server carrying uploads is SIGKILLed mid-stream
+    and restarted (four kills, alternating). Every CLI finishes by itself through the other server,
+    resuming (no connection after the first starts at 0, and the bytes sent stay far below twice the
+    file), every file downloads byte-identical from either server, and fsck is clean."""
+    size = 300 * MB
+    sources = tmp_path / "in"
+    sources.mkdir()
+    sums = {f"big{i}.bin": write_random(sources / f"big{i}.bin", size + i) for i in range(4)}
+    cluster = Cluster(tmp_path, postgres_dsn, blob_setup, LIMITS).start()
+    shared = cluster.servers[0].data_dir
+    try:
+        cluster.api.create_job("several")  # four clients creating one job at once would conflict
+        clients = {name: subprocess.Popen(
+            [sys.executable, "-m", "filedock", "upload", "--job", "several", "--json",
+             str(sources / name)], env=cluster.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for name in sums}
+        kills: list[int] = []
+        total = sum(size + i for i in range(4))
+        for n, fraction in enumerate((0.12, 0.3, 0.48, 0.66)):
+            deadline = time.monotonic() + 120
+            while partial_bytes(shared) < fraction * total and time.monotonic() < deadline:
+                if all(c.poll() is not None for c in clients.values()):
+                    break
+                time.sleep(0.02)
+            holders = set(cluster.holders().values())
+            victim = next((s for s in cluster.servers if s.proc.pid in holders), cluster.servers[n % 2])
+            victim.kill()
+            kills.append(cluster.servers.index(victim))
+            victim.start()  # its ports again; HAProxy's health check takes it back
+        results = {}
+        for name, client in clients.items():
+            out, err = client.communicate(timeout=600)
+            assert client.returncode == 0, f"{name}: exit {client.returncode}\n{err}\n{cluster.logs()[-3000:]}"
+            results[name] = json.loads(out.strip().splitlines()[-1])
+        logs = cluster.logs()
+        starts = starts_by_file(logs)
+        print(f"FIGURES several_servers {json.dumps({'kills': kills, 'sent': {n: r['sent'] for n, r in results.items()}, 'starts': starts})}")
+        assert len(kills) == 4 and set(kills) == {0, 1}, kills
+        for name, row in results.items():
+            assert row["state"] == "complete", row
+            # a restart from 0 after a kill would send at least the whole file again
+            assert row["sent"] < 1.5 * size, f"{name}: {row['sent']} bytes sent for {size}"
+            offsets = [start for _, start in starts.get(name, [])]
+            (completed_from,) = [start for result, start in starts.get(name, []) if result == "complete"]
+            assert offsets.count(0) <= 1 and completed_from > 0, f"{name} started again from 0: {starts[name]}"
+        # every file from either server: the other one is stopped while it downloads
+        for n, server in enumerate(cluster.servers):
+            other = cluster.servers[1 - n]
+            other.stop()
+            cluster.balancer.wait_backends("DOWN", names=[f"fd{1 - n}"])
+            back = tmp_path / f"back{n}"
+            down = cli(cluster.env(), "download", "--job", "several", "--all", str(back))
+            assert down.returncode == 0, down.stderr
+            for name, digest in sums.items():
+                assert sha256_of(back / name) == digest, f"{name} from server {n}"
+            other.start()
+            cluster.balancer.wait_backends("UP")
+        check = cli(cluster.env(), "fsck", "--data-dir", str(shared), "--metadata", postgres_dsn, "--json")
+        assert check.returncode == 0, check.stdout + check.stderr
+    finally:
+        cluster.stop()
+
+
+def recv_line(sock: socket.socket, limit: int = 8192) -> bytes:
+    """One reply line (without CRLF), or b"" if the peer closed first."""
+    buf = b""
+    while not buf.endswith(b"\n") and len(buf) < limit:
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        buf += chunk
+    return buf.rstrip(b"\r\n")
+
+
+def test_a_client_reconnecting_through_the_other_server_takes_over_at_once(tmp_path, postgres_dsn, blob_setup):
+    """A CLI uploading through server A is stopped (SIGSTOP) mid-file; a new connection for the same
+    file arrives through HAProxy at server B (least connections). B asks A to let go; A checkpoints,
+    records and closes its connection, and B answers OFFSET with A's bytes well under the lease. The
+    stopped CLI, continued, finds its connection gone, resumes (HAProxy is reloaded meanwhile), and
+    ends with the file complete."""
+    size = 200 * MB
+    source = tmp_path / "stalled.bin"
+    digest = write_random(source, size)
+    cluster = Cluster(tmp_path, postgres_dsn, blob_setup, LIMITS).start()
+    shared = cluster.servers[0].data_dir
+    try:
+        stalled = subprocess.Popen([sys.executable, "-m", "filedock", "upload", "--job", "takeover", "--create",
+                                    "--json", str(source)], env=cluster.env(),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while partial_bytes(shared) < 40 * MB and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stalled.send_signal(signal.SIGSTOP)
+        try:
+            (holder_pid,) = cluster.holders().values()
+            old = cluster.server_of_pid(holder_pid)
+            api = cluster.api
+            job = api.job("takeover")
+            (entry,) = job["files"]
+            session = api.open_session(job["id"])
+            with socket.create_connection(("127.0.0.1", cluster.balancer.config.data_port), timeout=30) as sock:
+                began = time.monotonic()
+                sock.sendall(f"FILEDOCK/1 PUT {session['key']} {entry['key']} {size}\r\n".encode())
+                reply = recv_line(sock)
+                waited = time.monotonic() - began
+                assert reply.startswith(b"OFFSET "), reply
+                offset = int(reply.split()[1])
+                (new_pid,) = cluster.holders().values()
+            print(f"FIGURES takeover_across_servers {json.dumps({'seconds': round(waited, 3), 'offset': offset})}")
+            assert new_pid != holder_pid, "the new connection reached the same server"
+            assert offset >= 8 * MB, f"B did not resume from A's bytes: OFFSET {offset}"
+            assert waited < PostgresUploadRegistry.LEASE_SECONDS / 2, f"takeover took {waited:.2f} s"
+            old_log = old.log_path.read_text(errors="replace")
+            assert "taken over by a new connection" in old_log
+            assert re.search(r"upload taken-over: job=\S+ file='stalled.bin'", old_log), old_log[-2000:]
+        finally:
+            stalled.send_signal(signal.SIGCONT)
+        old_balancer = cluster.balancer.proc
+        cluster.balancer.reload()  # while the CLI resumes: the old process finishes what it carries
+        assert cluster.balancer.proc.pid != old_balancer.pid
+        out, err = stalled.communicate(timeout=300)
+        assert stalled.returncode == 0, err
+        row = json.loads(out.strip().splitlines()[-1])
+        assert row["state"] == "complete" and row["sent"] < 1.5 * size, row
+        back = tmp_path / "back"
+        down = cli(cluster.env(), "download", "--job", "takeover", "--all", str(back))
+        assert down.returncode == 0, down.stderr
+        assert sha256_of(back / "stalled.bin") == digest
+        # a clean stop lets go of the registry: the process ends (its threads too) and its row goes
+        for server in cluster.servers:
+            server.proc.terminate()
+            server.proc.wait(10)
+        with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+            assert conn.execute("SELECT count(*) FROM registry_servers").fetchone()[0] == 0
+    finally:
+        cluster.stop()
