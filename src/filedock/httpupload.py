@@ -27,7 +27,10 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 TUS_VERSION = "1.0.0"
-TUS_EXTENSIONS = ("creation", "creation-with-upload", "termination", "expiration", "checksum")
+TUS_EXTENSIONS = ("creation", "creation-with-upload", "creation-defer-length", "termination", "expiration",
+                  "checksum", "concatenation")
+MAX_PARTS = 1000
+"""Most parts one final upload may be made of (``Upload-Concat: final;...``)."""
 CHECKSUM_ALGORITHMS = ("sha1", "sha256", "md5", "crc32")
 DRAFT_VERSIONS = (6, 8)
 TUS_CONTENT_TYPE = "application/offset+octet-stream"
@@ -53,7 +56,7 @@ REQUEST_HEADERS = (
 EXPOSED_HEADERS = (
     "Location", "Upload-Offset", "Upload-Length", "Upload-Complete", "Upload-Limit", "Upload-Expires",
     "Upload-Metadata", "Upload-Draft-Interop-Version", "Tus-Resumable", "Tus-Version", "Tus-Extension",
-    "Tus-Max-Size", "Tus-Checksum-Algorithm", "Repr-Digest", DIGEST_HEADER, STATE_HEADER, ERROR_HEADER,
+    "Tus-Max-Size", "Tus-Checksum-Algorithm", "Upload-Concat", "Upload-Defer-Length", "Repr-Digest", DIGEST_HEADER, STATE_HEADER, ERROR_HEADER,
 )
 """Response headers a browser page may read (CORS ``Access-Control-Expose-Headers``)."""
 
@@ -121,6 +124,9 @@ class Create:
     complete: bool | None = None  # the draft's Upload-Complete
     checksum: Checksum | None = None
     repr_digest: Checksum | None = None
+    partial: bool = False  # tus concatenation: Upload-Concat: partial (a hidden part)
+    final: tuple[str, ...] | None = None  # tus concatenation: the keys of the parts, in order
+    deferred: bool = False  # tus creation-defer-length: the length comes with a later PATCH
 
 
 @dataclass(frozen=True)
@@ -294,6 +300,33 @@ def parse_digest_field(value: str | None, header: str) -> Checksum | None:
     return None
 
 
+def parse_concat(value: str | None) -> tuple[bool, tuple[str, ...] | None]:
+    """tus ``Upload-Concat``: ``partial`` -> (True, None); ``final;<url> <url> ...`` -> (False, the parts'
+    keys in order); absent -> (False, None). Each URL is an upload's (absolute or a path under ``/files/``)."""
+    if value is None:
+        return False, None
+    value = value.strip()
+    if value == "partial":
+        return True, None
+    kind, sep, urls = value.partition(";")
+    if kind.strip() != "final" or not sep:
+        raise _bad("Upload-Concat is 'partial' or 'final;<url> <url> ...'")
+    keys = []
+    for url in urls.split():
+        path = re.sub(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/]*", "", url).split("?", 1)[0]
+        try:
+            keys.append(_key_of(path))
+        except HttpUploadError:
+            raise _bad(f"Upload-Concat: {url[:80]!r} is not an upload's URL") from None
+    if not keys:
+        raise _bad("Upload-Concat: final names no parts")
+    if len(keys) > MAX_PARTS:
+        raise _bad(f"Upload-Concat: at most {MAX_PARTS} parts")
+    if len(set(keys)) != len(keys):
+        raise _bad("Upload-Concat: a part is named twice")
+    return False, tuple(keys)
+
+
 def _content_type(headers: Mapping[str, str]) -> str:
     return headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
@@ -362,16 +395,23 @@ def _parse_create(speaker: Speaker, headers: Mapping[str, str], max_size: int, m
     if speaker.dialect is Dialect.TUS:
         if method != "POST":
             raise HttpUploadError(405, "method-not-allowed", "tus creates uploads with POST", {"Allow": "POST"})
-        if "upload-concat" in headers:
-            raise HttpUploadError(400, "unsupported-extension", "concatenation is not served by this server")
+        partial, final = parse_concat(headers.get("upload-concat"))
+        if final is not None:
+            if body:
+                raise _bad("a final upload (Upload-Concat: final) has no body: its bytes are its parts'")
+            return Create(speaker, None, metadata, False, None, None, None, False, final)
         deferred = headers.get("upload-defer-length")
         if deferred is not None:
-            raise _bad("Upload-Defer-Length is not served: send Upload-Length", "unsupported-extension")
-        if length is None:
-            raise _bad("send Upload-Length")
+            if deferred.strip() != "1":
+                raise _bad("Upload-Defer-Length must be 1")
+            if length is not None:
+                raise _bad("send Upload-Length or Upload-Defer-Length: 1, not both")
+        elif length is None:
+            raise _bad("send Upload-Length (or Upload-Defer-Length: 1)")
         if body:
             _check_body_type(speaker, headers, True)
-        return Create(speaker, length, metadata, body, None, parse_checksum(headers.get("upload-checksum")))
+        return Create(speaker, length, metadata, body, None, parse_checksum(headers.get("upload-checksum")),
+                      None, partial, None, deferred is not None)
     complete = parse_boolean(headers.get("upload-complete"), "Upload-Complete")
     if complete is None:
         raise _bad("send Upload-Complete: ?0 or ?1")
@@ -473,12 +513,13 @@ class UploadState:
     """What the server holds of one upload, to report it."""
 
     offset: int  # durable bytes
-    length: int
+    length: int | None  # None: deferred (tus creation-defer-length), not known yet
     expires: float | None = None  # when an unfinished upload is swept (None: complete, never)
     digest: str | None = None  # blake3-4m, once complete
     finishing: bool = False
     max_size: int = 0
     max_age: int | None = None
+    concat: str | None = None  # tus Upload-Concat to report: "partial" or "final;<url> ..."
 
     @property
     def complete(self) -> bool:
@@ -490,12 +531,17 @@ def state_headers(speaker: Speaker, state: UploadState) -> dict[str, str]:
     """``Upload-Offset``, ``Upload-Length``, ``Upload-Expires``/``Upload-Complete``, digest: for HEAD and PATCH."""
     headers = base_headers(speaker)
     headers["Upload-Offset"] = str(state.offset)
-    headers["Upload-Length"] = str(state.length)
+    if state.length is not None:
+        headers["Upload-Length"] = str(state.length)
+    elif speaker.dialect is Dialect.TUS:
+        headers["Upload-Defer-Length"] = "1"
+    if state.concat is not None and speaker.dialect is Dialect.TUS:
+        headers["Upload-Concat"] = state.concat
     if state.expires is not None and not state.complete:
         headers["Upload-Expires"] = http_date(state.expires)
     if speaker.dialect is Dialect.DRAFT:
         headers["Upload-Complete"] = "?1" if state.complete else "?0"
-        headers["Upload-Limit"] = upload_limit(state.max_size or state.length, state.max_age)
+        headers["Upload-Limit"] = upload_limit(state.max_size or state.length or 0, state.max_age)
     if state.digest is not None:
         headers[DIGEST_HEADER] = state.digest
     return headers

@@ -267,7 +267,7 @@ class FiledockServer:
         self.data_address: tuple[str, int, bool] | None = None
         self.api_address: tuple[str, int, bool] | None = None
         self._started_at = time.time()
-        self._sweeper = task.LoopingCall(self.sweep)
+        self._sweeper = task.LoopingCall(self.sweep_all)
         self._sweeper.clock = reactor
 
     def _file_complete(self, target: Any, job_complete: bool) -> None:
@@ -358,6 +358,34 @@ class FiledockServer:
         done = defer.DeferredList(self.dataport.end_uploads(), consumeErrors=True)
         return done.addTimeout(timeout, self.reactor).addErrback(
             lambda f: log.warn("shutdown: some uploads did not checkpoint in time"))
+
+    @defer.inlineCallbacks
+    def sweep_all(self):
+        """What the sweeper does every ``sweep_interval``: ``sweep`` and ``sweep_parts``."""
+        swept = yield self.sweep()
+        parts = yield self.sweep_parts()
+        return swept + parts
+
+    @defer.inlineCallbacks
+    def sweep_parts(self):
+        """Delete tus concatenation parts untouched for ``limits.partial_ttl`` seconds (complete or not:
+        no final upload came for them; not those in use), record and bytes; returns how many went."""
+        cutoff = time.time() - self.limits.partial_ttl
+        swept = 0
+        for record in (yield self.store.stale_parts(cutoff)):
+            registry = self.dataport.registry
+            claim = yield registry.try_acquire(record.key)
+            if claim is None:
+                continue  # in use (being uploaded, or a final upload is made of it)
+            try:
+                yield self.store.delete_parts([record.key])  # the record first: it never claims bytes that are gone
+                yield self.dataport.in_thread(self.blobs.delete_file, record.job_id, record.blob_name)
+            finally:
+                registry.release(claim)
+            swept += 1
+            log.info("swept abandoned concatenation part {key} of job {job} ({received} bytes)",
+                     key=short_key(record.key), job=short_key(record.job_id), received=record.received)
+        return swept
 
     @defer.inlineCallbacks
     def sweep(self):

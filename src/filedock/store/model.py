@@ -45,6 +45,19 @@ def replacement_name(replaced_id: str, name: str) -> str:
     return f"{REPLACEMENT_MARK}{replaced_id}{REPLACEMENT_MARK}{name}"
 
 
+PART_MARK = "\x02"
+"""A part of a tus concatenation (``Upload-Concat: partial``) is stored under the name
+``MARK + <a random id>``: a hidden file record of its job, never listed, never counted in the
+job's state or completion event, deleted once a final upload made of it completes (or by
+the sweeper when abandoned). Like ``REPLACEMENT_MARK``, a control character no client may
+declare, so a part never clashes with a file's name."""
+
+
+def part_name(part_id: str) -> str:
+    """The stored name of a concatenation part."""
+    return f"{PART_MARK}{part_id}"
+
+
 @dataclass(frozen=True)
 class FileRecord:
     """A declared file of a job and how much of it the server holds durably.
@@ -80,6 +93,11 @@ class FileRecord:
     def replaces(self) -> str | None:
         """The id of the file this new version replaces once complete (None for a plain file)."""
         return self.name.split(REPLACEMENT_MARK, 2)[1] if self.name.startswith(REPLACEMENT_MARK) else None
+
+    @property
+    def is_part(self) -> bool:
+        """A part of a tus concatenation (``PART_MARK``): hidden, never completes its job."""
+        return self.name.startswith(PART_MARK)
 
     @property
     def public_name(self) -> str:

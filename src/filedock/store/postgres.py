@@ -45,8 +45,8 @@ from filedock.errors import ErrorCode, FiledockError
 from filedock.digest import BLOCK_SIZE
 from filedock.store.model import RANGED_STAMP
 from filedock.store.model import (
-    FILE_COMPLETE, FILE_PARTIAL, FILE_PENDING, JOB_COMPLETE, JOB_OPEN, REPLACEMENT_MARK, SCOPE_ADMIN, SCOPES, Event,
-    FileRecord, Job, Session, TokenGrant, replacement_name,
+    FILE_COMPLETE, FILE_PARTIAL, FILE_PENDING, JOB_COMPLETE, JOB_OPEN, PART_MARK, REPLACEMENT_MARK, SCOPE_ADMIN,
+    SCOPES, Event, FileRecord, Job, Session, TokenGrant, replacement_name,
 )
 from filedock.store.sqlite import (
     _FILE_COLS, _JOB_COLS, _SESSION_COLS, _TOKEN_COLS, TOKEN_ID_LENGTH, hash_key, hash_token, load_secret, new_key,
@@ -208,6 +208,78 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (file_id, block)
     )
     """,
+    # 4: parts of a tus concatenation (names starting with PART_MARK, chr(2); SQLite's migration 7) are
+    # hidden file records: the job's counts leave them out (a final and its parts are never counted twice),
+    # completing one never completes its job, and a job's completion event never lists one. A file whose
+    # length is deferred (creation-defer-length) has size 0 until a PATCH tells it; a final upload keeps the
+    # Upload-Concat it was made with, to report it.
+    """
+    ALTER TABLE files ADD COLUMN length_deferred BOOLEAN NOT NULL DEFAULT FALSE,
+        ADD COLUMN upload_concat TEXT;
+    CREATE OR REPLACE FUNCTION job_counts_file() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF TG_OP IN ('DELETE', 'UPDATE') AND substr(OLD.name, 1, 1) != chr(2) THEN
+            UPDATE job_counts SET files = files - 1, complete = complete - (OLD.state = 'complete')::int,
+                bytes_total = bytes_total - OLD.size, bytes_received = bytes_received - OLD.received
+            WHERE job_id = OLD.job_id;
+        END IF;
+        IF TG_OP IN ('INSERT', 'UPDATE') AND substr(NEW.name, 1, 1) != chr(2) THEN
+            UPDATE job_counts SET files = files + 1, complete = complete + (NEW.state = 'complete')::int,
+                bytes_total = bytes_total + NEW.size, bytes_received = bytes_received + NEW.received
+            WHERE job_id = NEW.job_id;
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE OR REPLACE FUNCTION filedock_complete_file(p_key_hash TEXT, p_crc32 BIGINT, p_digest TEXT,
+                                           p_now DOUBLE PRECISION, p_event_id TEXT)
+    RETURNS TABLE (job_id TEXT, became_complete BOOLEAN) LANGUAGE plpgsql AS $$
+    DECLARE
+        v_job TEXT;
+        v_file TEXT;
+        v_name TEXT;
+        v_parts TEXT[];
+    BEGIN
+        SELECT j.id INTO v_job FROM jobs AS j
+            WHERE j.id = (SELECT f.job_id FROM files AS f WHERE f.key_hash = p_key_hash) FOR UPDATE;
+        IF v_job IS NULL THEN
+            RETURN;
+        END IF;
+        UPDATE files AS f SET state = 'complete', received = f.size, crc32 = p_crc32, digest = p_digest,
+            uploaded_at = p_now, updated = p_now, part_stamp = NULL
+            WHERE f.key_hash = p_key_hash RETURNING f.id, f.name INTO v_file, v_name;
+        IF v_file IS NULL THEN
+            RETURN;
+        END IF;
+        IF substr(v_name, 1, 1) = chr(2) THEN  -- a concatenation part never completes its job
+            RETURN QUERY SELECT v_job, FALSE;
+            RETURN;
+        END IF;
+        IF substr(v_name, 1, 1) = chr(1) THEN
+            v_parts := string_to_array(v_name, chr(1));
+            DELETE FROM files AS f WHERE f.id = v_parts[2];
+            UPDATE files AS f SET name = array_to_string(v_parts[3:], chr(1)) WHERE f.id = v_file;
+        END IF;
+        UPDATE jobs AS j SET state = 'complete', updated = p_now
+            WHERE j.id = v_job AND j.state != 'complete' AND NOT EXISTS
+                (SELECT 1 FROM files AS f WHERE f.job_id = v_job AND f.state != 'complete'
+                 AND substr(f.name, 1, 1) NOT IN (chr(1), chr(2)));
+        IF FOUND THEN
+            INSERT INTO events (id, job_id, kind, payload, created)
+            SELECT p_event_id, v_job, 'job.complete', json_build_object(
+                'id', p_event_id, 'type', 'job.complete', 'job', json_build_object('id', v_job, 'name', j.name),
+                'files', (SELECT COALESCE(json_agg(json_build_object(
+                              'name', f.name, 'id', f.id, 'size', f.size,
+                              'crc32', lpad(to_hex(f.crc32), 8, '0'), 'digest', f.digest)
+                              ORDER BY f.name COLLATE "C"), '[]'::json)
+                          FROM files AS f WHERE f.job_id = v_job AND substr(f.name, 1, 1) != chr(2)),
+                'time', p_now)::text, p_now
+            FROM jobs AS j WHERE j.id = v_job;
+            RETURN QUERY SELECT v_job, TRUE;
+        ELSE
+            RETURN QUERY SELECT v_job, FALSE;
+        END IF;
+    END $$
+    """,
 ]
 
 MIGRATION_LOCK = 0x66696C65646F636B  # "filedock": the advisory lock every server migrates under
@@ -215,8 +287,11 @@ EVENT_LEASE = 300.0
 """Seconds an outbox event stays claimed by the server that took it (renewed at each of its passes):
 a server that died lets others deliver its events after this long."""
 CONNECT_TIMEOUT = 10
-_VISIBLE = "substr(name, 1, 1) != chr(1)"
-"""Not a new version waiting to replace a file (``REPLACEMENT_MARK``): what listings and job states count."""
+_VISIBLE = "substr(name, 1, 1) NOT IN (chr(1), chr(2))"
+"""Not a new version waiting to replace a file (``REPLACEMENT_MARK``) nor a concatenation part
+(``PART_MARK``): what listings and job states count."""
+_NOT_PART = "substr(name, 1, 1) != chr(2)"
+_PART = "substr(name, 1, 1) = chr(2)"
 assert REPLACEMENT_MARK == chr(1)
 
 _UNAVAILABLE = "the metadata database cannot be reached; nothing was changed, retry later"
@@ -582,7 +657,7 @@ class PostgresStore:
                             f"VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
                             [(r.id, job_id, r.name, r.size, 0, FILE_PENDING, 0, None, None, now, None,
                               hash_key(r.key)) for r in fresh])
-            if any(not r.replaces for r in fresh):
+            if any(not r.replaces and not r.is_part for r in fresh):  # a hidden record never reopens its job
                 cur.execute("UPDATE jobs SET state = %s, updated = %s WHERE id = %s", (JOB_OPEN, now, job_id))
             return records
         try:
@@ -672,7 +747,7 @@ class PostgresStore:
             for key, crc32, digest in items:
                 if found[hash_key(key)][1].startswith(REPLACEMENT_MARK):
                     self._complete(cur, key, crc32, digest, now)
-            jobs = {job_id for job_id, _ in found.values()}
+            jobs = {job_id for job_id, name in found.values() if not name.startswith(PART_MARK)}
             return [job_id for job_id in sorted(jobs) if self._maybe_complete_job(cur, job_id, now)]
         return self._write(complete)
 
@@ -719,8 +794,8 @@ class PostgresStore:
     def _add_event(self, cur: psycopg.Cursor, job_id: str, kind: str, now: float) -> None:
         cur.execute("SELECT name FROM jobs WHERE id = %s", (job_id,))
         (name,) = cur.fetchone()
-        cur.execute("SELECT name, id, size, crc32, digest FROM files WHERE job_id = %s ORDER BY name COLLATE \"C\"",
-                    (job_id,))
+        cur.execute(f"SELECT name, id, size, crc32, digest FROM files WHERE job_id = %s AND {_NOT_PART} "
+                    f"ORDER BY name COLLATE \"C\"", (job_id,))
         files = [{"name": r[0], "id": r[1], "size": r[2], "crc32": f"{r[3]:08x}", "digest": r[4]}
                  for r in cur.fetchall()]
         event_id = new_key()
@@ -780,6 +855,60 @@ class PostgresStore:
             return cur.rowcount > 0
         return self._write(delete)
 
+    def set_upload_info(self, key: str, length_deferred: bool, upload_concat: str | None) -> None:
+        """See ``SQLiteStore.set_upload_info``."""
+        self._call(lambda cur: cur.execute(
+            "UPDATE files SET length_deferred = %s, upload_concat = %s WHERE key_hash = %s",
+            (length_deferred, upload_concat, hash_key(key))), transaction=False)
+
+    def upload_info(self, key: str) -> tuple[bool, str | None]:
+        """(length deferred, ``Upload-Concat``) of a file; (False, None) for an unknown one."""
+        rows = self._read("SELECT length_deferred, upload_concat FROM files WHERE key_hash = %s", (hash_key(key),))
+        return (bool(rows[0][0]), rows[0][1]) if rows else (False, None)
+
+    def declare_length(self, key: str, size: int, quota: int | None = None) -> FileRecord:
+        """See ``SQLiteStore.declare_length``; the job's row is locked first, as ``add_files`` does."""
+        def declare(cur: psycopg.Cursor) -> FileRecord:
+            cur.execute("SELECT 1 FROM jobs WHERE id = (SELECT job_id FROM files WHERE key_hash = %s) FOR UPDATE",
+                        (hash_key(key),))
+            cur.execute(f"SELECT {_FILE_COLS}, length_deferred FROM files WHERE key_hash = %s FOR UPDATE",
+                        (hash_key(key),))
+            row = cur.fetchone()
+            if row is None:
+                raise FiledockError(ErrorCode.UNKNOWN_FILE, "no such upload")
+            record = self._file(row[:-1])
+            if not row[-1]:
+                if record.size != size:
+                    raise FiledockError(ErrorCode.SIZE_MISMATCH, f"the upload is {record.size} bytes, not {size}")
+                return record
+            if size < record.received:
+                raise FiledockError(ErrorCode.SIZE_MISMATCH, f"the upload holds {record.received} bytes already")
+            if quota is not None:
+                cur.execute("SELECT COALESCE(SUM(size), 0) FROM files WHERE job_id = %s", (record.job_id,))
+                (used,) = cur.fetchone()
+                if used + size > quota:
+                    raise FiledockError(ErrorCode.QUOTA_EXCEEDED,
+                                        f"job quota is {quota} bytes; {used} are declared already")
+            cur.execute("UPDATE files SET size = %s, length_deferred = FALSE WHERE id = %s", (size, record.id))
+            return replace(record, size=size)
+        return self._write(declare)
+
+    def delete_parts(self, keys: list[str]) -> int:
+        """Forget concatenation parts (see ``SQLiteStore.delete_parts``); returns how many went."""
+        def delete(cur: psycopg.Cursor) -> int:
+            hashes = [hash_key(key) for key in keys]
+            cur.execute("SELECT DISTINCT job_id FROM files WHERE key_hash = ANY(%s) ORDER BY job_id", (hashes,))
+            for (job_id,) in cur.fetchall():  # the jobs first: one lock order for every writer
+                cur.execute("SELECT 1 FROM jobs WHERE id = %s FOR UPDATE", (job_id,))
+            cur.execute(f"DELETE FROM files WHERE key_hash = ANY(%s) AND {_PART}", (hashes,))
+            return cur.rowcount
+        return self._write(delete) if keys else 0
+
+    def stale_parts(self, older_than: float) -> list[FileRecord]:
+        """Concatenation parts untouched since ``older_than`` (complete or not): abandoned, the sweeper's."""
+        return [self._file(r) for r in self._read(
+            f"SELECT {_FILE_COLS} FROM files WHERE {_PART} AND updated < %s", (older_than,))]
+
     def all_files(self) -> list[FileRecord]:
         """Every file record (fsck)."""
         return [self._file(r) for r in self._read(
@@ -792,7 +921,8 @@ class PostgresStore:
 
     def stale_partials(self, older_than: float) -> list[FileRecord]:
         return [self._file(r) for r in self._read(
-            f"SELECT {_FILE_COLS} FROM files WHERE state = %s AND updated < %s", (FILE_PARTIAL, older_than))]
+            f"SELECT {_FILE_COLS} FROM files WHERE state = %s AND updated < %s AND {_NOT_PART}",
+            (FILE_PARTIAL, older_than))]
 
     # ------------------------------------------------------------ sessions
 

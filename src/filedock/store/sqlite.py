@@ -150,6 +150,36 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (file_id, block)
     )
     """,
+    # 7: HTTP uploads (tus). Parts of a concatenation (names starting with PART_MARK, char(2)) are hidden
+    # file records: the job's counts leave them out, so that a final file and the parts it is made of are
+    # never counted twice. A file whose length is deferred (creation-defer-length) has size 0 until a
+    # PATCH tells it; a final upload keeps the Upload-Concat it was made with, to report it.
+    """
+    ALTER TABLE files ADD COLUMN length_deferred INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE files ADD COLUMN upload_concat TEXT;
+    DROP TRIGGER job_counts_file_added;
+    DROP TRIGGER job_counts_file_removed;
+    DROP TRIGGER job_counts_file_changed;
+    CREATE TRIGGER job_counts_file_added AFTER INSERT ON files WHEN substr(NEW.name, 1, 1) != char(2) BEGIN
+        UPDATE job_counts SET files = files + 1, complete = complete + (NEW.state = 'complete'),
+            bytes_total = bytes_total + NEW.size, bytes_received = bytes_received + NEW.received
+        WHERE job_id = NEW.job_id;
+    END;
+    CREATE TRIGGER job_counts_file_removed AFTER DELETE ON files WHEN substr(OLD.name, 1, 1) != char(2) BEGIN
+        UPDATE job_counts SET files = files - 1, complete = complete - (OLD.state = 'complete'),
+            bytes_total = bytes_total - OLD.size, bytes_received = bytes_received - OLD.received
+        WHERE job_id = OLD.job_id;
+    END;
+    CREATE TRIGGER job_counts_file_changed AFTER UPDATE OF job_id, state, size, received ON files
+        WHEN substr(NEW.name, 1, 1) != char(2) BEGIN
+        UPDATE job_counts SET files = files - 1, complete = complete - (OLD.state = 'complete'),
+            bytes_total = bytes_total - OLD.size, bytes_received = bytes_received - OLD.received
+        WHERE job_id = OLD.job_id;
+        UPDATE job_counts SET files = files + 1, complete = complete + (NEW.state = 'complete'),
+            bytes_total = bytes_total + NEW.size, bytes_received = bytes_received + NEW.received
+        WHERE job_id = NEW.job_id;
+    END
+    """,
 ]
 
 KEYS_HASHED_VERSION = 4
@@ -170,8 +200,11 @@ def sql_statements(script: str) -> Iterator[str]:
 
 
 _FILE_COLS = "id, job_id, name, size, received, state, crc32, digest, uploaded_at, updated, part_stamp"
-_VISIBLE = "substr(name, 1, 1) != char(1)"
-"""Not a new version waiting to replace a file (``REPLACEMENT_MARK``): what listings and job states count."""
+_VISIBLE = "substr(name, 1, 1) NOT IN (char(1), char(2))"
+"""Not a new version waiting to replace a file (``REPLACEMENT_MARK``) nor a concatenation part
+(``PART_MARK``): what listings and job states count."""
+_NOT_PART = "substr(name, 1, 1) != char(2)"
+_PART = "substr(name, 1, 1) = char(2)"
 _JOB_COLS = "id, name, metadata, created, updated, state"
 _SESSION_COLS = "key_hash, job_id, created, expires, closed, scope"
 _TOKEN_COLS = "hash, label, scope, job_id, created"
@@ -535,7 +568,7 @@ class SQLiteStore:
                 db.executemany(f"INSERT INTO files ({_FILE_COLS}, key_hash) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                                [(r.id, job_id, r.name, r.size, 0, FILE_PENDING, 0, None, None, now, None,
                                  hash_key(r.key)) for r in fresh])
-                if any(not r.replaces for r in fresh):
+                if any(not r.replaces and not r.is_part for r in fresh):  # a hidden record never reopens its job
                     db.execute("UPDATE jobs SET state = ?, updated = ? WHERE id = ?", (JOB_OPEN, now, job_id))
         except sqlite3.IntegrityError:
             names = ", ".join(repr(n) for n, _ in entries[:3])
@@ -582,17 +615,19 @@ class SQLiteStore:
         """Mark a file complete; returns True if that made its job complete (exactly once)."""
         with self._write() as db:
             job_id = self._complete(db, key, crc32, digest, self._clock())
-            return self._maybe_complete_job(db, job_id, self._clock())
+            return job_id is not None and self._maybe_complete_job(db, job_id, self._clock())
 
     def record_complete_many(self, items: list[tuple[str, int, str]]) -> list[str]:
         """Mark many files complete in one transaction (a batch); returns the jobs that became complete."""
         now = self._clock()
         with self._write() as db:
-            jobs = {self._complete(db, key, crc32, digest, now) for key, crc32, digest in items}
+            jobs = {self._complete(db, key, crc32, digest, now) for key, crc32, digest in items} - {None}
             return [job_id for job_id in sorted(jobs) if self._maybe_complete_job(db, job_id, now)]
 
     @staticmethod
-    def _complete(db: sqlite3.Connection, key: str, crc32: int, digest: str, now: float) -> str:
+    def _complete(db: sqlite3.Connection, key: str, crc32: int, digest: str, now: float) -> str | None:
+        """Mark one file complete; returns its job, or None for a concatenation part (which never
+        completes its job: the final file made of it does)."""
         row = db.execute(f"SELECT {_FILE_COLS} FROM files WHERE key_hash = ?", (hash_key(key),)).fetchone()
         if row is None:
             raise FiledockError(ErrorCode.GONE, "the file was deleted during the upload")
@@ -603,7 +638,7 @@ class SQLiteStore:
         if record.replaces:  # a new version: it takes the old one's place in the same transaction
             db.execute("DELETE FROM files WHERE id = ?", (record.replaces,))
             db.execute("UPDATE files SET name = ? WHERE id = ?", (record.public_name, record.id))
-        return record.job_id
+        return None if record.is_part else record.job_id
 
     def _maybe_complete_job(self, db: sqlite3.Connection, job_id: str, now: float) -> bool:
         """A job whose files are all complete becomes complete, once, with its event in the outbox."""
@@ -628,8 +663,8 @@ class SQLiteStore:
         (name,) = db.execute("SELECT name FROM jobs WHERE id = ?", (job_id,)).fetchone()
         # stored with file ids, never keys: pending_events derives each key when it hands the event out
         files = [{"name": r[0], "id": r[1], "size": r[2], "crc32": f"{r[3]:08x}", "digest": r[4]}
-                 for r in db.execute("SELECT name, id, size, crc32, digest FROM files WHERE job_id = ? "
-                                     "ORDER BY name", (job_id,))]
+                 for r in db.execute(f"SELECT name, id, size, crc32, digest FROM files WHERE job_id = ? "
+                                     f"AND {_NOT_PART} ORDER BY name", (job_id,))]
         event_id = new_key()
         payload = {"id": event_id, "type": kind, "job": {"id": job_id, "name": name}, "files": files,
                    "time": now}
@@ -675,6 +710,55 @@ class SQLiteStore:
             cur = db.execute("DELETE FROM files WHERE key_hash = ? AND state != ?", (hash_key(key), FILE_COMPLETE))
             return cur.rowcount > 0
 
+    def set_upload_info(self, key: str, length_deferred: bool, upload_concat: str | None) -> None:
+        """What an HTTP upload's file record needs besides the usual: its length deferred (its size
+        stays 0 until ``declare_length``), or the ``Upload-Concat`` of a final upload."""
+        with self._write() as db:
+            db.execute("UPDATE files SET length_deferred = ?, upload_concat = ? WHERE key_hash = ?",
+                       (int(length_deferred), upload_concat, hash_key(key)))
+
+    def upload_info(self, key: str) -> tuple[bool, str | None]:
+        """(length deferred, ``Upload-Concat``) of a file; (False, None) for an unknown one."""
+        rows = self._read("SELECT length_deferred, upload_concat FROM files WHERE key_hash = ?", (hash_key(key),))
+        return (bool(rows[0][0]), rows[0][1]) if rows else (False, None)
+
+    def declare_length(self, key: str, size: int, quota: int | None = None) -> FileRecord:
+        """The length of a file whose length was deferred, checked against the job's ``quota`` now that
+        it is known (``quota-exceeded``: nothing changed). A file whose length is known already: the
+        same length is no change, another is ``size-mismatch``."""
+        with self._write() as db:
+            row = db.execute(f"SELECT {_FILE_COLS}, length_deferred FROM files WHERE key_hash = ?",
+                             (hash_key(key),)).fetchone()
+            if row is None:
+                raise FiledockError(ErrorCode.UNKNOWN_FILE, "no such upload")
+            record = self._file(row[:-1])
+            if not row[-1]:
+                if record.size != size:
+                    raise FiledockError(ErrorCode.SIZE_MISMATCH, f"the upload is {record.size} bytes, not {size}")
+                return record
+            if size < record.received:
+                raise FiledockError(ErrorCode.SIZE_MISMATCH, f"the upload holds {record.received} bytes already")
+            if quota is not None:
+                (used,) = db.execute("SELECT COALESCE(SUM(size), 0) FROM files WHERE job_id = ?",
+                                     (record.job_id,)).fetchone()
+                if used + size > quota:
+                    raise FiledockError(ErrorCode.QUOTA_EXCEEDED,
+                                        f"job quota is {quota} bytes; {used} are declared already")
+            db.execute("UPDATE files SET size = ?, length_deferred = 0 WHERE id = ?", (size, record.id))
+        return replace(record, size=size)
+
+    def delete_parts(self, keys: list[str]) -> int:
+        """Forget concatenation parts (complete or not): the final made of them is complete, or they
+        were abandoned. Other records are never touched; returns how many went."""
+        with self._write() as db:
+            return sum(db.execute(f"DELETE FROM files WHERE key_hash = ? AND {_PART}", (hash_key(key),)).rowcount
+                       for key in keys)
+
+    def stale_parts(self, older_than: float) -> list[FileRecord]:
+        """Concatenation parts untouched since ``older_than`` (complete or not): abandoned, the sweeper's."""
+        return [self._file(r) for r in self._read(
+            f"SELECT {_FILE_COLS} FROM files WHERE {_PART} AND updated < ?", (older_than,))]
+
     def all_files(self) -> list[FileRecord]:
         """Every file record (fsck)."""
         return [self._file(r) for r in self._read(f"SELECT {_FILE_COLS} FROM files ORDER BY job_id, name")]
@@ -686,7 +770,8 @@ class SQLiteStore:
 
     def stale_partials(self, older_than: float) -> list[FileRecord]:
         return [self._file(r) for r in self._read(
-            f"SELECT {_FILE_COLS} FROM files WHERE state = ? AND updated < ?", (FILE_PARTIAL, older_than))]
+            f"SELECT {_FILE_COLS} FROM files WHERE state = ? AND updated < ? AND {_NOT_PART}",
+            (FILE_PARTIAL, older_than))]
 
     # ------------------------------------------------------------ sessions
 

@@ -13,6 +13,8 @@ reported, exactly like the data port's ``OFFSET``.
 from __future__ import annotations
 
 import re
+import uuid
+from dataclasses import replace
 from typing import Any
 
 from twisted.internet import defer
@@ -26,7 +28,8 @@ from filedock.errors import ErrorCode, FiledockError, short_key
 from filedock.server.authority import UploadTarget
 from filedock.server.dataport.channel import IRequestChannel
 from filedock.server.dataport.upload import PAUSED, Upload
-from filedock.store.model import FILE_COMPLETE, FileRecord, TokenGrant
+from filedock.store.concat import PartSource, concatenate
+from filedock.store.model import FILE_COMPLETE, FileRecord, TokenGrant, part_name
 
 log = Logger(namespace="filedock.http_upload")
 
@@ -186,8 +189,9 @@ class HttpExchange:
                 yield self._probe(event)
             elif isinstance(event, httpupload.Append):
                 record = yield self._record(event.key)
+                record, deferred = yield self._before_append(record, event.length)
                 yield self._append(record, event.offset, event.complete, event.checksum, event.repr_digest,
-                                   event.length)
+                                   event.length, deferred=deferred)
             elif isinstance(event, httpupload.Terminate):
                 yield self._terminate(event)
         except httpupload.HttpUploadError as err:
@@ -250,12 +254,29 @@ class HttpExchange:
             raise httpupload.HttpUploadError(400, ErrorCode.BAD_REQUEST.value,
                                              "name the job in Upload-Metadata ('job', its name or id)")
         name = metadata.get("filename") or metadata.get("name")
-        if not name:
+        if event.partial:
+            name = part_name(str(uuid.uuid4()))  # a part is hidden: its name in the job is ours, never the client's
+        elif not name:
             raise httpupload.HttpUploadError(400, ErrorCode.BAD_REQUEST.value,
                                              "name the file in Upload-Metadata ('filename' or 'name')")
-        check_file_name(name)
+        else:
+            check_file_name(name)
         if self.grant.scope not in ("admin", "upload"):
             raise FiledockError(ErrorCode.FORBIDDEN, f"a token of scope {self.grant.scope!r} may not upload")
+        job = yield self._job(job_ref)
+        if event.partial or event.final is not None:
+            yield self._create_concatenation(job, name, event)
+            return
+        if event.deferred:
+            yield self._create_deferred(job, name, event)
+            return
+        self.front.may_upload(self.grant, job.id)
+        record: FileRecord = yield self.front.store.add_file(job.id, name, event.length, self.front.limits.job_quota)
+        yield self._created(record, name, event)
+
+    @defer.inlineCallbacks
+    def _job(self, job_ref: str):
+        """The job ``job_ref`` names, if this token may upload to it: 404 or 403 otherwise."""
         job = yield self.front.store.find_job(job_ref)
         if job is None:
             if self.grant.job_id is not None:  # a token of one job learns nothing of others
@@ -263,22 +284,145 @@ class HttpExchange:
             raise httpupload.HttpUploadError(404, ErrorCode.NOT_FOUND.value,
                                              f"no job {job_ref[:200]!r}: create it first (filedock job create)")
         self.front.may_upload(self.grant, job.id)
-        record: FileRecord = yield self.front.store.add_file(job.id, name, event.length, self.front.limits.job_quota)
-        self.job_id = job.id
+        return job
+
+    @defer.inlineCallbacks
+    def _created(self, record: FileRecord, name: str, event: httpupload.Create, deferred: bool = False):
+        """A new upload's record is made: say where it is (and store the creation's body, if any)."""
+        self.job_id = record.job_id
         location = self._location(record.key)
         log.info("HTTP upload created: job={job} file={name!r} key={key} size={size} via {dialect}",
-                 job=short_key(job.id), name=name, key=short_key(record.key), size=record.size,
+                 job=short_key(record.job_id), name=name, key=short_key(record.key),
+                 size="deferred" if deferred else record.size,
                  dialect=self.speaker.dialect.value)
         if self.speaker.dialect is httpupload.Dialect.DRAFT and self.version == b"HTTP/1.1" \
                 and self.transport is not None:
             self.transport.write(httpupload.informational_104(
                 self.speaker, location, httpupload.upload_limit(self.front.max_size, int(self.front.limits.partial_ttl))))
         if event.has_body or event.length == 0 or event.complete:
-            yield self._append(record, 0, event.complete, event.checksum, event.repr_digest, None, location)
+            yield self._append(record, 0, event.complete, event.checksum, event.repr_digest, None, location,
+                               deferred)
             return
         yield self._body()
-        status, headers = httpupload.create_response(self.speaker, location, self.front.state_of(record))
+        status, headers = httpupload.create_response(
+            self.speaker, location, self.front.state_of(record, deferred=deferred,
+                                                        concat="partial" if record.is_part else None))
         yield self._respond(status, headers)
+
+    @defer.inlineCallbacks
+    def _create_deferred(self, job: Any, name: str, event: httpupload.Create):
+        """creation-defer-length: a file of size 0 whose length a later PATCH tells (the quota is checked then)."""
+        record: FileRecord = yield self.front.store.add_file(job.id, name, 0, self.front.limits.job_quota)
+        yield self.front.store.set_upload_info(record.key, True, None)
+        yield self._created(record, name, event, deferred=True)
+
+    @defer.inlineCallbacks
+    def _create_concatenation(self, job: Any, name: str, event: httpupload.Create):
+        """A part (``Upload-Concat: partial``): a hidden file record of the job, uploaded like any file.
+        A final (``Upload-Concat: final;...``): see ``_create_final``."""
+        if event.final is not None:
+            yield self._create_final(job, name, event.final)
+            return
+        if event.deferred:
+            yield self._create_deferred(job, name, event)
+            return
+        record: FileRecord = yield self.front.store.add_file(job.id, name, event.length, self.front.limits.job_quota)
+        yield self._created(record, name, event)
+
+    @defer.inlineCallbacks
+    def _final_parts(self, job_id: str, keys: tuple[str, ...]):
+        """The parts a final names, in order: each must be a complete part of the final's job."""
+        found = yield self.front.store.files_by_keys(list(keys))
+        by_key = {r.key: r for r in found}
+        parts = []
+        for index, key in enumerate(keys, start=1):
+            part = by_key.get(key)
+            if part is None:
+                raise httpupload.HttpUploadError(404, ErrorCode.UNKNOWN_FILE.value, f"part {index}: no such upload")
+            self.front.may_upload(self.grant, part.job_id)
+            if part.job_id != job_id:
+                raise httpupload.HttpUploadError(403, ErrorCode.FORBIDDEN.value,
+                                                 f"part {index} belongs to another job than the final upload")
+            if not part.is_part:
+                raise httpupload.HttpUploadError(400, ErrorCode.BAD_REQUEST.value,
+                                                 f"part {index} was not created with Upload-Concat: partial")
+            if part.state != FILE_COMPLETE:
+                # concatenation-unfinished is not served: the final's bytes are made at once, all durable
+                raise httpupload.HttpUploadError(400, ErrorCode.NOT_COMPLETE.value,
+                                                 f"part {index} holds {part.received} of {part.size} bytes: "
+                                                 f"finish every part before the final upload")
+            parts.append(part)
+        return parts
+
+    @defer.inlineCallbacks
+    def _create_final(self, job: Any, name: str, keys: tuple[str, ...]):
+        """``Upload-Concat: final;<url> ...``: a file of the job whose bytes are its complete parts' in order,
+        made durable (fsync'd, checked, renamed, recorded) before the 201; then the parts go."""
+        s, registry = self.front.services, self.front.services.registry
+        concat = "final;" + " ".join(f"{httpupload.PATH_PREFIX}{key}" for key in keys)
+        try:
+            parts = yield self._final_parts(job.id, keys)
+        except httpupload.HttpUploadError as err:
+            done = yield self._same_final(job.id, name, concat) if err.status == 404 else None
+            if done is None or done.state != FILE_COMPLETE:
+                raise
+            # the client sends again a final that was made (its response lost): the same answer
+            yield self._respond(*httpupload.create_response(self.speaker, self._location(done.key),
+                                                            self.front.state_of(done, concat=concat)))
+            return
+        size = sum(p.size for p in parts)
+        if size > self.front.max_size:
+            raise httpupload.HttpUploadError(413, ErrorCode.TOO_LARGE.value,
+                                             f"uploads may be at most {self.front.max_size} bytes")
+        claims = []
+        try:
+            for part in parts:  # no other final, termination or sweep of these parts meanwhile
+                claim = yield registry.try_acquire(part.key)
+                if claim is None:
+                    raise httpupload.HttpUploadError(409, ErrorCode.CONFLICT.value,
+                                                     "a part is in use (by another final upload?)")
+                claims.append(claim)
+            # the parts' bytes count against the quota already: the final is checked by its parts'
+            try:
+                final: FileRecord = yield self.front.store.add_file(job.id, name, size, None)
+                yield self.front.store.set_upload_info(final.key, False, concat)
+            except FiledockError as err:
+                final = yield self._same_final(job.id, name, concat) if err.code is ErrorCode.CONFLICT else None
+                if final is None or final.state == FILE_COMPLETE:
+                    raise
+                # a final whose making was cut short (a crash): made again from its parts, which are all here
+            self.job_id = job.id
+            self.front.finishing[final.key] = 0
+            try:
+                crc, digest = yield s.in_thread(concatenate, s.blobs, job.id, final.blob_name,
+                                                [PartSource(p.blob_name, p.size, p.crc32) for p in parts])
+            except BaseException:
+                yield self.front.store.delete_file(final.key)
+                raise
+            finally:
+                self.front.finishing.pop(final.key, None)
+            yield s.authority.record_complete(_target(final), crc, digest)
+            yield self.front.store.delete_parts([p.key for p in parts])
+            for part in parts:
+                yield s.in_thread(s.blobs.delete_file, part.job_id, part.blob_name)
+        finally:
+            for claim in claims:
+                registry.release(claim)
+        log.info("HTTP upload concatenated: job={job} file={name!r} key={key} size={size} from {n} parts",
+                 job=short_key(job.id), name=name, key=short_key(final.key), size=size, n=len(parts))
+        record = yield self.front.store.get_file(final.key)
+        status, headers = httpupload.create_response(self.speaker, self._location(final.key),
+                                                     self.front.state_of(record, concat=concat))
+        yield self._respond(status, headers)
+
+    @defer.inlineCallbacks
+    def _same_final(self, job_id: str, name: str, concat: str):
+        """The job's file ``name`` if it is a final upload made (or being made) of the same parts, else None."""
+        for record in (yield self.front.store.list_files(job_id)):
+            if record.name == name:
+                _, made_of = yield self.front.store.upload_info(record.key)
+                return record if made_of == concat else None
+        return None
 
     def _location(self, key: str) -> str:
         host = (self.http.getHeader(b"host") or b"").decode("latin-1")
@@ -292,9 +436,12 @@ class HttpExchange:
     @defer.inlineCallbacks
     def _probe(self, event: httpupload.Probe):
         record = yield self._record(event.key)
+        deferred, concat = yield self.front.store.upload_info(event.key)
+        concat = "partial" if record.is_part else concat
         if record.state != FILE_COMPLETE and event.key in self.front.finishing:
             # the last bytes are being made durable: say so now rather than wait (uppy#4743)
-            status, headers = httpupload.probe_response(self.speaker, self.front.state_of(record, finishing=True))
+            status, headers = httpupload.probe_response(self.speaker, self.front.state_of(
+                record, finishing=True, deferred=deferred, concat=concat))
             yield self._respond(status, headers)
             return
         if record.state != FILE_COMPLETE:
@@ -304,14 +451,19 @@ class HttpExchange:
                                            lambda: None)
             try:
                 record = yield self._record(event.key)
+                deferred, _ = yield self.front.store.upload_info(event.key)
             finally:
                 registry.release(claim)
-        status, headers = httpupload.probe_response(self.speaker, self.front.state_of(record))
+        status, headers = httpupload.probe_response(self.speaker, self.front.state_of(record, deferred=deferred,
+                                                                                      concat=concat))
         yield self._respond(status, headers)
 
     @defer.inlineCallbacks
     def _terminate(self, event: httpupload.Terminate):
         record = yield self._record(event.key)
+        if record.is_part:
+            yield self._terminate_part(record)
+            return
         if record.state == FILE_COMPLETE:
             raise httpupload.HttpUploadError(409, ErrorCode.ALREADY_COMPLETE.value,
                                              "the upload is complete: delete the file through the API")
@@ -331,8 +483,27 @@ class HttpExchange:
     # ------------------------------------------------------------ appending
 
     @defer.inlineCallbacks
+    def _before_append(self, record: FileRecord, length: int | None):
+        """A PATCH's record: a final upload refuses it (403); a deferred length is declared if the PATCH
+        carries it (the job's quota checked now). Returns (record, length still deferred)."""
+        deferred, concat = yield self.front.store.upload_info(record.key)
+        if concat is not None and concat.startswith("final"):
+            raise httpupload.HttpUploadError(403, ErrorCode.FORBIDDEN.value,
+                                             "a final upload (Upload-Concat: final) takes no PATCH: its bytes "
+                                             "are its parts'")
+        if deferred and length is not None:
+            record = yield self.front.store.declare_length(record.key, length, self.front.limits.job_quota)
+            log.info("HTTP upload length declared: key={key} size={size}", key=short_key(record.key), size=length)
+            deferred = False
+        return record, deferred
+
+    @defer.inlineCallbacks
     def _append(self, record: FileRecord, offset: int, complete: bool | None, checksum: Any, repr_digest: Any,
-                length: int | None, location: str | None = None):
+                length: int | None, location: str | None = None, deferred: bool = False,
+                provisional: bool = False):
+        if deferred:
+            yield self._append_deferred(record, offset, checksum, location)
+            return
         if length is not None and length != record.size:
             raise httpupload.HttpUploadError(400, ErrorCode.SIZE_MISMATCH.value,
                                              f"the upload is {record.size} bytes, not {length}")
@@ -390,7 +561,7 @@ class HttpExchange:
                 yield self._close_upload()
                 raise httpupload.checksum_failed(self.speaker)
         upload.hold_checkpoints = False
-        if upload.writer.offset >= record.size:
+        if upload.writer.offset >= record.size and not provisional:
             yield self._finish(upload, record, location)
             return
         if complete:  # the draft client said this was the last byte, but bytes are missing
@@ -402,12 +573,55 @@ class HttpExchange:
         upload.note_outcome(PAUSED)
         yield self._close_upload()  # checkpoint and record: the offset we report is durable
         record = yield self.front.store.get_file(record.key)
-        state = self.front.state_of(record)
+        state = self.front.state_of(record, deferred=provisional, concat="partial" if record.is_part else None)
         if location is not None:
             status, headers = httpupload.create_response(self.speaker, location, state)
         else:
             status, headers = httpupload.append_response(self.speaker, state)
         yield self._respond(status, headers)
+
+    @defer.inlineCallbacks
+    def _append_deferred(self, record: FileRecord, offset: int, checksum: Any, location: str | None):
+        """A PATCH (or a creation's body) to an upload whose length is still deferred: its bytes are stored
+        and made durable like any; the file is never complete until a PATCH with Upload-Length says how
+        long it is. The request must say how many bytes it carries (Content-Length)."""
+        if self.length is None:
+            raise httpupload.HttpUploadError(400, ErrorCode.BAD_REQUEST.value,
+                                             "the upload's length is deferred: send Upload-Length, or a "
+                                             "Content-Length with this request")
+        end = offset + self.length
+        if end > self.front.max_size:
+            raise httpupload.HttpUploadError(413, ErrorCode.TOO_LARGE.value,
+                                             f"uploads may be at most {self.front.max_size} bytes")
+        if not self.length:
+            state = self.front.state_of(record, deferred=True)
+            if offset != record.received:
+                raise httpupload.offset_mismatch(self.speaker, state, offset)
+            yield self._respond(*(httpupload.create_response(self.speaker, location, state) if location else
+                                  httpupload.append_response(self.speaker, state)))
+            return
+        provisional = self.front.services.authority.provisional
+        provisional[record.key] = end  # the Upload holds this request's bytes: its end is the size for now
+        try:
+            yield self._append(replace(record, size=end), offset, None, checksum, None, None, location,
+                               provisional=True)
+        finally:
+            if provisional.get(record.key) == end:
+                del provisional[record.key]
+
+    @defer.inlineCallbacks
+    def _terminate_part(self, record: FileRecord):
+        """DELETE of a part (complete or not): it goes, record and bytes, like an abandoned one."""
+        s, registry = self.front.services, self.front.services.registry
+        claim = yield registry.acquire(record.key, self.session_key, self.front.limits.max_connections_per_session,
+                                       lambda: None)
+        try:
+            yield self.front.store.delete_parts([record.key])
+            yield s.in_thread(s.blobs.delete_file, record.job_id, record.blob_name)
+        finally:
+            registry.release(claim)
+        log.info("HTTP upload part terminated: key={key}", key=short_key(record.key))
+        yield self._respond(204, httpupload.base_headers(self.speaker))
 
     @defer.inlineCallbacks
     def _already_complete(self, record: FileRecord, offset: int):

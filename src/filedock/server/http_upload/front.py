@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 from twisted.internet import defer
@@ -32,6 +33,7 @@ class GrantAuthority:
 
     def __init__(self, inner: StoreAuthority) -> None:
         self.inner = inner
+        self.provisional: dict[str, int] = {}  # file key -> the size for now of an upload whose length is deferred
         self.store = inner.store
         self.limits = inner.limits
 
@@ -40,6 +42,9 @@ class GrantAuthority:
         record: FileRecord | None = yield self.store.get_file(file_key)
         if record is None:
             raise FiledockError(ErrorCode.UNKNOWN_FILE, "no such upload")
+        provisional = self.provisional.get(file_key)
+        if provisional is not None:  # length deferred: the PATCH in flight says how far the file goes for now
+            record = replace(record, size=provisional)
         if size is not None and size != record.size:
             raise FiledockError(ErrorCode.SIZE_MISMATCH, f"the upload is {record.size} bytes, not {size}")
         if record.state == FILE_COMPLETE:
@@ -123,13 +128,15 @@ class HttpUploads:
             return None
         return record.updated + self.limits.partial_ttl
 
-    def state_of(self, record: FileRecord, finishing: bool = False) -> httpupload.UploadState:
-        """What to report of ``record``."""
+    def state_of(self, record: FileRecord, finishing: bool = False, deferred: bool = False,
+                 concat: str | None = None) -> httpupload.UploadState:
+        """What to report of ``record`` (``deferred``: its length is not known yet; ``concat``: its
+        ``Upload-Concat``)."""
         complete = record.state == FILE_COMPLETE
         return httpupload.UploadState(
-            offset=record.size if complete else record.received, length=record.size, expires=self.expires(record),
-            digest=f"{SCHEME}={record.digest}" if complete and record.digest else None,
-            finishing=finishing, max_size=self.max_size, max_age=int(self.limits.partial_ttl))
+            offset=record.size if complete else record.received, length=None if deferred else record.size,
+            expires=self.expires(record), digest=f"{SCHEME}={record.digest}" if complete and record.digest else None,
+            finishing=finishing, max_size=self.max_size, max_age=int(self.limits.partial_ttl), concat=concat)
 
     @staticmethod
     def may_upload(grant: TokenGrant, job_id: str) -> None:
