@@ -155,7 +155,13 @@ def test_cli_upload_rides_through_repeated_sigkills_and_restarts(tmp_path):
         kills, parts = 1, server.data_dir / "jobs"
 
         def bytes_on_disk() -> int:
-            return sum(p.stat().st_size for p in parts.rglob("*.part")) if parts.exists() else 0
+            total = 0
+            for part in parts.rglob("*.part") if parts.exists() else []:
+                try:  # a partial may be renamed into place between the listing and its stat
+                    total += part.stat().st_size
+                except FileNotFoundError:
+                    pass
+            return total
 
         deadline = time.monotonic() + 60
         while kills < 4 and cli.poll() is None and time.monotonic() < deadline:
