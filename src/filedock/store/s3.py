@@ -329,6 +329,13 @@ class S3PartialWriter(FlowControl):
                     raise FileNotFoundError(self.name) from None
                 raise _unavailable("the object store could not complete the upload; the partial is kept",
                                    exc) from None
+        else:
+            # an object completed but never recorded (its server died between completing the upload
+            # and deleting the tail): the tail and block list it left are obsolete now
+            try:
+                self._on_strand(lambda: self.store._delete_objects([self.name + ".part", self.name + ".blocks"]))
+            except Exception:  # noqa: BLE001 (what is left is reported by fsck, and --repair removes it)
+                pass
         self.published = True
         self.close()
 
