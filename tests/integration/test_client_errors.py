@@ -142,7 +142,7 @@ def test_cli_upload_rides_through_repeated_sigkills_and_restarts(tmp_path):
     sources = tmp_path / "in"
     sources.mkdir()
     for i in range(4):
-        (sources / f"take{i}.bin").write_bytes(os.urandom(24 * MiB + i))
+        (sources / f"take{i}.bin").write_bytes(os.urandom(64 * MiB + i))  # long enough for four kills
     server = ServerProcess(tmp_path / "data", limits=["checkpoint_bytes=1M"])
     server.start()
     try:
@@ -166,7 +166,7 @@ def test_cli_upload_rides_through_repeated_sigkills_and_restarts(tmp_path):
         deadline = time.monotonic() + 60
         while kills < 4 and cli.poll() is None and time.monotonic() < deadline:
             before = bytes_on_disk()
-            while cli.poll() is None and bytes_on_disk() <= before + MiB and time.monotonic() < deadline:
+            while cli.poll() is None and bytes_on_disk() <= before + MiB // 4 and time.monotonic() < deadline:
                 time.sleep(0.02)
             if cli.poll() is not None:
                 break
