@@ -14,6 +14,8 @@ const upload = new tus.Upload(createReadStream(path), {
   endpoint,
   headers: token ? { Authorization: 'Bearer ' + token } : {},
   metadata: { job, filename: basename(path) },
+  // the partial uploads of parallelUploads name the job too (an admin token is bound to none)
+  metadataForPartialUploads: { job },
   parallelUploads: Number(parallel),
   chunkSize: Infinity, // each part in one PATCH: what a fast client does (small chunks ruin any server)
   retryDelays: [],

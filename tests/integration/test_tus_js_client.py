@@ -134,9 +134,7 @@ def test_upload_aborted_midway_resumes_from_its_stored_url(node, server, tmp_pat
 def test_parallel_uploads_concatenate_into_one_file(node, server, tmp_path):
     """``parallelUploads: 4`` (tus-v1): four partial uploads at once, then a final one that
     concatenates them; the job holds one complete file, byte-identical, and no parts."""
-    if "concatenation" not in tus_extensions(server):
-        # issue 12 asks for it; until the server side serves it this test reports, not passes
-        pytest.xfail("the server does not offer the tus concatenation extension yet (OPTIONS Tus-Extension)")
+    assert "concatenation" in tus_extensions(server)
     size = 40 * MiB + 7
     source = random_file(tmp_path / "take.wav", size)
     server.api.create_job("takes")
