@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import statistics
 import shutil
 import subprocess
 import uuid
@@ -145,12 +146,13 @@ class TusJsUpload:
                           str(self.setup.source), str(self.parallel), job["id"]])
         if done.returncode != 0:
             raise RuntimeError(f"tus-js-client: exit {done.returncode}: {done.stderr[-400:]}")
-        seconds = json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
+        out = json.loads(done.stdout.strip().splitlines()[-1])
+        seconds = out["seconds"]
         files = server.api.job(job["id"])["files"]
         if [(f["state"], f["size"]) for f in files] != [("complete", self.setup.size)]:
             raise RuntimeError(f"tus-js-client: the job holds {[(f['state'], f['size']) for f in files]}")
         delete_job(server, job["id"])
-        return Sample(seconds, {"node_process_seconds": done.seconds})
+        return Sample(seconds, {"node_process_seconds": done.seconds, "transfer_seconds": out.get("transfer_seconds")})
 
     def stop(self) -> None:
         pass
@@ -185,3 +187,13 @@ def note_ratios(figures: list[Figure]) -> None:
         # on the row of the peer being compared with: (g) for the server, (i) for the parallel client
         row = bottom if bottom.key == "1g-tus-node" else top
         row.notes.append(f"{what}: **{overall:.2f}x** (per run {ratios[0]:.2f}–{ratios[-1]:.2f}x)")
+        if row is top and top.key.startswith("1i-"):
+            # the streams' aggregate alone: every byte handed over, before the final upload's concatenation
+            # (which copies the parts into one file and hashes it, the same work again on this one disk)
+            ts = [s.extra.get("transfer_seconds") for s in top.samples]
+            if all(ts):
+                aggregate = statistics.median(ts)
+                one = statistics.median(s.extra.get("transfer_seconds") or s.seconds for s in bottom.samples)
+                row.notes.append(f"aggregate of the {PARALLEL} streams until every byte was sent (before the "
+                                 f"concatenation): {top.nbytes / aggregate / 1e6:.0f} MB/s, **{one / aggregate:.2f}x** "
+                                 f"one stream's")
