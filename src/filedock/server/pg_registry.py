@@ -396,6 +396,55 @@ class PostgresUploadRegistry:
             self._claim_ids.discard(claim_id)
             raise
 
+    @defer.inlineCallbacks
+    def try_acquire_many(self, file_keys):
+        """``try_acquire`` of a batch's files in one round trip to PostgreSQL (not one per file)."""
+        local = yield self._local.try_acquire_many(file_keys)
+        mine = {key: claim for key, claim in local.items() if claim is not None}
+        got = {key: None for key in file_keys}
+        if not mine:
+            return got
+        ids = {key: pg_claims.new_claim_id() for key in mine}
+        self._claim_ids.update(ids.values())  # before the rows can exist: the heartbeat must not drop them
+        granted: set[str] = set()
+        try:
+            if self.lease_valid():
+                granted = yield self._query(pg_claims.take_claims,
+                                            [(pg_claims.file_hash(key), ids[key]) for key in mine], self.server_id)
+        except psycopg.Error as exc:  # "held" is the safe answer: the batch fails those items, nothing is lost
+            log.warn("upload registry: {error}", error=str(exc))
+        except BaseException:
+            self._local.release_many(list(mine.values()))
+            self._claim_ids.difference_update(ids.values())
+            raise
+        for key, claim in mine.items():
+            hashed = pg_claims.file_hash(key)
+            if hashed in granted:
+                got[key] = self._held[hashed] = SharedClaim(claim, hashed, ids[key], took_over=claim.took_over)
+            else:
+                self._claim_ids.discard(ids[key])
+                self._local.release(claim)
+        return got
+
+    def release_many(self, claims):
+        """``release`` of many claims in one round trip."""
+        for claim in claims:
+            self._local.release(claim.local)
+            if self._held.get(claim.hashed) is claim:
+                del self._held[claim.hashed]
+
+        def dropped(_: Any) -> None:
+            for claim in claims:
+                for asker in claim.wanted_by:
+                    self._tell(asker, f"released {claim.hashed}")
+
+        def failed(failure: Any) -> None:  # the next heartbeat deletes the rows (their ids are no longer live)
+            log.warn("upload registry: could not drop claims: {error}", error=failure.getErrorMessage())
+
+        d = self._query(pg_claims.drop_claims, [(c.hashed, c.claim_id) for c in claims])
+        d.addCallbacks(dropped, failed)
+        d.addBoth(lambda _: self._claim_ids.difference_update(c.claim_id for c in claims))
+
     def release(self, claim):
         self._local.release(claim.local)
         if self._held.get(claim.hashed) is claim:

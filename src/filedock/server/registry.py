@@ -59,6 +59,12 @@ class IUploadRegistry(Interface):
     def release(claim: IUploadClaim) -> None:
         """Let go of ``claim`` (and its slot); a newer holder waiting for it goes ahead."""
 
+    def try_acquire_many(file_keys: list[str]) -> defer.Deferred:
+        """``try_acquire`` of each key at once (a batch); fires with {key: claim or None}."""
+
+    def release_many(claims: list[IUploadClaim]) -> None:
+        """``release`` of each claim at once."""
+
     def wait_for_slot(session_key: str, file_key: str, limit: int) -> defer.Deferred:
         """Fires once ``acquire`` would find one of the session's slots free (2007 uploads wait,
         because their clients never read a refusal). The waiter that no longer wants the slot
@@ -167,11 +173,21 @@ class InProcessUploadRegistry:
             old.request_release()
         return defer.DeferredList([old.released for old in olds], consumeErrors=True).addCallback(lambda _: claim)
 
+    def try_acquire_many(self, file_keys):
+        return defer.succeed({key: self._try_acquire_now(key) for key in file_keys})
+
+    def release_many(self, claims):
+        for claim in claims:
+            self.release(claim)
+
     def try_acquire(self, file_key):
+        return defer.succeed(self._try_acquire_now(file_key))
+
+    def _try_acquire_now(self, file_key: str) -> _Claim | None:
         if file_key in self._claims or file_key in self._range_claims:
-            return defer.succeed(None)
+            return None
         claim = self._claims[file_key] = _Claim(file_key, None, lambda: None)
-        return defer.succeed(claim)
+        return claim
 
     def release(self, claim):
         if self._claims.get(claim.file_key) is claim:

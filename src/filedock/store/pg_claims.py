@@ -159,6 +159,28 @@ def take_claim(conn: psycopg.Connection, hashed: str, server_id: str, claim_id: 
     return False, row[0] if row is not None else ""
 
 
+def take_claims(conn: psycopg.Connection, items: list[tuple[str, int]], server_id: str) -> set[str]:
+    """``take_claim`` of many files in one statement (a batch): the hashes granted. A file a live
+    server holds is left out (no waiting, no takeover: a batch never takes a file over)."""
+    rows = conn.execute(
+        "INSERT INTO upload_claims AS c (file_hash, server_id, claim_id) "
+        "SELECT v.file_hash, %s, v.claim_id FROM unnest(%s::text[], %s::bigint[]) AS v(file_hash, claim_id) "
+        "ON CONFLICT (file_hash) DO UPDATE SET server_id = excluded.server_id, claim_id = excluded.claim_id, "
+        "claimed_at = now() WHERE c.server_id = excluded.server_id OR NOT "
+        + _ALIVE.format(lock_class=LOCK_CLASS, holder="c.server_id")
+        + " RETURNING c.file_hash",
+        (server_id, [h for h, _ in items], [i for _, i in items])).fetchall()
+    return {r[0] for r in rows}
+
+
+def drop_claims(conn: psycopg.Connection, items: list[tuple[str, int]]) -> int:
+    """``drop_claim`` of many claims in one statement."""
+    return conn.execute(
+        "DELETE FROM upload_claims AS c USING unnest(%s::text[], %s::bigint[]) AS v(file_hash, claim_id) "
+        "WHERE c.file_hash = v.file_hash AND c.claim_id = v.claim_id",
+        ([h for h, _ in items], [i for _, i in items])).rowcount
+
+
 def drop_claim(conn: psycopg.Connection, hashed: str, claim_id: int) -> bool:
     """Let go of one claim (not a newer one of the same file); True if it was there."""
     return conn.execute("DELETE FROM upload_claims WHERE file_hash = %s AND claim_id = %s",
