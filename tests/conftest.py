@@ -7,6 +7,9 @@ import threading
 import pytest
 
 from tests.engines.postgres import postgres_dsn, postgres_server  # noqa: F401 (fixtures)
+# once here, not in each module: a module that imports a session fixture gets its own instance (one
+# SeaweedFS per module, six in one run)
+from tests.engines.seaweedfs import s3_bucket, seaweedfs  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from filedock.digest import ContentHasher
 from filedock.errors import ErrorCode, FiledockError
 from filedock.store.blobs import BlobStore, PrefixLost
 from filedock.store.s3 import S3_MIN_PART, S3BlobStore, S3ReadStream, part_size_for
-from tests.engines.seaweedfs import S3Target, s3_bucket, seaweedfs  # noqa: F401 (fixtures)
+from tests.engines.seaweedfs import S3Target
 
 MiB = 1 << 20
 S3_ENGINES = {

@@ -23,7 +23,7 @@ import pytest
 
 from filedock.digest import ContentHasher
 from filedock.store.concat import PartSource, concatenate
-from tests.engines.seaweedfs import S3Target, s3_bucket, seaweedfs  # noqa: F401 (fixtures)
+from tests.engines.seaweedfs import S3Target
 from tests.integration.harness import ServerProcess
 from tests.integration.test_blobstores import backend, blob_store_factory  # noqa: F401 (fixtures)
 from tests.integration.test_http_upload import TUS, b64, blake, call, head, patch

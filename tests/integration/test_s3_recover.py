@@ -9,7 +9,6 @@ import uuid
 
 from filedock.digest import ContentHasher
 from filedock.store.s3 import S3BlobStore
-from tests.engines.seaweedfs import s3_bucket, seaweedfs  # noqa: F401 (fixtures)
 
 MiB = 1 << 20
 

@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 
 from filedock.digest import ContentHasher
-from tests.engines.seaweedfs import S3Target, s3_bucket, seaweedfs  # noqa: F401 (fixtures)
+from tests.engines.seaweedfs import S3Target
 from tests.integration.harness import ServerProcess
 
 MiB = 1 << 20

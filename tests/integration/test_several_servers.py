@@ -26,7 +26,6 @@ import psycopg
 import pytest
 
 from filedock.server.pg_registry import PostgresUploadRegistry
-from tests.engines.seaweedfs import s3_bucket, seaweedfs  # noqa: F401 (fixtures)
 from tests.integration.cluster import BLOB_SETUPS, BucketBlobs, Cluster
 
 MB = 1_000_000

@@ -12,7 +12,6 @@ import pytest
 
 from filedock.digest import hash_file
 from filedock.wire import format_crc
-from tests.engines.seaweedfs import s3_bucket, seaweedfs  # noqa: F401 (fixtures)
 from tests.integration.harness import ServerProcess
 from tests.integration.test_streams import random_file
 
