@@ -15,12 +15,21 @@ What is global and what stays per process:
   the same host or a live network), and those of a server that hangs, or whose
   machine vanished without closing anything, when its lease runs out (5 s by
   default: a heartbeat a second leaves room for four missed beats on a loaded host).
-- **Takeover: global.** When another live server holds the file, this one asks it to
-  let go (``NOTIFY`` on that server's channel, ``filedock_registry_<id>``); it calls
-  its claim's ``request_release`` (the upload checkpoints, records and closes with
-  ``taken-over``), drops the row and says so on the asker's channel. The asker also
-  looks again every ``retry`` seconds, which covers a holder that died meanwhile.
-  Inside one process the in-process registry's takeover is used as it is.
+- **Range claims: global.** A ranged upload (``PUTR``) claims its byte range, a row per
+  (file, range start): ranges that do not overlap are held at once, on one server or
+  several; a plain upload of the file and its ranges exclude each other, as in the
+  in-process registry (a ``PUT`` takes over every range, a range takes over the
+  ``PUT``). The same leases, locks and takeover apply. The completion of a ranged file
+  (every block durable: verify, publish, record) runs on one server at a time, under a
+  PostgreSQL advisory lock on the file.
+- **Takeover: global.** When another live server holds the file (or an overlapping
+  range), this one asks it to let go (``NOTIFY`` on that server's channel,
+  ``filedock_registry_<id>``, naming the range if it is one); it calls the
+  ``request_release`` of each of its claims in the way (the upload checkpoints,
+  records and closes with ``taken-over``), drops the rows and says so on the asker's
+  channel. The asker also looks again every ``retry`` seconds, which covers a holder
+  that died meanwhile. Inside one process the in-process registry's takeover is used
+  as it is.
 - **Bytes promised: global to within one heartbeat.** Each server publishes what its
   uploads have still to write with its heartbeat; ``bytes_promised`` adds the other
   live servers' last figures to this process's own (servers sharing a blob disk must
@@ -64,10 +73,12 @@ log = Logger(namespace="filedock.registry")
 class SharedClaim:
     """A claim held in PostgreSQL and in this process's own registry."""
 
-    __slots__ = ("local", "hashed", "claim_id", "took_over", "wanted_by", "asked")
+    __slots__ = ("local", "hashed", "claim_id", "took_over", "wanted_by", "asked", "range")
 
-    def __init__(self, local: Any, hashed: str, claim_id: int, took_over: bool) -> None:
+    def __init__(self, local: Any, hashed: str, claim_id: int, took_over: bool,
+                 byte_range: tuple[int, int] | None = None) -> None:
         self.local, self.hashed, self.claim_id, self.took_over = local, hashed, claim_id, took_over
+        self.range = byte_range  # a ranged upload's [start, end); None: the whole file
         self.wanted_by: set[str] = set()  # servers that asked us to let go: told when we did
         self.asked = False
 
@@ -84,6 +95,11 @@ class SharedClaim:
         if not self.asked:
             self.asked = True
             self.local.request_release()
+
+    def overlaps(self, byte_range: tuple[int, int] | None) -> bool:
+        """Whether a claim of ``byte_range`` (None: the whole file) of the same file must take this one over."""
+        return byte_range is None or self.range is None or (
+            self.range[0] < byte_range[1] and byte_range[0] < self.range[1])
 
     def __repr__(self) -> str:
         return f"<shared claim of {short_key(self.local.file_key)}>"
@@ -115,6 +131,7 @@ class PostgresUploadRegistry:
         self.label = label if label is not None else f"{socket.gethostname()} pid {os.getpid()}"  # for operators
         self._local = InProcessUploadRegistry()
         self._held: dict[str, SharedClaim] = {}  # file hash -> our claim holding its row
+        self._held_ranges: dict[str, list[SharedClaim]] = {}  # file hash -> our range claims of it
         self._claim_ids: set[int] = set()  # ids that may have a row now (the heartbeat keeps only those)
         self._waiting: dict[str, list[defer.Deferred]] = {}  # file hash -> claims waiting for it
         self._others_promised = 0
@@ -261,29 +278,34 @@ class PostgresUploadRegistry:
 
     def _watch_lease(self) -> None:
         self._snapshot = (self._local.promised_now(), list(self._claim_ids))
-        if self._held and time.monotonic() > self._lease_valid_until:
+        if (self._held or self._held_ranges) and time.monotonic() > self._lease_valid_until:
             self._fence("could not renew its lease in time")
 
     def _fence(self, why: str) -> None:
         """Our claims may no longer be ours to the other servers: every holder lets go."""
         self._lease_valid_until = 0.0
-        if self._held:
-            log.warn("upload registry: this server {why}; its {n} uploads let go", why=why, n=len(self._held))
-        for claim in list(self._held.values()):
+        claims = [*self._held.values(), *(c for ranged in self._held_ranges.values() for c in ranged)]
+        if claims:
+            log.warn("upload registry: this server {why}; its {n} uploads let go", why=why, n=len(claims))
+        for claim in claims:
             claim.request_release()
 
     def _notified(self, payload: str) -> None:
         kind, _, rest = payload.partition(" ")
-        if kind == "release":  # "release <file hash> <asking server>"
-            hashed, _, asker = rest.partition(" ")
-            claim = self._held.get(hashed)
-            if claim is None:
+        if kind == "release":  # "release <file hash> <asking server>[ <range start> <range end>]"
+            hashed, asker, *bounds = rest.split(" ")
+            wanted = (int(bounds[0]), int(bounds[1])) if len(bounds) == 2 else None
+            mine = [self._held[hashed]] if hashed in self._held else []
+            mine += self._held_ranges.get(hashed, [])
+            in_the_way = [claim for claim in mine if claim.overlaps(wanted)]
+            if not in_the_way:
                 self._tell(asker, f"released {hashed}")  # not ours (any more): it may look again now
                 return
-            claim.wanted_by.add(asker)
-            log.info("upload of {key} wanted by server {asker}: letting go", key=short_key(claim.file_key),
-                     asker=asker)
-            claim.request_release()
+            for claim in in_the_way:
+                claim.wanted_by.add(asker)
+                log.info("upload of {key} wanted by server {asker}: letting go", key=short_key(claim.file_key),
+                         asker=asker)
+                claim.request_release()
         elif kind == "released":  # "released <file hash>"
             self._wake(rest)
 
@@ -320,14 +342,36 @@ class PostgresUploadRegistry:
 
     # -- files and upload slots
 
-    supports_ranges = False
-    """Ranged uploads (``PUTR``) need range claims shared across servers, which this registry does
-    not keep yet: the request is refused with ``ranges-unsupported`` and the client sends the file
-    with one ``PUT`` (docs/deploy.md, "Running several servers")."""
+    supports_ranges = True
+    """Ranged uploads (``PUTR``) are taken: range claims are shared like file claims."""
 
+    COMPLETION_RETRY_SECONDS = 0.02  # another server completing the same file: look again this often
+
+    @defer.inlineCallbacks
     def acquire_range(self, file_key, start, end, session_key, limit, request_release):
-        return defer.fail(FiledockError(ErrorCode.RANGES_UNSUPPORTED, "servers sharing PostgreSQL take no "
-                                        "ranged uploads yet; send the file with PUT"))
+        local = yield self._local.acquire_range(file_key, start, end, session_key, limit, request_release)
+        try:
+            claim = yield self._take_row(local, wait=True, byte_range=(start, end))
+        except BaseException:
+            self._local.release(local)
+            raise
+        return claim
+
+    @defer.inlineCallbacks
+    def lock_completion(self, file_key):
+        """Hold the completion of a ranged file on every server (a PostgreSQL advisory lock on the
+        registry's connection); fires with the function that lets go. Two servers whose last ranges
+        end at once must not both find every block durable and both publish the partial."""
+        hashed = pg_claims.file_hash(file_key)
+        while not (yield self._query(pg_claims.try_lock_completion, hashed)):
+            yield task.deferLater(self.reactor, self.COMPLETION_RETRY_SECONDS, lambda: None)
+
+        def unlock() -> None:
+            # a lost connection took the lock with it; the error is only logged
+            self._query(pg_claims.unlock_completion, hashed).addErrback(
+                lambda f: log.warn("upload registry: could not unlock a completion: {error}",
+                                   error=f.getErrorMessage()))
+        return unlock
 
     @defer.inlineCallbacks
     def acquire(self, file_key, session_key, limit, request_release):
@@ -356,9 +400,9 @@ class PostgresUploadRegistry:
         return claim
 
     @defer.inlineCallbacks
-    def _take_row(self, local: Any, wait: bool):
-        """Hold ``local``'s file in PostgreSQL; with ``wait``, ask a live holder elsewhere to let go
-        and wait for it (or its death), else give up (None) at once."""
+    def _take_row(self, local: Any, wait: bool, byte_range: tuple[int, int] | None = None):
+        """Hold ``local``'s file (or ``byte_range`` of it) in PostgreSQL; with ``wait``, ask the live
+        holders elsewhere to let go and wait for it (or their death), else give up (None) at once."""
         hashed = pg_claims.file_hash(local.file_key)
         claim_id = pg_claims.new_claim_id()
         self._claim_ids.add(claim_id)  # before the row can exist: the heartbeat must not drop it
@@ -369,7 +413,11 @@ class PostgresUploadRegistry:
                     raise FiledockError(ErrorCode.INTERNAL_ERROR, "this server is not in contact with its "
                                                                   "PostgreSQL database; try again")
                 try:
-                    granted, holder = yield self._query(pg_claims.take_claim, hashed, self.server_id, claim_id)
+                    if byte_range is None:
+                        granted, holders = yield self._query(pg_claims.take_claim, hashed, self.server_id, claim_id)
+                    else:
+                        granted, holders = yield self._query(pg_claims.take_range_claim, hashed, *byte_range,
+                                                             self.server_id, claim_id)
                 except psycopg.Error as exc:
                     log.warn("upload registry: {error}", error=str(exc))
                     raise FiledockError(ErrorCode.INTERNAL_ERROR, "the upload registry (PostgreSQL) did not "
@@ -377,20 +425,25 @@ class PostgresUploadRegistry:
                 if granted:
                     # replacing any older claim (a dead server's too) means its holder may have recorded
                     # more since the caller looked: it asks again
-                    took_over = local.took_over or bool(asked) or holder is not None
-                    claim = SharedClaim(local, hashed, claim_id, took_over=took_over)
-                    self._held[hashed] = claim
+                    took_over = local.took_over or bool(asked) or holders is not None
+                    claim = SharedClaim(local, hashed, claim_id, took_over=took_over, byte_range=byte_range)
+                    if byte_range is None:
+                        self._held[hashed] = claim
+                    else:
+                        self._held_ranges.setdefault(hashed, []).append(claim)
                     return claim
                 if not wait:
                     self._claim_ids.discard(claim_id)
                     return None
                 now = time.monotonic()
-                if holder and now - asked.get(holder, -1e9) >= self.ASK_AGAIN_SECONDS:
-                    asked[holder] = now
-                    self.takeovers_asked += 1
-                    log.info("upload of {key} held by server {holder}: asking it to let go",
-                             key=short_key(local.file_key), holder=holder)
-                    self._tell(holder, f"release {hashed} {self.server_id}")
+                which = "" if byte_range is None else f" {byte_range[0]} {byte_range[1]}"
+                for holder in holders:
+                    if now - asked.get(holder, -1e9) >= self.ASK_AGAIN_SECONDS:
+                        asked[holder] = now
+                        self.takeovers_asked += 1
+                        log.info("upload of {key} held by server {holder}: asking it to let go",
+                                 key=short_key(local.file_key), holder=holder)
+                        self._tell(holder, f"release {hashed} {self.server_id}{which}")
                 yield self._sleep(hashed, self.RETRY_SECONDS)
         except BaseException:
             self._claim_ids.discard(claim_id)
@@ -449,6 +502,11 @@ class PostgresUploadRegistry:
         self._local.release(claim.local)
         if self._held.get(claim.hashed) is claim:
             del self._held[claim.hashed]
+        ranged = self._held_ranges.get(claim.hashed)
+        if ranged and claim in ranged:
+            ranged.remove(claim)
+            if not ranged:
+                del self._held_ranges[claim.hashed]
 
         def dropped(_: Any) -> None:
             for asker in claim.wanted_by:
@@ -457,7 +515,10 @@ class PostgresUploadRegistry:
         def failed(failure: Any) -> None:  # the next heartbeat deletes the row (its id is no longer live)
             log.warn("upload registry: could not drop a claim: {error}", error=failure.getErrorMessage())
 
-        d = self._query(pg_claims.drop_claim, claim.hashed, claim.claim_id)
+        if claim.range is None:
+            d = self._query(pg_claims.drop_claim, claim.hashed, claim.claim_id)
+        else:
+            d = self._query(pg_claims.drop_range_claim, claim.hashed, claim.range[0], claim.claim_id)
         d.addCallbacks(dropped, failed)
         d.addBoth(lambda _: self._claim_ids.discard(claim.claim_id))
 

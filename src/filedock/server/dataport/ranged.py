@@ -30,7 +30,8 @@ from filedock.store.ranged import RangeWriter, block_count, durable_runs, file_d
 log = Logger(namespace="filedock.dataport")
 
 _completing: dict[str, defer.DeferredLock] = {}
-"""One completion at a time per file (this process's registry holds every claim of a file)."""
+"""One completion at a time per file in this process; a registry shared by several servers also
+locks it across them (``lock_completion``)."""
 
 
 class RangedUpload(Request):
@@ -61,9 +62,6 @@ class RangedUpload(Request):
         if not supports_ranges(s.blobs):
             raise FiledockError(ErrorCode.RANGES_UNSUPPORTED, "this server keeps blobs in object storage, which "
                                 "takes no ranged uploads; send the file with PUT")
-        if not getattr(s.registry, "supports_ranges", True):  # several servers: range claims are not shared yet
-            raise FiledockError(ErrorCode.RANGES_UNSUPPORTED, "servers sharing PostgreSQL take no ranged uploads "
-                                "yet; send the file with PUT")
         target: UploadTarget = yield s.authority.authorize_upload(req.session_key, req.file_key, req.size)
         self.channel.authorized(target.job_id, req.session_key)
         self.session_key = req.session_key
@@ -183,9 +181,15 @@ class RangedUpload(Request):
         self.writer.close()
         lock = _completing.setdefault(req.file_key, defer.DeferredLock())
         yield lock.acquire()
+        unlock = None
         try:
+            lock_shared = getattr(s.registry, "lock_completion", None)
+            if lock_shared is not None:
+                unlock = yield lock_shared(req.file_key)
             done = yield self._complete_if_covered(client_digest)
         finally:
+            if unlock is not None:
+                unlock()
             lock.release()
             if not lock.locked and not lock.waiting:
                 _completing.pop(req.file_key, None)
