@@ -35,6 +35,17 @@ class HeaderFirstWrapper(HAProxyProtocolWrapper):
     _timer: Any = None
     _early = b""
 
+    @property
+    def bufferSize(self) -> int:
+        return self.transport.bufferSize
+
+    @bufferSize.setter
+    def bufferSize(self, size: int) -> None:
+        # the protocol asks for larger reads (the data port: 1 MiB per recv): they are the TCP
+        # transport's. ProtocolWrapper reads attributes through to it but would keep a written one
+        # on the wrapper, where nothing reads it: behind HAProxy every read stayed at Twisted's 64 KiB
+        self.transport.bufferSize = size
+
     def makeConnection(self, transport: Any) -> None:
         # ProtocolWrapper.makeConnection without connecting the wrapped protocol yet
         directlyProvides(self, providedBy(transport))
