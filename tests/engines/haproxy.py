@@ -66,6 +66,7 @@ def config_text(cfg: BalancerConfig, stats_socket: Path | None = None) -> str:
     lines = [
         "global",
         "    maxconn 4096                      # each spliced connection also takes a pipe: keep the FDs under the limit",
+        "    tune.pipesize 1048576             # 1 MiB per splice, not the kernel's 64 KiB: a quarter of the CPU",
         *([f"    stats socket {stats_socket} mode 600 level admin"] if stats_socket else []),
         "",
         "defaults",
@@ -75,7 +76,8 @@ def config_text(cfg: BalancerConfig, stats_socket: Path | None = None) -> str:
         f"    timeout server {cfg.idle_timeout}",
         "    retries 3                         # a refused connection is tried again...",
         "    option redispatch 1               # ...on another server each time",
-        "    option splice-auto                # bytes move by kernel splice, not through HAProxy's buffers",
+        "    option splice-request             # upload bytes move by kernel splice from the first byte,",
+        "    option splice-response            # downloads too (splice-auto copied a large share first)",
         "",
         "frontend api",
         f"    bind 127.0.0.1:{cfg.api_port}",
@@ -199,7 +201,14 @@ class HAProxy:
         """Wait until the health checks see every backend server (or ``names``) in ``state``."""
         deadline = time.monotonic() + timeout
         while True:
-            states = self.backend_states()
+            try:
+                states = self.backend_states()
+            except (FileNotFoundError, ConnectionRefusedError):
+                # HAProxy makes its stats socket under a temporary name and renames it: not there yet
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+                continue
             wanted = {k: v for k, v in states.items() if names is None or k.split("/")[1] in names}
             if wanted and all(v.startswith(state) for v in wanted.values()):
                 return
