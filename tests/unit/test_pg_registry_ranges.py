@@ -46,12 +46,11 @@ def wait_until(check, timeout: float = 5.0) -> bool:
 
 def test_ranges_that_do_not_overlap_are_held_at_once_on_two_servers(reactor_thread, postgres_dsn, two_servers):
     """A holds [0, 8M) and B holds [8M, 16M) of one file at once: nobody is asked to let go; each is a
-    row of its own, keyed by its start; ``supports_ranges`` says PUTR is taken."""
+    row of its own, keyed by its start."""
     a, b = two_servers
     first, second = Holder(reactor_thread, a, let_go=False), Holder(reactor_thread, b, let_go=False)
     claim_a = acquire_range(reactor_thread, a, first, 0, 8 * MiB)
     claim_b = acquire_range(reactor_thread, b, second, 8 * MiB, 16 * MiB)
-    assert a.supports_ranges and b.supports_ranges
     assert verifyObject(IUploadClaim, claim_b)
     assert (claim_a.took_over, claim_b.took_over) == (False, False)
     assert first.asked_at is None and second.asked_at is None and b.takeovers_asked == 0

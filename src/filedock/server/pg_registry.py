@@ -342,9 +342,6 @@ class PostgresUploadRegistry:
 
     # -- files and upload slots
 
-    supports_ranges = True
-    """Ranged uploads (``PUTR``) are taken: range claims are shared like file claims."""
-
     COMPLETION_RETRY_SECONDS = 0.02  # another server completing the same file: look again this often
 
     @defer.inlineCallbacks
