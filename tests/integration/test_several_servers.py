@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -93,6 +94,46 @@ def starts_by_file(log_text: str) -> dict[str, list[tuple[str, int]]]:
 LIMITS = ["checkpoint_bytes=8M", "checkpoint_seconds=1"]
 
 
+class Throttle:
+    """Holds client processes to a small share of the host's speed until ``release()``: each gets
+    ``share`` of every ``period`` seconds to run (SIGCONT), and is stopped (SIGSTOP) for the rest.
+
+    A slow client, as far as the servers can tell (its connection goes quiet, then on). Without it
+    four uploads on a fast, quiet host can end before the fourth kill, and a file that no kill
+    interrupted proves nothing about resuming; with it the kills land mid-upload whatever the host's
+    speed, and ``release()`` lets the rest run at full speed."""
+
+    def __init__(self, pids: list[int], share: float = 0.15, period: float = 0.1) -> None:
+        self.pids, self.share, self.period = pids, share, period
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="throttle", daemon=True)
+        self.thread.start()
+
+    def _signal(self, sig: int) -> None:
+        for pid in self.pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def _run(self) -> None:
+        try:
+            while not self.done.is_set():
+                self._signal(signal.SIGCONT)
+                if self.done.wait(self.share * self.period):
+                    break
+                self._signal(signal.SIGSTOP)
+                self.done.wait((1 - self.share) * self.period)
+        finally:
+            self._signal(signal.SIGCONT)
+
+    def release(self) -> None:
+        """Every client runs free from now on."""
+        self.done.set()
+        self.thread.join()
+        self._signal(signal.SIGCONT)
+
+
 def test_four_uploads_ride_through_repeated_sigkills_of_the_server_they_are_on(tmp_path, postgres_dsn, blob_setup):
     """Four 300 MB uploads through HAProxy; each time, the server carrying uploads is SIGKILLed mid-stream
     and restarted (four kills, alternating). Every CLI finishes by itself through the other server,
@@ -115,18 +156,27 @@ def test_four_uploads_ride_through_repeated_sigkills_of_the_server_they_are_on(t
              str(sources / name)], env=cluster.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for name in sums}
         kills: list[int] = []
+        interrupted: set[str] = set()  # files (by hash) that were on a server when it was killed
         total = sum(size + i for i in range(4))
-        for n, fraction in enumerate((0.12, 0.3, 0.48, 0.66)):
-            deadline = time.monotonic() + 120
-            while arrived() < fraction * total and time.monotonic() < deadline:
-                if all(c.poll() is not None for c in clients.values()):
-                    break
-                time.sleep(0.02)
-            holders = set(cluster.holders().values())
-            victim = next((s for s in cluster.servers if s.proc.pid in holders), cluster.servers[n % 2])
-            victim.kill()
-            kills.append(cluster.servers.index(victim))
-            victim.start()  # its ports again; HAProxy's health check takes it back
+        throttle = Throttle([c.pid for c in clients.values()])
+        try:
+            for n, fraction in enumerate((0.12, 0.3, 0.48, 0.66)):
+                deadline = time.monotonic() + 120
+                while arrived() < fraction * total and time.monotonic() < deadline:
+                    if all(c.poll() is not None for c in clients.values()):
+                        break
+                    time.sleep(0.02)
+                held = cluster.holders()
+                # the server holding most files not interrupted yet (then most files; else alternate)
+                victim = max(cluster.servers, key=lambda s: (
+                    sum(1 for h, pid in held.items() if pid == s.proc.pid and h not in interrupted),
+                    sum(1 for pid in held.values() if pid == s.proc.pid), s is cluster.servers[n % 2]))
+                interrupted |= {h for h, pid in held.items() if pid == victim.proc.pid}
+                victim.kill()
+                kills.append(cluster.servers.index(victim))
+                victim.start()  # its ports again; HAProxy's health check takes it back
+        finally:
+            throttle.release()
         results = {}
         for name, client in clients.items():
             out, err = client.communicate(timeout=600)
@@ -134,8 +184,9 @@ def test_four_uploads_ride_through_repeated_sigkills_of_the_server_they_are_on(t
             results[name] = json.loads(out.strip().splitlines()[-1])
         logs = cluster.logs()
         starts = starts_by_file(logs)
-        print(f"FIGURES several_servers {json.dumps({'kills': kills, 'sent': {n: r['sent'] for n, r in results.items()}, 'starts': starts})}")
+        print(f"FIGURES several_servers {json.dumps({'kills': kills, 'interrupted': len(interrupted), 'sent': {n: r['sent'] for n, r in results.items()}, 'starts': starts})}")
         assert len(kills) == 4 and set(kills) == {0, 1}, kills
+        assert len(interrupted) == len(sums), f"only {len(interrupted)} files were on a killed server"
         for name, row in results.items():
             assert row["state"] == "complete", row
             # bytes sent again after the kills are bounded: in a shared data dir by the checkpoint
