@@ -55,9 +55,10 @@ def c_relay() -> tuple[Path | None, str | None]:
     binary = RELAY_BUILD / f"relay-{hashlib.sha256(source).hexdigest()[:16]}"
     if binary.exists():
         return binary, None
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    wanted = os.environ.get("CC") or "cc"
+    compiler = shutil.which(wanted)
     if compiler is None:
-        return None, "no C compiler (cc) on PATH"
+        return None, f"no C compiler ({wanted}) found (apt-get install gcc)"
     RELAY_BUILD.mkdir(parents=True, exist_ok=True)
     partial = binary.with_name(f"{binary.name}.{os.getpid()}.tmp")
     done = subprocess.run([compiler, "-O2", "-Wall", "-o", str(partial), str(RELAY_C)], capture_output=True,
