@@ -1,7 +1,8 @@
 """The packet relay between the two TUN devices of a ``Link``: one process, both directions.
 
 The reference for the model and the fallback: ``Link`` runs the C relay (relay.c, the same model,
-command line and protocol, about twice this one's ceiling) wherever a compiler builds it.
+command line and protocol; about six times this one's ceiling at MTU 1500, by
+letting the stacks hand over TSO batches) wherever a compiler builds it.
 
 Run by ``wan.link.Link``, never by hand::
 
