@@ -1,7 +1,7 @@
 """filedock benchmarks: one invocation measures every case side by side.
 
     .venv/bin/python benchmarks/run.py [--size 1G] [--runs 3] [--rss-size 4G]
-                                       [--wan-size 128M] [--wan-lossy-size 64M] [--wan-baseline-size 4M]
+                                       [--wan-size 64M] [--wan-lossy-size 32M] [--wan-baseline-size 4M]
                                        [--only NAME[,NAME]] [--out benchmarks/results]
 
 Each figure is the median of ``--runs`` interleaved runs (A B C D A B C D ...) and
@@ -64,11 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="1G", help="bytes per upload in cases 1, 3, 4 and 6 (K/M/G suffixes; default 1G)")
     p.add_argument("--runs", type=int, default=3, help="interleaved runs per figure; the median is reported")
     p.add_argument("--rss-size", default="4G", help="upload size for the memory case (default 4G)")
-    p.add_argument("--wan-size", default="128M",
-                   help="upload size on the emulated clean 100 ms link in case 7 (default 128M, to keep the case "
+    p.add_argument("--wan-size", default="64M",
+                   help="upload size on the emulated clean 100 ms link in case 7 (default 64M, to keep the case "
                         "short; the issue's: 2G)")
-    p.add_argument("--wan-lossy-size", default="64M",
-                   help="upload size on the emulated 100 ms, 0.1%% loss link in case 7 (default 64M; the issue's: 2G)")
+    p.add_argument("--wan-lossy-size", default="32M",
+                   help="upload size on the emulated 100 ms, 0.1%% loss link in case 7 (default 32M; the issue's: 2G)")
     p.add_argument("--wan-baseline-size", default="4M",
                    help="upload size on the 0.1%% loss link of the rows far below the link rate (one stream: "
                         "filedock, rsync, scp; every CUBIC sender: about 1 MB/s a stream) (default 4M)")
