@@ -1,7 +1,7 @@
 """filedock benchmarks: one invocation measures every case side by side.
 
     .venv/bin/python benchmarks/run.py [--size 1G] [--runs 3] [--rss-size 4G]
-                                       [--wan-size 256M] [--wan-lossy-size 16M]
+                                       [--wan-size 64M] [--wan-lossy-size 32M] [--wan-baseline-size 4M]
                                        [--only NAME[,NAME]] [--out benchmarks/results]
 
 Each figure is the median of ``--runs`` interleaved runs (A B C D A B C D ...) and
@@ -64,11 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="1G", help="bytes per upload in cases 1, 3, 4 and 6 (K/M/G suffixes; default 1G)")
     p.add_argument("--runs", type=int, default=3, help="interleaved runs per figure; the median is reported")
     p.add_argument("--rss-size", default="4G", help="upload size for the memory case (default 4G)")
-    p.add_argument("--wan-size", default="256M",
-                   help="upload size on the emulated clean 100 ms link in case 6 (default 256M; the issue's: 2G)")
-    p.add_argument("--wan-lossy-size", default="16M",
-                   help="upload size on the emulated 100 ms, 0.1%% loss link in case 6 (default 16M: one CUBIC "
-                        "stream moves about 1 MB/s there; the issue's: 2G)")
+    p.add_argument("--wan-size", default="64M",
+                   help="upload size on the emulated clean 100 ms link in case 7 (default 64M, to keep the case "
+                        "short; the issue's: 2G)")
+    p.add_argument("--wan-lossy-size", default="32M",
+                   help="upload size on the emulated 100 ms, 0.1%% loss link in case 7 (default 32M; the issue's: 2G)")
+    p.add_argument("--wan-baseline-size", default="4M",
+                   help="upload size on the 0.1%% loss link of the rows far below the link rate (one stream: "
+                        "filedock, rsync, scp; every CUBIC sender: about 1 MB/s a stream) (default 4M)")
     p.add_argument("--only", metavar="NAME[,NAME]", help="run only these cases or case-1 variants")
     p.add_argument("--out", type=Path, default=BENCH_DIR / "results", help="where results go")
     return p
@@ -79,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         size, rss_size = parse_size(args.size), parse_size(args.rss_size)
         wan_size, wan_lossy_size = parse_size(args.wan_size), parse_size(args.wan_lossy_size)
+        wan_baseline_size = parse_size(args.wan_baseline_size)
     except ValueError as exc:
         raise SystemExit(f"run.py: {exc}")
     if args.runs < 1:
@@ -100,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                       ("resume", lambda: resume.run(size, args.runs)),
                       ("small-files", lambda: small_files.run(args.runs)),
                       ("s3", lambda: s3.run(size, args.runs)),
-                      ("wan", lambda: wan.run(wan_size, wan_lossy_size, args.runs)),
+                      ("wan", lambda: wan.run(wan_size, wan_lossy_size, args.runs, wan_baseline_size)),
                       ("several-servers", lambda: several_servers.run(size, args.runs))):
         if name != "upload" and name not in cases:
             continue
@@ -145,6 +149,7 @@ def _meta(args, size, rss_size, started, load_before, seconds, timings) -> dict:
         "started": time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(started)),
         "args": {"size": args.size, "size_bytes": size, "runs": args.runs, "rss_size": args.rss_size,
                  "rss_size_bytes": rss_size, "wan_size": args.wan_size, "wan_lossy_size": args.wan_lossy_size,
+                 "wan_baseline_size": args.wan_baseline_size,
                  "only": args.only},
         "host": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
                  "twisted": twisted.__version__, "tools": ensure_tools()},

@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from filedock_bench.measure import MB, Figure, Sample, Skip, human_size, run_interleaved, say
@@ -72,14 +72,19 @@ def _fraction_note(fig: Figure) -> list[str]:
 
 
 class FiledockWan:
-    """``filedock upload --congestion-control CC [--streams K]`` of one file, whole command."""
+    """``filedock upload --congestion-control CC [--streams K]`` of one file, whole command; with ``cc``
+    None no ``--congestion-control``: filedock chooses (client/pathtune.py: BBR on a long path where
+    the kernel offers it, whatever the machine's default), and the row notes what it chose."""
 
-    def __init__(self, setup: WanSetup, cc: str, streams: str | None = None) -> None:
+    def __init__(self, setup: WanSetup, cc: str | None, streams: str | None = None) -> None:
         self.setup, self.cc, self.streams = setup, cc, streams
-        tag = f"filedock-streams{streams}-{cc}" if streams else f"filedock-{cc}"
-        label = f"filedock upload --streams {streams} ({cc})" if streams else f"filedock upload ({cc})"
+        sender = cc or "chosen"
+        tag = f"filedock-streams{streams}-{sender}" if streams else f"filedock-{sender}"
+        how = cc or "congestion control chosen by filedock"
+        label = f"filedock upload --streams {streams} ({how})" if streams else f"filedock upload ({how})"
         self.figure = Figure(setup.key(tag), setup.title(label), nbytes=setup.size)
-        _sender_note(self.figure, cc)
+        if cc:
+            _sender_note(self.figure, cc)
 
     def start(self) -> None:
         pass
@@ -88,19 +93,24 @@ class FiledockWan:
         s = self.setup
         name = f"wan-{index}-{uuid.uuid4().hex[:8]}"
         done = run_timed(s.link.sender.command([PYTHON, "-m", "filedock", "upload", "--job", name, "--create",
-                                                "--json", "--congestion-control", self.cc,
+                                                "--json", *(["--congestion-control", self.cc] if self.cc else []),
                                                 *(["--streams", self.streams] if self.streams else []),
                                                 str(s.source)]),
                          env=s.env)
         if done.returncode != 0:
             raise RuntimeError(f"filedock upload exited {done.returncode}: {done.stderr.strip()[-500:]}")
         row = json.loads(done.stdout.strip().splitlines()[-1])
-        if row.get("state") != "complete" or row.get("congestion_control") != self.cc:
+        streams = row.get("streams") or {}
+        used = streams.get("congestion_control") or row.get("congestion_control")
+        if row.get("state") != "complete" or (self.cc and used != self.cc):
             raise RuntimeError(f"filedock upload: {row}")
         _delete_job(s, name)
-        extra = {"congestion_control": row["congestion_control"]}
-        if row.get("streams"):
-            extra["streams"] = row["streams"]["streams"]
+        extra = {"congestion_control": used}
+        if streams:
+            extra["streams"] = streams["streams"]
+            extra["congestion_control_reason"] = streams.get("congestion_control_reason")
+        if not self.cc and index == 0:
+            self.figure.notes.append(f"sender {used} ({streams.get('congestion_control_reason')})")
         return Sample(done.seconds, extra)
 
     def stop(self) -> None:
@@ -310,34 +320,48 @@ def start_sshd(setup: WanSetup) -> None:
              30, 0.2, "sshd answering in the receiver namespace")
 
 
-def run(size: int, lossy_size: int, runs: int) -> list[Figure]:
-    """Case 6 on both links; every figure skipped with the reason where the emulator cannot run."""
+def run(size: int, lossy_size: int, runs: int, baseline_size: int | None = None) -> list[Figure]:
+    """Case 7 on both links; every figure skipped with the reason where the emulator cannot run. On the
+    lossy link the rows that stay far below the link (one stream: filedock, rsync, scp; and every
+    CUBIC sender) move ``baseline_size`` bytes (default ``lossy_size``): a CUBIC stream moves about
+    1 MB/s there, and 2 GiB would take over half an hour."""
     reason = unavailable_reason()
+    baseline_size = baseline_size or lossy_size
     keys = [(tag, what) for tag, _ in LINKS for what in
             [f"{tool}-{cc}" for tool in ("filedock", "filedock-streams8", "filedock-streamsauto", "rsync", "scp")
-             for cc in SENDERS]]
+             for cc in SENDERS] + ["filedock-streamsauto-chosen"]]
     if reason:
         say(f"case 7 (wan): skipped: {reason}")
         return [Figure(f"7-{tag}-{what}", "WAN", skipped=reason) for tag, what in keys]
     figures: list[Figure] = []
     with Workspace("wan") as work:
-        biggest = max(size, lossy_size)
+        biggest = max(size, lossy_size, baseline_size)
         say(f"case 7 (wan): {RTT_MS} ms, {RATE_MBIT} Mbit/s, MTU {MTU}; clean link {human_size(size)}, "
-            f"0.1 % loss {human_size(lossy_size)}; creating the source file")
+            f"0.1 % loss {human_size(lossy_size)} (one stream: {human_size(baseline_size)}); creating the source file")
         source = random_file(work / "wan-source.bin", biggest)
+        parts: dict[int, Path] = {biggest: source}
+
+        def part(n: int) -> Path:
+            if n not in parts:
+                parts[n] = _prefix_copy(source, work / f"wan-source-{n}.bin", n)
+            return parts[n]
+
         for tag, loss in LINKS:
             n = size if not loss else lossy_size
-            part = source if n == biggest else _prefix_copy(source, work / f"wan-source-{tag}.bin", n)
             with Link(rtt_ms=RTT_MS, loss=loss, rate_mbit=RATE_MBIT, mtu=MTU) as link:
-                setup = WanSetup(link, tag, part, n, work)
+                setup = WanSetup(link, tag, part(n), n, work)
                 start_filedock(setup)
                 start_sshd(setup)
-                variants = [cls(setup, cc) for cls in (FiledockWan, RsyncSsh, Scp) for cc in SENDERS]
-                variants += [FiledockWan(setup, cc, streams) for streams in ("8", "auto") for cc in SENDERS]
+                one = setup if not loss else replace(setup, source=part(baseline_size), size=baseline_size)
+                variants = [cls(one, cc) for cls in (FiledockWan, RsyncSsh, Scp) for cc in SENDERS]
+                # a CUBIC sender under loss stays near the Mathis rate however many streams (8 x ~1 MB/s)
+                variants += [FiledockWan(one if cc == "cubic" else setup, cc, streams) for streams in ("8", "auto")
+                             for cc in SENDERS]
+                variants.append(FiledockWan(setup, None, "auto"))
                 if not loss:
                     variants += [BareStream(setup, 0), BareStream(setup, _wmem_max())]
                 say(f"  link {tag}: {link.rtt_ms:g} ms, loss {link.loss:g}, {link.rate_mbit:g} Mbit/s, "
-                    f"queue {human_size(link.queue_bytes)}")
+                    f"queue {human_size(link.queue_bytes)}, {link.relay_kind} relay")
                 done = run_interleaved(variants, runs)
             for fig in done:
                 fig.notes[:0] = _fraction_note(fig)

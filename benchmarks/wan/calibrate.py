@@ -3,9 +3,10 @@
     sudo .venv/bin/python benchmarks/wan/calibrate.py [--repeat 3] [--seconds 8]
 
 Prints a Markdown table: ping RTT through a 100 ms link; the relay's ceiling (one BBR stream on
-an unlimited, undelayed link) at MTU 1500 and 9000; the rate limit at 100 Mbit/s; one Reno and one
-CUBIC stream against the Mathis estimate at 40 ms / 1 % and 100 ms / 0.1 %; one BBR stream there.
-Each figure is the median of ``--repeat`` runs, with the range.
+an unlimited, undelayed link) at MTU 1500 and 9000 for the C relay, the C relay without offloads
+and relay.py, interleaved, with the ratio C / Python per round; the rate limit at 100 Mbit/s and
+1 Gbit/s; one Reno and one CUBIC stream against the Mathis estimate at 40 ms / 1 % and 100 ms /
+0.1 %; one BBR stream there. Each figure is the median of ``--repeat`` runs, with the range.
 """
 
 from __future__ import annotations
@@ -58,21 +59,28 @@ def main() -> int:
     with Link(rtt_ms=100, rate_mbit=1000) as link:
         pings = probe(link.sender, "ping", "--to", link.receiver_address, "--count", "30", "--interval", "0.05")
     r = pings["rtt_ms"]
-    rows.append(("ping through a 100 ms, 1 Gbit/s link (30 echoes)",
+    rows.append((f"ping through a 100 ms, 1 Gbit/s link (30 echoes, {link.relay_kind} relay)",
                  f"min {min(r):.2f} / median {statistics.median(r):.2f} / max {max(r):.2f} ms", ""))
 
+    relays = {"C relay": {"relay": "c"}, "C relay, no offload": {"relay": "c", "offload": False},
+              "relay.py": {"relay": "python"}}
     for mtu in (1500, 9000):
+        rates: dict[str, list[float]] = {name: [] for name in relays}
+        for _ in range(args.repeat):
+            for name, kind in relays.items():
+                with Link(mtu=mtu, **kind) as link:
+                    rates[name].append(stream(link, "bbr", args.seconds / 2, 1)["sink"]["steady_bytes_per_s"] / 1e6)
+        for name in relays:
+            ratio = [c / p for c, p in zip(rates[name], rates["relay.py"])]
+            rows.append((f"{name} ceiling, MTU {mtu}: one BBR stream, no delay, no rate limit",
+                         spread(rates[name]) + " MB/s", f"{spread(ratio, '{:.2f}')} x relay.py, same rounds"))
+
+    for rate in (100, 1000):
         rates = []
         for _ in range(args.repeat):
-            with Link(mtu=mtu) as link:
-                rates.append(stream(link, "bbr", args.seconds / 2, 1)["sink"]["steady_bytes_per_s"] / 1e6)
-        rows.append((f"relay ceiling, MTU {mtu}: one BBR stream, no delay, no rate limit", spread(rates) + " MB/s", ""))
-
-    rates = []
-    for _ in range(args.repeat):
-        with Link(rtt_ms=10, rate_mbit=100) as link:
-            rates.append(stream(link, "bbr", args.seconds / 2, 1)["sink"]["steady_bytes_per_s"] / 12.5e6)
-    rows.append(("rate limit: one BBR stream, 100 Mbit/s, 10 ms", spread(rates, "{:.3f}") + " x link", ""))
+            with Link(rtt_ms=10, rate_mbit=rate) as link:
+                rates.append(stream(link, "bbr", args.seconds / 2, 1)["sink"]["steady_bytes_per_s"] / (rate * 1e6 / 8))
+        rows.append((f"rate limit: one BBR stream, {rate} Mbit/s, 10 ms", spread(rates, "{:.3f}") + " x link", ""))
 
     for rtt, loss, rate in ((40, 0.01, 100), (100, 0.001, 1000)):
         for cc in ("reno", "cubic", "bbr"):

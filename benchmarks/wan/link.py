@@ -17,7 +17,9 @@ are removed by the next ``Link``.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
 import select
@@ -37,7 +39,52 @@ SENDER_ADDRESS = "10.213.0.1"
 RECEIVER_ADDRESS = "10.213.0.2"
 TUN = "wan0"
 RELAY = Path(__file__).resolve().parent / "relay.py"
+RELAY_C = RELAY.with_suffix(".c")
+RELAY_BUILD = Path(__file__).resolve().parents[2] / "build" / "wan-relay"
+"""Where the C relay is compiled (git-ignored ``build/``), one binary per source hash."""
+RELAY_ENV = "FILEDOCK_WAN_RELAY"
+"""``c`` or ``python`` forces that relay; unset (or ``auto``): the C one where a compiler builds it."""
 _serial = count(1)
+log = logging.getLogger("filedock.wan")
+
+
+def c_relay() -> tuple[Path | None, str | None]:
+    """The C relay's binary, compiled with the machine's ``cc -O2`` on first use and cached by the
+    source's hash; or (None, why not) when it cannot be built."""
+    source = RELAY_C.read_bytes()
+    binary = RELAY_BUILD / f"relay-{hashlib.sha256(source).hexdigest()[:16]}"
+    if binary.exists():
+        return binary, None
+    wanted = os.environ.get("CC") or "cc"
+    compiler = shutil.which(wanted)
+    if compiler is None:
+        return None, f"no C compiler ({wanted}) found (apt-get install gcc)"
+    RELAY_BUILD.mkdir(parents=True, exist_ok=True)
+    partial = binary.with_name(f"{binary.name}.{os.getpid()}.tmp")
+    done = subprocess.run([compiler, "-O2", "-Wall", "-o", str(partial), str(RELAY_C)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        partial.unlink(missing_ok=True)
+        return None, f"{compiler} failed: {done.stderr.strip()[-500:]}"
+    os.replace(partial, binary)  # atomic: a concurrent Link sees no half-written binary
+    return binary, None
+
+
+def relay_command(kind: str = "auto") -> tuple[list[str], str]:
+    """The argv prefix of the relay to run and which it is (``c`` or ``python``): ``kind`` (or
+    ``$FILEDOCK_WAN_RELAY``) ``auto`` prefers C and falls back to relay.py with a logged reason."""
+    kind = os.environ.get(RELAY_ENV, kind) if kind == "auto" else kind
+    if kind not in ("auto", "c", "python"):
+        raise ValueError(f"relay must be auto, c or python: {kind!r}")
+    if kind == "python":
+        return [sys.executable, str(RELAY)], "python"
+    binary, why = c_relay()
+    if binary is not None:
+        return [str(binary)], "c"
+    if kind == "c":
+        raise LinkUnavailable(f"the C relay cannot be built: {why}")
+    log.warning("WAN emulator: using the Python relay (its ceiling is below 1 Gbit/s at MTU 1500): %s", why)
+    return [sys.executable, str(RELAY)], "python"
 
 
 class LinkUnavailable(RuntimeError):
@@ -82,7 +129,10 @@ class Link:
     ``rate_mbit`` (each direction, 0 = unlimited) with a drop-tail queue of ``queue_bytes`` (default:
     one bandwidth-delay product, at least 64 KiB), ``mtu`` on both TUN devices. ``seed`` makes the
     loss pattern repeatable. ``relay_cpu`` pins the relay to one CPU (default: the last one, when
-    there are several)."""
+    there are several). ``relay``: ``auto`` (the C relay, relay.py if it cannot be built), ``c``
+    or ``python``; ``relay_kind`` says which one ran. ``offload`` (C relay only) lets the two stacks
+    pass TCP segments to the relay in TSO/GRO batches of up to 64 KiB, each segment still one wire
+    packet of the model; False makes every read one packet, as relay.py sees them."""
 
     rtt_ms: float = 0.0
     loss: float = 0.0
@@ -91,6 +141,9 @@ class Link:
     queue_bytes: int | None = None
     seed: int = 1
     relay_cpu: int | None = -1
+    relay: str = "auto"
+    offload: bool = True
+    relay_kind: str = field(init=False, default="")
     sender: Namespace = field(init=False)
     receiver: Namespace = field(init=False)
     relay_counts: dict[str, Any] = field(init=False, default_factory=dict)
@@ -144,12 +197,15 @@ class Link:
             _ip("-n", ns.name, "addr", "add", ns.address, "peer", f"{peer.address}/32", "dev", TUN)
 
     def _start_relay(self) -> None:
-        cmd = [sys.executable, str(RELAY), "--sender-ns", self.sender.name, "--receiver-ns", self.receiver.name,
+        prefix, self.relay_kind = relay_command(self.relay)
+        cmd = [*prefix, "--sender-ns", self.sender.name, "--receiver-ns", self.receiver.name,
                "--tun", TUN, "--delay-ms", repr(self.rtt_ms / 2), "--loss", repr(self.loss),
                "--rate-mbit", repr(self.rate_mbit), "--queue-bytes", str(self.queue_bytes),
                "--seed", str(self.seed)]
         if self.relay_cpu is not None:
             cmd += ["--cpu", str(self.relay_cpu)]
+        if self.relay_kind == "c" and not self.offload:
+            cmd += ["--no-offload"]
         # its own process group: a Ctrl-C meant for the test must not stop the relay before close() does
         self._relay = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                        stderr=subprocess.PIPE, start_new_session=True)

@@ -138,7 +138,8 @@ def test_nothing_is_left_after_the_link_closes(emulator):
 
 
 _HOLDER = """
-import json, subprocess, sys, time
+import json, signal, subprocess, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C's effect even when run from a job that ignores it
 sys.path.insert(0, {benchmarks!r})
 from wan import Link
 with Link(rtt_ms=10) as link:

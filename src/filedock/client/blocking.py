@@ -31,6 +31,7 @@ from typing import Any, BinaryIO, Callable
 from filedock import durability, wire
 from filedock.client.model import (DURABLE, SENT, VERIFIED, Cancelled, DownloadResult, Outcome, ProgressCallback,
                                    RetryPolicy, SourceStamp, SourceWatch, UploadResult)
+from filedock.client.pathtune import can_set, choose_congestion_control
 from filedock.client.ranges import MIN_RANGED_SIZE, auto_streams, plan_ranges
 from filedock.client.retry import REPLY_PATIENCE, RETRYABLE_REFUSALS, GiveUp, RetryBudget
 from filedock.client.transfer import (AwaitDigest, BatchAttempt, Connect, DownloadAttempt, DropPartial, Fail, Finish,
@@ -808,6 +809,7 @@ class RangedUpload:
         self.errors: list[BaseException] = []
         self.congestion: str | None = None
         self.how, self.rtt = "fixed", None
+        self.congestion_reason: str | None = None
 
     def choose_streams(self) -> tuple[int, str, float | None]:
         """(K, how it was chosen, the measured RTT in seconds or None)."""
@@ -837,11 +839,15 @@ class RangedUpload:
         return {"streams": len(plan) if plan else 1, "chosen": self.how,
                 "rtt_ms": round(self.rtt * 1000, 3) if self.rtt is not None else None,
                 "congestion_control": self.congestion or self.client.congestion_control or _default_congestion(),
+                "congestion_control_reason": self.congestion_reason,
                 "ranges": [{k: r[k] for k in ("start", "end", "from", "sent", "reply")} for r in self.ranges]}
 
     def run(self) -> UploadResult | None:
         k, how, rtt = self.choose_streams()
         self.how, self.rtt = how, rtt
+        chosen, self.congestion_reason = choose_congestion_control(rtt, self.client.congestion_control,
+                                                                   _default_congestion(), can_set)
+        self.client.congestion_control = chosen  # the measured path decides for this client's connections
         plan = plan_ranges(self.size, k)
         if len(plan) < 2:
             log.info("%s: one stream (%s%s)", self.name, how, f", rtt {rtt * 1000:.2f} ms" if rtt is not None else "")
