@@ -1,0 +1,193 @@
+"""How many streams ``--streams auto`` runs, and which ranges they send: pure logic, no sockets.
+
+* ``rtt_from_tcp_info`` reads the round-trip time the kernel measured on a connection that is
+  open anyway (``TCP_INFO``), so choosing costs no extra connection.
+* ``chunk_plan`` cuts a file into many ranges on the 4 MiB grid (more than streams), and
+  ``RangeQueue`` hands them out, one at a time, to however many connections are open (work
+  stealing): a stream added later, or one that finishes early, takes the next range.
+* ``StreamController`` decides K from samples of the aggregate goodput: start from the
+  RTT's estimate, add streams while each addition raises the aggregate by a meaningful
+  fraction, and go back to the last K that paid off when one does not (the link is full or
+  the CPU bound).
+
+``RangedUpload`` (``client/blocking.py``) and the Twisted client (``client/twisted/ranged.py``)
+do the I/O; see docs/protocol.md, "Ranged uploads", and docs/client.md.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from dataclasses import dataclass
+
+from filedock.client.ranges import missing
+from filedock.wire import RANGE_ALIGN
+
+MiB = 1 << 20
+
+MIN_CHUNK = 32 * MiB
+"""Smallest range ``chunk_plan`` hands out (but a file's last): each range costs a connection, a
+round trip and a slow start, which a range this long pays for even at 100 ms."""
+
+MAX_CHUNK = 256 * MiB
+"""Largest range ``chunk_plan`` hands out: the last ranges' unequal ends (a tail where fewer streams
+run) stay short."""
+
+CHUNKS_PER_STREAM = 4
+"""``chunk_plan`` aims at this many ranges per stream at the cap, so streams can be added late and
+finish close together."""
+
+MIN_GAIN = 0.10
+"""An added stream must raise the aggregate goodput by at least this fraction to be kept."""
+
+GAIN_SHARE = 0.25
+"""... and by at least this share of what it would add if every stream got as much as the others."""
+
+# struct tcp_info (linux/tcp.h): tcpi_rtt and tcpi_min_rtt, in microseconds
+_TCPI_RTT = struct.Struct("=I")
+_TCPI_RTT_AT = 68
+_TCPI_MIN_RTT_AT = 148
+
+
+def rtt_from_tcp_info(raw: bytes) -> float | None:
+    """The round-trip time (seconds) in a ``getsockopt(IPPROTO_TCP, TCP_INFO)`` reply: the smallest
+    seen (``tcpi_min_rtt``, Linux 4.6+) where the kernel gives it, else the smoothed one (``tcpi_rtt``);
+    None if the reply is too short or says nothing (no sample yet)."""
+    for at in (_TCPI_MIN_RTT_AT, _TCPI_RTT_AT):
+        if len(raw) >= at + 4:
+            (usec,) = _TCPI_RTT.unpack_from(raw, at)
+            if usec:
+                return usec / 1e6
+    return None
+
+
+def chunk_size(size: int, limit: int, align: int = RANGE_ALIGN) -> int:
+    """Length of ``chunk_plan``'s ranges: about ``CHUNKS_PER_STREAM`` per stream at ``limit`` streams,
+    within ``MIN_CHUNK``..``MAX_CHUNK``, a multiple of ``align``."""
+    want = -(-size // max(1, limit * CHUNKS_PER_STREAM))
+    want = min(max(want, MIN_CHUNK), MAX_CHUNK)
+    return max(align, -(-want // align) * align)
+
+
+def chunk_plan(size: int, limit: int, align: int = RANGE_ALIGN) -> list[tuple[int, int]]:
+    """``[start, end)`` ranges of ``chunk_size`` covering ``size`` bytes in order (the last one shorter),
+    each a valid ``PUTR`` range. The same file and ``limit`` give the same plan, so a resume by a new
+    process finds each range's durable part where it left it: a prefix."""
+    step = chunk_size(size, limit, align)
+    return [(start, min(size, start + step)) for start in range(0, size, step)]
+
+
+class RangeQueue:
+    """Ranges waiting to be sent, handed out in file order, each exactly once.
+
+    ``learn(durable)`` drops what the server says it holds durably (from any ``RANGES`` reply)
+    from the ranges not handed out yet: what is left of a range is a suffix of it, or pieces
+    between durable runs, all on the grid (durable runs are whole blocks, but for the file's end).
+    Ranges already handed out are their connection's business (its ``RANGES`` offset).
+    """
+
+    def __init__(self, ranges: list[tuple[int, int]]) -> None:
+        self._pending: deque[tuple[int, int]] = deque(ranges)
+        self.handed_out: list[tuple[int, int]] = []
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of the ranges not handed out yet."""
+        return sum(end - start for start, end in self._pending)
+
+    def learn(self, durable: tuple[tuple[int, int], ...] | list[tuple[int, int]]) -> None:
+        """The server holds ``durable`` (ascending, half-open): none of it is handed out from now on."""
+        if durable and self._pending:
+            self._pending = deque(missing(list(self._pending), durable))
+
+    def take(self) -> tuple[int, int] | None:
+        """The next range to send, or None when every range was handed out."""
+        if not self._pending:
+            return None
+        piece = self._pending.popleft()
+        self.handed_out.append(piece)
+        return piece
+
+
+@dataclass(frozen=True)
+class ControllerTiming:
+    """How long ``StreamController`` lets a change settle (new streams leave slow start) and how long
+    it then measures, in seconds: each at least its floor, and a number of round trips."""
+
+    settle: float
+    measure: float
+
+    @classmethod
+    def for_rtt(cls, rtt: float) -> "ControllerTiming":
+        """About 8 round trips to settle (slow start to a few MB in flight) and 12 to measure, floors
+        0.5 s and 1 s, so a short sample on a quick path is not all noise."""
+        return cls(settle=max(0.5, 8 * rtt), measure=max(1.0, 12 * rtt))
+
+
+class StreamController:
+    """Decides how many streams to run from samples of the bytes sent so far.
+
+    Starts at ``start`` streams. Each phase lets the current K settle, then measures the
+    aggregate goodput over ``timing.measure`` seconds. After the first measurement it adds
+    streams (half again as many, at least one, never above ``limit``); if the aggregate then rose
+    by at least ``max(MIN_GAIN, GAIN_SHARE * added / before)`` of the last kept rate, the new K
+    is kept and it tries again; if not, it goes back to the K before and stops adding for good.
+    It also stops at ``limit``, or when ``sample`` says there is no more work to spread.
+    ``history`` lists (K, measured bytes per second) for the logs and ``--json``.
+    """
+
+    def __init__(self, start: int, limit: int, timing: ControllerTiming) -> None:
+        if limit < 1:
+            raise ValueError("at least one stream")
+        self.limit = limit
+        self.streams = max(1, min(start, limit))
+        self.timing = timing
+        self.settled = self.streams >= limit
+        self.history: list[tuple[int, float]] = []
+        self._kept_rate: float | None = None
+        self._kept_streams = self.streams
+        self._changed_at: float | None = None
+        self._window: tuple[float, int] | None = None
+
+    def sample(self, now: float, sent: int, more_work: bool = True) -> int:
+        """The number of streams to run, given the total bytes ``sent`` at time ``now`` (seconds, any
+        monotonic origin); ``more_work`` False when no range is left to hand out (a measurement
+        would only see streams finishing)."""
+        if self.settled:
+            return self.streams
+        if not more_work:
+            self._settle_at(self._kept_streams)
+            return self.streams
+        if self._changed_at is None:
+            self._changed_at = now
+        if self._window is None:
+            if now - self._changed_at >= self.timing.settle:
+                self._window = (now, sent)
+            return self.streams
+        began, base = self._window
+        if now - began < self.timing.measure:
+            return self.streams
+        rate = (sent - base) / (now - began)
+        self.history.append((self.streams, rate))
+        if self._kept_rate is None or rate >= self._kept_rate * (1 + self._needed_gain()):
+            self._kept_rate, self._kept_streams = rate, self.streams
+            if self.streams >= self.limit:
+                self._settle_at(self.streams)
+            else:
+                self._change(now, min(self.limit, self.streams + max(1, self.streams // 2)))
+        else:
+            self._settle_at(self._kept_streams)
+        return self.streams
+
+    def _needed_gain(self) -> float:
+        added = self.streams - self._kept_streams
+        return max(MIN_GAIN, GAIN_SHARE * added / self._kept_streams)
+
+    def _change(self, now: float, streams: int) -> None:
+        self.streams, self._changed_at, self._window = streams, now, None
+
+    def _settle_at(self, streams: int) -> None:
+        self.streams, self.settled = streams, True
