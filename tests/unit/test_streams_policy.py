@@ -46,8 +46,8 @@ def test_chunk_plan_covers_the_file_once_on_the_grid(size, limit):
     step = chunk_size(size, limit)
     assert step % A == 0 and min(MIN_CHUNK, -(-size // A) * A) <= step <= MAX_CHUNK or size <= step
     assert all(e - s == step for s, e in plan[:-1])
-    if MIN_CHUNK * 4 * limit <= size <= MAX_CHUNK * 4 * limit:
-        assert len(plan) >= 3 * limit  # 4 per stream, less the rounding up to the grid
+    if MIN_CHUNK * 4 * limit <= size <= MAX_CHUNK * 4 * limit:  # the grid multiple nearest size / (4 limit)
+        assert step - A < -(-size // (4 * limit)) <= step
 
 
 @given(st.integers(1, 400), st.integers(1, 16), st.sets(st.integers(0, 399)), st.data())
@@ -82,12 +82,13 @@ def test_queue_hands_out_every_missing_byte_exactly_once(blocks, limit, durable_
 def test_queue_resume_sends_only_the_suffix_of_each_range():
     """A new process plans the same ranges; each range's durable prefix (ranges are written in order)
     is skipped, and a range durable whole is never handed out."""
-    size = 3 * MIN_CHUNK
-    queue = RangeQueue(chunk_plan(size, 1))
-    assert len(queue) == 3
-    queue.learn(((0, MIN_CHUNK), (MIN_CHUNK, MIN_CHUNK + 2 * A), (2 * MIN_CHUNK, 2 * MIN_CHUNK + A)))
-    assert [queue.take(), queue.take(), queue.take()] == [
-        (MIN_CHUNK + 2 * A, 2 * MIN_CHUNK), (2 * MIN_CHUNK + A, size), None]
+    size = 3 * MIN_CHUNK + 5
+    plan = chunk_plan(size, 1)
+    c = MIN_CHUNK
+    assert plan == chunk_plan(size, 1) == [(0, c), (c, 2 * c), (2 * c, 3 * c), (3 * c, size)]
+    queue = RangeQueue(plan)
+    queue.learn(((0, c + A), (2 * c, 2 * c + A)))
+    assert [queue.take() for _ in range(4)] == [(c + A, 2 * c), (2 * c + A, 3 * c), (3 * c, size), None]
 
 
 def run_controller(start, limit, rate_of, seconds=120.0, tick=0.25):

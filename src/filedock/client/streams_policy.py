@@ -25,9 +25,10 @@ from filedock.wire import RANGE_ALIGN
 
 MiB = 1 << 20
 
-MIN_CHUNK = 32 * MiB
-"""Smallest range ``chunk_plan`` hands out (but a file's last): each range costs a connection, a
-round trip and a slow start, which a range this long pays for even at 100 ms."""
+MIN_CHUNK = 8 * MiB
+"""Smallest range ``chunk_plan`` hands out (but a file's last). Each range costs a new connection, two
+round trips and a slow start; a file large enough for that to matter (512 MiB and more at 16 streams)
+gets ranges of size / 64, so this floor only shapes small files, which it still lets use every stream."""
 
 MAX_CHUNK = 256 * MiB
 """Largest range ``chunk_plan`` hands out: the last ranges' unequal ends (a tail where fewer streams
