@@ -8,8 +8,9 @@ import struct
 from hypothesis import given
 from hypothesis import strategies as st
 
-from filedock.client.streams_policy import (MAX_CHUNK, MIN_CHUNK, ControllerTiming, RangeQueue, StreamController,
-                                            chunk_plan, chunk_size, rtt_from_tcp_info)
+from filedock.client.streams_policy import (MAX_CHUNK, MIN_CHUNK, STEAL_MARGIN, ControllerTiming, RangeQueue,
+                                            StreamController, acked_from_tcp_info, chunk_plan, chunk_size,
+                                            rtt_from_tcp_info, split_point, best_split)
 from filedock.store.ranged import durable_runs
 from filedock.wire import RANGE_ALIGN, range_error
 
@@ -17,9 +18,11 @@ A = RANGE_ALIGN
 TIMING = ControllerTiming(settle=1.0, measure=2.0)
 
 
-def tcp_info(rtt_us: int, min_rtt_us: int | None) -> bytes:
+def tcp_info(rtt_us: int, min_rtt_us: int | None, acked: int = 0) -> bytes:
     raw = bytearray(232 if min_rtt_us is not None else 104)
     struct.pack_into("=I", raw, 68, rtt_us)
+    if len(raw) >= 128:
+        struct.pack_into("=Q", raw, 120, acked)
     if min_rtt_us is not None:
         struct.pack_into("=I", raw, 148, min_rtt_us)
     return bytes(raw)
@@ -33,6 +36,12 @@ def test_rtt_from_tcp_info_prefers_the_minimum_and_falls_back_to_the_smoothed_rt
     assert rtt_from_tcp_info(tcp_info(42, 0)) == 0.000042
     assert rtt_from_tcp_info(tcp_info(0, 0)) is None
     assert rtt_from_tcp_info(b"\0" * 20) is None
+
+
+def test_acked_bytes_from_tcp_info():
+    """``tcpi_bytes_acked`` (Linux 4.2+): what the peer has, not what sits in the send buffer."""
+    assert acked_from_tcp_info(tcp_info(1, 1, acked=5 << 32 | 7)) == 5 << 32 | 7
+    assert acked_from_tcp_info(tcp_info(1, None)) is None
 
 
 @given(st.integers(1, 2**44), st.integers(1, 64))
@@ -111,7 +120,7 @@ def test_streams_never_above_the_cap_and_no_growth_without_gain(start, limit, ra
     assert max(seen) <= limit
     assert controller.settled and controller.streams == min(start, limit)
     assert seen[-1] == min(start, limit)
-    assert len(set(seen)) <= 2  # at most one probe above
+    assert len(set(seen)) <= 2  # at most one probe above, and never again (the aggregate never falls)
 
 
 @given(st.floats(1e3, 1e10))
@@ -119,7 +128,8 @@ def test_one_stream_stays_one_when_the_aggregate_does_not_rise(rate):
     """A full link (or a CPU-bound sender): one stream, one probe with two, then one for good."""
     controller, seen = run_controller(1, 16, lambda k: rate)
     assert seen[0] == 1 and seen[-1] == 1 and max(seen) == 2
-    assert controller.history == [(1, rate), (2, rate)] or [k for k, _ in controller.history] == [1, 2]
+    ks = [k for k, _ in controller.history]
+    assert ks[:2] == [1, 2] and set(ks[2:]) == {1}  # holding: measured again and again, never added
 
 
 @given(st.integers(1, 16), st.integers(2, 16), st.floats(1e3, 1e8), st.data())
@@ -140,8 +150,24 @@ def test_a_long_link_example():
     """8 streams at the start (100 ms), each adds 10 MB/s up to a 120 MB/s link: 8 -> 12 -> 18 is capped
     at 16, which adds nothing over 12, so 12 it is."""
     controller, seen = run_controller(8, 16, lambda k: 10e6 * min(k, 12))
-    assert [k for k, _ in controller.history] == [8, 12, 16]
-    assert controller.streams == 12 and seen[-1] == 12
+    assert [k for k, _ in controller.history][:4] == [8, 12, 16, 12]
+    assert controller.streams == 12 and seen[-1] == 12 and controller.settled
+
+
+def test_a_fall_in_the_aggregate_while_holding_adds_streams_again():
+    """Streams fresh from slow start fill the link until they meet loss; then each gets a quarter of
+    what it got and the aggregate falls: holding at 12, the controller adds streams again (to the cap)."""
+    controller = StreamController(8, 16, TIMING)
+    sent, now, per_stream = 0.0, 0.0, 1e6
+    while now < 120:
+        k = controller.sample(now, int(sent))
+        if now > 20:
+            per_stream = 0.25e6  # loss met: each stream is held to a quarter
+        sent += min(k * per_stream, 10e6) * 0.25
+        now += 0.25
+    ks = [k for k, _ in controller.history]
+    assert ks[:4] == [8, 12, 16, 12]  # 12 fill the link: 16 add nothing, back to 12
+    assert ks[-1] == 16 and controller.streams == 16 and controller.settled  # after the fall: 16 pay
 
 
 def test_no_more_work_ends_the_probing():
@@ -151,3 +177,32 @@ def test_no_more_work_ends_the_probing():
     controller.sample(1.0, 0)
     assert controller.sample(3.0, 100) == 3
     assert controller.sample(10.0, 200, more_work=False) == 2 and controller.settled
+    assert controller.sample(20.0, 200) == 2  # and stays so
+
+
+@given(st.integers(1, 2**40), st.integers(0, 2**40), st.integers(0, 2**40))
+def test_split_point_leaves_both_halves_valid_ranges(size, a, b):
+    """The rest of a range ``[start, end)`` is split only on the grid, past the sender's margin and a
+    block before the end, so ``[start, point)`` and ``[point, end)`` are both valid PUTR ranges."""
+    start = (min(a, b) % size) // A * A
+    end = min(size, -(-max(a, b, start + 1) // A) * A)  # a range ends on the grid or at the file end
+    pos = start + (a % (end - start)) if end > start else start
+    point = split_point(pos, end)
+    if point is None:
+        assert (pos + STEAL_MARGIN) // A * A + 2 * A > end
+        return
+    assert point % A == 0 and pos + STEAL_MARGIN < point and point + A <= end
+    assert range_error(size, start, point) is None and range_error(size, point, end) is None
+
+
+def test_split_point_examples():
+    assert split_point(0, 32 * A) == 16 * A
+    assert split_point(30 * A, 32 * A) == 31 * A and split_point(31 * A, 32 * A) is None
+    assert split_point(28 * A + 1, 34 * A + 5) == 32 * A and split_point(33 * A, 34 * A + 5) is None
+
+
+def test_best_split_takes_the_range_with_the_most_left():
+    """An idle stream takes the half of the range that leaves it the most; nothing when none can split."""
+    assert best_split([(0, 8 * A), (20 * A, 40 * A), (41 * A, 42 * A)]) == (1, 30 * A)
+    assert best_split([(3 * A, 4 * A), (8 * A, 9 * A + 7)]) is None
+    assert best_split([]) is None

@@ -24,6 +24,7 @@ import os
 import select
 import socket
 import ssl
+import sys
 import threading
 import time
 from pathlib import Path
@@ -33,8 +34,8 @@ from filedock import durability, wire
 from filedock.client.model import (DURABLE, SENT, VERIFIED, Cancelled, DownloadResult, Outcome, ProgressCallback,
                                    RetryPolicy, SourceStamp, SourceWatch, UploadResult)
 from filedock.client.ranges import MAX_STREAMS, MIN_RANGED_SIZE, auto_streams, plan_ranges
-from filedock.client.streams_policy import (ControllerTiming, RangeQueue, StreamController, chunk_plan,
-                                            rtt_from_tcp_info)
+from filedock.client.streams_policy import (UNSENT_LIMIT, ControllerTiming, RangeQueue, StreamController,
+                                            acked_from_tcp_info, best_split, chunk_plan, rtt_from_tcp_info)
 from filedock.client.retry import REPLY_PATIENCE, RETRYABLE_REFUSALS, GiveUp, RetryBudget
 from filedock.client.transfer import (AwaitDigest, BatchAttempt, Connect, DownloadAttempt, DropPartial, Fail, Finish,
                                       QueryStored, Restart, SendBody, Sleep, UploadAttempt, reply_error)
@@ -852,8 +853,9 @@ class RangedUpload:
                "rtt_ms": round(self.rtt * 1000, 3) if self.rtt is not None else None,
                "congestion_control": self.congestion or self.client.congestion_control or _default_congestion(),
                "ranges": [{k: r[k] for k in ("start", "end", "from", "sent", "reply")} for r in self.ranges]}
-        if self.controller is not None:
+        if self.controller is not None:  # what auto measured (K, aggregate goodput) and the K it kept
             out["measured"] = [{"streams": k, "bytes_per_s": round(rate)} for k, rate in self.controller.history]
+            out["kept"] = self.controller.streams
         return out
 
     def close_spare(self) -> None:
@@ -913,8 +915,10 @@ class RangedUpload:
                     self.halt.set()
                 if self.controller is not None and not self.halt.is_set():
                     with self.lock:
-                        sent, more, running = sum(r["sent"] for r in self.ranges), len(self.queue) > 0, self.running
-                    wanted = self.controller.sample(time.monotonic(), sent, more)
+                        acked, more, running = self._acked(), len(self.queue) > 0, self.running
+                    wanted = self.controller.sample(time.monotonic(), acked, more)
+                    log.debug("%s: %d bytes acknowledged, %d streams running, %d wanted, %d ranges waiting",
+                              self.name, acked, running, wanted, len(self.queue))
                     if wanted > running:
                         log.info("%s: %d streams (auto)", self.name, wanted)
                         spawn(wanted - running)
@@ -923,6 +927,18 @@ class RangedUpload:
             raise
         finally:
             self.close_spare()
+
+    def _acked(self) -> int:
+        """Bytes the server acknowledged on every range so far (the lock held): the goodput the
+        controller sees. Where the kernel does not say (no ``TCP_INFO``), the bytes sent."""
+        total = 0
+        for r in self.ranges:
+            link = r["link"]
+            if link is not None:
+                n = _link_acked(link.sock)
+                r["acked"] = r["sent"] if n is None else max(r["acked"], r["base"] + n)
+            total += r["acked"]
+        return total
 
     def _verdict(self, plan: list[tuple[int, int]]) -> UploadResult:
         if self.stored:
@@ -949,7 +965,7 @@ class RangedUpload:
 
     def _progress(self) -> None:
         with self.lock:
-            done = self.size - self.queue.pending_bytes - sum(r["end"] - r["pos"] for r in self.ranges)
+            done = self.size - self.queue.pending_bytes - sum(max(0, r["end"] - r["pos"]) for r in self.ranges)
         self.report(SENT, done, self.size)
 
     def _worker(self) -> None:
@@ -959,17 +975,34 @@ class RangedUpload:
             while not self.halt.is_set():
                 with self.lock:
                     too_many = self.controller is not None and self.running > self.controller.streams
-                    piece = None if too_many else self.queue.take()
+                    piece = None if too_many else self.queue.take() or self._steal()
                     if piece is None:
                         return
                     r = {"start": piece[0], "end": piece[1], "from": None, "pos": piece[0], "sent": 0,
-                         "reply": None}
+                         "reply": None, "link": None, "acked": 0, "base": 0}
                     self.ranges.append(r)
                 if not self._range(r):
                     return
         finally:
             with self.lock:
                 self.running -= 1
+
+    def _steal(self) -> tuple[int, int] | None:
+        """auto, once no range is left to hand out (the lock held): the second half of the range with
+        the most left to send, which its connection gives up (the server's takeover of the overlap
+        tells it; it then finishes the first half). Loss-limited streams do not speed up when others
+        finish, so without this the last ranges would run alone at one stream's rate."""
+        if self.controller is None:
+            return None
+        sending = [r for r in self.ranges if r["reply"] is None and r["link"] is not None and r["from"] is not None]
+        split = best_split([(r["pos"], r["end"]) for r in sending])
+        if split is None:
+            return None
+        victim, point = sending[split[0]], split[1]
+        piece = (point, victim["end"])
+        victim["end"], victim["split"] = point, True
+        log.info("%s: range %d-%d split at %d for an idle stream", self.name, victim["start"], piece[1], point)
+        return piece
 
     def _first_link(self) -> _Link:
         """auto's measured connection for the first range, a new one for the others."""
@@ -987,6 +1020,10 @@ class RangedUpload:
             progressed = False
             try:
                 link = self._first_link()
+                with self.lock:
+                    r["link"], r["base"] = link, r["acked"]
+                if self.controller is not None:  # the end of the range stays in the file, for _steal
+                    limit_unsent(link.sock)
                 if self.congestion is None and hasattr(socket, "TCP_CONGESTION"):
                     try:
                         raw = link.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16)
@@ -1017,6 +1054,7 @@ class RangedUpload:
                 link.send_all(link.conn.send(wire.Done(hasher.hexdigest() if hasher else None)))
                 reply = link.expect((wire.RangeStored, wire.Stored), REPLY_PATIENCE)
                 with self.lock:
+                    r["acked"] = max(r["acked"], r["base"] + r["end"] - offset)  # all of it is at the server
                     r["reply"] = "stored" if isinstance(reply, wire.Stored) else "durable"
                     if isinstance(reply, wire.Stored):
                         self.stored.append(reply)
@@ -1027,6 +1065,8 @@ class RangedUpload:
                         r["reply"] = "complete"
                         r["pos"] = r["end"]
                     return True
+                if exc.code is ErrorCode.TAKEN_OVER and r.pop("split", False):
+                    continue  # our own split (_steal): send the first half at once, no failure
                 decision = budget.failed(exc, progressed)
                 if isinstance(decision, GiveUp) or self.halt.is_set():
                     if not self.halt.is_set() or not isinstance(exc, Cancelled):
@@ -1045,6 +1085,8 @@ class RangedUpload:
                 return False
             finally:
                 if link is not None:
+                    with self.lock:
+                        r["link"] = None  # before the close: its descriptor may be another socket's next
                     link.close()
             if self.halt.wait(decision.seconds):
                 return False
@@ -1057,6 +1099,27 @@ def _link_rtt(sock: socket.socket) -> float | None:
         return None
     try:
         return rtt_from_tcp_info(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256))
+    except OSError:
+        return None
+
+
+def limit_unsent(sock: socket.socket) -> None:
+    """Keep at most about ``UNSENT_LIMIT`` unsent bytes in the kernel (``TCP_NOTSENT_LOWAT``, Linux and
+    macOS); bytes in flight are not limited, so the congestion control sees no difference."""
+    option = getattr(socket, "TCP_NOTSENT_LOWAT", 25 if sys.platform.startswith("linux") else None)
+    if option is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, option, UNSENT_LIMIT)
+        except OSError:
+            pass
+
+
+def _link_acked(sock: socket.socket) -> int | None:
+    """Bytes the peer acknowledged on a connected TCP socket (``TCP_INFO``, Linux), or None."""
+    if not hasattr(socket, "TCP_INFO"):
+        return None
+    try:
+        return acked_from_tcp_info(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256))
     except OSError:
         return None
 

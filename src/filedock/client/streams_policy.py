@@ -44,10 +44,15 @@ MIN_GAIN = 0.10
 GAIN_SHARE = 0.25
 """... and by at least this share of what it would add if every stream got as much as the others."""
 
+DROP = 0.25
+"""Holding at K, an aggregate this fraction below the best seen at K makes the controller add again."""
+
 # struct tcp_info (linux/tcp.h): tcpi_rtt and tcpi_min_rtt, in microseconds
 _TCPI_RTT = struct.Struct("=I")
 _TCPI_RTT_AT = 68
 _TCPI_MIN_RTT_AT = 148
+_TCPI_BYTES_ACKED = struct.Struct("=Q")
+_TCPI_BYTES_ACKED_AT = 120
 
 
 def rtt_from_tcp_info(raw: bytes) -> float | None:
@@ -60,6 +65,16 @@ def rtt_from_tcp_info(raw: bytes) -> float | None:
             if usec:
                 return usec / 1e6
     return None
+
+
+def acked_from_tcp_info(raw: bytes) -> int | None:
+    """The bytes the peer acknowledged on a connection (``tcpi_bytes_acked``, Linux 4.2+), or None.
+
+    The controller measures goodput with this, not with the bytes handed to the kernel: a send
+    buffer of many MiB (``SO_SNDBUF`` raised for long paths) takes a whole range at once."""
+    if len(raw) < _TCPI_BYTES_ACKED_AT + 8:
+        return None
+    return _TCPI_BYTES_ACKED.unpack_from(raw, _TCPI_BYTES_ACKED_AT)[0]
 
 
 def chunk_size(size: int, limit: int, align: int = RANGE_ALIGN) -> int:
@@ -113,6 +128,39 @@ class RangeQueue:
         return piece
 
 
+STEAL_MARGIN = 0
+"""A range is split no closer than this past what its connection has handed to the kernel (and on
+the grid): the bytes before the split point it still sends itself. Bytes it sends past the point
+before the server stops it are not lost: whole blocks of them are recorded, and skipped."""
+
+UNSENT_LIMIT = 1 * MiB
+"""A ranged connection keeps at most about this much unsent in the kernel (``TCP_NOTSENT_LOWAT``), so
+the end of its range stays in the file, where an idle connection may take it (``split_point``)."""
+
+
+def split_point(pos: int, end: int, align: int = RANGE_ALIGN) -> int | None:
+    """Where an idle connection may take over the rest of a range whose connection has handed bytes
+    up to ``pos`` to the kernel and will send up to ``end``: a grid point more than ``STEAL_MARGIN``
+    past ``pos`` and at least a block before ``end``, near the middle of what is left (both halves
+    then finish about together); None if what is left is too short to split."""
+    first = (pos + STEAL_MARGIN) // align * align + align  # strictly past pos: the first half is never empty
+    last = (end - align) // align * align
+    middle = -(-((pos + end) // 2) // align) * align
+    point = max(first, min(middle, last))
+    return point if point <= last else None
+
+
+def best_split(sending: list[tuple[int, int]]) -> tuple[int, int] | None:
+    """Which of the ranges being sent, given as (handed to the kernel up to, end), an idle connection
+    should split: (its index, the ``split_point``) of the one that leaves the most to take, or None."""
+    best: tuple[int, int] | None = None
+    for i, (pos, end) in enumerate(sending):
+        point = split_point(pos, end)
+        if point is not None and (best is None or end - point > sending[best[0]][1] - best[1]):
+            best = (i, point)
+    return best
+
+
 @dataclass(frozen=True)
 class ControllerTiming:
     """How long ``StreamController`` lets a change settle (new streams leave slow start) and how long
@@ -129,15 +177,19 @@ class ControllerTiming:
 
 
 class StreamController:
-    """Decides how many streams to run from samples of the bytes sent so far.
+    """Decides how many streams to run from samples of the bytes acknowledged so far.
 
-    Starts at ``start`` streams. Each phase lets the current K settle, then measures the
-    aggregate goodput over ``timing.measure`` seconds. After the first measurement it adds
-    streams (half again as many, at least one, never above ``limit``); if the aggregate then rose
-    by at least ``max(MIN_GAIN, GAIN_SHARE * added / before)`` of the last kept rate, the new K
-    is kept and it tries again; if not, it goes back to the K before and stops adding for good.
-    It also stops at ``limit``, or when ``sample`` says there is no more work to spread.
-    ``history`` lists (K, measured bytes per second) for the logs and ``--json``.
+    Starts at ``start`` streams. After a change it lets the streams settle (``timing.settle``:
+    new connections leave slow start), then measures the aggregate goodput over
+    ``timing.measure`` seconds. After the first measurement it adds streams (half again as many,
+    at least one, never above ``limit``); if the aggregate then rose by at least
+    ``max(MIN_GAIN, GAIN_SHARE * added / before)`` of the rate kept so far, the new K is kept and
+    it adds again; if not, it goes back to the K before and holds (``settled``).
+
+    While holding it keeps measuring: if the aggregate falls below ``1 - DROP`` of the best seen
+    at this K (streams fresh from slow start had not met loss yet, or other traffic came), it
+    adds streams again the same way. It never adds at ``limit``, nor once ``sample`` says no work
+    is left to spread. ``history`` lists (K, measured bytes per second) for the logs and ``--json``.
     """
 
     def __init__(self, start: int, limit: int, timing: ControllerTiming) -> None:
@@ -146,7 +198,8 @@ class StreamController:
         self.limit = limit
         self.streams = max(1, min(start, limit))
         self.timing = timing
-        self.settled = self.streams >= limit
+        self.settled = False
+        self.finished = False  # no more work: K stays as it is
         self.history: list[tuple[int, float]] = []
         self._kept_rate: float | None = None
         self._kept_streams = self.streams
@@ -154,13 +207,13 @@ class StreamController:
         self._window: tuple[float, int] | None = None
 
     def sample(self, now: float, sent: int, more_work: bool = True) -> int:
-        """The number of streams to run, given the total bytes ``sent`` at time ``now`` (seconds, any
-        monotonic origin); ``more_work`` False when no range is left to hand out (a measurement
-        would only see streams finishing)."""
-        if self.settled:
+        """The number of streams to run, given the total bytes ``sent`` (acknowledged) at time ``now``
+        (seconds, any monotonic origin); ``more_work`` False when no range is left to hand out (a
+        measurement would only see streams finishing)."""
+        if self.finished:
             return self.streams
         if not more_work:
-            self._settle_at(self._kept_streams)
+            self.streams, self.settled, self.finished = self._kept_streams, True, True
             return self.streams
         if self._changed_at is None:
             self._changed_at = now
@@ -173,15 +226,30 @@ class StreamController:
             return self.streams
         rate = (sent - base) / (now - began)
         self.history.append((self.streams, rate))
-        if self._kept_rate is None or rate >= self._kept_rate * (1 + self._needed_gain()):
+        self._window = (now, sent)  # the next window follows at once, unless K changes
+        if self.settled:
+            self._hold(now, rate)
+        elif self._kept_rate is None or rate >= self._kept_rate * (1 + self._needed_gain()):
             self._kept_rate, self._kept_streams = rate, self.streams
-            if self.streams >= self.limit:
-                self._settle_at(self.streams)
-            else:
-                self._change(now, min(self.limit, self.streams + max(1, self.streams // 2)))
+            self._add(now)
         else:
-            self._settle_at(self._kept_streams)
+            self._change(now, self._kept_streams)
+            self.settled = True
         return self.streams
+
+    def _hold(self, now: float, rate: float) -> None:
+        kept = self._kept_rate or 0.0
+        if rate < kept * (1 - DROP) and self.streams < self.limit:
+            # measure this K once more from now (this window may straddle the fall), then add
+            self._kept_rate, self.settled = None, False
+        else:
+            self._kept_rate = max(kept, rate)
+
+    def _add(self, now: float) -> None:
+        if self.streams >= self.limit:
+            self.settled = True
+        else:
+            self._change(now, min(self.limit, self.streams + max(1, self.streams // 2)))
 
     def _needed_gain(self) -> float:
         added = self.streams - self._kept_streams
@@ -189,6 +257,3 @@ class StreamController:
 
     def _change(self, now: float, streams: int) -> None:
         self.streams, self._changed_at, self._window = streams, now, None
-
-    def _settle_at(self, streams: int) -> None:
-        self.streams, self.settled = streams, True

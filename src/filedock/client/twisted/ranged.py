@@ -30,8 +30,9 @@ from filedock.client.model import (DURABLE, SENT, VERIFIED, Cancelled, Outcome, 
                                    SourceWatch, UploadResult)
 from filedock.client.ranges import MAX_STREAMS, auto_streams, plan_ranges
 from filedock.client.retry import GiveUp, RetryBudget
-from filedock.client.streams_policy import (ControllerTiming, RangeQueue, StreamController, chunk_plan,
-                                            rtt_from_tcp_info)
+from filedock.client.blocking import limit_unsent
+from filedock.client.streams_policy import (ControllerTiming, RangeQueue, StreamController, acked_from_tcp_info,
+                                            best_split, chunk_plan, rtt_from_tcp_info)
 from filedock.client.twisted import upload
 from filedock.client.twisted.exchange import RequestExchange, StallWatch
 from filedock.client.twisted.streaming import FileStreamer, OrderedHasher
@@ -72,10 +73,15 @@ class RangeExchange(RequestExchange):
         self.awaiting_reply = True  # for RANGES, then for DURABLE/STORED: the stall watch allows REPLY_PATIENCE
         self.streamer: FileStreamer | None = None
         self.congestion: str | None = None
+        self.limit_unsent = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
         self.congestion = transport_congestion(self.transport)
+        if self.limit_unsent:  # the end of the range stays in the file, where an idle stream may take it
+            sock = tcp_socket(self.transport)
+            if sock is not None:
+                limit_unsent(sock)
 
     def request(self) -> bytes:
         return self.conn.send(wire.RangedUploadRequest(self.session_key, self.file_key, self.size, self.start,
@@ -163,6 +169,17 @@ def transport_rtt(transport: Any) -> float | None:
         return None
     try:
         return rtt_from_tcp_info(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256))
+    except OSError:
+        return None
+
+
+def transport_acked(transport: Any) -> int | None:
+    """Bytes the peer acknowledged on the TCP connection under ``transport`` (``TCP_INFO``), or None."""
+    sock = tcp_socket(transport)
+    if sock is None or not hasattr(socket, "TCP_INFO"):
+        return None
+    try:
+        return acked_from_tcp_info(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256))
     except OSError:
         return None
 
@@ -266,8 +283,9 @@ class TxRangedUpload:
                "rtt_ms": round(self.rtt * 1000, 3) if self.rtt is not None else None,
                "congestion_control": self.congestion,
                "ranges": [{k: r[k] for k in ("start", "end", "from", "sent", "reply")} for r in self.ranges]}
-        if self.controller is not None:
+        if self.controller is not None:  # what auto measured (K, aggregate goodput) and the K it kept
             out["measured"] = [{"streams": k, "bytes_per_s": round(rate)} for k, rate in self.controller.history]
+            out["kept"] = self.controller.streams
         return out
 
     async def run(self, k: int) -> UploadResult | None:
@@ -319,14 +337,24 @@ class TxRangedUpload:
             while not all(w.called for w in self.workers):
                 await deferLater(reactor, SAMPLE_SECONDS)
                 if self.controller is not None and not self.halted:
-                    sent = sum(r["sent"] for r in self.ranges)
-                    wanted = self.controller.sample(reactor.seconds(), sent, len(self.queue) > 0)
+                    wanted = self.controller.sample(reactor.seconds(), self._acked(), len(self.queue) > 0)
                     if wanted > self.running:
                         log.info("{name}: {k} streams (auto)", name=self.name, k=wanted)
                         self._spawn(fd, wanted - self.running)
         except defer.CancelledError:
             self._halt()
             raise
+
+    def _acked(self) -> int:
+        """Bytes the server acknowledged on every range so far (``TCP_INFO``; else the bytes sent)."""
+        total = 0
+        for r in self.ranges:
+            exchange = r["exchange"]
+            if exchange is not None:
+                n = transport_acked(exchange.transport)
+                r["acked"] = r["sent"] if n is None else max(r["acked"], r["base"] + n)
+            total += r["acked"]
+        return total
 
     def _spawn(self, fd: int, n: int) -> None:
         for _ in range(n):
@@ -342,7 +370,7 @@ class TxRangedUpload:
             d.cancel()
 
     def _progress(self) -> None:
-        done = self.size - self.queue.pending_bytes - sum(r["end"] - r["pos"] for r in self.ranges)
+        done = self.size - self.queue.pending_bytes - sum(max(0, r["end"] - r["pos"]) for r in self.ranges)
         self.report(SENT, done, self.size)
 
     async def _worker(self, fd: int) -> None:
@@ -350,10 +378,11 @@ class TxRangedUpload:
             while not self.halted:
                 if self.controller is not None and self.running > self.controller.streams:
                     return
-                piece = self.queue.take()
+                piece = self.queue.take() or self._steal()
                 if piece is None:
                     return
-                r = {"start": piece[0], "end": piece[1], "from": None, "pos": piece[0], "sent": 0, "reply": None}
+                r = {"start": piece[0], "end": piece[1], "from": None, "pos": piece[0], "sent": 0, "reply": None,
+                     "exchange": None, "acked": 0, "base": 0}
                 self.ranges.append(r)
                 if not await self._range(fd, r):
                     return
@@ -362,6 +391,24 @@ class TxRangedUpload:
             self._halt()
         finally:
             self.running -= 1
+
+    def _steal(self) -> tuple[int, int] | None:
+        """auto, once no range is left to hand out: the second half of the range with the most left to
+        send, which its connection gives up (the server's takeover tells it; it then finishes the first
+        half). As the blocking client's ``RangedUpload._steal``."""
+        if self.controller is None:
+            return None
+        sending = [r for r in self.ranges if r["reply"] is None and r["exchange"] is not None
+                   and r["from"] is not None]
+        split = best_split([(r["pos"], r["end"]) for r in sending])
+        if split is None:
+            return None
+        victim, point = sending[split[0]], split[1]
+        piece = (point, victim["end"])
+        victim["end"], victim["split"] = point, True
+        log.info("{name}: range {start}-{end} split at {point} for an idle stream", name=self.name,
+                 start=victim["start"], end=piece[1], point=point)
+        return piece
 
     def _run(self, exchange: RequestExchange) -> defer.Deferred:
         opened, self.opened = self.opened, None
@@ -391,7 +438,9 @@ class TxRangedUpload:
             exchange = RangeExchange(self.client.reactor, self.peer, self.session_key, self.file_key, fd, self.size,
                                      r["start"], r["end"], on_offset, on_sent,
                                      lambda: self.local.hexdigest() if self.local is not None else None)
+            exchange.limit_unsent = self.controller is not None
             watch = StallWatch(self.client.reactor, exchange, self.client.stall_timeout)
+            r["exchange"], r["base"] = exchange, r["acked"]
             d = self._run(exchange)
             self.in_flight.add(d)
             try:
@@ -404,6 +453,8 @@ class TxRangedUpload:
                 if isinstance(exc, RefusedByServer) and exc.code is ErrorCode.ALREADY_COMPLETE:
                     r["reply"], r["pos"] = "complete", r["end"]
                     return True
+                if exc.code is ErrorCode.TAKEN_OVER and r.pop("split", False):
+                    continue  # our own split (_steal): send the first half at once, no failure
                 decision = budget.failed(exc, progressed[0])
                 if isinstance(decision, GiveUp) or self.halted:
                     if not self.halted:
@@ -424,7 +475,9 @@ class TxRangedUpload:
             finally:
                 watch.stop()
                 self.in_flight.discard(d)
+                r["exchange"] = None
             r["reply"] = "stored" if isinstance(reply, wire.Stored) else "durable"
+            r["acked"] = max(r["acked"], r["base"] + exchange.sent)  # all of it is at the server
             self.congestion = self.congestion or exchange.congestion
             if isinstance(reply, wire.Stored):
                 self.stored.append(reply)
