@@ -899,7 +899,7 @@ class RangedUpload:
         def spawn(n: int) -> None:
             for _ in range(n):
                 with self.lock:
-                    if not len(self.queue):
+                    if not self._more_work():
                         return
                     self.running += 1
                     self.peak = max(self.peak, self.running)
@@ -915,7 +915,7 @@ class RangedUpload:
                     self.halt.set()
                 if self.controller is not None and not self.halt.is_set():
                     with self.lock:
-                        acked, more, running = self._acked(), len(self.queue) > 0, self.running
+                        acked, more, running = self._acked(), self._more_work(), self.running
                     wanted = self.controller.sample(time.monotonic(), acked, more)
                     log.debug("%s: %d bytes acknowledged, %d streams running, %d wanted, %d ranges waiting",
                               self.name, acked, running, wanted, len(self.queue))
@@ -986,6 +986,11 @@ class RangedUpload:
         finally:
             with self.lock:
                 self.running -= 1
+
+    def _more_work(self) -> bool:
+        """Whether another stream would find work (the lock held): a range to hand out, or one to split."""
+        return len(self.queue) > 0 or best_split([(r["pos"], r["end"]) for r in self.ranges if r["reply"] is None
+                                                  and r["link"] is not None and r["from"] is not None]) is not None
 
     def _steal(self) -> tuple[int, int] | None:
         """auto, once no range is left to hand out (the lock held): the second half of the range with

@@ -171,9 +171,10 @@ class ControllerTiming:
 
     @classmethod
     def for_rtt(cls, rtt: float) -> "ControllerTiming":
-        """About 8 round trips to settle (slow start to a few MB in flight) and 12 to measure, floors
-        0.5 s and 1 s, so a short sample on a quick path is not all noise."""
-        return cls(settle=max(0.5, 8 * rtt), measure=max(1.0, 12 * rtt))
+        """10 round trips to settle (new connections: handshake, request, slow start to a few MB in
+        flight) and 20 to measure (at 100 ms, windows of 2 s vary by a few percent on a full link,
+        below ``MIN_GAIN``), floors 0.5 s and 1 s, so a sample on a quick path is not all noise."""
+        return cls(settle=max(0.5, 10 * rtt), measure=max(1.0, 20 * rtt))
 
 
 class StreamController:

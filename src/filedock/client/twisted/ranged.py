@@ -337,7 +337,7 @@ class TxRangedUpload:
             while not all(w.called for w in self.workers):
                 await deferLater(reactor, SAMPLE_SECONDS)
                 if self.controller is not None and not self.halted:
-                    wanted = self.controller.sample(reactor.seconds(), self._acked(), len(self.queue) > 0)
+                    wanted = self.controller.sample(reactor.seconds(), self._acked(), self._more_work())
                     if wanted > self.running:
                         log.info("{name}: {k} streams (auto)", name=self.name, k=wanted)
                         self._spawn(fd, wanted - self.running)
@@ -358,7 +358,7 @@ class TxRangedUpload:
 
     def _spawn(self, fd: int, n: int) -> None:
         for _ in range(n):
-            if not len(self.queue):
+            if not self._more_work():
                 return
             self.running += 1
             self.peak = max(self.peak, self.running)
@@ -391,6 +391,11 @@ class TxRangedUpload:
             self._halt()
         finally:
             self.running -= 1
+
+    def _more_work(self) -> bool:
+        """Whether another stream would find work: a range to hand out, or one to split."""
+        return len(self.queue) > 0 or best_split([(r["pos"], r["end"]) for r in self.ranges if r["reply"] is None
+                                                  and r["exchange"] is not None and r["from"] is not None]) is not None
 
     def _steal(self) -> tuple[int, int] | None:
         """auto, once no range is left to hand out: the second half of the range with the most left to
