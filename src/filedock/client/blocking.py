@@ -839,7 +839,11 @@ class RangedUpload:
         if wanted != "auto":
             return max(1, int(wanted)), "fixed", None
         started = time.monotonic()
-        self.spare = self.client._connect(self.halt)
+        try:
+            self.spare = self.client._connect(self.halt)
+        except FiledockError as exc:  # the plain PUT's own connects retry as its RetryPolicy says
+            log.info("%s: %s; one stream", self.name, exc.message)
+            return 1, "auto", None
         rtt = _link_rtt(self.spare.sock)
         if rtt is None:  # no TCP_INFO here: the connect took one round trip (and a TLS handshake, at most more)
             rtt = time.monotonic() - started
@@ -868,8 +872,8 @@ class RangedUpload:
         k, how, rtt = self.choose_streams()
         self.how, self.rtt = how, rtt
         if how == "auto":
-            if k < 2:
-                log.info("%s: one stream (auto, rtt %.2f ms)", self.name, rtt * 1000)
+            if k < 2 or rtt is None:
+                log.info("%s: one stream (auto, rtt %s ms)", self.name, f"{rtt * 1000:.2f}" if rtt else "unknown")
                 return None
             plan = chunk_plan(self.size, MAX_STREAMS)
             limit = min(MAX_STREAMS, len(plan))

@@ -26,11 +26,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from filedock import wire
+from filedock.client.blocking import limit_unsent
 from filedock.client.model import (DURABLE, SENT, VERIFIED, Cancelled, Outcome, ProgressCallback, SourceStamp,
                                    SourceWatch, UploadResult)
 from filedock.client.ranges import MAX_STREAMS, auto_streams, plan_ranges
 from filedock.client.retry import GiveUp, RetryBudget
-from filedock.client.blocking import limit_unsent
 from filedock.client.streams_policy import (ControllerTiming, RangeQueue, StreamController, acked_from_tcp_info,
                                             best_split, chunk_plan, rtt_from_tcp_info)
 from filedock.client.twisted import upload
@@ -232,8 +232,14 @@ async def upload_file(client: Any, session_key: str, file_key: str, path: str, p
     how, rtt = "fixed", None
     if client.streams == "auto":
         how = "auto"
-        opened, rtt = await open_connection(client)
-        k = auto_streams(rtt, os.stat(path).st_size)
+        try:
+            opened, rtt = await open_connection(client)
+            k = auto_streams(rtt, os.stat(path).st_size)
+        except defer.CancelledError:
+            raise Cancelled(f"{client.peer(file_key)}: cancelled") from None
+        except (FiledockError, OSError) as exc:  # the plain PUT's own connects retry as its policy says
+            log.info("{name}: {why}; one stream", name=name, why=getattr(exc, "message", str(exc)))
+            k = 1
     else:
         k = max(1, int(client.streams))
     try:
@@ -273,6 +279,7 @@ class TxRangedUpload:
         self.workers: list[defer.Deferred] = []
         self.running = self.peak = 0
         self.halted = False
+        self._wake: defer.Deferred | None = None
         self.size = 0
         self.local: Any = None
         self.congestion = transport_congestion(opened.transport) if opened is not None else None
@@ -335,7 +342,7 @@ class TxRangedUpload:
         self._spawn(fd, k)
         try:
             while not all(w.called for w in self.workers):
-                await deferLater(reactor, SAMPLE_SECONDS)
+                await self._wait(SAMPLE_SECONDS)
                 if self.controller is not None and not self.halted:
                     wanted = self.controller.sample(reactor.seconds(), self._acked(), self._more_work())
                     if wanted > self.running:
@@ -355,6 +362,23 @@ class TxRangedUpload:
                 r["acked"] = r["sent"] if n is None else max(r["acked"], r["base"] + n)
             total += r["acked"]
         return total
+
+    def _wait(self, seconds: float) -> defer.Deferred:
+        """-> fires after ``seconds``, or at once when a worker ends (the last one ends the upload)."""
+        wake = self._wake = defer.Deferred()
+        call = self.client.reactor.callLater(seconds, self._wake_up)
+
+        def stop(result: Any) -> Any:
+            if call.active():
+                call.cancel()
+            return result
+
+        return wake.addBoth(stop)
+
+    def _wake_up(self) -> None:
+        wake, self._wake = self._wake, None
+        if wake is not None and not wake.called:
+            wake.callback(None)
 
     def _spawn(self, fd: int, n: int) -> None:
         for _ in range(n):
@@ -391,6 +415,7 @@ class TxRangedUpload:
             self._halt()
         finally:
             self.running -= 1
+            self._wake_up()
 
     def _more_work(self) -> bool:
         """Whether another stream would find work: a range to hand out, or one to split."""
