@@ -34,9 +34,9 @@ from filedock import durability, wire
 from filedock.client.model import (DURABLE, SENT, VERIFIED, Cancelled, DownloadResult, Outcome, ProgressCallback,
                                    RetryPolicy, SourceStamp, SourceWatch, UploadResult)
 from filedock.client.ranges import MAX_STREAMS, MIN_RANGED_SIZE, auto_streams, plan_ranges
+from filedock.client.retry import REPLY_PATIENCE, RETRYABLE_REFUSALS, GiveUp, RetryBudget
 from filedock.client.streams_policy import (UNSENT_LIMIT, ControllerTiming, RangeQueue, StreamController,
                                             acked_from_tcp_info, best_split, chunk_plan, rtt_from_tcp_info)
-from filedock.client.retry import REPLY_PATIENCE, RETRYABLE_REFUSALS, GiveUp, RetryBudget
 from filedock.client.transfer import (AwaitDigest, BatchAttempt, Connect, DownloadAttempt, DropPartial, Fail, Finish,
                                       QueryStored, Restart, SendBody, Sleep, UploadAttempt, reply_error)
 from filedock.digest import ContentHasher
