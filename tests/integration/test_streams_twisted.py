@@ -4,10 +4,14 @@ server processes: byte-identical, a resume after SIGKILL sends only the missing 
 
 from __future__ import annotations
 
+import queue
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from filedock import digest
 from filedock.client.model import SENT
@@ -55,27 +59,32 @@ def test_four_streams_from_twisted_are_byte_identical(server, reactor_thread, tm
 
 
 def test_sigkill_mid_upload_then_only_missing_ranges_are_sent(server, reactor_thread, tmp_path):
-    """The server is SIGKILLed once a third of a two-stream upload is sent; after the restart the same
-    upload sends exactly the bytes the server does not hold durably (each range from its durable
-    prefix), and the stored file is byte-identical."""
+    """The server is SIGKILLed in the middle of a two-stream upload, once it has recorded some blocks;
+    after the restart the same upload sends exactly the bytes the server does not hold durably (each
+    range from its durable prefix), and the stored file is byte-identical."""
     size = 96 * MiB + 5
     src = random_file(tmp_path / "take.bin", size)
     job, files, session = server.job_with_files("j", {"take.bin": size})
     key = files["take.bin"]["key"]
-    killed: list[int] = []
 
     def progress(stage: str, done: int, total: int) -> None:
-        if stage == SENT and done >= total // 3 and not killed:
-            killed.append(done)
-            server.kill()  # in the reactor thread: nothing more is read from the sockets before it is dead
+        if stage == SENT and done >= 16 * MiB:
+            time.sleep(0.02)  # in the reactor thread: the rest goes at about 12 MB/s, so the kill is mid-upload
 
     first = client_for(reactor_thread, server, 2, attempts=1)
-    with pytest.raises(FiledockError):
-        in_reactor(reactor_thread, first.upload_file, session["key"], key, src, progress, timeout=120)
-    assert killed
+    answers: queue.Queue = queue.Queue()
+    reactor_thread.callFromThread(lambda: defer.maybeDeferred(
+        first.upload_file, session["key"], key, src, progress).addBoth(answers.put))
+    deadline = time.monotonic() + 60
+    while server.api.file(key)["received"] < 8 * MiB:
+        assert time.monotonic() < deadline and answers.empty(), "no block recorded mid-upload"
+        time.sleep(0.02)
+    server.kill()
+    failure = answers.get(timeout=120)
+    assert isinstance(failure, Failure) and failure.check(FiledockError), failure
     server.start()
     durable = server.api.file(key)["received"]
-    assert 0 < durable < size and durable % RANGE_ALIGN == 0
+    assert 8 * MiB <= durable < size and durable % RANGE_ALIGN == 0
 
     second = client_for(reactor_thread, server, 2)
     result = in_reactor(reactor_thread, second.upload_file, session["key"], key, src, timeout=120)
