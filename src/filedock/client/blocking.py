@@ -15,6 +15,7 @@ zero-copy) or through one reused 1 MiB buffer (TLS); replies and downloads are r
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import errno
 import functools
@@ -23,6 +24,7 @@ import os
 import select
 import socket
 import ssl
+import sys
 import threading
 import time
 from pathlib import Path
@@ -32,8 +34,10 @@ from filedock import durability, wire
 from filedock.client.model import (DURABLE, SENT, VERIFIED, Cancelled, DownloadResult, Outcome, ProgressCallback,
                                    RetryPolicy, SourceStamp, SourceWatch, UploadResult)
 from filedock.client.pathtune import can_set, choose_congestion_control
-from filedock.client.ranges import MIN_RANGED_SIZE, auto_streams, plan_ranges
+from filedock.client.ranges import MAX_STREAMS, MIN_RANGED_SIZE, auto_streams, plan_ranges
 from filedock.client.retry import REPLY_PATIENCE, RETRYABLE_REFUSALS, GiveUp, RetryBudget
+from filedock.client.streams_policy import (UNSENT_LIMIT, ControllerTiming, RangeQueue, StreamController,
+                                            acked_from_tcp_info, best_split, chunk_plan, rtt_from_tcp_info)
 from filedock.client.transfer import (AwaitDigest, BatchAttempt, Connect, DownloadAttempt, DropPartial, Fail, Finish,
                                       QueryStored, Restart, SendBody, Sleep, UploadAttempt, reply_error)
 from filedock.digest import ContentHasher
@@ -450,10 +454,16 @@ class DataPortClient:
                     if self.streams is not None and size >= MIN_RANGED_SIZE:
                         ranged = RangedUpload(self, session_key, file_key, f, size, name, local, report, cancel,
                                               source)
-                        result = ranged.run()
-                        if result is not None:
-                            return result
-                        result = self._upload(session_key, file_key, f, size, name, local, report, cancel, source)
+                        try:
+                            result = ranged.run()
+                            if result is not None:
+                                return result
+                            # one stream: a plain PUT, on auto's measured connection if it opened one
+                            plain = _spare_first(self, ranged) if ranged.spare is not None else self
+                            result = plain._upload(session_key, file_key, f, size, name, local, report, cancel,
+                                                   source)
+                        finally:
+                            ranged.close_spare()
                         return dataclasses.replace(result, streams=ranged.detail())
                     return self._upload(session_key, file_key, f, size, name, local, report, cancel, source)
                 finally:
@@ -785,15 +795,23 @@ def _default_congestion() -> str | None:
 
 
 class RangedUpload:
-    """One file over K connections at once (``PUTR``), each its own aligned byte range.
+    """One file over several connections at once (``PUTR``), each sending aligned byte ranges.
 
-    Each range resumes where the server's durable blocks of it end (the reply lists
-    every durable range of the file, so a range already durable sends nothing); the
-    connection whose range completes the file gets ``STORED`` and the others
-    ``DURABLE``. The end-to-end check is the plain upload's: the server's size, CRC-32
-    and ``blake3-4m`` digest must equal the local file's. ``run`` returns None when
-    ranges cannot be used (K is 1 for this path, or the server keeps blobs in object
-    storage): the caller sends the file with a plain ``PUT``.
+    ``--streams K``: K equal ranges, one per connection. ``--streams auto``: the data connection
+    the upload needs anyway is opened first and its round-trip time read from the kernel
+    (``TCP_INFO``; the connect's duration where there is none). On a short path (below
+    ``LAN_RTT``) that connection carries one plain ``PUT``, exactly as one stream would: ``run``
+    returns None and leaves it in ``spare``. On a long path the file is cut into many ranges
+    (``chunk_plan``) that connections take one at a time from a ``RangeQueue``, and a
+    ``StreamController`` adds connections while the aggregate goodput rises (docs/client.md).
+
+    Each range resumes where the server's durable blocks of it end, and the first reply's list of
+    durable ranges removes them from the queue (a resume sends only what is missing); the
+    connection whose range completes the file gets ``STORED`` and the others ``DURABLE``. The
+    end-to-end check is the plain upload's: the server's size, CRC-32 and ``blake3-4m`` digest must
+    equal the local file's. ``run`` returns None when ranges cannot be used (one stream for this
+    path, or the server keeps blobs in object storage): the caller sends the file with a plain
+    ``PUT`` (on ``spare`` if it is set).
     """
 
     def __init__(self, client: "DataPortClient", session_key: str, file_key: str, f: BinaryIO, size: int,
@@ -810,37 +828,48 @@ class RangedUpload:
         self.congestion: str | None = None
         self.how, self.rtt = "fixed", None
         self.congestion_reason: str | None = None
+        self.spare: _Link | None = None  # auto's first connection, until a range or the plain PUT takes it
+        self.queue = RangeQueue([])
+        self.controller: StreamController | None = None
+        self.running = 0  # connections (threads) taking ranges now
+        self.peak = 0
 
     def choose_streams(self) -> tuple[int, str, float | None]:
-        """(K, how it was chosen, the measured RTT in seconds or None)."""
+        """(K to start with, how it was chosen, the measured RTT in seconds or None). For ``auto``
+        this opens the upload's first data connection (kept in ``spare``)."""
         wanted = self.client.streams
         if wanted != "auto":
             return max(1, int(wanted)), "fixed", None
-        rtt = self._measure_rtt()
+        started = time.monotonic()
+        try:
+            self.spare = self.client._connect(self.halt)
+        except FiledockError as exc:  # the plain PUT's own connects retry as its RetryPolicy says
+            log.info("%s: %s; one stream", self.name, exc.message)
+            return 1, "auto", None
+        rtt = _link_rtt(self.spare.sock)
+        if rtt is None:  # no TCP_INFO here: the connect took one round trip (and a TLS handshake, at most more)
+            rtt = time.monotonic() - started
         return auto_streams(rtt, self.size), "auto", rtt
 
-    def _measure_rtt(self) -> float:
-        """The smallest of three TCP handshakes to the data port: one round trip each."""
-        best = float("inf")
-        for _ in range(3):
-            _check_cancel(self.cancel)
-            started = time.monotonic()
-            try:
-                sock = socket.create_connection((self.client.host, self.client.port), timeout=10.0)
-            except OSError as exc:
-                raise TransportFailure(data_port_unreachable(self.client.host, self.client.port,
-                                                             exc.strerror or str(exc)), ErrorCode.UNREACHABLE) from None
-            best = min(best, time.monotonic() - started)
-            sock.close()
-        return best
-
     def detail(self, plan: list[tuple[int, int]] | None = None) -> dict[str, Any]:
-        """What ``--json`` and the logs say about the streams: how many, why, RTT, congestion control, ranges."""
-        return {"streams": len(plan) if plan else 1, "chosen": self.how,
-                "rtt_ms": round(self.rtt * 1000, 3) if self.rtt is not None else None,
-                "congestion_control": self.congestion or self.client.congestion_control or _default_congestion(),
-                "congestion_control_reason": self.congestion_reason,
-                "ranges": [{k: r[k] for k in ("start", "end", "from", "sent", "reply")} for r in self.ranges]}
+        """What ``--json`` and the logs say about the streams: how many (at most at once), why, RTT,
+        congestion control, ranges, and for ``auto`` the controller's measurements."""
+        streams = self.peak if self.ranges else (len(plan) if plan else 1)
+        out = {"streams": max(1, streams), "chosen": self.how,
+               "rtt_ms": round(self.rtt * 1000, 3) if self.rtt is not None else None,
+               "congestion_control": self.congestion or self.client.congestion_control or _default_congestion(),
+               "congestion_control_reason": self.congestion_reason,
+               "ranges": [{k: r[k] for k in ("start", "end", "from", "sent", "reply")} for r in self.ranges]}
+        if self.controller is not None:  # what auto measured (K, aggregate goodput) and the K it kept
+            out["measured"] = [{"streams": k, "bytes_per_s": round(rate)} for k, rate in self.controller.history]
+            out["kept"] = self.controller.streams
+        return out
+
+    def close_spare(self) -> None:
+        """Close auto's first connection if nothing took it."""
+        if self.spare is not None:
+            self.spare.close()
+            self.spare = None
 
     def run(self) -> UploadResult | None:
         k, how, rtt = self.choose_streams()
@@ -848,24 +877,26 @@ class RangedUpload:
         chosen, self.congestion_reason = choose_congestion_control(rtt, self.client.congestion_control,
                                                                    _default_congestion(), can_set)
         self.client.congestion_control = chosen  # the measured path decides for this client's connections
-        plan = plan_ranges(self.size, k)
+        if chosen and self.spare is not None and hasattr(socket, "TCP_CONGESTION"):
+            try:  # auto's first connection was opened before the path was measured: switch it too
+                self.spare.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, chosen.encode())
+            except OSError as exc:
+                log.info("%s: congestion control %s not set on the first connection: %s", self.name, chosen, exc)
+        if how == "auto":
+            if k < 2 or rtt is None:
+                log.info("%s: one stream (auto, rtt %s ms)", self.name, f"{rtt * 1000:.2f}" if rtt else "unknown")
+                return None
+            plan = chunk_plan(self.size, MAX_STREAMS)
+            limit = min(MAX_STREAMS, len(plan))
+            self.controller = StreamController(min(k, limit), limit, ControllerTiming.for_rtt(rtt))
+            k = self.controller.streams
+        else:
+            plan = plan_ranges(self.size, k)
         if len(plan) < 2:
-            log.info("%s: one stream (%s%s)", self.name, how, f", rtt {rtt * 1000:.2f} ms" if rtt is not None else "")
+            log.info("%s: one stream (%s)", self.name, how)
             return None
-        self.ranges = [{"start": a, "end": b, "from": None, "pos": a, "sent": 0, "reply": None} for a, b in plan]
-        threads = [threading.Thread(target=self._range, args=(i,), name=f"filedock-range-{i}", daemon=True)
-                   for i in range(len(plan))]
-        for t in threads:
-            t.start()
-        try:
-            for t in threads:
-                while t.is_alive():
-                    t.join(POLL_SECONDS)
-                    if self.cancel is not None and self.cancel.is_set():
-                        self.halt.set()
-        except KeyboardInterrupt:
-            self.halt.set()
-            raise
+        self.queue = RangeQueue(plan)
+        self._drive(min(k, len(plan)))
         _check_cancel(self.cancel)
         unsupported = [e for e in self.errors if isinstance(e, FiledockError)
                        and e.code is ErrorCode.RANGES_UNSUPPORTED]
@@ -874,6 +905,57 @@ class RangedUpload:
             return None
         if self.errors:
             raise self.errors[0]
+        return self._verdict(plan)
+
+    def _drive(self, k: int) -> None:
+        """Run connections until every range is handed out and sent; add (auto) as the controller says."""
+        threads: list[threading.Thread] = []
+
+        def spawn(n: int) -> None:
+            for _ in range(n):
+                with self.lock:
+                    if not self._more_work():
+                        return
+                    self.running += 1
+                    self.peak = max(self.peak, self.running)
+                t = threading.Thread(target=self._worker, name=f"filedock-range-{len(threads)}", daemon=True)
+                threads.append(t)
+                t.start()
+
+        spawn(k)
+        try:
+            while alive := [t for t in threads if t.is_alive()]:
+                alive[0].join(POLL_SECONDS)
+                if self.cancel is not None and self.cancel.is_set():
+                    self.halt.set()
+                if self.controller is not None and not self.halt.is_set():
+                    with self.lock:
+                        acked, more, running = self._acked(), self._more_work(), self.running
+                    wanted = self.controller.sample(time.monotonic(), acked, more)
+                    log.debug("%s: %d bytes acknowledged, %d streams running, %d wanted, %d ranges waiting",
+                              self.name, acked, running, wanted, len(self.queue))
+                    if wanted > running:
+                        log.info("%s: %d streams (auto)", self.name, wanted)
+                        spawn(wanted - running)
+        except KeyboardInterrupt:
+            self.halt.set()
+            raise
+        finally:
+            self.close_spare()
+
+    def _acked(self) -> int:
+        """Bytes the server acknowledged on every range so far (the lock held): the goodput the
+        controller sees. Where the kernel does not say (no ``TCP_INFO``), the bytes sent."""
+        total = 0
+        for r in self.ranges:
+            link = r["link"]
+            if link is not None:
+                n = _link_acked(link.sock)
+                r["acked"] = r["sent"] if n is None else max(r["acked"], r["base"] + n)
+            total += r["acked"]
+        return total
+
+    def _verdict(self, plan: list[tuple[int, int]]) -> UploadResult:
         if self.stored:
             stored = self.stored[0]
         else:  # every range durable, STORED lost in a drop or the file complete already: ask its values
@@ -890,27 +972,78 @@ class RangedUpload:
                                 f"{self.size} bytes, CRC-32 {wire.format_crc(hasher.crc32)}, digest {local[2]}")
         sent = sum(r["sent"] for r in self.ranges)
         detail = self.detail(plan)
-        log.info("%s: %d streams (%s), congestion control %s, %d bytes sent", self.name, len(plan), how,
-                 self.congestion, sent)
+        log.info("%s: %d streams (%s), congestion control %s, %d bytes sent", self.name, detail["streams"],
+                 self.how, self.congestion, sent)
         self.report(VERIFIED, self.size, self.size)
         return UploadResult(self.name, self.size, self.file_key, self.size - sent if sent <= self.size else 0, sent,
                             hasher.crc32, hasher.hexdigest(), Outcome.COMPLETE, streams=detail)
 
     def _progress(self) -> None:
         with self.lock:
-            done = self.size - sum(r["end"] - r["pos"] for r in self.ranges)
+            done = self.size - self.queue.pending_bytes - sum(max(0, r["end"] - r["pos"]) for r in self.ranges)
         self.report(SENT, done, self.size)
 
-    def _range(self, i: int) -> None:
-        """One range's connections until it is durable, the file complete, or the range gives up."""
-        r = self.ranges[i]
+    def _worker(self) -> None:
+        """Take ranges from the queue and send them, until none is left, the controller wants fewer
+        connections (auto), or the upload halts."""
+        try:
+            while not self.halt.is_set():
+                with self.lock:
+                    too_many = self.controller is not None and self.running > self.controller.streams
+                    piece = None if too_many else self.queue.take() or self._steal()
+                    if piece is None:
+                        return
+                    r = {"start": piece[0], "end": piece[1], "from": None, "pos": piece[0], "sent": 0,
+                         "reply": None, "link": None, "acked": 0, "base": 0}
+                    self.ranges.append(r)
+                if not self._range(r):
+                    return
+        finally:
+            with self.lock:
+                self.running -= 1
+
+    def _more_work(self) -> bool:
+        """Whether another stream would find work (the lock held): a range to hand out, or one to split."""
+        return len(self.queue) > 0 or best_split([(r["pos"], r["end"]) for r in self.ranges if r["reply"] is None
+                                                  and r["link"] is not None and r["from"] is not None]) is not None
+
+    def _steal(self) -> tuple[int, int] | None:
+        """auto, once no range is left to hand out (the lock held): the second half of the range with
+        the most left to send, which its connection gives up (the server's takeover of the overlap
+        tells it; it then finishes the first half). Loss-limited streams do not speed up when others
+        finish, so without this the last ranges would run alone at one stream's rate."""
+        if self.controller is None:
+            return None
+        sending = [r for r in self.ranges if r["reply"] is None and r["link"] is not None and r["from"] is not None]
+        split = best_split([(r["pos"], r["end"]) for r in sending])
+        if split is None:
+            return None
+        victim, point = sending[split[0]], split[1]
+        piece = (point, victim["end"])
+        victim["end"], victim["split"] = point, True
+        log.info("%s: range %d-%d split at %d for an idle stream", self.name, victim["start"], piece[1], point)
+        return piece
+
+    def _first_link(self) -> _Link:
+        """auto's measured connection for the first range, a new one for the others."""
+        with self.lock:
+            link, self.spare = self.spare, None
+        return link if link is not None else self.client._connect(self.halt)
+
+    def _range(self, r: dict[str, Any]) -> bool:
+        """One range's connections until it is durable, the file complete, or the range gives up
+        -> whether the worker may take another range."""
         budget = RetryBudget(self.client.policy)
         best = -1
         while not self.halt.is_set():
             link: _Link | None = None
             progressed = False
             try:
-                link = self.client._connect(self.halt)
+                link = self._first_link()
+                with self.lock:
+                    r["link"], r["base"] = link, r["acked"]
+                if self.controller is not None:  # the end of the range stays in the file, for _steal
+                    limit_unsent(link.sock)
                 if self.congestion is None and hasattr(socket, "TCP_CONGESTION"):
                     try:
                         raw = link.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16)
@@ -919,8 +1052,10 @@ class RangedUpload:
                         pass
                 link.send_all(link.conn.send(wire.RangedUploadRequest(
                     self.session_key, self.file_key, self.size, r["start"], r["end"])))
-                offset = link.expect(wire.RangeOffset, REPLY_PATIENCE).offset
+                reply = link.expect(wire.RangeOffset, REPLY_PATIENCE)
+                offset = reply.offset
                 with self.lock:
+                    self.queue.learn(reply.durable)  # never hand out what the server holds
                     r["pos"] = offset
                     if r["from"] is None:
                         r["from"] = offset
@@ -939,37 +1074,91 @@ class RangedUpload:
                 link.send_all(link.conn.send(wire.Done(hasher.hexdigest() if hasher else None)))
                 reply = link.expect((wire.RangeStored, wire.Stored), REPLY_PATIENCE)
                 with self.lock:
+                    r["acked"] = max(r["acked"], r["base"] + r["end"] - offset)  # all of it is at the server
                     r["reply"] = "stored" if isinstance(reply, wire.Stored) else "durable"
                     if isinstance(reply, wire.Stored):
                         self.stored.append(reply)
-                return
+                return True
             except FiledockError as exc:
                 if isinstance(exc, RefusedByServer) and exc.code is ErrorCode.ALREADY_COMPLETE:
                     with self.lock:
                         r["reply"] = "complete"
                         r["pos"] = r["end"]
-                    return
+                    return True
+                if exc.code is ErrorCode.TAKEN_OVER and r.pop("split", False):
+                    continue  # our own split (_steal): send the first half at once, no failure
                 decision = budget.failed(exc, progressed)
                 if isinstance(decision, GiveUp) or self.halt.is_set():
                     if not self.halt.is_set() or not isinstance(exc, Cancelled):
                         with self.lock:
                             self.errors.append(decision.error if isinstance(decision, GiveUp) else exc)
                     self.halt.set()
-                    return
+                    return False
                 log.info("%s range %d-%d: %s; reconnecting in %.1fs", self.name, r["start"], r["end"], exc.message,
                          decision.seconds)
             except Cancelled:
-                return
+                return False
             except BaseException as exc:  # noqa: BLE001 - a thread must hand every failure to run()
                 with self.lock:
                     self.errors.append(exc)
                 self.halt.set()
-                return
+                return False
             finally:
                 if link is not None:
+                    with self.lock:
+                        r["link"] = None  # before the close: its descriptor may be another socket's next
                     link.close()
             if self.halt.wait(decision.seconds):
-                return
+                return False
+        return False
+
+
+def _link_rtt(sock: socket.socket) -> float | None:
+    """The kernel's round-trip time of a connected TCP socket (``TCP_INFO``, Linux), or None."""
+    if not hasattr(socket, "TCP_INFO"):
+        return None
+    try:
+        return rtt_from_tcp_info(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256))
+    except OSError:
+        return None
+
+
+def limit_unsent(sock: socket.socket) -> None:
+    """Keep at most about ``UNSENT_LIMIT`` unsent bytes in the kernel (``TCP_NOTSENT_LOWAT``, Linux and
+    macOS); bytes in flight are not limited, so the congestion control sees no difference."""
+    option = getattr(socket, "TCP_NOTSENT_LOWAT", 25 if sys.platform.startswith("linux") else None)
+    if option is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, option, UNSENT_LIMIT)
+        except OSError:
+            pass
+
+
+def _link_acked(sock: socket.socket) -> int | None:
+    """Bytes the peer acknowledged on a connected TCP socket (``TCP_INFO``, Linux), or None."""
+    if not hasattr(socket, "TCP_INFO"):
+        return None
+    try:
+        return acked_from_tcp_info(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256))
+    except OSError:
+        return None
+
+
+def _spare_first(client: "DataPortClient", ranged: RangedUpload) -> "DataPortClient":
+    """A copy of ``client`` whose next connection is one already open (auto's measured connection): the
+    plain ``PUT`` on a short path goes exactly as with one stream, on the connection it needs anyway."""
+    plain = copy.copy(client)
+    real = client._connect
+
+    def connect(cancel: threading.Event | None) -> _Link:
+        link, ranged.spare = ranged.spare, None
+        if link is None:
+            return real(cancel)
+        link.cancel = cancel
+        return link
+
+    plain._connect = connect  # type: ignore[method-assign]
+    return plain
 
 
 def data_port_unreachable(host: str, port: int, reason: str) -> str:

@@ -2,8 +2,9 @@
 
 Pure functions (no sockets): ``plan_ranges`` cuts a file into at most K aligned
 ranges; ``missing`` subtracts what the server said is durable; ``auto_streams``
-picks K from the path's measured round-trip time. ``RangedUpload`` in
-``client/blocking.py`` does the I/O.
+is the K ``--streams auto`` starts from, given the path's measured round-trip time
+(``client/streams_policy.py`` then adapts it to the measured goodput). ``RangedUpload``
+in ``client/blocking.py`` and ``client/twisted/ranged.py`` do the I/O.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def missing(ranges: list[tuple[int, int]], durable: tuple[tuple[int, int], ...] 
 
 
 def auto_streams(rtt: float, size: int, limit: int = MAX_STREAMS) -> int:
-    """K for ``--streams auto`` from the round-trip time ``rtt`` (seconds) measured by the first connect.
+    """The K ``--streams auto`` starts with, from the round-trip time ``rtt`` (seconds) of the first connection.
 
     One stream on a short path (below ``LAN_RTT``: loopback and LANs, where one stream fills the
     link and more only add per-connection costs, so ``auto`` is never slower than one stream);

@@ -14,7 +14,8 @@ from twisted.internet import defer, endpoints
 
 from filedock.client.model import ProgressCallback, RetryPolicy, SourceStamp
 from filedock.client.retry import RETRYABLE_REFUSALS
-from filedock.client.twisted import batch, download, upload
+from filedock.client.ranges import MIN_RANGED_SIZE
+from filedock.client.twisted import batch, download, ranged, upload
 from filedock.client.twisted.exchange import RequestExchange
 from filedock.client.twisted.upload import AbortExchange
 from filedock.errors import ErrorCode, short_key
@@ -24,13 +25,24 @@ HASH_WAIT = 30.0
 closed and reopened once the digest is ready (the server times out silent connections)."""
 
 
+def _size(path: str | os.PathLike) -> int:
+    """The file's size, or -1 if it cannot be read (the upload then reports why)."""
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return -1
+
+
 class TxDataPortClient:
     """Uploads and downloads through one server's data port (versioned dialect).
 
     ``tls_options`` is an ``optionsForClientTLS(...)`` result for a TLS data port;
     without it the connection is plain TCP. Each request opens its own connection.
     Uploads reconnect on their own (``attempts``, ``backoff``, ``stall_timeout``; see
-    the module docstring). All methods must be called in the reactor thread.
+    the module docstring). ``streams`` sends a large file over several connections at once
+    (``PUTR``): a number K, or ``"auto"`` (K from the path's RTT and the measured goodput; one
+    plain ``PUT`` on a short path), see ``filedock.client.twisted.ranged``. All methods must be
+    called in the reactor thread.
     """
 
     RETRYABLE = RETRYABLE_REFUSALS | {ErrorCode.UNREACHABLE}
@@ -38,8 +50,9 @@ class TxDataPortClient:
 
     def __init__(self, reactor: Any, host: str, port: int, tls_options: Any = None,
                  connect_timeout: float = 30.0, hash_wait: float = HASH_WAIT, attempts: int = 5,
-                 backoff: float = 0.5, stall_timeout: float = 60.0) -> None:
+                 backoff: float = 0.5, stall_timeout: float = 60.0, streams: int | str | None = None) -> None:
         self.reactor, self.host, self.port = reactor, host, port
+        self.streams = streams  # connections per large file: a number, "auto", or None (one plain PUT)
         self.tls_options = tls_options
         self.connect_timeout = connect_timeout
         self.hash_wait = hash_wait
@@ -66,7 +79,13 @@ class TxDataPortClient:
         size, modification time or inode changed is not committed: no ``DONE``, the
         partial is dropped, and the Deferred fails with ``changed-during-upload`` (also
         when the change is noticed after ``STORED``: the server then holds the file as read).
+
+        With ``streams`` set and a file of at least ``MIN_RANGED_SIZE``, the file goes as ranges over
+        several connections; the result's ``streams`` says how many, why, the RTT and each range.
         """
+        if self.streams is not None and _size(path) >= MIN_RANGED_SIZE:
+            return defer.ensureDeferred(ranged.upload_file(self, session_key, file_key, os.fspath(path), progress,
+                                                           name, expect))
         return defer.ensureDeferred(upload.upload_file(self, session_key, file_key, os.fspath(path), progress, name,
                                                        expect))
 

@@ -20,7 +20,8 @@ _ANY_ADDRESS = ("", "0.0.0.0", "::")
 
 
 def upload_job(api: TxApiClient, job: str, paths: Sequence[str | os.PathLike], progress: JobProgress | None = None,
-               *, create: bool = False, tls_options: Any = None, prefix: str = "") -> defer.Deferred:
+               *, create: bool = False, tls_options: Any = None, prefix: str = "",
+               streams: int | str | None = None) -> defer.Deferred:
     """Upload files (directories expanded) into a job one after another -> ``list[UploadResult]``.
 
     Small files (up to the server's ``batch_item_max``) go together in ``BATCH``es,
@@ -38,17 +39,19 @@ def upload_job(api: TxApiClient, job: str, paths: Sequence[str | os.PathLike], p
     port's address comes from ``GET /v1/info``; if it speaks TLS, ``tls_options``
     is used (default: ``optionsForClientTLS(host)`` with the platform's trust roots).
     ``prefix`` goes before every name (``filedock.client.jobplan.collect_files``). A
-    file that changes while it is sent fails it with ``changed-during-upload``.
+    file that changes while it is sent fails it with ``changed-during-upload``. ``streams`` (a number
+    or ``"auto"``) sends each large file over several connections (``TxDataPortClient``).
     """
-    return defer.ensureDeferred(_upload_job(api, job, paths, progress, create, tls_options, prefix))
+    return defer.ensureDeferred(_upload_job(api, job, paths, progress, create, tls_options, prefix, streams))
 
 
 async def _upload_job(api: TxApiClient, job: str, paths: Sequence[str | os.PathLike],
                       progress: JobProgress | None, create: bool, tls_options: Any,
-                      prefix: str = "") -> list[UploadResult]:
+                      prefix: str = "", streams: int | str | None = None) -> list[UploadResult]:
     local = collect_files(paths, prefix)
     info = await api.info()
     client = _data_client(api, info, tls_options)
+    client.streams = streams
     record = await _resolve_job(api, job, create)
     declared, missing = undeclared(record, local)
     for start in range(0, len(missing), DECLARE_BATCH):

@@ -1,0 +1,260 @@
+"""How many streams ``--streams auto`` runs, and which ranges they send: pure logic, no sockets.
+
+* ``rtt_from_tcp_info`` reads the round-trip time the kernel measured on a connection that is
+  open anyway (``TCP_INFO``), so choosing costs no extra connection.
+* ``chunk_plan`` cuts a file into many ranges on the 4 MiB grid (more than streams), and
+  ``RangeQueue`` hands them out, one at a time, to however many connections are open (work
+  stealing): a stream added later, or one that finishes early, takes the next range.
+* ``StreamController`` decides K from samples of the aggregate goodput: start from the
+  RTT's estimate, add streams while each addition raises the aggregate by a meaningful
+  fraction, and go back to the last K that paid off when one does not (the link is full or
+  the CPU bound).
+
+``RangedUpload`` (``client/blocking.py``) and the Twisted client (``client/twisted/ranged.py``)
+do the I/O; see docs/protocol.md, "Ranged uploads", and docs/client.md.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from dataclasses import dataclass
+
+from filedock.client.ranges import missing
+from filedock.wire import RANGE_ALIGN
+
+MiB = 1 << 20
+
+MIN_CHUNK = 8 * MiB
+"""Smallest range ``chunk_plan`` hands out (but a file's last). Each range costs a new connection, two
+round trips and a slow start; a file large enough for that to matter (512 MiB and more at 16 streams)
+gets ranges of size / 64, so this floor only shapes small files, which it still lets use every stream."""
+
+MAX_CHUNK = 256 * MiB
+"""Largest range ``chunk_plan`` hands out: the last ranges' unequal ends (a tail where fewer streams
+run) stay short."""
+
+CHUNKS_PER_STREAM = 4
+"""``chunk_plan`` aims at this many ranges per stream at the cap, so streams can be added late and
+finish close together."""
+
+MIN_GAIN = 0.10
+"""An added stream must raise the aggregate goodput by at least this fraction to be kept."""
+
+GAIN_SHARE = 0.25
+"""... and by at least this share of what it would add if every stream got as much as the others."""
+
+DROP = 0.25
+"""Holding at K, an aggregate this fraction below the best seen at K makes the controller add again."""
+
+# struct tcp_info (linux/tcp.h): tcpi_rtt and tcpi_min_rtt, in microseconds
+_TCPI_RTT = struct.Struct("=I")
+_TCPI_RTT_AT = 68
+_TCPI_MIN_RTT_AT = 148
+_TCPI_BYTES_ACKED = struct.Struct("=Q")
+_TCPI_BYTES_ACKED_AT = 120
+
+
+def rtt_from_tcp_info(raw: bytes) -> float | None:
+    """The round-trip time (seconds) in a ``getsockopt(IPPROTO_TCP, TCP_INFO)`` reply: the smallest
+    seen (``tcpi_min_rtt``, Linux 4.6+) where the kernel gives it, else the smoothed one (``tcpi_rtt``);
+    None if the reply is too short or says nothing (no sample yet)."""
+    for at in (_TCPI_MIN_RTT_AT, _TCPI_RTT_AT):
+        if len(raw) >= at + 4:
+            (usec,) = _TCPI_RTT.unpack_from(raw, at)
+            if usec:
+                return usec / 1e6
+    return None
+
+
+def acked_from_tcp_info(raw: bytes) -> int | None:
+    """The bytes the peer acknowledged on a connection (``tcpi_bytes_acked``, Linux 4.2+), or None.
+
+    The controller measures goodput with this, not with the bytes handed to the kernel: a send
+    buffer of many MiB (``SO_SNDBUF`` raised for long paths) takes a whole range at once."""
+    if len(raw) < _TCPI_BYTES_ACKED_AT + 8:
+        return None
+    return _TCPI_BYTES_ACKED.unpack_from(raw, _TCPI_BYTES_ACKED_AT)[0]
+
+
+def chunk_size(size: int, limit: int, align: int = RANGE_ALIGN) -> int:
+    """Length of ``chunk_plan``'s ranges: about ``CHUNKS_PER_STREAM`` per stream at ``limit`` streams,
+    within ``MIN_CHUNK``..``MAX_CHUNK``, a multiple of ``align``."""
+    want = -(-size // max(1, limit * CHUNKS_PER_STREAM))
+    want = min(max(want, MIN_CHUNK), MAX_CHUNK)
+    return max(align, -(-want // align) * align)
+
+
+def chunk_plan(size: int, limit: int, align: int = RANGE_ALIGN) -> list[tuple[int, int]]:
+    """``[start, end)`` ranges of ``chunk_size`` covering ``size`` bytes in order (the last one shorter),
+    each a valid ``PUTR`` range. The same file and ``limit`` give the same plan, so a resume by a new
+    process finds each range's durable part where it left it: a prefix."""
+    step = chunk_size(size, limit, align)
+    return [(start, min(size, start + step)) for start in range(0, size, step)]
+
+
+class RangeQueue:
+    """Ranges waiting to be sent, handed out in file order, each exactly once.
+
+    ``learn(durable)`` drops what the server says it holds durably (from any ``RANGES`` reply)
+    from the ranges not handed out yet: what is left of a range is a suffix of it, or pieces
+    between durable runs, all on the grid (durable runs are whole blocks, but for the file's end).
+    Ranges already handed out are their connection's business (its ``RANGES`` offset).
+    """
+
+    def __init__(self, ranges: list[tuple[int, int]]) -> None:
+        self._pending: deque[tuple[int, int]] = deque(ranges)
+        self.handed_out: list[tuple[int, int]] = []
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of the ranges not handed out yet."""
+        return sum(end - start for start, end in self._pending)
+
+    def learn(self, durable: tuple[tuple[int, int], ...] | list[tuple[int, int]]) -> None:
+        """The server holds ``durable`` (ascending, half-open): none of it is handed out from now on."""
+        if durable and self._pending:
+            self._pending = deque(missing(list(self._pending), durable))
+
+    def take(self) -> tuple[int, int] | None:
+        """The next range to send, or None when every range was handed out."""
+        if not self._pending:
+            return None
+        piece = self._pending.popleft()
+        self.handed_out.append(piece)
+        return piece
+
+
+STEAL_MARGIN = 0
+"""A range is split no closer than this past what its connection has handed to the kernel (and on
+the grid): the bytes before the split point it still sends itself. Bytes it sends past the point
+before the server stops it are not lost: whole blocks of them are recorded, and skipped."""
+
+UNSENT_LIMIT = 1 * MiB
+"""A ranged connection keeps at most about this much unsent in the kernel (``TCP_NOTSENT_LOWAT``), so
+the end of its range stays in the file, where an idle connection may take it (``split_point``)."""
+
+
+def split_point(pos: int, end: int, align: int = RANGE_ALIGN) -> int | None:
+    """Where an idle connection may take over the rest of a range whose connection has handed bytes
+    up to ``pos`` to the kernel and will send up to ``end``: a grid point more than ``STEAL_MARGIN``
+    past ``pos`` and at least a block before ``end``, near the middle of what is left (both halves
+    then finish about together); None if what is left is too short to split."""
+    first = (pos + STEAL_MARGIN) // align * align + align  # strictly past pos: the first half is never empty
+    last = (end - align) // align * align
+    middle = -(-((pos + end) // 2) // align) * align
+    point = max(first, min(middle, last))
+    return point if point <= last else None
+
+
+def best_split(sending: list[tuple[int, int]]) -> tuple[int, int] | None:
+    """Which of the ranges being sent, given as (handed to the kernel up to, end), an idle connection
+    should split: (its index, the ``split_point``) of the one that leaves the most to take, or None."""
+    best: tuple[int, int] | None = None
+    for i, (pos, end) in enumerate(sending):
+        point = split_point(pos, end)
+        if point is not None and (best is None or end - point > sending[best[0]][1] - best[1]):
+            best = (i, point)
+    return best
+
+
+@dataclass(frozen=True)
+class ControllerTiming:
+    """How long ``StreamController`` lets a change settle (new streams leave slow start) and how long
+    it then measures, in seconds: each at least its floor, and a number of round trips."""
+
+    settle: float
+    measure: float
+
+    @classmethod
+    def for_rtt(cls, rtt: float) -> "ControllerTiming":
+        """10 round trips to settle (new connections: handshake, request, slow start to a few MB in
+        flight) and 20 to measure (at 100 ms, windows of 2 s vary by a few percent on a full link,
+        below ``MIN_GAIN``), floors 0.5 s and 1 s, so a sample on a quick path is not all noise."""
+        return cls(settle=max(0.5, 10 * rtt), measure=max(1.0, 20 * rtt))
+
+
+class StreamController:
+    """Decides how many streams to run from samples of the bytes acknowledged so far.
+
+    Starts at ``start`` streams. After a change it lets the streams settle (``timing.settle``:
+    new connections leave slow start), then measures the aggregate goodput over
+    ``timing.measure`` seconds. After the first measurement it adds streams (half again as many,
+    at least one, never above ``limit``); if the aggregate then rose by at least
+    ``max(MIN_GAIN, GAIN_SHARE * added / before)`` of the rate kept so far, the new K is kept and
+    it adds again; if not, it goes back to the K before and holds (``settled``).
+
+    While holding it keeps measuring: if the aggregate falls below ``1 - DROP`` of the best seen
+    at this K (streams fresh from slow start had not met loss yet, or other traffic came), it
+    adds streams again the same way. It never adds at ``limit``, nor once ``sample`` says no work
+    is left to spread. ``history`` lists (K, measured bytes per second) for the logs and ``--json``.
+    """
+
+    def __init__(self, start: int, limit: int, timing: ControllerTiming) -> None:
+        if limit < 1:
+            raise ValueError("at least one stream")
+        self.limit = limit
+        self.streams = max(1, min(start, limit))
+        self.timing = timing
+        self.settled = False
+        self.finished = False  # no more work: K stays as it is
+        self.history: list[tuple[int, float]] = []
+        self._kept_rate: float | None = None
+        self._kept_streams = self.streams
+        self._changed_at: float | None = None
+        self._window: tuple[float, int] | None = None
+
+    def sample(self, now: float, sent: int, more_work: bool = True) -> int:
+        """The number of streams to run, given the total bytes ``sent`` (acknowledged) at time ``now``
+        (seconds, any monotonic origin); ``more_work`` False when no range is left to hand out (a
+        measurement would only see streams finishing)."""
+        if self.finished:
+            return self.streams
+        if not more_work:
+            self.streams, self.settled, self.finished = self._kept_streams, True, True
+            return self.streams
+        if self._changed_at is None:
+            self._changed_at = now
+        if self._window is None:
+            if now - self._changed_at >= self.timing.settle:
+                self._window = (now, sent)
+            return self.streams
+        began, base = self._window
+        if now - began < self.timing.measure:
+            return self.streams
+        rate = (sent - base) / (now - began)
+        self.history.append((self.streams, rate))
+        self._window = (now, sent)  # the next window follows at once, unless K changes
+        if self.settled:
+            self._hold(now, rate)
+        elif self._kept_rate is None or rate >= self._kept_rate * (1 + self._needed_gain()):
+            self._kept_rate, self._kept_streams = rate, self.streams
+            self._add(now)
+        else:
+            self._change(now, self._kept_streams)
+            self.settled = True
+        return self.streams
+
+    def _hold(self, now: float, rate: float) -> None:
+        kept = self._kept_rate or 0.0
+        if rate < kept * (1 - DROP) and self.streams < self.limit:
+            # measure this K once more from now (this window may straddle the fall), then add
+            self._kept_rate, self.settled = None, False
+        else:
+            self._kept_rate = max(kept, rate)
+
+    def _add(self, now: float) -> None:
+        if self.streams >= self.limit:
+            self.settled = True
+        else:
+            self._change(now, min(self.limit, self.streams + max(1, self.streams // 2)))
+
+    def _needed_gain(self) -> float:
+        added = self.streams - self._kept_streams
+        return max(MIN_GAIN, GAIN_SHARE * added / self._kept_streams)
+
+    def _change(self, now: float, streams: int) -> None:
+        self.streams, self._changed_at, self._window = streams, now, None

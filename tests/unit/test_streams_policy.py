@@ -1,0 +1,208 @@
+"""``--streams auto``'s pure logic (``client/streams_policy.py``): the RTT from ``TCP_INFO``, the range
+queue the streams take their work from, and the controller that decides how many streams run."""
+
+from __future__ import annotations
+
+import struct
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from filedock.client.streams_policy import (MAX_CHUNK, MIN_CHUNK, STEAL_MARGIN, ControllerTiming, RangeQueue,
+                                            StreamController, acked_from_tcp_info, chunk_plan, chunk_size,
+                                            rtt_from_tcp_info, split_point, best_split)
+from filedock.store.ranged import durable_runs
+from filedock.wire import RANGE_ALIGN, range_error
+
+A = RANGE_ALIGN
+TIMING = ControllerTiming(settle=1.0, measure=2.0)
+
+
+def tcp_info(rtt_us: int, min_rtt_us: int | None, acked: int = 0) -> bytes:
+    raw = bytearray(232 if min_rtt_us is not None else 104)
+    struct.pack_into("=I", raw, 68, rtt_us)
+    if len(raw) >= 128:
+        struct.pack_into("=Q", raw, 120, acked)
+    if min_rtt_us is not None:
+        struct.pack_into("=I", raw, 148, min_rtt_us)
+    return bytes(raw)
+
+
+def test_rtt_from_tcp_info_prefers_the_minimum_and_falls_back_to_the_smoothed_rtt():
+    """``tcpi_min_rtt`` where the kernel gives it, ``tcpi_rtt`` on older kernels or before a minimum,
+    None when the reply carries no sample."""
+    assert rtt_from_tcp_info(tcp_info(100_000, 98_500)) == 0.0985
+    assert rtt_from_tcp_info(tcp_info(100_000, None)) == 0.1
+    assert rtt_from_tcp_info(tcp_info(42, 0)) == 0.000042
+    assert rtt_from_tcp_info(tcp_info(0, 0)) is None
+    assert rtt_from_tcp_info(b"\0" * 20) is None
+
+
+def test_acked_bytes_from_tcp_info():
+    """``tcpi_bytes_acked`` (Linux 4.2+): what the peer has, not what sits in the send buffer."""
+    assert acked_from_tcp_info(tcp_info(1, 1, acked=5 << 32 | 7)) == 5 << 32 | 7
+    assert acked_from_tcp_info(tcp_info(1, None)) is None
+
+
+@given(st.integers(1, 2**44), st.integers(1, 64))
+def test_chunk_plan_covers_the_file_once_on_the_grid(size, limit):
+    """Contiguous from 0 to size, every range a valid PUTR range of MIN..MAX_CHUNK (but the last),
+    about CHUNKS_PER_STREAM per stream where the size allows."""
+    plan = chunk_plan(size, limit)
+    assert plan[0][0] == 0 and plan[-1][1] == size
+    assert all(a[1] == b[0] for a, b in zip(plan, plan[1:]))
+    assert all(range_error(size, s, e) is None for s, e in plan)
+    step = chunk_size(size, limit)
+    assert step % A == 0 and min(MIN_CHUNK, -(-size // A) * A) <= step <= MAX_CHUNK or size <= step
+    assert all(e - s == step for s, e in plan[:-1])
+    if MIN_CHUNK * 4 * limit <= size <= MAX_CHUNK * 4 * limit:  # the grid multiple nearest size / (4 limit)
+        assert step - A < -(-size // (4 * limit)) <= step
+
+
+@given(st.integers(1, 400), st.integers(1, 16), st.sets(st.integers(0, 399)), st.data())
+def test_queue_hands_out_every_missing_byte_exactly_once(blocks, limit, durable_blocks, data):
+    """Whatever the server holds durably (learnt at any moment, in several replies), the ranges handed
+    out cover exactly the bytes not durable when they were handed out, each once, each on the grid."""
+    size = blocks * A - data.draw(st.integers(0, A - 1))
+    durable_blocks = {b for b in durable_blocks if b < blocks}
+    queue = RangeQueue(chunk_plan(size, limit))
+    handed: list[tuple[int, int]] = []
+    learnt: set[int] = set()
+    steps = data.draw(st.lists(st.sampled_from(["take", "learn"]), max_size=200))
+    for step in steps + ["take"] * (blocks + 1):
+        if step == "learn":
+            some = {b for b in durable_blocks if data.draw(st.booleans())}
+            learnt |= some
+            queue.learn(durable_runs(learnt, size))
+        else:
+            piece = queue.take()
+            if piece is not None:
+                handed.append(piece)
+    assert queue.take() is None and len(queue) == 0 and queue.pending_bytes == 0
+    assert all(range_error(size, s, e) is None for s, e in handed)
+    covered: list[int] = []
+    for s, e in handed:
+        covered.extend(range(s // A, -(-e // A)))
+    assert len(covered) == len(set(covered))  # no block twice
+    assert set(covered) | learnt == set(range(blocks))  # every block sent or durable
+    assert queue.handed_out == handed
+
+
+def test_queue_resume_sends_only_the_suffix_of_each_range():
+    """A new process plans the same ranges; each range's durable prefix (ranges are written in order)
+    is skipped, and a range durable whole is never handed out."""
+    size = 3 * MIN_CHUNK + 5
+    plan = chunk_plan(size, 1)
+    c = MIN_CHUNK
+    assert plan == chunk_plan(size, 1) == [(0, c), (c, 2 * c), (2 * c, 3 * c), (3 * c, size)]
+    queue = RangeQueue(plan)
+    queue.learn(((0, c + A), (2 * c, 2 * c + A)))
+    assert [queue.take() for _ in range(4)] == [(c + A, 2 * c), (2 * c + A, 3 * c), (3 * c, size), None]
+
+
+def run_controller(start, limit, rate_of, seconds=120.0, tick=0.25):
+    """Drive a controller with an aggregate goodput ``rate_of(K)`` (bytes per second) -> Ks over time."""
+    controller = StreamController(start, limit, TIMING)
+    sent, now, seen = 0.0, 0.0, []
+    while now < seconds:
+        k = controller.sample(now, int(sent))
+        seen.append(k)
+        sent += rate_of(k) * tick
+        now += tick
+    return controller, seen
+
+
+@given(st.integers(1, 16), st.integers(1, 32), st.floats(1e3, 1e10), st.floats(0.0, 0.099))
+def test_streams_never_above_the_cap_and_no_growth_without_gain(start, limit, rate, slope):
+    """K never exceeds the cap; when more streams raise the aggregate by less than MIN_GAIN, the
+    controller settles back on the K it started with after one probe."""
+    controller, seen = run_controller(start, limit, lambda k: rate * (1 + slope * (k > start)))
+    assert max(seen) <= limit
+    assert controller.settled and controller.streams == min(start, limit)
+    assert seen[-1] == min(start, limit)
+    assert len(set(seen)) <= 2  # at most one probe above, and never again (the aggregate never falls)
+
+
+@given(st.floats(1e3, 1e10))
+def test_one_stream_stays_one_when_the_aggregate_does_not_rise(rate):
+    """A full link (or a CPU-bound sender): one stream, one probe with two, then one for good."""
+    controller, seen = run_controller(1, 16, lambda k: rate)
+    assert seen[0] == 1 and seen[-1] == 1 and max(seen) == 2
+    ks = [k for k, _ in controller.history]
+    assert ks[:2] == [1, 2] and set(ks[2:]) == {1}  # holding: measured again and again, never added
+
+
+@given(st.integers(1, 16), st.integers(2, 16), st.floats(1e3, 1e8), st.data())
+def test_streams_grow_while_each_addition_pays_and_stop_at_the_full_link(start, limit, per_stream, data):
+    """A link that takes ``full`` streams' worth: each stream adds its share until then, nothing after.
+    The controller ends with at most one step (half again) past the full link, or where it started,
+    and within the last step's required gain (12.5 %) of the best the cap allows."""
+    full = data.draw(st.integers(1, 24))
+    controller, seen = run_controller(start, limit, lambda k: per_stream * min(k, full))
+    first = min(start, limit)
+    assert max(seen) <= limit
+    assert controller.settled
+    assert controller.streams <= max(first, full + full // 2)
+    assert min(controller.streams, full) * 1.125 >= min(full, limit) or first >= full
+
+
+def test_a_long_link_example():
+    """8 streams at the start (100 ms), each adds 10 MB/s up to a 120 MB/s link: 8 -> 12 -> 18 is capped
+    at 16, which adds nothing over 12, so 12 it is."""
+    controller, seen = run_controller(8, 16, lambda k: 10e6 * min(k, 12))
+    assert [k for k, _ in controller.history][:4] == [8, 12, 16, 12]
+    assert controller.streams == 12 and seen[-1] == 12 and controller.settled
+
+
+def test_a_fall_in_the_aggregate_while_holding_adds_streams_again():
+    """Streams fresh from slow start fill the link until they meet loss; then each gets a quarter of
+    what it got and the aggregate falls: holding at 12, the controller adds streams again (to the cap)."""
+    controller = StreamController(8, 16, TIMING)
+    sent, now, per_stream = 0.0, 0.0, 1e6
+    while now < 120:
+        k = controller.sample(now, int(sent))
+        if now > 20:
+            per_stream = 0.25e6  # loss met: each stream is held to a quarter
+        sent += min(k * per_stream, 10e6) * 0.25
+        now += 0.25
+    ks = [k for k, _ in controller.history]
+    assert ks[:4] == [8, 12, 16, 12]  # 12 fill the link: 16 add nothing, back to 12
+    assert ks[-1] == 16 and controller.streams == 16 and controller.settled  # after the fall: 16 pay
+
+
+def test_no_more_work_ends_the_probing():
+    """Once no range is left to hand out, the controller keeps the last K that paid off."""
+    controller = StreamController(2, 16, TIMING)
+    controller.sample(0.0, 0)
+    controller.sample(1.0, 0)
+    assert controller.sample(3.0, 100) == 3
+    assert controller.sample(10.0, 200, more_work=False) == 2 and controller.settled
+    assert controller.sample(20.0, 200) == 2  # and stays so
+
+
+@given(st.integers(1, 2**40), st.integers(0, 2**40), st.integers(0, 2**40))
+def test_split_point_leaves_both_halves_valid_ranges(size, a, b):
+    """The rest of a range ``[start, end)`` is split only on the grid, past the sender's margin and a
+    block before the end, so ``[start, point)`` and ``[point, end)`` are both valid PUTR ranges."""
+    start = (min(a, b) % size) // A * A
+    end = min(size, -(-max(a, b, start + 1) // A) * A)  # a range ends on the grid or at the file end
+    pos = start + (a % (end - start)) if end > start else start
+    point = split_point(pos, end)
+    if point is None:
+        assert (pos + STEAL_MARGIN) // A * A + 2 * A > end
+        return
+    assert point % A == 0 and pos + STEAL_MARGIN < point and point + A <= end
+    assert range_error(size, start, point) is None and range_error(size, point, end) is None
+
+
+def test_split_point_examples():
+    assert split_point(0, 32 * A) == 16 * A
+    assert split_point(30 * A, 32 * A) == 31 * A and split_point(31 * A, 32 * A) is None
+    assert split_point(28 * A + 1, 34 * A + 5) == 32 * A and split_point(33 * A, 34 * A + 5) is None
+
+
+def test_best_split_takes_the_range_with_the_most_left():
+    """An idle stream takes the half of the range that leaves it the most; nothing when none can split."""
+    assert best_split([(0, 8 * A), (20 * A, 40 * A), (41 * A, 42 * A)]) == (1, 30 * A)
+    assert best_split([(3 * A, 4 * A), (8 * A, 9 * A + 7)]) is None
+    assert best_split([]) is None
