@@ -1,7 +1,5 @@
 """``python -m filedock`` runs the command line."""
 
-import sys
+from filedock.cli import entry
 
-from filedock.cli import main
-
-sys.exit(main())
+entry()
