@@ -179,8 +179,15 @@ def _print_error(code: str, message: str) -> None:
 # ---------------------------------------------------------------- upload
 
 
+HASH_AHEAD_MIN = 8 << 20
+"""A first file at least this large is hashed from the start of ``filedock upload`` on
+(``blocking.hash_ahead``): smaller ones are over in a few milliseconds either way."""
+
+
 @_local_errors
 def cmd_upload(args: argparse.Namespace) -> int:
+    args.quick_exit = True  # filedock.cli.entry: no interpreter finalization after the last line
+    _hash_first_file_ahead(args.paths)
     from filedock.client.uploader import JobUploader
 
     api = args.services.api_client(args)
@@ -204,6 +211,20 @@ def cmd_upload(args: argparse.Namespace) -> int:
     if not args.json:
         _print_summary(args.services.stdout_console(), plan.job, results)
     return EXIT_FAILED if failed else 0
+
+
+def _hash_first_file_ahead(paths: list[Path]) -> None:
+    """Start hashing the first file named on the command line while the API is asked (the files
+    are sent in order, so it is the first one sent)."""
+    try:
+        first = Path(paths[0])
+        if not first.is_file() or first.stat().st_size < HASH_AHEAD_MIN:
+            return
+    except (OSError, IndexError, ValueError):
+        return  # reported by the upload itself
+    from filedock.client.blocking import hash_ahead
+
+    hash_ahead(first)
 
 
 class _JsonLines:
