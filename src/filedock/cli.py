@@ -541,7 +541,10 @@ def entry() -> None:
     finalization (tearing down some hundred modules: about 25 ms of CPU here, 2% of a 1 GiB upload on
     loopback) once its output is flushed and no thread but this one is still running.
     """
-    code, args = _run(None)
+    import gc
+
+    gc.disable()  # as in __main__ (the console script imported this module with it on); _run enables it
+    code, args = _run(None, gc_on=True)
     if getattr(args, "quick_exit", False):
         _quick_exit(code)
     sys.exit(code)
@@ -563,7 +566,9 @@ def _quick_exit(code: int) -> None:
     os._exit(code)
 
 
-def _run(argv: list[str] | None) -> tuple[int, argparse.Namespace | None]:
+def _run(argv: list[str] | None, gc_on: bool = False) -> tuple[int, argparse.Namespace | None]:
+    """``main``; with ``gc_on`` the cyclic garbage collector is enabled before the command runs, or by
+    the command itself once its imports are done (one whose defaults say ``enables_gc``)."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # a command with a list of positionals (download's NAME DEST) takes them around its options too
@@ -573,6 +578,10 @@ def _run(argv: list[str] | None) -> tuple[int, argparse.Namespace | None]:
         setattr(args, trailing, getattr(args, trailing) + extra)
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if gc_on and not getattr(args, "enables_gc", False):
+        import gc
+
+        gc.enable()
     try:
         return args.func(args) or 0, args
     except FiledockError as exc:

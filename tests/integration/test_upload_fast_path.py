@@ -192,3 +192,37 @@ def test_cli_upload_prints_everything_and_keeps_its_exit_status(server, tmp_path
                              str(src)], env=env, capture_output=True, text=True, timeout=120)
     assert failed.returncode == 1
     assert "no-such-job" in failed.stderr
+
+
+def test_commands_run_with_the_garbage_collector_on(monkeypatch):
+    """``python -m filedock`` starts with the cyclic GC off (start-up only); a command such as ``serve``
+    runs with it on again, and ``upload`` turns it on itself once its imports are done."""
+    import argparse
+    import gc
+
+    from filedock import cli
+
+    seen = {}
+
+    def command(args):
+        seen["gc"] = gc.isenabled()
+        return 0
+
+    class Parser:
+        def __init__(self, **defaults):
+            self.defaults = defaults
+
+        def parse_known_args(self, argv):
+            return argparse.Namespace(func=command, **self.defaults), []
+
+    monkeypatch.setattr(cli, "build_parser", lambda: Parser())
+    gc.disable()
+    try:
+        assert cli._run([], gc_on=True)[0] == 0
+        assert seen["gc"] is True
+        gc.disable()
+        monkeypatch.setattr(cli, "build_parser", lambda: Parser(enables_gc=True))
+        cli._run([], gc_on=True)
+        assert seen["gc"] is False  # left to the command
+    finally:
+        gc.enable()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import os
 import sys
@@ -71,7 +72,7 @@ def add_parsers(sub: Any, client_flags: Callable[[argparse.ArgumentParser], None
                         "stream on a LAN); default: one connection per file")
     _transfer_flags(p)
     client_flags(p)
-    p.set_defaults(func=cmd_upload, services=services)
+    p.set_defaults(func=cmd_upload, services=services, enables_gc=True)
 
     p = sub.add_parser("download", help="download a file of a job, or all of them (resumable, verified)",
                        usage="filedock download --job JOB NAME DEST | filedock download --job JOB --all DIR",
@@ -189,6 +190,8 @@ def cmd_upload(args: argparse.Namespace) -> int:
     args.quick_exit = True  # filedock.cli.entry: no interpreter finalization after the last line
     _hash_first_file_ahead(args.paths)
     from filedock.client.uploader import JobUploader
+
+    gc.enable()  # off since start-up (filedock.cli.entry, enables_gc): the imports are done
 
     api = args.services.api_client(args)
     uploader = JobUploader(api)
