@@ -188,12 +188,13 @@ HASH_AHEAD_MIN = 8 << 20
 @_local_errors
 def cmd_upload(args: argparse.Namespace) -> int:
     args.quick_exit = True  # filedock.cli.entry: no interpreter finalization after the last line
-    _hash_first_file_ahead(args.paths)
+    api = args.services.api_client(args)
+    if not getattr(api, "tls", False):  # under TLS the digest thread reads for the sender too (blocking._SharedChunks)
+        _hash_first_file_ahead(args.paths)
     from filedock.client.uploader import JobUploader
 
     gc.enable()  # off since start-up (filedock.cli.entry, enables_gc): the imports are done
 
-    api = args.services.api_client(args)
     uploader = JobUploader(api)
     plan = uploader.prepare(args.job, args.paths, create=args.create, prefix=args.prefix, replace=args.replace)
     uploader.data_client = _data_client(api, args)
@@ -218,7 +219,9 @@ def cmd_upload(args: argparse.Namespace) -> int:
 
 def _hash_first_file_ahead(paths: list[Path]) -> None:
     """Start hashing the first file named on the command line while the API is asked (the files
-    are sent in order, so it is the first one sent)."""
+    are sent in order, so it is the first one sent). Not under TLS: there a digest that starts with
+    the sending reads each chunk for both, which saves more than a head start (the head start is
+    small: while the main thread imports, the digest thread waits for the GIL after every call)."""
     try:
         first = Path(paths[0])
         if not first.is_file() or first.stat().st_size < HASH_AHEAD_MIN:
