@@ -226,3 +226,22 @@ def test_commands_run_with_the_garbage_collector_on(monkeypatch):
         assert seen["gc"] is False  # left to the command
     finally:
         gc.enable()
+
+
+def test_cli_tls_upload_reads_the_file_once(tls_server, tmp_path, monkeypatch, capsys):
+    """``filedock upload`` over TLS does not hash ahead (that digest would leave the sender to read the
+    file again): the file is read once in all."""
+    from filedock import cli
+
+    server, cert = tls_server
+    size = 12 * MiB + 1
+    data = os.urandom(size)
+    src = tmp_path / "f.bin"
+    src.write_bytes(data)
+    reads = _CountingPreadv(src, monkeypatch)
+    code = cli.main(["upload", "--job", "tls-once", "--create", "--json", "--server", server.url,
+                     "--token", server.token, "--cacert", str(cert), str(src)])
+    assert code == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["state"] == "complete" and row["digest"] == hash_bytes(data).hexdigest()
+    assert reads.bytes == size
