@@ -123,7 +123,8 @@ class CliUploadTls(CliUpload):
                 os.environ["FILEDOCK_DATA_TLS"] = saved
         self.cert = cert
         how = "Twisted's pyOpenSSL" if self.DATA_TLS else "ssl.SSLObject (tls_fast)"
-        self.figure.notes.append(f"TLS 1.3 AES-256-GCM, ECDSA P-256 certificate; data port: {how}")
+        suite = "AES-256-GCM (OpenSSL's default)" if self.DATA_TLS else "AES-128-GCM (the server's preference)"
+        self.figure.notes.append(f"TLS 1.3 {suite}, ECDSA P-256 certificate; data port: {how}")
 
     def stop(self) -> None:
         if self.setup.server:

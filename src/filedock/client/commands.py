@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import os
 import sys
@@ -71,7 +72,7 @@ def add_parsers(sub: Any, client_flags: Callable[[argparse.ArgumentParser], None
                         "stream on a LAN); default: one connection per file")
     _transfer_flags(p)
     client_flags(p)
-    p.set_defaults(func=cmd_upload, services=services)
+    p.set_defaults(func=cmd_upload, services=services, enables_gc=True)
 
     p = sub.add_parser("download", help="download a file of a job, or all of them (resumable, verified)",
                        usage="filedock download --job JOB NAME DEST | filedock download --job JOB --all DIR",
@@ -179,11 +180,21 @@ def _print_error(code: str, message: str) -> None:
 # ---------------------------------------------------------------- upload
 
 
+HASH_AHEAD_MIN = 8 << 20
+"""A first file at least this large is hashed from the start of ``filedock upload`` on
+(``blocking.hash_ahead``): smaller ones are over in a few milliseconds either way."""
+
+
 @_local_errors
 def cmd_upload(args: argparse.Namespace) -> int:
+    args.quick_exit = True  # filedock.cli.entry: no interpreter finalization after the last line
+    api = args.services.api_client(args)
+    if not getattr(api, "tls", False):  # under TLS the digest thread reads for the sender too (blocking._SharedChunks)
+        _hash_first_file_ahead(args.paths)
     from filedock.client.uploader import JobUploader
 
-    api = args.services.api_client(args)
+    gc.enable()  # off since start-up (filedock.cli.entry, enables_gc): the imports are done
+
     uploader = JobUploader(api)
     plan = uploader.prepare(args.job, args.paths, create=args.create, prefix=args.prefix, replace=args.replace)
     uploader.data_client = _data_client(api, args)
@@ -204,6 +215,22 @@ def cmd_upload(args: argparse.Namespace) -> int:
     if not args.json:
         _print_summary(args.services.stdout_console(), plan.job, results)
     return EXIT_FAILED if failed else 0
+
+
+def _hash_first_file_ahead(paths: list[Path]) -> None:
+    """Start hashing the first file named on the command line while the API is asked (the files
+    are sent in order, so it is the first one sent). Not under TLS: there a digest that starts with
+    the sending reads each chunk for both, which saves more than a head start (the head start is
+    small: while the main thread imports, the digest thread waits for the GIL after every call)."""
+    try:
+        first = Path(paths[0])
+        if not first.is_file() or first.stat().st_size < HASH_AHEAD_MIN:
+            return
+    except (OSError, IndexError, ValueError):
+        return  # reported by the upload itself
+    from filedock.client.blocking import hash_ahead
+
+    hash_ahead(first)
 
 
 class _JsonLines:

@@ -21,7 +21,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from filedock.client.blocking import DataPortClient, hash_stream_cancellable
+from filedock.client.blocking import DataPortClient, hash_stream_cancellable, hashed_ahead
 from filedock.client.http import ApiClient
 # the planning names are public here since before jobplan.py existed
 from filedock.client.jobplan import (DECLARE_BATCH, JobPlan, JobProgress, LocalFile, PlannedFile,  # noqa: F401
@@ -235,7 +235,14 @@ class JobUploader:
         local = planned.local
         try:
             with open(local.path, "rb", buffering=0) as f:
-                hasher = hash_stream_cancellable(f, cancel)
+                ahead = hashed_ahead(f, local.size)
+                if ahead is None:
+                    hasher = hash_stream_cancellable(f, cancel)
+                else:
+                    try:
+                        hasher = ahead.wait_cancellable(cancel)
+                    finally:
+                        ahead.stop()
         except OSError as exc:
             return UploadResult.failed(local.name, local.size, planned.key,
                                        LocalFileError(f"{local.path}: {exc.strerror or exc}"))
