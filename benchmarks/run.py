@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wan-baseline-size", default="4M",
                    help="upload size on the 0.1%% loss link of the rows far below the link rate (one stream: "
                         "filedock, rsync, scp; every CUBIC sender: about 1 MB/s a stream) (default 4M)")
+    p.add_argument("--wan-tools-size", default=None,
+                   help="upload size of rsync and scp on the clean link in case 7 (default: --wan-size); they move "
+                        "about 0.15x the link, so 2 GiB each takes two minutes")
     p.add_argument("--only", metavar="NAME[,NAME]", help="run only these cases or case-1 variants")
     p.add_argument("--out", type=Path, default=BENCH_DIR / "results", help="where results go")
     return p
@@ -104,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                       ("resume", lambda: resume.run(size, args.runs)),
                       ("small-files", lambda: small_files.run(args.runs)),
                       ("s3", lambda: s3.run(size, args.runs)),
-                      ("wan", lambda: wan.run(wan_size, wan_lossy_size, args.runs, wan_baseline_size)),
+                      ("wan", lambda: wan.run(wan_size, wan_lossy_size, args.runs, wan_baseline_size,
+                                                     parse_size(args.wan_tools_size) if args.wan_tools_size else None)),
                       ("several-servers", lambda: several_servers.run(size, args.runs))):
         if name != "upload" and name not in cases:
             continue
@@ -149,7 +153,7 @@ def _meta(args, size, rss_size, started, load_before, seconds, timings) -> dict:
         "started": time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(started)),
         "args": {"size": args.size, "size_bytes": size, "runs": args.runs, "rss_size": args.rss_size,
                  "rss_size_bytes": rss_size, "wan_size": args.wan_size, "wan_lossy_size": args.wan_lossy_size,
-                 "wan_baseline_size": args.wan_baseline_size,
+                 "wan_baseline_size": args.wan_baseline_size, "wan_tools_size": args.wan_tools_size,
                  "only": args.only},
         "host": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
                  "twisted": twisted.__version__, "tools": ensure_tools()},

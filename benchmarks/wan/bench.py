@@ -320,11 +320,13 @@ def start_sshd(setup: WanSetup) -> None:
              30, 0.2, "sshd answering in the receiver namespace")
 
 
-def run(size: int, lossy_size: int, runs: int, baseline_size: int | None = None) -> list[Figure]:
+def run(size: int, lossy_size: int, runs: int, baseline_size: int | None = None,
+        tools_size: int | None = None) -> list[Figure]:
     """Case 7 on both links; every figure skipped with the reason where the emulator cannot run. On the
     lossy link the rows that stay far below the link (one stream: filedock, rsync, scp; and every
     CUBIC sender) move ``baseline_size`` bytes (default ``lossy_size``): a CUBIC stream moves about
-    1 MB/s there, and 2 GiB would take over half an hour."""
+    1 MB/s there, and 2 GiB would take over half an hour. On the clean link rsync and scp move
+    ``tools_size`` bytes (default ``size``): they stay near 0.15x the link (ssh's own window)."""
     reason = unavailable_reason()
     baseline_size = baseline_size or lossy_size
     keys = [(tag, what) for tag, _ in LINKS for what in
@@ -335,7 +337,8 @@ def run(size: int, lossy_size: int, runs: int, baseline_size: int | None = None)
         return [Figure(f"7-{tag}-{what}", "WAN", skipped=reason) for tag, what in keys]
     figures: list[Figure] = []
     with Workspace("wan") as work:
-        biggest = max(size, lossy_size, baseline_size)
+        tools_size = tools_size or size
+        biggest = max(size, lossy_size, baseline_size, tools_size)
         say(f"case 7 (wan): {RTT_MS} ms, {RATE_MBIT} Mbit/s, MTU {MTU}; clean link {human_size(size)}, "
             f"0.1 % loss {human_size(lossy_size)} (one stream: {human_size(baseline_size)}); creating the source file")
         source = random_file(work / "wan-source.bin", biggest)
@@ -353,7 +356,9 @@ def run(size: int, lossy_size: int, runs: int, baseline_size: int | None = None)
                 start_filedock(setup)
                 start_sshd(setup)
                 one = setup if not loss else replace(setup, source=part(baseline_size), size=baseline_size)
-                variants = [cls(one, cc) for cls in (FiledockWan, RsyncSsh, Scp) for cc in SENDERS]
+                tools = one if loss else replace(setup, source=part(tools_size), size=tools_size)
+                variants = [FiledockWan(one, cc) for cc in SENDERS]
+                variants += [cls(tools, cc) for cls in (RsyncSsh, Scp) for cc in SENDERS]
                 # a CUBIC sender under loss stays near the Mathis rate however many streams (8 x ~1 MB/s)
                 variants += [FiledockWan(one if cc == "cubic" else setup, cc, streams) for streams in ("8", "auto")
                              for cc in SENDERS]
