@@ -128,6 +128,11 @@ class Cluster:
             (total,) = conn.execute("SELECT COALESCE(SUM(received), 0) FROM files").fetchone()
         return int(total)
 
+    def received_by_name(self) -> dict[str, int]:
+        """{file name: its durable bytes} over every job."""
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            return {name: int(received) for name, received in conn.execute("SELECT name, received FROM files")}
+
     def holders(self) -> dict[str, int]:
         """{file hash: pid of the server holding it} from the shared registry."""
         with psycopg.connect(self.dsn, autocommit=True) as conn:

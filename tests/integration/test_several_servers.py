@@ -94,49 +94,58 @@ def starts_by_file(log_text: str) -> dict[str, list[tuple[str, int]]]:
 LIMITS = ["checkpoint_bytes=8M", "checkpoint_seconds=1"]
 
 
-class Throttle:
-    """Holds client processes to a small share of the host's speed until ``release()``: each gets
-    ``share`` of every ``period`` seconds to run (SIGCONT), and is stopped (SIGSTOP) for the rest.
+class Pacer:
+    """Keeps uploads abreast until ``release()``: a client whose file's durable bytes are more than
+    ``lead`` ahead of the file furthest behind (a file not declared yet counts as 0) is stopped
+    (SIGSTOP) until the others catch up (SIGCONT).
 
-    A slow client, as far as the servers can tell (its connection goes quiet, then on). Without it
-    four uploads on a fast, quiet host can end before the fourth kill, and a file that no kill
-    interrupted proves nothing about resuming; with it the kills land mid-upload whatever the host's
-    speed, and ``release()`` lets the rest run at full speed."""
+    A slow client, as far as the servers can tell: its connection goes quiet, then on. Without it
+    the four CLIs, started at once, reach the data port a second or more apart on a fast host, and
+    the first file can finish before the last one starts: a kill then interrupts only some files, and
+    a file that no kill interrupted proves nothing about resuming."""
 
-    def __init__(self, pids: list[int], share: float = 0.15, period: float = 0.1) -> None:
-        self.pids, self.share, self.period = pids, share, period
+    def __init__(self, cluster: Cluster, clients: dict[str, subprocess.Popen], lead: int = 30 * MB,
+                 period: float = 0.02) -> None:
+        self.cluster, self.clients, self.lead, self.period = cluster, clients, lead, period
+        self.stopped: set[str] = set()
         self.done = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="throttle", daemon=True)
+        self.thread = threading.Thread(target=self._run, name="pacer", daemon=True)
         self.thread.start()
 
-    def _signal(self, sig: int) -> None:
-        for pid in self.pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
+    def _signal(self, name: str, sig: int) -> None:
+        try:
+            os.kill(self.clients[name].pid, sig)
+        except ProcessLookupError:
+            pass
 
     def _run(self) -> None:
         try:
             while not self.done.is_set():
-                self._signal(signal.SIGCONT)
-                if self.done.wait(self.share * self.period):
-                    break
-                self._signal(signal.SIGSTOP)
-                self.done.wait((1 - self.share) * self.period)
+                received = self.cluster.received_by_name()
+                floor = min(received.get(name, 0) for name in self.clients)
+                for name in self.clients:
+                    ahead = received.get(name, 0) - floor > self.lead
+                    if ahead and name not in self.stopped:
+                        self._signal(name, signal.SIGSTOP)
+                        self.stopped.add(name)
+                    elif not ahead and name in self.stopped:
+                        self._signal(name, signal.SIGCONT)
+                        self.stopped.discard(name)
+                self.done.wait(self.period)
         finally:
-            self._signal(signal.SIGCONT)
+            for name in self.clients:
+                self._signal(name, signal.SIGCONT)
 
     def release(self) -> None:
         """Every client runs free from now on."""
         self.done.set()
         self.thread.join()
-        self._signal(signal.SIGCONT)
 
 
 def test_four_uploads_ride_through_repeated_sigkills_of_the_server_they_are_on(tmp_path, postgres_dsn, blob_setup):
     """Four 300 MB uploads through HAProxy; each time, the server carrying uploads is SIGKILLed mid-stream
-    and restarted (four kills, alternating). Every CLI finishes by itself through the other server,
+    and restarted (four kills, alternating, each pair while every file is under way). Every CLI finishes
+    by itself through the other server,
     resuming (no connection after the first starts at 0, and the bytes sent stay far below twice the
     file), every file downloads byte-identical from either server, and fsck is clean."""
     size = 300 * MB
@@ -156,27 +165,28 @@ def test_four_uploads_ride_through_repeated_sigkills_of_the_server_they_are_on(t
              str(sources / name)], env=cluster.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for name in sums}
         kills: list[int] = []
-        interrupted: set[str] = set()  # files (by hash) that were on a server when it was killed
-        total = sum(size + i for i in range(4))
-        throttle = Throttle([c.pid for c in clients.values()])
+        pacer = Pacer(cluster, clients)
         try:
-            for n, fraction in enumerate((0.12, 0.3, 0.48, 0.66)):
+            # twice, once the file furthest behind has durable bytes past a mark (every file is under
+            # way: the pacer keeps them abreast): kill one server, wait until HAProxy has it back, then
+            # kill the other, which by then carries every upload; so each file is interrupted at least
+            # twice, whichever server it was on
+            def under_way(mark: float) -> bool:
+                received = cluster.received_by_name()
+                return len(received) == len(sums) and min(received.values()) >= mark * size
+            for mark in (0.1, 0.4):
                 deadline = time.monotonic() + 120
-                while arrived() < fraction * total and time.monotonic() < deadline:
+                while not under_way(mark) and time.monotonic() < deadline:
                     if all(c.poll() is not None for c in clients.values()):
                         break
                     time.sleep(0.02)
-                held = cluster.holders()
-                # the server holding most files not interrupted yet (then most files; else alternate)
-                victim = max(cluster.servers, key=lambda s: (
-                    sum(1 for h, pid in held.items() if pid == s.proc.pid and h not in interrupted),
-                    sum(1 for pid in held.values() if pid == s.proc.pid), s is cluster.servers[n % 2]))
-                interrupted |= {h for h, pid in held.items() if pid == victim.proc.pid}
-                victim.kill()
-                kills.append(cluster.servers.index(victim))
-                victim.start()  # its ports again; HAProxy's health check takes it back
+                for victim in cluster.servers:
+                    victim.kill()
+                    kills.append(cluster.servers.index(victim))
+                    victim.start()  # its ports again; HAProxy's health check takes it back
+                    cluster.balancer.wait_backends("UP")
         finally:
-            throttle.release()
+            pacer.release()
         results = {}
         for name, client in clients.items():
             out, err = client.communicate(timeout=600)
@@ -184,17 +194,17 @@ def test_four_uploads_ride_through_repeated_sigkills_of_the_server_they_are_on(t
             results[name] = json.loads(out.strip().splitlines()[-1])
         logs = cluster.logs()
         starts = starts_by_file(logs)
-        print(f"FIGURES several_servers {json.dumps({'kills': kills, 'interrupted': len(interrupted), 'sent': {n: r['sent'] for n, r in results.items()}, 'starts': starts})}")
-        assert len(kills) == 4 and set(kills) == {0, 1}, kills
-        assert len(interrupted) == len(sums), f"only {len(interrupted)} files were on a killed server"
+        print(f"FIGURES several_servers {json.dumps({'kills': kills, 'sent': {n: r['sent'] for n, r in results.items()}, 'starts': starts})}")
+        assert kills == [0, 1, 0, 1], kills
         for name, row in results.items():
             assert row["state"] == "complete", row
             # bytes sent again after the kills are bounded: in a shared data dir by the checkpoint
             # (8 MB here) and what was in flight; in a bucket also by the parts still uploading when
-            # the server died (up to 4 parts of 8 MiB in flight, the tail, the socket buffers; 66 MB a
-            # kill measured on a loaded host): under 100 MB a kill. Never from 0 is asserted below.
+            # the server died and the checkpoint lag (up to 4 parts of 8 MiB in flight, the tail, the
+            # socket buffers; up to about 112 MB a kill seen on a loaded host): under 150 MB a kill.
+            # Never from 0 is asserted below.
             resent = row["sent"] - size
-            bound = len(kills) * 100 * MB if in_bucket else 0.5 * size
+            bound = len(kills) * 150 * MB if in_bucket else 0.5 * size
             assert resent < bound, f"{name}: {row['sent']} bytes sent for {size}"
             offsets = [start for _, start in starts.get(name, [])]
             (completed_from,) = [start for result, start in starts.get(name, []) if result == "complete"]
