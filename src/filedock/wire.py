@@ -454,7 +454,7 @@ SERVER_TRANSITIONS: dict[tuple[ServerState, type], ServerState] = {
     (_S.DECIDING, DownloadStart): _S.SENDING,
     (_S.DECIDING, Aborted): _S.CLOSED,
     (_S.FINISHING, Stored): _S.CLOSED,
-    (_S.FINISHING, RangeStored): _S.CLOSED,
+    (_S.FINISHING, RangeStored): _S.REQUEST,  # a range is durable: the connection may carry another request
     (_S.FINISHING, BatchResults): _S.CLOSED,
     # the peer broke the protocol (only where something is parsed), or the server refuses (anywhere)
     **{(state, ProtocolError): _S.CLOSED
@@ -502,7 +502,7 @@ CLIENT_TRANSITIONS: dict[tuple[ClientState, type], ClientState] = {
     (_C.AWAIT_OFFSET, Offset): _C.SENDING,
     (_C.AWAIT_OFFSET, RangeOffset): _C.SENDING,
     (_C.AWAIT_STORED, Stored): _C.CLOSED,
-    (_C.AWAIT_STORED, RangeStored): _C.CLOSED,
+    (_C.AWAIT_STORED, RangeStored): _C.IDLE,  # the server reads the next request on this connection
     (_C.AWAIT_DATA, DownloadStart): _C.RECEIVING,
     (_C.RECEIVING, BodyComplete): _C.CLOSED,
     (_C.AWAIT_ABORTED, Aborted): _C.CLOSED,
@@ -545,6 +545,7 @@ class ServerConnection:
         self.body_expected = 0
         self.body_received = 0
         self.items_left = 0
+        self.served = 0  # requests this connection finished and then kept the connection for another
         self._table = SERVER_TRANSITIONS
         self._input = _Input()
 
@@ -642,6 +643,9 @@ class ServerConnection:
                                      f" (state {self.state.value})")
         data = self._WRITERS[kind](self, event)
         self.state = next_state
+        if next_state is ServerState.REQUEST:  # the next request on this connection starts afresh
+            self.request, self.body_expected, self.body_received, self.items_left = None, 0, 0, 0
+            self.served += 1
         return data
 
     def _write_offset(self, event: Offset) -> bytes:
@@ -738,6 +742,8 @@ class ServerConnection:
             event = self._parse_versioned(rest)
         else:
             m = _LEGACY_RE.fullmatch(text)
+            if m and self.served:
+                return self._fail(ErrorCode.MALFORMED_HEADER, "a 2007 header only opens a connection")
             event = m and UploadRequest(m[1].lower(), m[2].lower(), int(m[3]), legacy=True)
         if event is None:
             return self._fail(ErrorCode.MALFORMED_HEADER, "expected '<session-uuid> <file-uuid> <size>'"
@@ -859,7 +865,7 @@ class ClientConnection:
     def _write_upload(self, event: UploadRequest) -> bytes:
         if event.legacy:
             raise ValueError("the client core speaks the versioned dialect; see legacy_header()")
-        self.size = event.size
+        self.size, self.range = event.size, None
         return _line(f"{VERSION} PUT {event.session_key} {event.file_key} {event.size}")
 
     def _write_ranged_upload(self, event: RangedUploadRequest) -> bytes:

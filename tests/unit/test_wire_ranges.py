@@ -87,7 +87,8 @@ def _runs(blocks, size):
 @given(ranges_st, st.data())
 def test_ranges_reply_round_trips_and_body_is_the_rest_of_the_range(r, data):
     """``RANGES offset list`` written by the server is read back by the client; the body expected is
-    ``end - offset``; then ``DONE`` and ``DURABLE`` (or ``STORED``) close both sides."""
+    ``end - offset``; then ``DONE``, and ``STORED`` closes both sides while ``DURABLE`` leaves both
+    ready for the next request on the same connection."""
     size, start, end = r
     durable = data.draw(durable_st(size))
     offset = data.draw(st.integers(start, end))
@@ -112,7 +113,11 @@ def test_ranges_reply_round_trips_and_body_is_the_rest_of_the_range(r, data):
     last = data.draw(st.sampled_from([wire.RangeStored(start, end), wire.Stored(size, 0, "0" * 64)]))
     client.receive_data(server.send(last))
     assert client.next_event() == last
-    assert client.closed and server.closed
+    if isinstance(last, wire.Stored):
+        assert client.closed and server.closed
+    else:
+        assert client.state is wire.ClientState.IDLE and server.awaiting_request
+        assert server.request is None and server.body_expected == server.body_received == 0
 
 
 def test_replies_that_do_not_fit_the_request_are_bad_replies():
@@ -143,7 +148,8 @@ def test_table_rows_keep_dialects_apart():
         server.send(wire.Offset(0))
     with pytest.raises(ValueError):
         server.send(wire.RangeOffset(11, ()))
-    assert wire.SERVER_TRANSITIONS[(wire.ServerState.FINISHING, wire.RangeStored)] is wire.ServerState.CLOSED
+    assert wire.SERVER_TRANSITIONS[(wire.ServerState.FINISHING, wire.RangeStored)] is wire.ServerState.REQUEST
+    assert wire.SERVER_TRANSITIONS[(wire.ServerState.FINISHING, wire.Stored)] is wire.ServerState.CLOSED
     assert wire.LEGACY_SERVER_TRANSITIONS[(wire.ServerState.BODY, wire.BodyComplete)] is wire.ServerState.LEGACY_END
     assert wire.SERVER_REPLY_ALSO_TO[wire.Stored] is wire.RangedUploadRequest
 
@@ -167,3 +173,63 @@ def test_crc32_combine_equals_zlib_on_random_splits(data, draw):
     for piece in pieces:
         crc = crc32_combine(crc, zlib.crc32(piece), len(piece))
     assert crc == zlib.crc32(data)
+
+
+def _durable_range(client, server, size, start, end):
+    """One whole ranged request on a connection pair, from ``PUTR`` to ``DURABLE``."""
+    server.receive_data(client.send(wire.RangedUploadRequest(SESSION, FILE, size, start, end)))
+    assert server.next_event() == wire.RangedUploadRequest(SESSION, FILE, size, start, end)
+    client.receive_data(server.send(wire.RangeOffset(start, ())))
+    assert client.next_event() == wire.RangeOffset(start, ())
+    server.receive_data(bytes(end - start) + client.send(wire.Done(None)))
+    events = []
+    while (event := server.next_event()) is not wire.NEED_DATA:
+        events.append(type(event))
+    assert events[-1] is wire.Done and server.body_received == end - start
+    client.receive_data(server.send(wire.RangeStored(start, end)))
+    assert client.next_event() == wire.RangeStored(start, end)
+
+
+@settings(deadline=None, max_examples=25)
+@given(st.lists(st.integers(0, 3), min_size=1, max_size=4), st.sampled_from(["putr", "put", "get", "abort"]))
+def test_a_connection_carries_ranges_one_after_another_then_any_request(blocks, last):
+    """After ``DURABLE`` both sides wait for the next request on the same connection: a range of
+    the same file (the client's next one), then any request; its replies are read against it
+    (a ``DURABLE`` of the previous range is no reply to the next)."""
+    size = 4 * A + 5
+    client, server = wire.ClientConnection(), wire.ServerConnection()
+    for i in blocks:
+        _durable_range(client, server, size, i * A, (i + 1) * A)
+    assert server.served == len(blocks)
+    if last == "putr":
+        server.receive_data(client.send(wire.RangedUploadRequest(SESSION, FILE, size, 4 * A, size)))
+        assert isinstance(server.next_event(), wire.RangedUploadRequest)
+        client.receive_data(f"DURABLE {blocks[-1] * A} {(blocks[-1] + 1) * A}\r\n".encode())
+        event = client.next_event()
+        assert isinstance(event, wire.ServerError) and event.code == "malformed-header"
+    elif last == "put":
+        server.receive_data(client.send(wire.UploadRequest(SESSION, FILE, size)))
+        assert server.next_event() == wire.UploadRequest(SESSION, FILE, size)
+        client.receive_data(server.send(wire.Offset(7)))
+        assert client.next_event() == wire.Offset(7)
+    elif last == "get":
+        server.receive_data(client.send(wire.DownloadRequest(SESSION, FILE, 0)))
+        assert server.next_event() == wire.DownloadRequest(SESSION, FILE, 0)
+    else:
+        server.receive_data(client.send(wire.AbortRequest(SESSION, FILE)))
+        assert server.next_event() == wire.AbortRequest(SESSION, FILE)
+
+
+def test_after_durable_a_2007_header_is_refused_and_a_close_is_a_clean_end():
+    """A 2007 header only opens a connection; a client that closes after ``DURABLE`` ends it cleanly."""
+    size = 2 * A
+    client, server = wire.ClientConnection(), wire.ServerConnection()
+    _durable_range(client, server, size, 0, A)
+    server.receive_data(f"{SESSION} {FILE} 10\r\n".encode())
+    event = server.next_event()
+    assert isinstance(event, wire.ProtocolError) and event.code is ErrorCode.MALFORMED_HEADER
+    assert server.closed
+    client, server = wire.ClientConnection(), wire.ServerConnection()
+    _durable_range(client, server, size, 0, A)
+    server.receive_data(b"")
+    assert isinstance(server.next_event(), wire.EndOfStream)

@@ -1159,6 +1159,7 @@ class RangedUpload:
     def _worker(self) -> None:
         """Take ranges from the queue and send them, until none is left, the controller wants fewer
         connections (auto), or the upload halts."""
+        kept: _Link | None = None  # the connection the last range ended on, while the server keeps it
         try:
             while not self.halt.is_set():
                 with self.lock:
@@ -1169,9 +1170,12 @@ class RangedUpload:
                     r = {"start": piece[0], "end": piece[1], "from": None, "pos": piece[0], "sent": 0,
                          "reply": None, "link": None, "acked": 0, "base": 0}
                     self.ranges.append(r)
-                if not self._range(r):
+                more, kept = self._range(r, kept)
+                if not more:
                     return
         finally:
+            if kept is not None:
+                kept.close()
             with self.lock:
                 self.running -= 1
 
@@ -1203,19 +1207,23 @@ class RangedUpload:
             link, self.spare = self.spare, None
         return link if link is not None else self.client._connect(self.halt)
 
-    def _range(self, r: dict[str, Any]) -> bool:
+    def _range(self, r: dict[str, Any], kept: _Link | None) -> tuple[bool, _Link | None]:
         """One range's connections until it is durable, the file complete, or the range gives up
-        -> whether the worker may take another range."""
+        -> (whether the worker may take another range, the connection to send it on if the server
+        keeps this one). ``kept`` is the connection the worker's last range ended on: a new range
+        on it starts with the congestion window the last one built, instead of a handshake and a
+        slow start, which on a long path cost more than a short range's transfer."""
         budget = RetryBudget(self.client.policy)
         best = -1
         while not self.halt.is_set():
             link: _Link | None = None
-            progressed = False
+            keep: _Link | None = None
+            reused, progressed, answered = kept is not None, False, False
             try:
-                link = self._first_link()
-                with self.lock:
-                    r["link"], r["base"] = link, r["acked"]
-                if self.controller is not None:  # the end of the range stays in the file, for _steal
+                link, kept = (kept, None) if kept is not None else (self._first_link(), None)
+                with self.lock:  # TCP_INFO counts the connection's bytes since it opened, this range's from here
+                    r["link"], r["base"] = link, r["acked"] - ((_link_acked(link.sock) or 0) if reused else 0)
+                if self.controller is not None and not reused:  # the end of the range stays in the file, for _steal
                     limit_unsent(link.sock)
                 if self.congestion is None and hasattr(socket, "TCP_CONGESTION"):
                     try:
@@ -1226,6 +1234,7 @@ class RangedUpload:
                 link.send_all(link.conn.send(wire.RangedUploadRequest(
                     self.session_key, self.file_key, self.size, r["start"], r["end"])))
                 reply = link.expect(wire.RangeOffset, REPLY_PATIENCE)
+                answered = True
                 offset = reply.offset
                 with self.lock:
                     self.queue.learn(reply.durable)  # never hand out what the server holds
@@ -1251,39 +1260,50 @@ class RangedUpload:
                     r["reply"] = "stored" if isinstance(reply, wire.Stored) else "durable"
                     if isinstance(reply, wire.Stored):
                         self.stored.append(reply)
-                return True
+                if link.conn.state is wire.ClientState.IDLE:  # DURABLE: the server reads our next request
+                    keep = link
+                return True, keep
             except FiledockError as exc:
                 if isinstance(exc, RefusedByServer) and exc.code is ErrorCode.ALREADY_COMPLETE:
                     with self.lock:
                         r["reply"] = "complete"
                         r["pos"] = r["end"]
-                    return True
+                    return True, None
                 if exc.code is ErrorCode.TAKEN_OVER and r.pop("split", False):
                     continue  # our own split (_steal): send the first half at once, no failure
+                if reused and not answered and (not isinstance(exc, RefusedByServer)
+                                                or exc.code is ErrorCode.IDLE_TIMEOUT):
+                    # the kept connection was closed meanwhile (the server's header timeout, or a server
+                    # that closes after DURABLE): as an HTTP client does with a stale kept-alive
+                    # connection, send the request again at once on a new one; nothing was lost
+                    log.debug("%s range %d-%d: the kept connection was closed (%s); a new one", self.name,
+                              r["start"], r["end"], exc.message)
+                    continue
                 decision = budget.failed(exc, progressed)
                 if isinstance(decision, GiveUp) or self.halt.is_set():
                     if not self.halt.is_set() or not isinstance(exc, Cancelled):
                         with self.lock:
                             self.errors.append(decision.error if isinstance(decision, GiveUp) else exc)
                     self.halt.set()
-                    return False
+                    return False, None
                 log.info("%s range %d-%d: %s; reconnecting in %.1fs", self.name, r["start"], r["end"], exc.message,
                          decision.seconds)
             except Cancelled:
-                return False
+                return False, None
             except BaseException as exc:  # noqa: BLE001 - a thread must hand every failure to run()
                 with self.lock:
                     self.errors.append(exc)
                 self.halt.set()
-                return False
+                return False, None
             finally:
                 if link is not None:
                     with self.lock:
                         r["link"] = None  # before the close: its descriptor may be another socket's next
-                    link.close()
+                    if link is not keep:
+                        link.close()
             if self.halt.wait(decision.seconds):
-                return False
-        return False
+                return False, None
+        return False, None
 
 
 def _link_rtt(sock: socket.socket) -> float | None:

@@ -61,7 +61,7 @@ _NEXT: dict[Lifecycle, frozenset[Lifecycle]] = {
     Lifecycle.AWAITING_REQUEST: frozenset({Lifecycle.STARTING, Lifecycle.ENDING, Lifecycle.LOST}),
     Lifecycle.STARTING: frozenset({Lifecycle.TRANSFERRING, Lifecycle.ENDING, Lifecycle.LOST}),
     Lifecycle.TRANSFERRING: frozenset({Lifecycle.FINISHING, Lifecycle.ENDING, Lifecycle.LOST}),
-    Lifecycle.FINISHING: frozenset({Lifecycle.ENDING, Lifecycle.LOST}),
+    Lifecycle.FINISHING: frozenset({Lifecycle.ENDING, Lifecycle.LOST, Lifecycle.AWAITING_REQUEST}),
     Lifecycle.ENDING: frozenset({Lifecycle.LOST}),
     Lifecycle.LOST: frozenset({Lifecycle.CLOSED}),
     Lifecycle.CLOSED: frozenset(),
@@ -158,7 +158,8 @@ class DataPortFactory(Factory):
 
 @implementer(IRequestChannel)
 class DataPortProtocol(Protocol):
-    """One data-port connection: the channel of the one request it carries."""
+    """One data-port connection: the channel of the request it carries (of one after another, where
+    a request ends with the connection kept: a ranged upload's ``DURABLE``)."""
 
     factory: DataPortFactory
     READ_SIZE = 1 << 20
@@ -335,9 +336,26 @@ class DataPortProtocol(Protocol):
         self.expect_within(self.factory.limits.idle_timeout)
 
     def range_stored(self, start: int, end: int) -> None:
-        """A ranged upload's final reply when other ranges are still missing: its range is durable."""
+        """A ranged upload's final reply when other ranges are still missing: its range is durable,
+        and the connection stays open for the client's next request (its next range, usually)."""
         if self.phase not in _ENDED:
-            self._final_reply(self.conn.send(wire.RangeStored(start, end)))
+            self.transport.write(self.conn.send(wire.RangeStored(start, end)))
+            self._next_request()
+
+    def _next_request(self) -> None:
+        """The request ended well and the connection stays: the request lets go of its file (its
+        writer is closed and its blocks recorded, so settling has nothing left to keep) and the
+        next request line is due within the header timeout, checked afresh by the authority."""
+        request, self.request, self._receive = self.request, None, None
+        self.factory.authorized.discard(self)
+        self.job_id = self.session_key = None
+        d = request.settle()
+        d.addErrback(request.settle_failed)
+        d.addBoth(lambda _: request.release())
+        self._enter(Lifecycle.AWAITING_REQUEST)
+        self.touch()
+        self._connected_at = self._last_activity
+        self.expect_within(self.factory.limits.header_timeout)
 
     def stored(self, size: int, crc32: int, digest: str) -> None:
         if self.phase not in _ENDED:  # a 2007 upload finishes once its client is gone: nothing to say
