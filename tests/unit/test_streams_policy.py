@@ -8,9 +8,10 @@ import struct
 from hypothesis import given
 from hypothesis import strategies as st
 
-from filedock.client.streams_policy import (MAX_CHUNK, MIN_CHUNK, STEAL_MARGIN, ControllerTiming, RangeQueue,
-                                            StreamController, acked_from_tcp_info, chunk_plan, chunk_size,
-                                            rtt_from_tcp_info, split_point, best_split)
+from filedock.client.streams_policy import (CHUNKS_PER_STREAM, MAX_CHUNK, MIN_CHUNK, QUEUE_GROWTH, STEAL_MARGIN,
+                                            ControllerTiming, RangeQueue, StreamController, acked_from_tcp_info,
+                                            best_split, chunk_plan, chunk_size, queueing, rtt_from_tcp_info,
+                                            rtts_from_tcp_info, split_point)
 from filedock.store.ranged import durable_runs
 from filedock.wire import RANGE_ALIGN, range_error
 
@@ -55,8 +56,9 @@ def test_chunk_plan_covers_the_file_once_on_the_grid(size, limit):
     step = chunk_size(size, limit)
     assert step % A == 0 and min(MIN_CHUNK, -(-size // A) * A) <= step <= MAX_CHUNK or size <= step
     assert all(e - s == step for s, e in plan[:-1])
-    if MIN_CHUNK * 4 * limit <= size <= MAX_CHUNK * 4 * limit:  # the grid multiple nearest size / (4 limit)
-        assert step - A < -(-size // (4 * limit)) <= step
+    per = CHUNKS_PER_STREAM * limit
+    if MIN_CHUNK * per <= size <= MAX_CHUNK * per:  # the grid multiple nearest size / (CHUNKS_PER_STREAM limit)
+        assert step - A < -(-size // per) <= step
 
 
 @given(st.integers(1, 400), st.integers(1, 16), st.sets(st.integers(0, 399)), st.data())
@@ -92,9 +94,9 @@ def test_queue_resume_sends_only_the_suffix_of_each_range():
     """A new process plans the same ranges; each range's durable prefix (ranges are written in order)
     is skipped, and a range durable whole is never handed out."""
     size = 3 * MIN_CHUNK + 5
-    plan = chunk_plan(size, 1)
+    plan = chunk_plan(size, 2)
     c = MIN_CHUNK
-    assert plan == chunk_plan(size, 1) == [(0, c), (c, 2 * c), (2 * c, 3 * c), (3 * c, size)]
+    assert plan == chunk_plan(size, 2) == [(0, c), (c, 2 * c), (2 * c, 3 * c), (3 * c, size)]
     queue = RangeQueue(plan)
     queue.learn(((0, c + A), (2 * c, 2 * c + A)))
     assert [queue.take() for _ in range(4)] == [(c + A, 2 * c), (2 * c + A, 3 * c), (3 * c, size), None]
@@ -168,6 +170,33 @@ def test_a_fall_in_the_aggregate_while_holding_adds_streams_again():
     ks = [k for k, _ in controller.history]
     assert ks[:4] == [8, 12, 16, 12]  # 12 fill the link: 16 add nothing, back to 12
     assert ks[-1] == 16 and controller.streams == 16 and controller.settled  # after the fall: 16 pay
+
+
+def test_rtts_from_tcp_info_and_the_queue_signal():
+    """(smoothed, smallest) RTT from ``TCP_INFO`` where the kernel gives both; the median connection's
+    ratio above 1 + QUEUE_GROWTH is a standing queue, at or below it none; no samples, no queue."""
+    assert rtts_from_tcp_info(tcp_info(150_000, 100_000)) == (0.15, 0.1)
+    assert rtts_from_tcp_info(tcp_info(150_000, None)) is None and rtts_from_tcp_info(tcp_info(0, 100_000)) is None
+    at = 0.1 * (1 + QUEUE_GROWTH)
+    assert queueing([(0.19, 0.1), (0.18, 0.1), (0.1, 0.1)]) is True  # the median connection queues
+    assert queueing([(0.19, 0.1), (0.1, 0.1), (0.101, 0.1)]) is False  # one slow connection is not a queue
+    assert queueing([(at, 0.1)]) is False and queueing([(at * 1.01, 0.1)]) is True
+    assert queueing([]) is False
+
+
+@given(st.integers(1, 15), st.floats(1e3, 1e10))
+def test_a_standing_queue_stops_the_probing(start, per_stream):
+    """A full link shows a queue in the RTTs: the controller keeps the K it measured and adds none, even
+    where each added stream would seem to pay (fresh streams in slow start), nor when the aggregate falls."""
+    controller = StreamController(start, 16, TIMING)
+    sent, now, fell = 0.0, 0.0, False
+    while now < 60:
+        k = controller.sample(now, int(sent), full=True)
+        fell = fell or now > 30
+        sent += k * per_stream * (0.5 if fell else 1.0) * 0.25
+        now += 0.25
+    assert controller.streams == start and controller.settled
+    assert {k for k, _ in controller.history} == {start}
 
 
 def test_no_more_work_ends_the_probing():

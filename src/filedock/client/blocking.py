@@ -40,7 +40,8 @@ from filedock.client.pathtune import can_set, choose_congestion_control
 from filedock.client.ranges import MAX_STREAMS, MIN_RANGED_SIZE, auto_streams, plan_ranges
 from filedock.client.retry import REPLY_PATIENCE, RETRYABLE_REFUSALS, GiveUp, RetryBudget
 from filedock.client.streams_policy import (UNSENT_LIMIT, ControllerTiming, RangeQueue, StreamController,
-                                            acked_from_tcp_info, best_split, chunk_plan, rtt_from_tcp_info)
+                                            acked_from_tcp_info, best_split, chunk_plan, queueing, rtt_from_tcp_info,
+                                            rtts_from_tcp_info)
 from filedock.client.transfer import (AwaitDigest, BatchAttempt, Connect, DownloadAttempt, DropPartial, Fail, Finish,
                                       QueryStored, Restart, SendBody, Sleep, UploadAttempt, reply_error)
 from filedock.digest import ContentHasher
@@ -1103,8 +1104,8 @@ class RangedUpload:
                     self.halt.set()
                 if self.controller is not None and not self.halt.is_set():
                     with self.lock:
-                        acked, more, running = self._acked(), self._more_work(), self.running
-                    wanted = self.controller.sample(time.monotonic(), acked, more)
+                        (acked, rtts), more, running = self._acked(), self._more_work(), self.running
+                    wanted = self.controller.sample(time.monotonic(), acked, more, queueing(rtts))
                     log.debug("%s: %d bytes acknowledged, %d streams running, %d wanted, %d ranges waiting",
                               self.name, acked, running, wanted, len(self.queue))
                     if wanted > running:
@@ -1116,17 +1117,21 @@ class RangedUpload:
         finally:
             self.close_spare()
 
-    def _acked(self) -> int:
-        """Bytes the server acknowledged on every range so far (the lock held): the goodput the
-        controller sees. Where the kernel does not say (no ``TCP_INFO``), the bytes sent."""
-        total = 0
+    def _acked(self) -> tuple[int, list[tuple[float, float]]]:
+        """(bytes the server acknowledged on every range so far, the running connections' smoothed
+        and smallest RTTs) (the lock held): the goodput the controller sees and whether the path
+        queues. Where the kernel does not say (no ``TCP_INFO``), the bytes sent and no RTTs."""
+        total, rtts = 0, []
         for r in self.ranges:
             link = r["link"]
             if link is not None:
-                n = _link_acked(link.sock)
+                info = tcp_info(link.sock)
+                n = acked_from_tcp_info(info) if info else None
                 r["acked"] = r["sent"] if n is None else max(r["acked"], r["base"] + n)
+                if info and (pair := rtts_from_tcp_info(info)):
+                    rtts.append(pair)
             total += r["acked"]
-        return total
+        return total, rtts
 
     def _verdict(self, plan: list[tuple[int, int]]) -> UploadResult:
         if self.stored:
@@ -1306,14 +1311,20 @@ class RangedUpload:
         return False, None
 
 
-def _link_rtt(sock: socket.socket) -> float | None:
-    """The kernel's round-trip time of a connected TCP socket (``TCP_INFO``, Linux), or None."""
+def tcp_info(sock: socket.socket) -> bytes | None:
+    """The kernel's ``TCP_INFO`` of a connected TCP socket (Linux), or None."""
     if not hasattr(socket, "TCP_INFO"):
         return None
     try:
-        return rtt_from_tcp_info(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256))
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
     except OSError:
         return None
+
+
+def _link_rtt(sock: socket.socket) -> float | None:
+    """The kernel's round-trip time of a connected TCP socket (``TCP_INFO``, Linux), or None."""
+    info = tcp_info(sock)
+    return rtt_from_tcp_info(info) if info else None
 
 
 def limit_unsent(sock: socket.socket) -> None:
@@ -1329,12 +1340,8 @@ def limit_unsent(sock: socket.socket) -> None:
 
 def _link_acked(sock: socket.socket) -> int | None:
     """Bytes the peer acknowledged on a connected TCP socket (``TCP_INFO``, Linux), or None."""
-    if not hasattr(socket, "TCP_INFO"):
-        return None
-    try:
-        return acked_from_tcp_info(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256))
-    except OSError:
-        return None
+    info = tcp_info(sock)
+    return acked_from_tcp_info(info) if info else None
 
 
 def _spare_first(client: "DataPortClient", ranged: RangedUpload) -> "DataPortClient":

@@ -20,6 +20,7 @@ import json
 import logging
 import socket
 import ssl
+import threading
 import time
 from typing import Any, Callable
 from urllib.parse import quote, unquote, urlsplit
@@ -41,6 +42,10 @@ class ApiError(RefusedByServer):
         super().__init__(code, message)
         self.status = status
         self.repeated = repeated
+
+
+class _Stale(Exception):
+    """A connection kept alive from an earlier request was closed before this one was answered."""
 
 
 class _Transient(Exception):
@@ -95,6 +100,27 @@ class ApiClient:
         self.retry = retry or RetryPolicy()
         self.url_source = url_source
         self._info: dict[str, Any] | None = None
+        self._idle: http.client.HTTPConnection | None = None  # kept alive from the last request
+        self._idle_lock = threading.Lock()
+
+    def close(self) -> None:
+        """Close the connection kept alive for the next request, if any."""
+        with self._idle_lock:
+            idle, self._idle = self._idle, None
+        if idle is not None:
+            idle.close()
+
+    def _take_idle(self) -> http.client.HTTPConnection | None:
+        with self._idle_lock:
+            idle, self._idle = self._idle, None
+        return idle
+
+    def _keep(self, conn: http.client.HTTPConnection) -> None:
+        with self._idle_lock:
+            if self._idle is None:
+                self._idle, conn = conn, None
+        if conn is not None:  # another thread's request kept its own: one idle connection is enough
+            conn.close()
 
     def _connection(self) -> http.client.HTTPConnection:
         if self.tls:
@@ -131,6 +157,12 @@ class ApiClient:
         while True:
             try:
                 return self._once(method, path, body, repeated)
+            except _Stale:
+                # the connection kept from the last request was closed meanwhile (the server's idle timeout,
+                # a restart): send again at once on a new one, as HTTP clients do. The server may have
+                # read the request before it closed, so a refusal now is reconciled as a repeat
+                repeated = True
+                continue
             except _Transient as exc:
                 repeated = repeated or exc.sent
                 failures += 1
@@ -152,20 +184,29 @@ class ApiClient:
         if body is not None:
             data = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
-        conn = self._connection()
-        sent = False
+        kept = self._take_idle()
+        conn = kept or self._connection()
+        sent = keep = False
         try:
-            try:
-                conn.connect()
-            except TimeoutError as exc:
-                if not self.tls:
-                    raise
-                raise self._tls_failure(exc, False) from None
-            conn.sock.settimeout(self.timeout)
+            if kept is None:
+                try:
+                    conn.connect()
+                except TimeoutError as exc:
+                    if not self.tls:
+                        raise
+                    raise self._tls_failure(exc, False) from None
+                conn.sock.settimeout(self.timeout)
             sent = True  # from here on the server may have acted on the request
-            conn.request(method, path, body=data, headers=headers)
-            resp = conn.getresponse()
+            try:
+                conn.request(method, path, body=data, headers=headers)
+                resp = conn.getresponse()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
+                    ConnectionAbortedError, ssl.SSLEOFError, ssl.SSLZeroReturnError):
+                if kept is not None:
+                    raise _Stale() from None
+                raise
             raw = resp.read()
+            keep = not resp.will_close
         except ssl.SSLError as exc:
             raise self._tls_failure(exc, sent) from None
         except http.client.BadStatusLine as exc:
@@ -185,7 +226,10 @@ class ApiClient:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
             raise _Transient(reason, sent) from None
         finally:
-            conn.close()
+            if keep:  # the next request goes on this connection: one round trip, not two (and no TLS handshake)
+                self._keep(conn)
+            else:
+                conn.close()
         try:
             payload = json.loads(raw) if raw else None
         except ValueError:

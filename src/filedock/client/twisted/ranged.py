@@ -26,13 +26,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from filedock import wire
-from filedock.client.blocking import limit_unsent
+from filedock.client.blocking import limit_unsent, tcp_info
 from filedock.client.model import (DURABLE, SENT, VERIFIED, Cancelled, Outcome, ProgressCallback, SourceStamp,
                                    SourceWatch, UploadResult)
 from filedock.client.ranges import MAX_STREAMS, auto_streams, plan_ranges
 from filedock.client.retry import GiveUp, RetryBudget
 from filedock.client.streams_policy import (ControllerTiming, RangeQueue, StreamController, acked_from_tcp_info,
-                                            best_split, chunk_plan, rtt_from_tcp_info)
+                                            best_split, chunk_plan, queueing, rtt_from_tcp_info,
+                                            rtts_from_tcp_info)
 from filedock.client.twisted import upload
 from filedock.client.twisted.exchange import RequestExchange, StallWatch
 from filedock.client.twisted.streaming import FileStreamer, OrderedHasher
@@ -162,26 +163,16 @@ def tcp_socket(transport: Any) -> socket.socket | None:
     return None
 
 
+def transport_info(transport: Any) -> bytes | None:
+    """The kernel's ``TCP_INFO`` of the TCP connection under ``transport``, or None."""
+    sock = tcp_socket(transport)
+    return tcp_info(sock) if sock is not None else None
+
+
 def transport_rtt(transport: Any) -> float | None:
     """The kernel's round-trip time of the TCP connection under ``transport`` (``TCP_INFO``), or None."""
-    sock = tcp_socket(transport)
-    if sock is None or not hasattr(socket, "TCP_INFO"):
-        return None
-    try:
-        return rtt_from_tcp_info(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256))
-    except OSError:
-        return None
-
-
-def transport_acked(transport: Any) -> int | None:
-    """Bytes the peer acknowledged on the TCP connection under ``transport`` (``TCP_INFO``), or None."""
-    sock = tcp_socket(transport)
-    if sock is None or not hasattr(socket, "TCP_INFO"):
-        return None
-    try:
-        return acked_from_tcp_info(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256))
-    except OSError:
-        return None
+    info = transport_info(transport)
+    return rtt_from_tcp_info(info) if info else None
 
 
 def transport_congestion(transport: Any) -> str | None:
@@ -344,7 +335,8 @@ class TxRangedUpload:
             while not all(w.called for w in self.workers):
                 await self._wait(SAMPLE_SECONDS)
                 if self.controller is not None and not self.halted:
-                    wanted = self.controller.sample(reactor.seconds(), self._acked(), self._more_work())
+                    acked, rtts = self._acked()
+                    wanted = self.controller.sample(reactor.seconds(), acked, self._more_work(), queueing(rtts))
                     if wanted > self.running:
                         log.info("{name}: {k} streams (auto)", name=self.name, k=wanted)
                         self._spawn(fd, wanted - self.running)
@@ -352,16 +344,20 @@ class TxRangedUpload:
             self._halt()
             raise
 
-    def _acked(self) -> int:
-        """Bytes the server acknowledged on every range so far (``TCP_INFO``; else the bytes sent)."""
-        total = 0
+    def _acked(self) -> tuple[int, list[tuple[float, float]]]:
+        """(bytes the server acknowledged on every range so far, the running connections' smoothed and
+        smallest RTTs) (``TCP_INFO``; else the bytes sent and no RTTs)."""
+        total, rtts = 0, []
         for r in self.ranges:
             exchange = r["exchange"]
             if exchange is not None:
-                n = transport_acked(exchange.transport)
+                info = transport_info(exchange.transport)
+                n = acked_from_tcp_info(info) if info else None
                 r["acked"] = r["sent"] if n is None else max(r["acked"], r["base"] + n)
+                if info and (pair := rtts_from_tcp_info(info)):
+                    rtts.append(pair)
             total += r["acked"]
-        return total
+        return total, rtts
 
     def _wait(self, seconds: float) -> defer.Deferred:
         """-> fires after ``seconds``, or at once when a worker ends (the last one ends the upload)."""
