@@ -617,6 +617,8 @@ class ServerConnection:
             return PAUSED
         if state is ServerState.LEGACY_END or state is ServerState.FINISHING:
             if len(self._input):
+                if state is ServerState.FINISHING and isinstance(self.request, RangedUploadRequest):
+                    return PAUSED  # the client's next request, sent ahead: read once this range is answered
                 return self._fail(ErrorCode.EXCESS_DATA, "bytes after the announced size")
             return self._eof_or_need()
         if state is ServerState.SENDING:
@@ -819,6 +821,7 @@ class ClientConnection:
         self.size = 0
         self.offset = 0
         self.range: tuple[int, int] | None = None  # a ranged upload's [start, end)
+        self.pipelined: RangedUploadRequest | None = None  # sent after DONE, before the reply (see send)
         self.body_expected = 0
         self.body_received = 0
         self.items_left = 0
@@ -855,8 +858,21 @@ class ClientConnection:
 
     def send(self, event: UploadRequest | DownloadRequest | AbortRequest | BatchRequest | BatchItem | Done) -> bytes:
         """The bytes for ``event``; the state moves on. Raises ``LocalProtocolError`` if it is not
-        allowed now (see ``CLIENT_TRANSITIONS``): a second request, ``Done`` early, an item too many."""
+        allowed now (see ``CLIENT_TRANSITIONS``): a second request, ``Done`` early, an item too many.
+
+        One exception to "a request once the last is answered": after a ranged upload's ``Done``, the
+        next ranged upload may be sent ahead (``pipelined``); if the reply is ``DURABLE`` the
+        connection then awaits its ``RANGES``, and if it is ``STORED`` or an error the server never
+        read it (``pipelined`` says which request that was)."""
         kind = type(event)
+        if kind is RangedUploadRequest and self.state is ClientState.AWAIT_STORED and self.range is not None \
+                and self.pipelined is None:
+            why = range_error(event.size, event.start, event.end)
+            if why:
+                raise ValueError(why)
+            self.pipelined = event
+            return _line(f"{VERSION} PUTR {event.session_key} {event.file_key} {event.size} {event.start} "
+                         f"{event.end}")
         next_state = _next_state(CLIENT_TRANSITIONS, self.state, kind)
         data = self._WRITERS[kind](self, event)
         self.state = next_state
@@ -943,6 +959,10 @@ class ClientConnection:
         event = self._parse_reply(text)
         if event is None or (self.state, type(event)) not in CLIENT_TRANSITIONS:
             return self._advance(ServerError(ErrorCode.MALFORMED_HEADER.value, f"unexpected reply {text[:80]!r}"))
+        if type(event) is RangeStored and self.pipelined is not None:  # the request sent ahead is read now
+            nxt, self.pipelined = self.pipelined, None
+            self.size, self.range, self.state = nxt.size, (nxt.start, nxt.end), ClientState.AWAIT_OFFSET
+            return event
         if type(event) is Offset or type(event) is RangeOffset:
             self.offset = event.offset
         elif type(event) is DownloadStart:

@@ -163,3 +163,40 @@ def test_auto_sends_many_ranges_on_few_connections(server, tmp_path, monkeypatch
     assert result.sent == size
     assert server.blob_path(job["id"], key).read_bytes() == src.read_bytes()
     assert failures(server) == []
+
+
+def test_the_next_range_sent_ahead_of_durable_is_read_once_the_range_is_answered(server, tmp_path):
+    """``DONE`` and the next ``PUTR`` in one write: the server answers ``DURABLE`` for the first range,
+    then ``RANGES`` for the next (no ``excess-data``); after ``STORED`` a request sent ahead is never
+    read (the connection closes) and nothing fails."""
+    size = 3 * A
+    data = os.urandom(size)
+    job, files, session = server.job_with_files("ahead", {"a.bin": size})
+    key = files["a.bin"]["key"]
+    link = Kept(server)
+    send = link.conn.send
+    link.sock.sendall(send(wire.RangedUploadRequest(session["key"], key, size, 0, A)))
+    assert link.event() == wire.RangeOffset(0, ())
+    link.sock.sendall(data[:A] + send(wire.Done(None)) + send(wire.RangedUploadRequest(session["key"], key, size,
+                                                                                        A, 2 * A)))
+    assert link.event() == wire.RangeStored(0, A)
+    assert link.event() == wire.RangeOffset(A, ((0, A),))
+    link.sock.sendall(data[A:2 * A] + send(wire.Done(None)))
+    assert link.event() == wire.RangeStored(A, 2 * A)
+    assert link.putr(session["key"], key, size, 2 * A, size, data)[1].__class__ is wire.Stored
+
+    other, other_files, other_session = server.job_with_files("ahead2", {"b.bin": A})
+    link = Kept(server)
+    other_key = other_files["b.bin"]["key"]
+    link.sock.sendall(link.conn.send(wire.RangedUploadRequest(other_session["key"], other_key, A, 0, A)))
+    assert link.event() == wire.RangeOffset(0, ())
+    link.sock.sendall(data[:A] + link.conn.send(wire.Done(None)))
+    ahead = link.conn.send(wire.RangedUploadRequest(other_session["key"], other_key, A, 0, A))
+    link.sock.sendall(ahead)
+    stored = link.event()
+    assert isinstance(stored, wire.Stored) and stored.size == A and link.conn.closed
+    link.sock.settimeout(10)
+    assert link.sock.recv(100) == b""
+    assert server.blob_path(job["id"], key).read_bytes() == data
+    assert server.blob_path(other["id"], other_key).read_bytes() == data[:A]
+    assert failures(server) == []

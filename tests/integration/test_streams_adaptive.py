@@ -98,10 +98,10 @@ def serve_in(link, work: Path) -> dict[str, str]:
 
 
 def test_auto_on_a_long_link_opens_several_streams_and_keeps_only_those_that_pay(long_link, tmp_path):
-    """At 100 ms auto starts from the RTT's estimate (8 or 9 streams), measures the aggregate, tries more and
-    keeps them only if they raised it enough (on this full 100 Mbit/s link they usually do not); the
-    upload is complete and byte-identical, and the link was used at more than half its rate on average,
-    start-up included."""
+    """At 100 ms auto starts from the RTT's estimate (8 or 9 streams) and measures the aggregate. These
+    streams fill the 100 Mbit/s link, which shows as a standing queue in their RTTs, so auto adds no
+    stream (QUEUE_GROWTH); the upload is complete and byte-identical, and the link was used at more
+    than half its rate on average, start-up included."""
     size = 128 * MiB
     src = random_file(tmp_path / "far.bin", size)
     env = serve_in(long_link, tmp_path)
@@ -119,10 +119,8 @@ def test_auto_on_a_long_link_opens_several_streams_and_keeps_only_those_that_pay
     assert streams["streams"] > 1 and len(streams["ranges"]) > 1
     measured = [(m["streams"], m["bytes_per_s"]) for m in streams["measured"]]
     start = auto_streams(streams["rtt_ms"] / 1000, size)  # one per 12.5 ms: 8 or 9 here
-    assert measured[0][0] == start >= 8 and len(measured) >= 2 and max(k for k, _ in measured) > start
-    assert max(k for k, _ in measured) <= 16 and streams["streams"] <= 16
-    first, kept = measured[0][1], max(rate for k, rate in measured if k == streams["kept"])
-    # kept more than at the start only if they paid: at least 10 % more (MIN_GAIN, GAIN_SHARE)
-    assert streams["kept"] == start or kept >= 1.1 * first, measured
+    assert measured[0][0] == start >= 8 and len(measured) >= 2
+    assert {k for k, _ in measured} == {start} and streams["kept"] == start, measured
+    assert max(rate for _, rate in measured) > 0.8 * 100e6 / 8, measured  # the link was full
     assert sum(r["sent"] for r in streams["ranges"]) >= size
     assert size / seconds > 0.5 * 100e6 / 8, f"{size / seconds / 1e6:.1f} MB/s"

@@ -233,3 +233,48 @@ def test_after_durable_a_2007_header_is_refused_and_a_close_is_a_clean_end():
     _durable_range(client, server, size, 0, A)
     server.receive_data(b"")
     assert isinstance(server.next_event(), wire.EndOfStream)
+
+
+def test_the_next_range_may_be_sent_ahead_of_the_reply():
+    """After a ranged ``DONE`` the client core sends the next ``PUTR`` at once (one only, and only a
+    ranged one); ``DURABLE`` of the first then moves it to await the second's ``RANGES``, which it reads
+    against the second range. The server core holds the bytes unread (no ``excess-data``) until it
+    answered the first. ``STORED`` instead closes, the request sent ahead unread."""
+    size = 3 * A
+    client, server = wire.ClientConnection(), wire.ServerConnection()
+    server.receive_data(client.send(wire.RangedUploadRequest(SESSION, FILE, size, 0, A)))
+    assert isinstance(server.next_event(), wire.RangedUploadRequest)
+    client.receive_data(server.send(wire.RangeOffset(0, ())))
+    assert client.next_event() == wire.RangeOffset(0, ())
+    server.receive_data(bytes(A) + client.send(wire.Done(None)))
+    ahead = client.send(wire.RangedUploadRequest(SESSION, FILE, size, A, 2 * A))
+    assert client.pipelined == wire.RangedUploadRequest(SESSION, FILE, size, A, 2 * A)
+    with pytest.raises(wire.LocalProtocolError):  # one request ahead at most
+        client.send(wire.RangedUploadRequest(SESSION, FILE, size, 2 * A, size))
+    server.receive_data(ahead)
+    while (event := server.next_event()) is not wire.PAUSED:
+        assert event is not wire.NEED_DATA and not isinstance(event, wire.ProtocolError)
+    assert server.buffered == len(ahead)
+    client.receive_data(server.send(wire.RangeStored(0, A)))
+    assert client.next_event() == wire.RangeStored(0, A)
+    assert client.state is wire.ClientState.AWAIT_OFFSET and client.pipelined is None and client.range == (A, 2 * A)
+    assert server.next_event() == wire.RangedUploadRequest(SESSION, FILE, size, A, 2 * A)
+    client.receive_data(f"RANGES {A} 0-{A}\r\n".encode())
+    assert client.next_event() == wire.RangeOffset(A, ((0, A),))
+
+    client, server = wire.ClientConnection(), wire.ServerConnection()
+    client.send(wire.RangedUploadRequest(SESSION, FILE, size, 0, A))
+    client.receive_data(f"RANGES 0 {A}-{size}\r\n".encode())
+    client.next_event()
+    client.send(wire.Done(None))
+    client.send(wire.RangedUploadRequest(SESSION, FILE, size, A, 2 * A))
+    client.receive_data(f"STORED {size} 00000000 {'0' * 64}\r\n".encode())
+    assert isinstance(client.next_event(), wire.Stored) and client.closed and client.pipelined is not None
+
+    plain = wire.ClientConnection()  # a plain PUT's DONE: nothing may follow it
+    plain.send(wire.UploadRequest(SESSION, FILE, 5))
+    plain.receive_data(b"OFFSET 0\r\n")
+    plain.next_event()
+    plain.send(wire.Done(None))
+    with pytest.raises(wire.LocalProtocolError):
+        plain.send(wire.RangedUploadRequest(SESSION, FILE, size, 0, A))

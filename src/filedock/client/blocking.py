@@ -1165,17 +1165,13 @@ class RangedUpload:
         """Take ranges from the queue and send them, until none is left, the controller wants fewer
         connections (auto), or the upload halts."""
         kept: _Link | None = None  # the connection the last range ended on, while the server keeps it
+        asked: dict[str, Any] | None = None  # the next range, its PUTR sent on ``kept`` ahead of the reply
         try:
             while not self.halt.is_set():
-                with self.lock:
-                    too_many = self.controller is not None and self.running > self.controller.streams
-                    piece = None if too_many else self.queue.take() or self._steal()
-                    if piece is None:
-                        return
-                    r = {"start": piece[0], "end": piece[1], "from": None, "pos": piece[0], "sent": 0,
-                         "reply": None, "link": None, "acked": 0, "base": 0}
-                    self.ranges.append(r)
-                more, kept = self._range(r, kept)
+                r, asked = (asked, None) if asked is not None else (self._next_range(), None)
+                if r is None:
+                    return
+                more, kept, asked = self._range(r, kept, asked=r.pop("asked", False))
                 if not more:
                     return
         finally:
@@ -1183,6 +1179,26 @@ class RangedUpload:
                 kept.close()
             with self.lock:
                 self.running -= 1
+
+    def _next_range(self, steal: bool = True) -> dict[str, Any] | None:
+        """The next range for a connection of this upload, or None when there is none for it (all
+        handed out and none to split, or the controller wants fewer connections). ``steal`` False:
+        only from the queue (a request sent ahead splits nothing: a split is chosen when idle)."""
+        with self.lock:
+            too_many = self.controller is not None and self.running > self.controller.streams
+            piece = None if too_many else self.queue.take() or (self._steal() if steal else None)
+            if piece is None:
+                return None
+            r = {"start": piece[0], "end": piece[1], "from": None, "pos": piece[0], "sent": 0,
+                 "reply": None, "link": None, "acked": 0, "base": 0}
+            self.ranges.append(r)
+            return r
+
+    def _give_back(self, r: dict[str, Any]) -> None:
+        """A range asked for ahead whose request the server never read: back to the queue, unsent."""
+        with self.lock:
+            self.ranges.remove(r)
+            self.queue.give_back((r["start"], r["end"]))
 
     def _more_work(self) -> bool:
         """Whether another stream would find work (the lock held): a range to hand out, or one to split."""
@@ -1212,14 +1228,19 @@ class RangedUpload:
             link, self.spare = self.spare, None
         return link if link is not None else self.client._connect(self.halt)
 
-    def _range(self, r: dict[str, Any], kept: _Link | None) -> tuple[bool, _Link | None]:
+    def _range(self, r: dict[str, Any], kept: _Link | None,
+               asked: bool = False) -> tuple[bool, _Link | None, dict[str, Any] | None]:
         """One range's connections until it is durable, the file complete, or the range gives up
         -> (whether the worker may take another range, the connection to send it on if the server
-        keeps this one). ``kept`` is the connection the worker's last range ended on: a new range
-        on it starts with the congestion window the last one built, instead of a handshake and a
-        slow start, which on a long path cost more than a short range's transfer."""
+        keeps this one, the next range if its request was sent ahead on that connection). ``kept``
+        is the connection the worker's last range ended on (``asked``: this range's ``PUTR`` is sent
+        on it already): a new range on it starts with the congestion window the last one built,
+        instead of a handshake and a slow start, which on a long path cost more than a short
+        range's transfer. With ``auto`` the next range's ``PUTR`` follows ``DONE`` at once, so the
+        connection waits one round trip between ranges, not two."""
         budget = RetryBudget(self.client.policy)
         best = -1
+        ahead: dict[str, Any] | None = None
         while not self.halt.is_set():
             link: _Link | None = None
             keep: _Link | None = None
@@ -1236,8 +1257,10 @@ class RangedUpload:
                         self.congestion = raw.split(b"\0")[0].decode()
                     except OSError:
                         pass
-                link.send_all(link.conn.send(wire.RangedUploadRequest(
-                    self.session_key, self.file_key, self.size, r["start"], r["end"])))
+                if not (asked and reused):
+                    link.send_all(link.conn.send(wire.RangedUploadRequest(
+                        self.session_key, self.file_key, self.size, r["start"], r["end"])))
+                asked = False
                 reply = link.expect(wire.RangeOffset, REPLY_PATIENCE)
                 answered = True
                 offset = reply.offset
@@ -1258,22 +1281,36 @@ class RangedUpload:
                 link.send_body(self.f, offset, r["end"] - offset, sent)
                 hasher = self.local.wait(0)  # the digest if ready; the verdict compares it after STORED anyway
                 self.source.check()  # DONE may commit the file: never one that changed meanwhile
-                link.send_all(link.conn.send(wire.Done(hasher.hexdigest() if hasher else None)))
+                done = link.conn.send(wire.Done(hasher.hexdigest() if hasher else None))
+                if self.controller is not None and ahead is None and (ahead := self._next_range(steal=False)) is not None:
+                    done += link.conn.send(wire.RangedUploadRequest(self.session_key, self.file_key, self.size,
+                                                                    ahead["start"], ahead["end"]))
+                link.send_all(done)
                 reply = link.expect((wire.RangeStored, wire.Stored), REPLY_PATIENCE)
                 with self.lock:
                     r["acked"] = max(r["acked"], r["base"] + r["end"] - offset)  # all of it is at the server
                     r["reply"] = "stored" if isinstance(reply, wire.Stored) else "durable"
                     if isinstance(reply, wire.Stored):
                         self.stored.append(reply)
-                if link.conn.state is wire.ClientState.IDLE:  # DURABLE: the server reads our next request
-                    keep = link
-                return True, keep
+                state = link.conn.state
+                if state is wire.ClientState.IDLE or (state is wire.ClientState.AWAIT_OFFSET and ahead is not None):
+                    keep = link  # DURABLE: the server reads our next request (or reads the one sent ahead now)
+                if ahead is not None:
+                    if keep is None:  # STORED: the server closed without reading it; the file is complete
+                        self._give_back(ahead)
+                        ahead = None
+                    else:
+                        ahead["asked"] = True
+                return True, keep, ahead
             except FiledockError as exc:
+                if ahead is not None:  # its request may have been sent ahead: the server never read it
+                    self._give_back(ahead)
+                    ahead = None
                 if isinstance(exc, RefusedByServer) and exc.code is ErrorCode.ALREADY_COMPLETE:
                     with self.lock:
                         r["reply"] = "complete"
                         r["pos"] = r["end"]
-                    return True, None
+                    return True, None, None
                 if exc.code is ErrorCode.TAKEN_OVER and r.pop("split", False):
                     continue  # our own split (_steal): send the first half at once, no failure
                 if reused and not answered and (not isinstance(exc, RefusedByServer)
@@ -1290,16 +1327,16 @@ class RangedUpload:
                         with self.lock:
                             self.errors.append(decision.error if isinstance(decision, GiveUp) else exc)
                     self.halt.set()
-                    return False, None
+                    return False, None, None
                 log.info("%s range %d-%d: %s; reconnecting in %.1fs", self.name, r["start"], r["end"], exc.message,
                          decision.seconds)
             except Cancelled:
-                return False, None
+                return False, None, None
             except BaseException as exc:  # noqa: BLE001 - a thread must hand every failure to run()
                 with self.lock:
                     self.errors.append(exc)
                 self.halt.set()
-                return False, None
+                return False, None, None
             finally:
                 if link is not None:
                     with self.lock:
@@ -1307,8 +1344,8 @@ class RangedUpload:
                     if link is not keep:
                         link.close()
             if self.halt.wait(decision.seconds):
-                return False, None
-        return False, None
+                return False, None, None
+        return False, None, None
 
 
 def tcp_info(sock: socket.socket) -> bytes | None:

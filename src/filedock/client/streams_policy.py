@@ -146,6 +146,11 @@ class RangeQueue:
         if durable and self._pending:
             self._pending = deque(missing(list(self._pending), durable))
 
+    def give_back(self, piece: tuple[int, int]) -> None:
+        """``piece``, handed out by ``take``, was never sent: it is the next one handed out again."""
+        self.handed_out.remove(piece)
+        self._pending.appendleft(piece)
+
     def take(self) -> tuple[int, int] | None:
         """The next range to send, or None when every range was handed out."""
         if not self._pending:
