@@ -8,8 +8,8 @@ import struct
 from hypothesis import given
 from hypothesis import strategies as st
 
-from filedock.client.streams_policy import (CHUNKS_PER_STREAM, MAX_CHUNK, MIN_CHUNK, QUEUE_GROWTH, STEAL_MARGIN,
-                                            ControllerTiming, RangeQueue, StreamController, acked_from_tcp_info,
+from filedock.client.streams_policy import (CHUNKS_PER_STREAM, MAX_CHUNK, MIN_CHUNK, QUEUE_GROWTH, SPLIT_LEAST,
+                                            STEAL_MARGIN, ControllerTiming, RangeQueue, StreamController, acked_from_tcp_info,
                                             best_split, chunk_plan, chunk_size, queueing, rtt_from_tcp_info,
                                             rtts_from_tcp_info, split_point)
 from filedock.store.ranged import durable_runs
@@ -218,20 +218,22 @@ def test_split_point_leaves_both_halves_valid_ranges(size, a, b):
     pos = start + (a % (end - start)) if end > start else start
     point = split_point(pos, end)
     if point is None:
-        assert (pos + STEAL_MARGIN) // A * A + 2 * A > end
+        assert end - pos < 2 * SPLIT_LEAST + 2 * A + STEAL_MARGIN  # no room for two halves on the grid
         return
     assert point % A == 0 and pos + STEAL_MARGIN < point and point + A <= end
+    assert point - pos >= SPLIT_LEAST and end - point >= SPLIT_LEAST
     assert range_error(size, start, point) is None and range_error(size, point, end) is None
 
 
 def test_split_point_examples():
     assert split_point(0, 32 * A) == 16 * A
-    assert split_point(30 * A, 32 * A) == 31 * A and split_point(31 * A, 32 * A) is None
-    assert split_point(28 * A + 1, 34 * A + 5) == 32 * A and split_point(33 * A, 34 * A + 5) is None
+    assert split_point(24 * A, 32 * A) == 28 * A and split_point(25 * A, 32 * A) is None  # halves of 16 MiB at least
+    assert split_point(30 * A, 32 * A, least=A) == 31 * A and split_point(31 * A, 32 * A, least=A) is None
+    assert split_point(28 * A + 1, 34 * A + 5, least=A) == 32 * A and split_point(33 * A, 34 * A + 5, least=A) is None
 
 
 def test_best_split_takes_the_range_with_the_most_left():
     """An idle stream takes the half of the range that leaves it the most; nothing when none can split."""
     assert best_split([(0, 8 * A), (20 * A, 40 * A), (41 * A, 42 * A)]) == (1, 30 * A)
-    assert best_split([(3 * A, 4 * A), (8 * A, 9 * A + 7)]) is None
+    assert best_split([(3 * A, 4 * A), (8 * A, 9 * A + 7), (10 * A, 17 * A)]) is None
     assert best_split([]) is None
