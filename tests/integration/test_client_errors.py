@@ -87,6 +87,9 @@ class AnswerLosingProxy:
                 head += data
             line = head.split(b"\r\n", 1)[0]
             request = b" ".join(line.split(b" ")[:2])
+            # one request per connection, so every request passes here: the server closes after answering
+            # (and says so), and the client does not keep the connection alive for its next request
+            head = head.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1)
             with self._lock:
                 losing = line.startswith(self.lose) and request not in self.seen
                 self.seen.add(request)
@@ -367,3 +370,74 @@ def test_data_port_that_refuses_says_public_host(tmp_path):
         assert run.returncode == 1
         assert "error: unreachable: " in run.stderr and "data port at 127.0.0.2" in run.stderr
         assert "--public-host" in run.stderr and "internal-error" not in run.stderr
+
+
+# ---------------------------------------------------------------- the API connection kept alive
+
+
+class CountingRelay:
+    """A TCP relay to the control API that counts the connections the client opens."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.accepted = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        try:
+            server = socket.create_connection(self.upstream)
+        except OSError:
+            client.close()
+            return
+
+        def pipe(a: socket.socket, b: socket.socket) -> None:
+            try:
+                while data := a.recv(65536):
+                    b.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for s in (a, b):
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+        threading.Thread(target=pipe, args=(server, client), daemon=True).start()
+        pipe(client, server)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_the_api_client_keeps_its_connection_and_replaces_a_closed_one_at_once(tmp_path):
+    """Requests one after another share one connection (one round trip each on a long path, not two);
+    when the server restarts between two requests, the kept connection is found closed and the request
+    goes again at once on a new one, without using up an attempt (the policy here allows one)."""
+    server = ServerProcess(tmp_path / "data").start()
+    relay = CountingRelay((server.api.host, server.api.port))
+    try:
+        api = ApiClient(relay.url, server.token, retry=RetryPolicy(attempts=1))
+        job = api.create_job("kept")
+        for i in range(5):
+            api.add_file(job["id"], f"f{i}.wav", 100 + i)
+        assert len(api.job(job["id"])["files"]) == 5
+        assert relay.accepted == 1
+        server.restart()
+        assert [f["name"] for f in api.job(job["id"])["files"]] == [f"f{i}.wav" for i in range(5)]
+        assert relay.accepted == 2
+        api.close()
+    finally:
+        relay.close()
+        server.stop()

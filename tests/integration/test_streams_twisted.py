@@ -119,3 +119,37 @@ def test_auto_on_loopback_is_one_put_on_one_connection(server, reactor_thread, t
     assert 0 < result.streams["rtt_ms"] < 2
     assert len(opened) == 1
     assert server.blob_path(job["id"], key).read_bytes() == Path(src).read_bytes()
+
+
+def test_auto_on_a_long_path_carries_many_ranges_on_few_connections(server, reactor_thread, tmp_path, monkeypatch):
+    """``streams="auto"`` on a path it measures as long (the RTT reader made to say 40 ms): more ranges
+    than streams, each stream sending its ranges one after another on the connection it opened (the
+    next ``PUTR`` asked right behind ``DONE``), so fewer connections than ranges; byte-identical."""
+    from filedock.client.ranges import MAX_STREAMS
+    from filedock.client.streams_policy import chunk_plan
+    from filedock.client.twisted import ranged
+
+    monkeypatch.setattr(ranged, "transport_rtt", lambda transport: 0.040)
+    size = 96 * MiB + 77
+    src = random_file(tmp_path / "a.bin", size)
+    job, files, session = server.job_with_files("j", {"a.bin": size})
+    key = files["a.bin"]["key"]
+    client = client_for(reactor_thread, server, "auto")
+    endpoint = client._endpoint
+    opened: list[int] = []
+
+    def counting_endpoint() -> Any:
+        opened.append(1)
+        return endpoint()
+
+    client._endpoint = counting_endpoint
+    result = in_reactor(reactor_thread, client.upload_file, session["key"], key, src, timeout=120)
+    local = digest.hash_file(src)
+    assert (result.state, result.sent, result.digest) == ("complete", size, local.hexdigest())
+    ranges = result.streams["ranges"]
+    assert result.streams["chosen"] == "auto" and len(ranges) >= 8
+    planned = {start for start, _ in chunk_plan(size, MAX_STREAMS)}
+    splits = sum(1 for r in ranges if r["start"] not in planned)  # a split's victim reconnects once
+    assert len(opened) <= result.streams["streams"] + splits < len(ranges)
+    assert sorted(r["reply"] for r in ranges).count("stored") == 1
+    assert server.blob_path(job["id"], key).read_bytes() == Path(src).read_bytes()

@@ -65,7 +65,8 @@ class RangeExchange(RequestExchange):
 
     def __init__(self, reactor: Any, peer: str, session_key: str, file_key: str, fd: int, size: int,
                  start: int, end: int, on_offset: Callable[[wire.RangeOffset], None],
-                 on_sent: Callable[[int], None], digest: Callable[[], str | None]) -> None:
+                 on_sent: Callable[[int], None], digest: Callable[[], str | None],
+                 asked: wire.ClientConnection | None = None) -> None:
         super().__init__(reactor, peer, None)
         self.session_key, self.file_key, self.fd, self.size = session_key, file_key, fd, size
         self.start, self.end = start, end
@@ -75,9 +76,19 @@ class RangeExchange(RequestExchange):
         self.streamer: FileStreamer | None = None
         self.congestion: str | None = None
         self.limit_unsent = False
+        self.asked = asked is not None  # the request went ahead on the last range's connection (its wire state)
+        if asked is not None:
+            self.conn = asked
+        self.carrier: _OpenConnection | None = None  # set where the connection may carry the next range
+        self.ahead: Callable[[], tuple[int, int] | None] | None = None  # the next range, asked behind DONE
+        self.asked_next: tuple[int, int] | None = None
+        self.kept = False
 
     def connectionMade(self) -> None:
-        super().connectionMade()
+        if self.asked:  # sent already: its reply may be here too
+            self._pump()
+        else:
+            super().connectionMade()
         self.congestion = transport_congestion(self.transport)
         if self.limit_unsent:  # the end of the range stays in the file, where an idle stream may take it
             sock = tcp_socket(self.transport)
@@ -97,7 +108,16 @@ class RangeExchange(RequestExchange):
             self.streamer.done.addCallbacks(self._body_sent, self.fail)
             self.streamer.start()
         elif isinstance(event, (wire.RangeStored, wire.Stored)):
+            state = self.conn.state
+            if self.carrier is not None and isinstance(event, wire.RangeStored) and (
+                    state is wire.ClientState.IDLE or state is wire.ClientState.AWAIT_OFFSET):
+                self.kept = True  # the server reads the next request on this connection (or the one asked ahead)
+                self.carrier.detach()
             self.succeed(event)
+
+    def _close(self) -> None:
+        if not self.kept:
+            super()._close()
 
     def _sent(self, position: int, data: bytes) -> None:
         self.sent += len(data)
@@ -106,7 +126,11 @@ class RangeExchange(RequestExchange):
     def _body_sent(self, _: None) -> None:
         if not self.result.called:
             self.awaiting_reply = True
-            self.transport.write(self.conn.send(wire.Done(self.digest())))
+            data = self.conn.send(wire.Done(self.digest()))
+            if self.carrier is not None and self.ahead is not None and (nxt := self.ahead()) is not None:
+                self.asked_next = nxt
+                data += self.conn.send(wire.RangedUploadRequest(self.session_key, self.file_key, self.size, *nxt))
+            self.transport.write(data)
 
     def halt(self) -> None:
         if self.streamer is not None:
@@ -114,14 +138,17 @@ class RangeExchange(RequestExchange):
 
 
 class _OpenConnection(Protocol):
-    """A connection opened before its request is known (auto's first one, whose RTT decides): it
-    hands itself to the exchange given to ``attach`` and relays what arrives after."""
+    """A connection that carries exchanges in turn: opened before its request is known (auto's first
+    one, whose RTT decides), or kept after a range's ``DURABLE`` for the next range. It hands itself
+    to the exchange given to ``attach`` and relays what arrives, holding what arrives between two."""
 
     def __init__(self, reactor: Any) -> None:
         self.reactor = reactor
         self.ready: defer.Deferred = defer.Deferred()
         self.target: RequestExchange | None = None
         self.lost: Failure | None = None
+        self.pending: list[bytes] = []
+        self.carried = 0  # exchanges attached so far
 
     def connectionMade(self) -> None:
         self.ready.callback(self)
@@ -129,15 +156,25 @@ class _OpenConnection(Protocol):
     def attach(self, exchange: RequestExchange) -> defer.Deferred:
         """Carry ``exchange`` on this connection -> its ``result``."""
         self.target = exchange
+        self.carried += 1
         if self.lost is not None:
             exchange.connectionLost(self.lost)
         else:
             exchange.makeConnection(self.transport)
+            pending, self.pending = self.pending, []
+            for data in pending:
+                exchange.dataReceived(data)
         return exchange.result
+
+    def detach(self) -> None:
+        """The exchange carried is answered and the connection stays: hold what arrives for the next."""
+        self.target = None
 
     def dataReceived(self, data: bytes) -> None:
         if self.target is not None:
             self.target.dataReceived(data)
+        else:
+            self.pending.append(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.target is not None:
@@ -394,24 +431,47 @@ class TxRangedUpload:
         self.report(SENT, done, self.size)
 
     async def _worker(self, fd: int) -> None:
+        carrier: _OpenConnection | None = None  # auto: the connection the last range ended on, kept
+        asked: tuple[dict[str, Any], wire.ClientConnection] | None = None  # the next range, asked ahead on it
         try:
             while not self.halted:
-                if self.controller is not None and self.running > self.controller.streams:
-                    return
-                piece = self.queue.take() or self._steal()
-                if piece is None:
-                    return
-                r = {"start": piece[0], "end": piece[1], "from": None, "pos": piece[0], "sent": 0, "reply": None,
-                     "exchange": None, "acked": 0, "base": 0}
-                self.ranges.append(r)
-                if not await self._range(fd, r):
+                if asked is not None:
+                    (r, conn), asked = asked, None
+                else:
+                    r, conn = self._next_range(), None
+                    if r is None:
+                        return
+                more, carrier, asked = await self._range(fd, r, carrier, conn)
+                if not more:
                     return
         except BaseException as exc:  # noqa: BLE001 - handed to run()
             self.errors.append(exc)
             self._halt()
         finally:
+            if asked is not None:
+                self._give_back(asked[0])
+            if carrier is not None:
+                carrier.close()
             self.running -= 1
             self._wake_up()
+
+    def _next_range(self, steal: bool = True) -> dict[str, Any] | None:
+        """The next range for a connection, or None (all handed out and none to split, or auto wants fewer
+        connections). ``steal`` False: from the queue only (a request asked ahead splits nothing)."""
+        if self.controller is not None and self.running > self.controller.streams:
+            return None
+        piece = self.queue.take() or (self._steal() if steal else None)
+        if piece is None:
+            return None
+        r = {"start": piece[0], "end": piece[1], "from": None, "pos": piece[0], "sent": 0, "reply": None,
+             "exchange": None, "acked": 0, "base": 0}
+        self.ranges.append(r)
+        return r
+
+    def _give_back(self, r: dict[str, Any]) -> None:
+        """A range asked for ahead whose request the server never read: back to the queue, unsent."""
+        self.ranges.remove(r)
+        self.queue.give_back((r["start"], r["end"]))
 
     def _more_work(self) -> bool:
         """Whether another stream would find work: a range to hand out, or one to split."""
@@ -440,15 +500,29 @@ class TxRangedUpload:
         opened, self.opened = self.opened, None
         return opened.attach(exchange) if opened is not None else self.client.run(exchange)
 
-    async def _range(self, fd: int, r: dict[str, Any]) -> bool:
-        """One range's connections until it is durable or the file complete -> whether to take another."""
+    async def _carry(self, exchange: RangeExchange, carrier: _OpenConnection | None) -> Any:
+        """auto: ``exchange`` on ``carrier``, or on a new connection that may carry the next range."""
+        if carrier is None:
+            opened, self.opened = self.opened, None
+            carrier = opened if opened is not None else (await open_connection(self.client))[0]
+        exchange.carrier = carrier
+        return await carrier.attach(exchange)
+
+    async def _range(self, fd: int, r: dict[str, Any], carrier: _OpenConnection | None,
+                     asked: wire.ClientConnection | None) -> tuple[bool, _OpenConnection | None, Any]:
+        """One range's connections until it is durable or the file complete -> (whether to take another,
+        the connection to send it on if the server keeps this one, (the next range, its wire state) if
+        it was asked for ahead on it). With auto a connection carries ranges in turn, the next range's
+        ``PUTR`` right behind ``DONE``, as the blocking client's ``RangedUpload._range``."""
         budget = RetryBudget(self.client.policy)
         best = -1
         while not self.halted:
             progressed = [False]
+            reused, answered = carrier is not None, [False]
 
             def on_offset(reply: wire.RangeOffset) -> None:
                 nonlocal best
+                answered[0] = True
                 self.queue.learn(reply.durable)  # never hand out what the server holds
                 r["pos"] = reply.offset
                 if r["from"] is None:
@@ -463,30 +537,52 @@ class TxRangedUpload:
 
             exchange = RangeExchange(self.client.reactor, self.peer, self.session_key, self.file_key, fd, self.size,
                                      r["start"], r["end"], on_offset, on_sent,
-                                     lambda: self.local.hexdigest() if self.local is not None else None)
-            exchange.limit_unsent = self.controller is not None
+                                     lambda: self.local.hexdigest() if self.local is not None else None,
+                                     asked if reused else None)
+            asked = None
+            exchange.limit_unsent = self.controller is not None and not reused
             watch = StallWatch(self.client.reactor, exchange, self.client.stall_timeout)
-            r["exchange"], r["base"] = exchange, r["acked"]
-            d = self._run(exchange)
+            ahead: dict[str, Any] | None = None
+
+            def ask_ahead() -> tuple[int, int] | None:
+                nonlocal ahead
+                ahead = self._next_range(steal=False)
+                return (ahead["start"], ahead["end"]) if ahead is not None else None
+
+            before = 0
+            if reused and (info := transport_info(carrier.transport)):  # TCP_INFO counts since the connect
+                before = acked_from_tcp_info(info) or 0
+            r["exchange"], r["base"] = exchange, r["acked"] - before
+            if self.controller is not None:
+                exchange.ahead = ask_ahead
+                d = defer.ensureDeferred(self._carry(exchange, carrier))
+            else:
+                d = self._run(exchange)
+            carrier = None
             self.in_flight.add(d)
             try:
                 reply = await d
             except defer.CancelledError:
-                return False
+                return False, None, None
             except Cancelled:
-                return False
+                return False, None, None
             except FiledockError as exc:
+                if ahead is not None:  # asked for ahead, perhaps: the server never read it
+                    self._give_back(ahead)
                 if isinstance(exc, RefusedByServer) and exc.code is ErrorCode.ALREADY_COMPLETE:
                     r["reply"], r["pos"] = "complete", r["end"]
-                    return True
+                    return True, None, None
                 if exc.code is ErrorCode.TAKEN_OVER and r.pop("split", False):
                     continue  # our own split (_steal): send the first half at once, no failure
+                if reused and not answered[0] and (not isinstance(exc, RefusedByServer)
+                                                   or exc.code is ErrorCode.IDLE_TIMEOUT):
+                    continue  # the kept connection was closed meanwhile: a new one at once, as HTTP clients do
                 decision = budget.failed(exc, progressed[0])
                 if isinstance(decision, GiveUp) or self.halted:
                     if not self.halted:
                         self.errors.append(decision.error if isinstance(decision, GiveUp) else exc)
                     self._halt()
-                    return False
+                    return False, None, None
                 log.info("{name} range {start}-{end}: {why}; reconnecting in {delay:.1f}s", name=self.name,
                          start=r["start"], end=r["end"], why=exc.message, delay=decision.seconds)
                 pause = deferLater(self.client.reactor, decision.seconds)
@@ -494,7 +590,7 @@ class TxRangedUpload:
                 try:
                     await pause
                 except defer.CancelledError:
-                    return False
+                    return False, None, None
                 finally:
                     self.in_flight.discard(pause)
                 continue
@@ -507,8 +603,17 @@ class TxRangedUpload:
             self.congestion = self.congestion or exchange.congestion
             if isinstance(reply, wire.Stored):
                 self.stored.append(reply)
-            return True
-        return False
+            kept = exchange.carrier if exchange.kept else None
+            if ahead is not None and exchange.asked_next is None:  # taken, but DONE went without it
+                self._give_back(ahead)
+                ahead = None
+            if ahead is not None and kept is None:  # STORED: never read, and the file is complete
+                self._give_back(ahead)
+                ahead = None
+            return True, kept, ((ahead, exchange.conn) if ahead is not None else None)
+        if carrier is not None:
+            carrier.close()
+        return False, None, None
 
     async def _verdict(self, source: SourceWatch, hasher: OrderedHasher) -> UploadResult:
         size = self.size
