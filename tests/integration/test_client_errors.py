@@ -375,50 +375,22 @@ def test_data_port_that_refuses_says_public_host(tmp_path):
 # ---------------------------------------------------------------- the API connection kept alive
 
 
-class CountingRelay:
-    """A TCP relay to the control API that counts the connections the client opens."""
+class CountingRelay(AnswerLosingProxy):
+    """A TCP relay to the control API that loses nothing and counts the connections the client opens."""
 
     def __init__(self, upstream: tuple[str, int]) -> None:
-        self.upstream = upstream
         self.accepted = 0
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+        super().__init__(upstream, ())
 
     def _serve(self, client: socket.socket) -> None:
+        self.accepted += 1
         try:
             server = socket.create_connection(self.upstream)
         except OSError:
             client.close()
             return
-
-        def pipe(a: socket.socket, b: socket.socket) -> None:
-            try:
-                while data := a.recv(65536):
-                    b.sendall(data)
-            except OSError:
-                pass
-            finally:
-                for s in (a, b):
-                    try:
-                        s.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
-
-        threading.Thread(target=pipe, args=(server, client), daemon=True).start()
-        pipe(client, server)
-
-    def close(self) -> None:
-        self.listener.close()
+        with client, server:
+            self._pipe(client, server)
 
 
 def test_the_api_client_keeps_its_connection_and_replaces_a_closed_one_at_once(tmp_path):

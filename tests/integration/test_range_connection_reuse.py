@@ -6,7 +6,6 @@ blocking client."""
 from __future__ import annotations
 
 import os
-import socket
 import time
 import urllib.request
 import uuid
@@ -15,12 +14,11 @@ import pytest
 
 from filedock import wire
 from filedock.client import blocking
-from filedock.client.blocking import DataPortClient
 from filedock.client.ranges import MAX_STREAMS
 from filedock.client.streams_policy import chunk_plan
 from filedock.digest import hash_file
 from tests.integration.harness import ServerProcess
-from tests.integration.test_streams import random_file
+from tests.integration.test_streams_adaptive import upload_auto
 
 A = wire.RANGE_ALIGN
 MiB = 1 << 20
@@ -89,15 +87,21 @@ def test_one_connection_carries_every_range_of_a_file_in_turn(server, tmp_path):
     assert failures(server) == []
 
 
-def test_a_kept_connection_closed_by_the_client_is_a_clean_end(server, tmp_path):
-    """A client that closes after ``DURABLE`` (as filedock's clients before this did) fails nothing: the
-    range stays durable, the connection count returns to zero."""
-    size = 2 * A
+def first_range_kept(server: ServerProcess, name: str, size: int = 2 * A):
+    """A new job with one file of ``size`` random bytes whose first block is sent on a ``Kept``
+    connection and answered ``DURABLE`` -> (session key, file key, data, the connection)."""
     data = os.urandom(size)
-    job, files, session = server.job_with_files("closed", {"a.bin": size})
+    job, files, session = server.job_with_files(name, {"a.bin": size})
     key = files["a.bin"]["key"]
     link = Kept(server)
     assert link.putr(session["key"], key, size, 0, A, data)[1] == wire.RangeStored(0, A)
+    return session["key"], key, data, link
+
+
+def test_a_kept_connection_closed_by_the_client_is_a_clean_end(server, tmp_path):
+    """A client that closes after ``DURABLE`` (as filedock's clients before this did) fails nothing: the
+    range stays durable, the connection count returns to zero."""
+    _, key, _, link = first_range_kept(server, "closed")
     link.sock.close()
     deadline = time.monotonic() + 10
     while "filedock_active_connections 0" not in metrics(server) and time.monotonic() < deadline:
@@ -112,20 +116,13 @@ def test_the_next_request_is_authorized_afresh_and_an_idle_kept_connection_times
     kept connection), and a kept connection that sends nothing is closed after the header timeout with
     ``idle-timeout``."""
     size = 2 * A
-    data = os.urandom(size)
-    job, files, session = server.job_with_files("fresh", {"a.bin": size})
-    key = files["a.bin"]["key"]
-    link = Kept(server)
-    assert link.putr(session["key"], key, size, 0, A, data)[1] == wire.RangeStored(0, A)
+    session, key, data, link = first_range_kept(server, "fresh", size)
     refused, _ = link.putr(str(uuid.uuid4()), key, size, A, size, data)
     assert isinstance(refused, wire.ServerError) and refused.code == "unknown-session"
+    assert Kept(server).putr(session, key, size, A, size, data)[1].__class__ is wire.Stored
 
-    idle = Kept(server)
-    assert idle.putr(session["key"], key, size, A, size, data)[1].__class__ is wire.Stored
-    other, other_files, other_session = server.job_with_files("idle", {"b.bin": size})
-    idle = Kept(server)
     started = time.monotonic()
-    assert idle.putr(other_session["key"], other_files["b.bin"]["key"], size, 0, A, data)[1] == wire.RangeStored(0, A)
+    *_, idle = first_range_kept(server, "idle", size)
     idle.sock.settimeout(15)
     event = idle.event()
     waited = time.monotonic() - started
@@ -140,20 +137,7 @@ def test_auto_sends_many_ranges_on_few_connections(server, tmp_path, monkeypatch
     so fewer connections reach the data port than ranges are sent; every byte is sent once."""
     monkeypatch.setattr(blocking, "_link_rtt", lambda sock: 0.040)
     size = 96 * MiB + 77
-    src = random_file(tmp_path / "a.bin", size)
-    job, files, session = server.job_with_files("auto", {"a.bin": size})
-    key = files["a.bin"]["key"]
-    host, port = server.data_addr
-    opened: list[tuple[str, int]] = []
-    connect = socket.create_connection
-
-    def counting(address, *args, **kwargs):
-        if tuple(address) == (host, port):
-            opened.append(address)
-        return connect(address, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "create_connection", counting)
-    result = DataPortClient(host, port, streams="auto").upload_file(session["key"], key, src)
+    src, job, key, result, opened = upload_auto(server, tmp_path, monkeypatch, size)
     assert (result.state, result.digest) == ("complete", hash_file(src).hexdigest())
     ranges = result.streams["ranges"]
     assert result.streams["chosen"] == "auto" and len(ranges) >= 8

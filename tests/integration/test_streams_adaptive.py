@@ -34,25 +34,38 @@ def server(tmp_path, monkeypatch):
     proc.stop()
 
 
+def count_connections(monkeypatch, address: tuple[str, int]) -> list[tuple[str, int]]:
+    """Every connection the blocking client opens to ``address`` from now on, one entry each."""
+    opened: list[tuple[str, int]] = []
+    connect = socket.create_connection
+
+    def counting(to, *args, **kwargs):
+        if tuple(to) == tuple(address):
+            opened.append(to)
+        return connect(to, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "create_connection", counting)
+    return opened
+
+
+def upload_auto(server: ServerProcess, tmp_path: Path, monkeypatch, size: int):
+    """A new random file of ``size`` bytes uploaded by the blocking client with ``streams="auto"`` ->
+    (its path, the job, the file key, the result, one entry per data connection opened)."""
+    src = random_file(tmp_path / "a.bin", size)
+    job, files, session = server.job_with_files("j", {"a.bin": size})
+    key = files["a.bin"]["key"]
+    host, port = server.data_addr
+    opened = count_connections(monkeypatch, (host, port))
+    result = DataPortClient(host, port, streams="auto").upload_file(session["key"], key, src)
+    return src, job, key, result, opened
+
+
 def test_auto_on_loopback_opens_one_connection_and_sends_one_put(server, tmp_path, monkeypatch):
     """The blocking client with ``streams="auto"`` on loopback: the RTT comes from the data connection the
     upload needs anyway (TCP_INFO, well below LAN_RTT), and that same connection carries the plain PUT:
     one connection to the data port in all (no probing handshakes), no range, every byte sent once."""
     size = 24 * MiB + 9
-    src = random_file(tmp_path / "a.bin", size)
-    job, files, session = server.job_with_files("j", {"a.bin": size})
-    key = files["a.bin"]["key"]
-    host, port = server.data_addr
-    opened: list[tuple[str, int]] = []
-    connect = socket.create_connection
-
-    def counting(address, *args, **kwargs):
-        if tuple(address) == (host, port):
-            opened.append(address)
-        return connect(address, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "create_connection", counting)
-    result = DataPortClient(host, port, streams="auto").upload_file(session["key"], key, src)
+    src, job, key, result, opened = upload_auto(server, tmp_path, monkeypatch, size)
     local = hash_file(src)
     assert (result.state, result.sent, result.digest) == ("complete", size, local.hexdigest())
     assert result.streams["chosen"] == "auto" and result.streams["streams"] == 1 and result.streams["ranges"] == []

@@ -39,6 +39,31 @@ def client_for(reactor: Any, server: ServerProcess, streams: int | str | None, *
     return TxDataPortClient(reactor, host, port, streams=streams, **kwargs)
 
 
+def count_connections(client: TxDataPortClient) -> list[int]:
+    """One entry for every data connection ``client`` opens from now on."""
+    endpoint = client._endpoint
+    opened: list[int] = []
+
+    def counting_endpoint() -> Any:
+        opened.append(1)
+        return endpoint()
+
+    client._endpoint = counting_endpoint
+    return opened
+
+
+def upload_auto(server: ServerProcess, reactor: Any, tmp_path: Path, size: int):
+    """A new random file of ``size`` bytes uploaded with ``streams="auto"`` under the reactor -> (its path,
+    the job, the file key, the result, one entry per data connection opened)."""
+    src = random_file(tmp_path / "a.bin", size)
+    job, files, session = server.job_with_files("j", {"a.bin": size})
+    key = files["a.bin"]["key"]
+    client = client_for(reactor, server, "auto")
+    opened = count_connections(client)
+    result = in_reactor(reactor, client.upload_file, session["key"], key, src, timeout=120)
+    return src, job, key, result, opened
+
+
 def test_four_streams_from_twisted_are_byte_identical(server, reactor_thread, tmp_path):
     """K=4 under the reactor: four ranges on four connections into one partial; the server's CRC-32 and
     digest equal the local ones, one range completes the file and the stored bytes equal the local."""
@@ -100,19 +125,7 @@ def test_auto_on_loopback_is_one_put_on_one_connection(server, reactor_thread, t
     """``streams="auto"`` on loopback: the RTT of the upload's own first connection (TCP_INFO) is far below
     LAN_RTT, so that same connection carries one plain PUT: one connection in all, no range."""
     size = 24 * MiB + 3
-    src = random_file(tmp_path / "a.bin", size)
-    job, files, session = server.job_with_files("j", {"a.bin": size})
-    key = files["a.bin"]["key"]
-    client = client_for(reactor_thread, server, "auto")
-    endpoint = client._endpoint
-    opened: list[int] = []
-
-    def counting_endpoint() -> Any:
-        opened.append(1)
-        return endpoint()
-
-    client._endpoint = counting_endpoint
-    result = in_reactor(reactor_thread, client.upload_file, session["key"], key, src, timeout=120)
+    src, job, key, result, opened = upload_auto(server, reactor_thread, tmp_path, size)
     assert (result.state, result.sent) == ("complete", size)
     assert result.streams["chosen"] == "auto" and result.streams["streams"] == 1
     assert result.streams["ranges"] == []
@@ -131,19 +144,7 @@ def test_auto_on_a_long_path_carries_many_ranges_on_few_connections(server, reac
 
     monkeypatch.setattr(ranged, "transport_rtt", lambda transport: 0.040)
     size = 96 * MiB + 77
-    src = random_file(tmp_path / "a.bin", size)
-    job, files, session = server.job_with_files("j", {"a.bin": size})
-    key = files["a.bin"]["key"]
-    client = client_for(reactor_thread, server, "auto")
-    endpoint = client._endpoint
-    opened: list[int] = []
-
-    def counting_endpoint() -> Any:
-        opened.append(1)
-        return endpoint()
-
-    client._endpoint = counting_endpoint
-    result = in_reactor(reactor_thread, client.upload_file, session["key"], key, src, timeout=120)
+    src, job, key, result, opened = upload_auto(server, reactor_thread, tmp_path, size)
     local = digest.hash_file(src)
     assert (result.state, result.sent, result.digest) == ("complete", size, local.hexdigest())
     ranges = result.streams["ranges"]
