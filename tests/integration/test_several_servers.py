@@ -102,13 +102,21 @@ class Pacer:
     A slow client, as far as the servers can tell: its connection goes quiet, then on. Without it
     the four CLIs, started at once, reach the data port a second or more apart on a fast host, and
     the first file can finish before the last one starts: a kill then interrupts only some files, and
-    a file that no kill interrupted proves nothing about resuming."""
+    a file that no kill interrupted proves nothing about resuming.
+
+    ``hold()`` stops every client until ``resume()``: while a killed server restarts (seconds on a
+    loaded host) the uploads on the other one would otherwise run to their end, and the next kill
+    would find nothing to interrupt (seen in CI: two files never interrupted)."""
 
     def __init__(self, cluster: Cluster, clients: dict[str, subprocess.Popen], lead: int = 30 * MB,
                  period: float = 0.02) -> None:
         self.cluster, self.clients, self.lead, self.period = cluster, clients, lead, period
         self.stopped: set[str] = set()
+        self.errors: list[str] = []
+        self.paused = 0  # SIGSTOPs sent
         self.done = threading.Event()
+        self.holding = threading.Event()
+        self.lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="pacer", daemon=True)
         self.thread.start()
 
@@ -121,20 +129,41 @@ class Pacer:
     def _run(self) -> None:
         try:
             while not self.done.is_set():
-                received = self.cluster.received_by_name()
+                try:
+                    received = self.cluster.received_by_name()
+                except psycopg.Error as exc:  # PostgreSQL busy for a moment: pace on the next look
+                    self.errors.append(str(exc))
+                    self.done.wait(self.period)
+                    continue
                 floor = min(received.get(name, 0) for name in self.clients)
-                for name in self.clients:
-                    ahead = received.get(name, 0) - floor > self.lead
-                    if ahead and name not in self.stopped:
-                        self._signal(name, signal.SIGSTOP)
-                        self.stopped.add(name)
-                    elif not ahead and name in self.stopped:
-                        self._signal(name, signal.SIGCONT)
-                        self.stopped.discard(name)
+                with self.lock:
+                    for name in self.clients:
+                        ahead = self.holding.is_set() or received.get(name, 0) - floor > self.lead
+                        self._set(name, stop=ahead)
                 self.done.wait(self.period)
         finally:
             for name in self.clients:
                 self._signal(name, signal.SIGCONT)
+
+    def _set(self, name: str, stop: bool) -> None:
+        if stop and name not in self.stopped:
+            self._signal(name, signal.SIGSTOP)
+            self.stopped.add(name)
+            self.paused += 1
+        elif not stop and name in self.stopped:
+            self._signal(name, signal.SIGCONT)
+            self.stopped.discard(name)
+
+    def hold(self) -> None:
+        """Stop every client now, until ``resume()``."""
+        with self.lock:
+            self.holding.set()
+            for name in self.clients:
+                self._set(name, stop=True)
+
+    def resume(self) -> None:
+        """Back to pacing: the clients not ahead run again."""
+        self.holding.clear()
 
     def release(self) -> None:
         """Every client runs free from now on."""
@@ -180,11 +209,19 @@ def test_four_uploads_ride_through_repeated_sigkills_of_the_server_they_are_on(t
                     if all(c.poll() is not None for c in clients.values()):
                         break
                     time.sleep(0.02)
+                assert under_way(mark), (f"not every file past {mark:.0%} in 120 s: {cluster.received_by_name()}, "
+                                         f"clients paused {pacer.stopped}, pacer errors {pacer.errors[:3]}")
                 for victim in cluster.servers:
+                    pacer.hold()  # nothing ends while a server restarts
                     victim.kill()
                     kills.append(cluster.servers.index(victim))
                     victim.start()  # its ports again; HAProxy's health check takes it back
                     cluster.balancer.wait_backends("UP")
+                    before = sum(cluster.received_by_name().values())
+                    pacer.resume()
+                    moving = time.monotonic() + 30  # the interrupted clients reconnect, the others go on
+                    while sum(cluster.received_by_name().values()) < before + 16 * MB and time.monotonic() < moving:
+                        time.sleep(0.02)
         finally:
             pacer.release()
         results = {}
@@ -194,17 +231,18 @@ def test_four_uploads_ride_through_repeated_sigkills_of_the_server_they_are_on(t
             results[name] = json.loads(out.strip().splitlines()[-1])
         logs = cluster.logs()
         starts = starts_by_file(logs)
-        print(f"FIGURES several_servers {json.dumps({'kills': kills, 'sent': {n: r['sent'] for n, r in results.items()}, 'starts': starts})}")
+        print(f"FIGURES several_servers {json.dumps({'kills': kills, 'sent': {n: r['sent'] for n, r in results.items()}, 'starts': starts, 'paused': pacer.paused, 'pacer_errors': pacer.errors[:3]})}")
         assert kills == [0, 1, 0, 1], kills
         for name, row in results.items():
             assert row["state"] == "complete", row
             # bytes sent again after the kills are bounded: in a shared data dir by the checkpoint
-            # (8 MB here) and what was in flight; in a bucket also by the parts still uploading when
-            # the server died and the checkpoint lag (up to 4 parts of 8 MiB in flight, the tail, the
-            # socket buffers; up to about 112 MB a kill seen on a loaded host): under 150 MB a kill.
-            # Never from 0 is asserted below.
+            # (8 MB here) and what was in flight (the client's send buffer, the server's receive buffer
+            # and its writer's queue: 37 MB a kill on average seen over 4 kills of one file); in a
+            # bucket also by the parts still uploading when the server died and the checkpoint lag (up
+            # to 4 parts of 8 MiB in flight, the tail, the socket buffers; up to about 112 MB a kill
+            # seen on a loaded host): under 75 and 150 MB a kill. Never from 0 is asserted below.
             resent = row["sent"] - size
-            bound = len(kills) * 150 * MB if in_bucket else 0.5 * size
+            bound = len(kills) * (150 if in_bucket else 75) * MB
             assert resent < bound, f"{name}: {row['sent']} bytes sent for {size}"
             offsets = [start for _, start in starts.get(name, [])]
             (completed_from,) = [start for result, start in starts.get(name, []) if result == "complete"]
