@@ -39,9 +39,9 @@ from filedock.client.model import (DURABLE, SENT, VERIFIED, Cancelled, DownloadR
 from filedock.client.pathtune import can_set, choose_congestion_control
 from filedock.client.ranges import MAX_STREAMS, MIN_RANGED_SIZE, auto_streams, plan_ranges
 from filedock.client.retry import REPLY_PATIENCE, RETRYABLE_REFUSALS, GiveUp, RetryBudget
-from filedock.client.streams_policy import (UNSENT_LIMIT, ControllerTiming, RangeQueue, StreamController,
-                                            acked_from_tcp_info, best_split, chunk_plan, queueing, rtt_from_tcp_info,
-                                            rtts_from_tcp_info)
+from filedock.client.streams_policy import (UNSENT_LIMIT, ControllerTiming, RangeQueue, RangeSchedule,
+                                            StreamController, acked_from_tcp_info, chunk_plan, queueing,
+                                            rtt_from_tcp_info)
 from filedock.client.transfer import (AwaitDigest, BatchAttempt, Connect, DownloadAttempt, DropPartial, Fail, Finish,
                                       QueryStored, Restart, SendBody, Sleep, UploadAttempt, reply_error)
 from filedock.digest import ContentHasher
@@ -968,7 +968,7 @@ def _default_congestion() -> str | None:
         return None
 
 
-class RangedUpload:
+class RangedUpload(RangeSchedule):
     """One file over several connections at once (``PUTR``), each sending aligned byte ranges.
 
     ``--streams K``: K equal ranges, one per connection. ``--streams auto``: the data connection
@@ -987,6 +987,8 @@ class RangedUpload:
     path, or the server keeps blobs in object storage): the caller sends the file with a plain
     ``PUT`` (on ``spare`` if it is set).
     """
+
+    CONN = "link"  # a range's connection (RangeSchedule): its _Link
 
     def __init__(self, client: "DataPortClient", session_key: str, file_key: str, f: BinaryIO, size: int,
                  name: str, local: "_LocalDigest", report: "_Reports", cancel: threading.Event | None,
@@ -1117,22 +1119,6 @@ class RangedUpload:
         finally:
             self.close_spare()
 
-    def _acked(self) -> tuple[int, list[tuple[float, float]]]:
-        """(bytes the server acknowledged on every range so far, the running connections' smoothed
-        and smallest RTTs) (the lock held): the goodput the controller sees and whether the path
-        queues. Where the kernel does not say (no ``TCP_INFO``), the bytes sent and no RTTs."""
-        total, rtts = 0, []
-        for r in self.ranges:
-            link = r["link"]
-            if link is not None:
-                info = tcp_info(link.sock)
-                n = acked_from_tcp_info(info) if info else None
-                r["acked"] = r["sent"] if n is None else max(r["acked"], r["base"] + n)
-                if info and (pair := rtts_from_tcp_info(info)):
-                    rtts.append(pair)
-            total += r["acked"]
-        return total, rtts
-
     def _verdict(self, plan: list[tuple[int, int]]) -> UploadResult:
         if self.stored:
             stored = self.stored[0]
@@ -1181,46 +1167,18 @@ class RangedUpload:
                 self.running -= 1
 
     def _next_range(self, steal: bool = True) -> dict[str, Any] | None:
-        """The next range for a connection of this upload, or None when there is none for it (all
-        handed out and none to split, or the controller wants fewer connections). ``steal`` False:
-        only from the queue (a request sent ahead splits nothing: a split is chosen when idle)."""
         with self.lock:
-            too_many = self.controller is not None and self.running > self.controller.streams
-            piece = None if too_many else self.queue.take() or (self._steal() if steal else None)
-            if piece is None:
-                return None
-            r = {"start": piece[0], "end": piece[1], "from": None, "pos": piece[0], "sent": 0,
-                 "reply": None, "link": None, "acked": 0, "base": 0}
-            self.ranges.append(r)
-            return r
+            return super()._next_range(steal)
 
     def _give_back(self, r: dict[str, Any]) -> None:
-        """A range asked for ahead whose request the server never read: back to the queue, unsent."""
         with self.lock:
-            self.ranges.remove(r)
-            self.queue.give_back((r["start"], r["end"]))
+            super()._give_back(r)
 
-    def _more_work(self) -> bool:
-        """Whether another stream would find work (the lock held): a range to hand out, or one to split."""
-        return len(self.queue) > 0 or best_split([(r["pos"], r["end"]) for r in self.ranges if r["reply"] is None
-                                                  and r["link"] is not None and r["from"] is not None]) is not None
+    def tcp_info_of(self, conn: _Link) -> bytes | None:
+        return tcp_info(conn.sock)
 
-    def _steal(self) -> tuple[int, int] | None:
-        """auto, once no range is left to hand out (the lock held): the second half of the range with
-        the most left to send, which its connection gives up (the server's takeover of the overlap
-        tells it; it then finishes the first half). Loss-limited streams do not speed up when others
-        finish, so without this the last ranges would run alone at one stream's rate."""
-        if self.controller is None:
-            return None
-        sending = [r for r in self.ranges if r["reply"] is None and r["link"] is not None and r["from"] is not None]
-        split = best_split([(r["pos"], r["end"]) for r in sending])
-        if split is None:
-            return None
-        victim, point = sending[split[0]], split[1]
-        piece = (point, victim["end"])
-        victim["end"], victim["split"] = point, True
-        log.info("%s: range %d-%d split at %d for an idle stream", self.name, victim["start"], piece[1], point)
-        return piece
+    def on_split(self, victim: dict[str, Any], point: int, end: int) -> None:
+        log.info("%s: range %d-%d split at %d for an idle stream", self.name, victim["start"], end, point)
 
     def _first_link(self) -> _Link:
         """auto's measured connection for the first range, a new one for the others."""

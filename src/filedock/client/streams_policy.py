@@ -306,3 +306,91 @@ class StreamController:
 
     def _change(self, now: float, streams: int) -> None:
         self.streams, self._changed_at, self._window = streams, now, None
+
+
+class RangeSchedule:
+    """What both clients' ranged uploads share: handing out ranges (from the queue, then, for
+    ``auto``, the second half of the range with the most left), giving back a range whose request
+    the server never read, whether another stream would find work, and the goodput and RTTs the
+    controller sees. Sans-IO: a driver (``blocking.RangedUpload``, ``twisted.ranged.TxRangedUpload``)
+    sets ``queue``, ``controller``, ``ranges`` and ``running``, names the key of a range's
+    connection (``CONN``) and reads a connection's ``TCP_INFO`` (``tcp_info_of``); a driver with
+    threads calls these under its lock.
+
+    A range is a dict: ``start``, ``end``, ``from`` (where the server said it resumes), ``pos``
+    (handed to the kernel up to), ``sent``, ``reply`` (None until answered), ``CONN`` (the
+    connection carrying it, or None), ``acked`` and ``base`` (the connection's acknowledged bytes
+    before this range), and ``split`` once an idle stream took its second half.
+    """
+
+    CONN = "conn"
+    queue: RangeQueue
+    controller: StreamController | None
+    ranges: list[dict]
+    running: int
+
+    def tcp_info_of(self, conn) -> bytes | None:
+        """The kernel's ``TCP_INFO`` of a range's connection, or None."""
+        raise NotImplementedError
+
+    def on_split(self, victim: dict, point: int, end: int) -> None:
+        """An idle stream takes ``[point, end)`` of ``victim`` (for the log)."""
+
+    def _next_range(self, steal: bool = True) -> dict | None:
+        """The next range for a connection, or None (all handed out and none to split, or auto wants
+        fewer connections). ``steal`` False: from the queue only (a request sent ahead splits nothing:
+        a split is chosen when a stream is idle)."""
+        if self.controller is not None and self.running > self.controller.streams:
+            return None
+        piece = self.queue.take() or (self._steal() if steal else None)
+        if piece is None:
+            return None
+        r = {"start": piece[0], "end": piece[1], "from": None, "pos": piece[0], "sent": 0, "reply": None,
+             self.CONN: None, "acked": 0, "base": 0}
+        self.ranges.append(r)
+        return r
+
+    def _give_back(self, r: dict) -> None:
+        """A range asked for ahead whose request the server never read: back to the queue, unsent."""
+        self.ranges.remove(r)
+        self.queue.give_back((r["start"], r["end"]))
+
+    def _sending(self) -> list[dict]:
+        return [r for r in self.ranges if r["reply"] is None and r[self.CONN] is not None and r["from"] is not None]
+
+    def _more_work(self) -> bool:
+        """Whether another stream would find work: a range to hand out, or one to split."""
+        return len(self.queue) > 0 or best_split([(r["pos"], r["end"]) for r in self._sending()]) is not None
+
+    def _steal(self) -> tuple[int, int] | None:
+        """auto, once no range is left to hand out: the second half of the range with the most left to
+        send, which its connection gives up (the server's takeover of the overlap tells it; it then
+        finishes the first half). Loss-limited streams do not speed up when others finish, so
+        without this the last ranges would run alone at one stream's rate."""
+        if self.controller is None:
+            return None
+        sending = self._sending()
+        split = best_split([(r["pos"], r["end"]) for r in sending])
+        if split is None:
+            return None
+        victim, point = sending[split[0]], split[1]
+        piece = (point, victim["end"])
+        self.on_split(victim, point, victim["end"])
+        victim["end"], victim["split"] = point, True
+        return piece
+
+    def _acked(self) -> tuple[int, list[tuple[float, float]]]:
+        """(bytes the server acknowledged on every range so far, the running connections' smoothed and
+        smallest RTTs): the goodput the controller sees and whether the path queues. Where the kernel
+        does not say (no ``TCP_INFO``), the bytes sent and no RTTs."""
+        total, rtts = 0, []
+        for r in self.ranges:
+            conn = r[self.CONN]
+            if conn is not None:
+                info = self.tcp_info_of(conn)
+                n = acked_from_tcp_info(info) if info else None
+                r["acked"] = r["sent"] if n is None else max(r["acked"], r["base"] + n)
+                if info and (pair := rtts_from_tcp_info(info)):
+                    rtts.append(pair)
+            total += r["acked"]
+        return total, rtts

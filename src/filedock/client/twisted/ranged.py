@@ -31,9 +31,8 @@ from filedock.client.model import (DURABLE, SENT, VERIFIED, Cancelled, Outcome, 
                                    SourceWatch, UploadResult)
 from filedock.client.ranges import MAX_STREAMS, auto_streams, plan_ranges
 from filedock.client.retry import GiveUp, RetryBudget
-from filedock.client.streams_policy import (ControllerTiming, RangeQueue, StreamController, acked_from_tcp_info,
-                                            best_split, chunk_plan, queueing, rtt_from_tcp_info,
-                                            rtts_from_tcp_info)
+from filedock.client.streams_policy import (ControllerTiming, RangeQueue, RangeSchedule, StreamController,
+                                            acked_from_tcp_info, chunk_plan, queueing, rtt_from_tcp_info)
 from filedock.client.twisted import upload
 from filedock.client.twisted.exchange import RequestExchange, StallWatch
 from filedock.client.twisted.streaming import FileStreamer, OrderedHasher
@@ -287,9 +286,11 @@ async def upload_file(client: Any, session_key: str, file_key: str, path: str, p
             opened.close()
 
 
-class TxRangedUpload:
+class TxRangedUpload(RangeSchedule):
     """One file's ranges under the reactor; ``run(k)`` -> the verified result, or None where the server
     takes no ranges (the caller sends one ``PUT``)."""
+
+    CONN = "exchange"  # a range's connection (RangeSchedule): its RangeExchange
 
     def __init__(self, client: Any, session_key: str, file_key: str, path: str, progress: ProgressCallback | None,
                  name: str, expect: SourceStamp | None, how: str, rtt: float | None,
@@ -381,21 +382,6 @@ class TxRangedUpload:
             self._halt()
             raise
 
-    def _acked(self) -> tuple[int, list[tuple[float, float]]]:
-        """(bytes the server acknowledged on every range so far, the running connections' smoothed and
-        smallest RTTs) (``TCP_INFO``; else the bytes sent and no RTTs)."""
-        total, rtts = 0, []
-        for r in self.ranges:
-            exchange = r["exchange"]
-            if exchange is not None:
-                info = transport_info(exchange.transport)
-                n = acked_from_tcp_info(info) if info else None
-                r["acked"] = r["sent"] if n is None else max(r["acked"], r["base"] + n)
-                if info and (pair := rtts_from_tcp_info(info)):
-                    rtts.append(pair)
-            total += r["acked"]
-        return total, rtts
-
     def _wait(self, seconds: float) -> defer.Deferred:
         """-> fires after ``seconds``, or at once when a worker ends (the last one ends the upload)."""
         wake = self._wake = defer.Deferred()
@@ -455,46 +441,12 @@ class TxRangedUpload:
             self.running -= 1
             self._wake_up()
 
-    def _next_range(self, steal: bool = True) -> dict[str, Any] | None:
-        """The next range for a connection, or None (all handed out and none to split, or auto wants fewer
-        connections). ``steal`` False: from the queue only (a request asked ahead splits nothing)."""
-        if self.controller is not None and self.running > self.controller.streams:
-            return None
-        piece = self.queue.take() or (self._steal() if steal else None)
-        if piece is None:
-            return None
-        r = {"start": piece[0], "end": piece[1], "from": None, "pos": piece[0], "sent": 0, "reply": None,
-             "exchange": None, "acked": 0, "base": 0}
-        self.ranges.append(r)
-        return r
+    def tcp_info_of(self, conn: RangeExchange) -> bytes | None:
+        return transport_info(conn.transport)
 
-    def _give_back(self, r: dict[str, Any]) -> None:
-        """A range asked for ahead whose request the server never read: back to the queue, unsent."""
-        self.ranges.remove(r)
-        self.queue.give_back((r["start"], r["end"]))
-
-    def _more_work(self) -> bool:
-        """Whether another stream would find work: a range to hand out, or one to split."""
-        return len(self.queue) > 0 or best_split([(r["pos"], r["end"]) for r in self.ranges if r["reply"] is None
-                                                  and r["exchange"] is not None and r["from"] is not None]) is not None
-
-    def _steal(self) -> tuple[int, int] | None:
-        """auto, once no range is left to hand out: the second half of the range with the most left to
-        send, which its connection gives up (the server's takeover tells it; it then finishes the first
-        half). As the blocking client's ``RangedUpload._steal``."""
-        if self.controller is None:
-            return None
-        sending = [r for r in self.ranges if r["reply"] is None and r["exchange"] is not None
-                   and r["from"] is not None]
-        split = best_split([(r["pos"], r["end"]) for r in sending])
-        if split is None:
-            return None
-        victim, point = sending[split[0]], split[1]
-        piece = (point, victim["end"])
-        victim["end"], victim["split"] = point, True
+    def on_split(self, victim: dict[str, Any], point: int, end: int) -> None:
         log.info("{name}: range {start}-{end} split at {point} for an idle stream", name=self.name,
-                 start=victim["start"], end=piece[1], point=point)
-        return piece
+                 start=victim["start"], end=end, point=point)
 
     def _run(self, exchange: RequestExchange) -> defer.Deferred:
         opened, self.opened = self.opened, None
