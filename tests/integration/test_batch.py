@@ -180,7 +180,7 @@ def test_batch_leftovers_of_a_killed_server_are_reported_and_swept(tmp_path):
         assert kinds == ["staging-leftover"] * 6 and status != 0
         server.start()
         wait_for(lambda: not staged(server.data_dir))
-        assert "swept 6 staging files" in server.log()
+        wait_for(lambda: "swept 6 staging files" in server.log())  # logged after the deletions, a moment later
         assert {server.api.file(f["key"])["state"] for f in files.values()} == {"pending"}
         items = [(files[f"f{i}"]["key"], d, None) for i, d in enumerate(datas)]
         assert send_batch(server, session["key"], items)[-1] == wire.BatchEnd(8)
