@@ -73,7 +73,7 @@ log = Logger(namespace="filedock.registry")
 class SharedClaim:
     """A claim held in PostgreSQL and in this process's own registry."""
 
-    __slots__ = ("local", "hashed", "claim_id", "took_over", "wanted_by", "asked", "range")
+    __slots__ = ("local", "hashed", "claim_id", "took_over", "wanted_by", "asked", "asked_at", "range")
 
     def __init__(self, local: Any, hashed: str, claim_id: int, took_over: bool,
                  byte_range: tuple[int, int] | None = None) -> None:
@@ -81,6 +81,7 @@ class SharedClaim:
         self.range = byte_range  # a ranged upload's [start, end); None: the whole file
         self.wanted_by: set[str] = set()  # servers that asked us to let go: told when we did
         self.asked = False
+        self.asked_at = 0.0  # when (monotonic) the holder was first asked to let go
 
     @property
     def file_key(self) -> str:
@@ -93,7 +94,7 @@ class SharedClaim:
     def request_release(self) -> None:
         """Ask the holder (an upload, a batch, the sweeper) to let go; once is enough."""
         if not self.asked:
-            self.asked = True
+            self.asked, self.asked_at = True, time.monotonic()
             self.local.request_release()
 
     def overlaps(self, byte_range: tuple[int, int] | None) -> bool:
@@ -506,6 +507,11 @@ class PostgresUploadRegistry:
                 del self._held_ranges[claim.hashed]
 
         def dropped(_: Any) -> None:
+            if claim.wanted_by:
+                # how long the holder took to settle (for a takeover: what the asking server waited on)
+                log.info("upload of {key} let go for server {askers} {seconds} s after it was asked",
+                         key=short_key(claim.file_key), askers=",".join(sorted(claim.wanted_by)),
+                         seconds=round(time.monotonic() - claim.asked_at, 3))
             for asker in claim.wanted_by:
                 self._tell(asker, f"released {claim.hashed}")
 
