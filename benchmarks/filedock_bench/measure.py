@@ -158,6 +158,10 @@ def settle_disk() -> None:
     os.sync()
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+"""Ticks per second of ``/proc/stat``."""
+
+
 def cpu_times() -> list[int] | None:
     """The machine's CPU time so far, in ticks: user nice system idle iowait irq softirq steal."""
     try:
@@ -169,14 +173,18 @@ def cpu_times() -> list[int] | None:
 
 def machine_share(before: list[int] | None, after: list[int] | None) -> dict[str, float]:
     """What the whole machine did between two ``cpu_times``: % of CPU time stolen by the host
-    (other guests) and % waiting on I/O. A run with much of either was slowed from outside."""
+    (other guests) and % waiting on I/O (a run with much of either was slowed from outside),
+    % busy (user, system, interrupts: every core busy is 100) and those busy CPU-seconds. A run
+    whose cores were all busy was bound by CPU: its CPU-seconds per byte say what it costs."""
     if not before or not after or len(before) < 8 or len(after) < 8:
         return {}
     delta = [b - a for a, b in zip(before, after)]
     total = sum(delta)
     if total <= 0:
         return {}
-    return {"steal_pct": round(100 * delta[7] / total, 1), "iowait_pct": round(100 * delta[4] / total, 1)}
+    busy = delta[0] + delta[1] + delta[2] + delta[5] + delta[6]  # user nice system irq softirq
+    return {"steal_pct": round(100 * delta[7] / total, 1), "iowait_pct": round(100 * delta[4] / total, 1),
+            "busy_pct": round(100 * busy / total, 1), "cpu_seconds": round(busy / CLOCK_TICKS, 3)}
 
 
 def _run_one(v: Variant, index: int, runs: int, live: list[Variant]) -> None:
@@ -205,6 +213,9 @@ def _run_one(v: Variant, index: int, runs: int, live: list[Variant]) -> None:
         rate = f" = {fig.nbytes / sample.seconds / MB:8.1f} MB/s"
     elif fig.files:
         rate = f" = {fig.files / sample.seconds:8.1f} files/s"
-    machine = ", ".join(f"{k.removesuffix('_pct')} {v:.0f}%" for k, v in share.items() if v >= 1)
+    machine = ", ".join(f"{k.removesuffix('_pct')} {v:.0f}%" for k, v in share.items()
+                        if k in ("steal_pct", "iowait_pct") and v >= 1)
+    if "busy_pct" in share:
+        machine = f"busy {share['busy_pct']:.0f}%" + (", " + machine if machine else "")
     say(f"  run {index + 1}/{runs} {fig.key:<12} {sample.seconds:8.3f} s{rate}"
         f"   ({time.monotonic() - started:.1f} s wall{', ' + machine if machine else ''})")

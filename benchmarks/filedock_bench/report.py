@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from statistics import median
+
 from filedock_bench.measure import MB, Figure
 
 RAW = "1b"
@@ -39,6 +41,11 @@ def _notes(fig: Figure) -> str:
     elif len(fig.samples) == 1 and fig.value_unit == "MiB":
         parts.append("1 run")
     parts.extend(fig.notes)
+    cpu = [s.extra["cpu_seconds"] / (fig.nbytes / 2**30) for s in fig.samples if "cpu_seconds" in s.extra
+           and fig.nbytes]
+    if cpu:
+        busy = median(s.extra.get("busy_pct", 0) for s in fig.samples)
+        parts.append(f"machine CPU {median(cpu):.2f} s/GiB, cores {busy:.0f}% busy")
     steal = [s.extra.get("steal_pct", 0) for s in fig.samples]
     if steal and max(steal) >= 5:
         parts.append(f"host stole {max(steal):.0f}% of CPU time in its worst run")
