@@ -76,6 +76,21 @@ class Finished:
     stderr: str
     max_rss_kib: int
     pid: int
+    cpu_seconds: float = 0.0
+    """The command's user + system CPU time (its threads and reaped children included)."""
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """A live process's user + system CPU time so far (all its threads), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime (fields 14 and 15 of proc(5))
 
 
 def run_timed(cmd: list[str], env: dict[str, str] | None = None, on_start: Any = None,
@@ -96,7 +111,8 @@ def run_timed(cmd: list[str], env: dict[str, str] | None = None, on_start: Any =
         out.seek(0)
         err.seek(0)
         return Finished(seconds, proc.returncode, out.read().decode("utf-8", "replace"),
-                        err.read().decode("utf-8", "replace"), usage.ru_maxrss, proc.pid)
+                        err.read().decode("utf-8", "replace"), usage.ru_maxrss, proc.pid,
+                        usage.ru_utime + usage.ru_stime)
 
 
 def _wait4(proc: subprocess.Popen, timeout: float):

@@ -46,6 +46,11 @@ def _notes(fig: Figure) -> str:
     if cpu:
         busy = median(s.extra.get("busy_pct", 0) for s in fig.samples)
         parts.append(f"machine CPU {median(cpu):.2f} s/GiB, cores {busy:.0f}% busy")
+    sides = {side: [s.extra[f"{side}_cpu_seconds"] / (fig.nbytes / 2**30) for s in fig.samples
+                    if f"{side}_cpu_seconds" in s.extra] for side in ("client", "server")}
+    if fig.nbytes and all(sides.values()):
+        parts.append(f"of it the client {median(sides['client']):.2f} s/GiB, the server "
+                     f"{median(sides['server']):.2f} s/GiB")
     steal = [s.extra.get("steal_pct", 0) for s in fig.samples]
     if steal and max(steal) >= 5:
         parts.append(f"host stole {max(steal):.0f}% of CPU time in its worst run")

@@ -9,11 +9,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from filedock.client.streams_policy import (CHUNKS_PER_STREAM, MAX_CHUNK, MIN_CHUNK, QUEUE_GROWTH, SPLIT_LEAST,
-                                            STEAL_MARGIN, ControllerTiming, RangeQueue, StreamController, acked_from_tcp_info,
+                                            STEAL_MARGIN, ControllerTiming, RangeQueue, RangeSchedule, StreamController,
+                                            acked_from_tcp_info,
                                             best_split, chunk_plan, chunk_size, queueing, rtt_from_tcp_info,
                                             rtts_from_tcp_info, split_point)
+from filedock.errors import ErrorCode, FiledockError, RefusedByServer, TransportFailure
 from filedock.store.ranged import durable_runs
-from filedock.wire import RANGE_ALIGN, range_error
+from filedock.wire import RANGE_ALIGN, Stored, range_error
 
 A = RANGE_ALIGN
 TIMING = ControllerTiming(settle=1.0, measure=2.0)
@@ -237,3 +239,57 @@ def test_best_split_takes_the_range_with_the_most_left():
     assert best_split([(0, 8 * A), (20 * A, 40 * A), (41 * A, 42 * A)]) == (1, 30 * A)
     assert best_split([(3 * A, 4 * A), (8 * A, 9 * A + 7), (10 * A, 17 * A)]) is None
     assert best_split([]) is None
+
+
+class Schedule(RangeSchedule):
+    """A driver's side of ``RangeSchedule`` with no connections: TCP_INFO given per connection name."""
+
+    def __init__(self, plan, infos=None):
+        self.queue, self.controller, self.ranges, self.running, self.stored = RangeQueue(plan), None, [], 0, []
+        self.infos = infos or {}
+
+    def tcp_info_of(self, conn):
+        return self.infos.get(conn)
+
+
+def test_a_range_on_a_kept_connection_counts_its_bytes_from_where_the_connection_was():
+    """The kernel counts a connection's acknowledged bytes since its connect: a second range on a kept
+    connection counts only what was acknowledged after it began, and its answer makes all of it acked."""
+    sched = Schedule([(0, 4 * A), (4 * A, 8 * A)])
+    first, second = sched._next_range(), sched._next_range()
+    sched._assign(first, "c", 0)
+    sched.infos["c"] = tcp_info(1000, 900, acked=3 * A)
+    assert sched._acked()[0] == 3 * A
+    sched._answered(first, object(), 4 * A)
+    assert (first["reply"], first["acked"]) == ("durable", 4 * A) and sched.stored == []
+    sched._assign(first, None, 0)
+    sched._assign(second, "c", 4 * A + 100)  # the connection had carried the first range (and a request)
+    sched.infos["c"] = tcp_info(1000, 900, acked=4 * A + 100 + A)
+    assert sched._acked()[0] == 4 * A + A
+    stored = Stored(8 * A, 0, "0" * 64)
+    sched._answered(second, stored, 4 * A)
+    assert (second["reply"], second["acked"], sched.stored) == ("stored", 4 * A, [stored])
+
+
+def test_what_a_failed_range_exchange_means():
+    """Complete on the server: the range is done. Our own split's takeover, or a kept connection closed
+    before its request was answered: again at once. Anything else, and any failure of a new connection
+    or of an answered request: for the retry budget."""
+    sched = Schedule([(0, 4 * A)])
+    r = sched._next_range()
+    done = RefusedByServer(ErrorCode.ALREADY_COMPLETE, "complete")
+    assert sched._failed(r, done, reused=False, answered=True) == "complete"
+    assert (r["reply"], r["pos"]) == ("complete", r["end"])
+    taken = RefusedByServer(ErrorCode.TAKEN_OVER, "taken over")
+    r = {**r, "reply": None, "split": True}
+    assert sched._failed(r, taken, reused=False, answered=True) == "again"
+    assert "split" not in r and sched._failed(r, taken, reused=False, answered=True) is None  # once only
+    closed = TransportFailure("the connection closed")
+    idle = RefusedByServer(ErrorCode.IDLE_TIMEOUT, "idle")
+    for exc in (closed, idle):
+        assert sched._failed(r, exc, reused=True, answered=False) == "again"
+        assert sched._failed(r, exc, reused=True, answered=True) is None
+        assert sched._failed(r, exc, reused=False, answered=False) is None
+    refused = RefusedByServer(ErrorCode.UNKNOWN_SESSION, "no such session")
+    assert sched._failed(r, refused, reused=True, answered=False) is None
+    assert sched._failed(r, FiledockError(ErrorCode.INTERNAL_ERROR, "x"), reused=False, answered=True) is None

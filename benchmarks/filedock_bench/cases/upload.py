@@ -23,7 +23,7 @@ from filedock_bench.cases.http_upload import TusCurlPatch
 from filedock_bench.cases.tus_node import NodeTusServerPatch, TusJsUpload, note_ratios
 from filedock_bench.external_tools import RsyncDaemon, require, rsync_command, socat_listener, socat_sender
 from filedock_bench.measure import Figure, Sample, Skip, human_size, median, run_interleaved, say
-from filedock_bench.processes import HelperServer, run_timed
+from filedock_bench.processes import HelperServer, process_cpu_seconds, run_timed
 from filedock_bench.tls_tools import ScpUpload, SftpUpload, SocatTlsUpload
 from filedock_bench.workspace import (PYTHON, ServerProcess, Workspace, delete_job, filedock_server, log_since,
                                       log_size, random_file, remove, wait_for)
@@ -73,14 +73,19 @@ class CliUpload:
         startup = run_timed([PYTHON, "-m", "filedock", "--help"]).seconds
         name = f"bench-cli-{index}-{uuid.uuid4().hex[:8]}"
         mark = log_size(server)
+        server_cpu = process_cpu_seconds(server.proc.pid)
         done = run_timed([PYTHON, "-m", "filedock", "upload", "--job", name, "--create", "--json", *self.EXTRA,
                           str(self.setup.source)], env=server.env())
+        server_cpu_after = process_cpu_seconds(server.proc.pid)
         if done.returncode != 0:
             raise RuntimeError(f"filedock upload exited {done.returncode}: {done.stderr.strip()[-500:]}")
         result = json.loads(done.stdout.strip().splitlines()[-1])
         if result.get("state") != "complete":
             raise RuntimeError(f"filedock upload did not complete: {result}")
-        extra = {"startup_seconds": startup, "client_max_rss_kib": done.max_rss_kib}
+        extra = {"startup_seconds": startup, "client_max_rss_kib": done.max_rss_kib,
+                 "client_cpu_seconds": round(done.cpu_seconds, 3)}
+        if server_cpu is not None and server_cpu_after is not None:
+            extra["server_cpu_seconds"] = round(server_cpu_after - server_cpu, 3)
         if result.get("streams"):
             extra["streams"] = result["streams"]["streams"]
         found = _OUTCOME.findall(wait_for(lambda: _complete_line(server, mark), 10, what="server log line"))

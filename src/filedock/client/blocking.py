@@ -45,7 +45,7 @@ from filedock.client.streams_policy import (UNSENT_LIMIT, ControllerTiming, Rang
 from filedock.client.transfer import (AwaitDigest, BatchAttempt, Connect, DownloadAttempt, DropPartial, Fail, Finish,
                                       QueryStored, Restart, SendBody, Sleep, UploadAttempt, reply_error)
 from filedock.digest import ContentHasher
-from filedock.errors import ErrorCode, FiledockError, RefusedByServer, TransportFailure, short_key
+from filedock.errors import ErrorCode, FiledockError, TransportFailure, short_key
 
 log = logging.getLogger("filedock.client")
 
@@ -1206,7 +1206,7 @@ class RangedUpload(RangeSchedule):
             try:
                 link, kept = (kept, None) if kept is not None else (self._first_link(), None)
                 with self.lock:  # TCP_INFO counts the connection's bytes since it opened, this range's from here
-                    r["link"], r["base"] = link, r["acked"] - ((_link_acked(link.sock) or 0) if reused else 0)
+                    self._assign(r, link, (_link_acked(link.sock) or 0) if reused else 0)
                 if self.controller is not None and not reused:  # the end of the range stays in the file, for _steal
                     limit_unsent(link.sock)
                 if self.congestion is None and hasattr(socket, "TCP_CONGESTION"):
@@ -1246,10 +1246,7 @@ class RangedUpload(RangeSchedule):
                 link.send_all(done)
                 reply = link.expect((wire.RangeStored, wire.Stored), REPLY_PATIENCE)
                 with self.lock:
-                    r["acked"] = max(r["acked"], r["base"] + r["end"] - offset)  # all of it is at the server
-                    r["reply"] = "stored" if isinstance(reply, wire.Stored) else "durable"
-                    if isinstance(reply, wire.Stored):
-                        self.stored.append(reply)
+                    self._answered(r, reply, r["end"] - offset)
                 state = link.conn.state
                 if state is wire.ClientState.IDLE or (state is wire.ClientState.AWAIT_OFFSET and ahead is not None):
                     keep = link  # DURABLE: the server reads our next request (or reads the one sent ahead now)
@@ -1264,19 +1261,12 @@ class RangedUpload(RangeSchedule):
                 if ahead is not None:  # its request may have been sent ahead: the server never read it
                     self._give_back(ahead)
                     ahead = None
-                if isinstance(exc, RefusedByServer) and exc.code is ErrorCode.ALREADY_COMPLETE:
-                    with self.lock:
-                        r["reply"] = "complete"
-                        r["pos"] = r["end"]
+                with self.lock:
+                    meaning = self._failed(r, exc, reused, answered)
+                if meaning == "complete":
                     return True, None, None
-                if exc.code is ErrorCode.TAKEN_OVER and r.pop("split", False):
-                    continue  # our own split (_steal): send the first half at once, no failure
-                if reused and not answered and (not isinstance(exc, RefusedByServer)
-                                                or exc.code is ErrorCode.IDLE_TIMEOUT):
-                    # the kept connection was closed meanwhile (the server's header timeout, or a server
-                    # that closes after DURABLE): as an HTTP client does with a stale kept-alive
-                    # connection, send the request again at once on a new one; nothing was lost
-                    log.debug("%s range %d-%d: the kept connection was closed (%s); a new one", self.name,
+                if meaning == "again":
+                    log.debug("%s range %d-%d: %s; again at once on a new connection", self.name,
                               r["start"], r["end"], exc.message)
                     continue
                 decision = budget.failed(exc, progressed)

@@ -21,7 +21,8 @@ from collections import deque
 from dataclasses import dataclass
 
 from filedock.client.ranges import missing
-from filedock.wire import RANGE_ALIGN
+from filedock.errors import ErrorCode, FiledockError, RefusedByServer
+from filedock.wire import RANGE_ALIGN, Stored
 
 MiB = 1 << 20
 
@@ -319,8 +320,10 @@ class RangeSchedule:
 
     A range is a dict: ``start``, ``end``, ``from`` (where the server said it resumes), ``pos``
     (handed to the kernel up to), ``sent``, ``reply`` (None until answered), ``CONN`` (the
-    connection carrying it, or None), ``acked`` and ``base`` (the connection's acknowledged bytes
-    before this range), and ``split`` once an idle stream took its second half.
+    connection carrying it, or None), ``acked`` (its bytes the peer acknowledged), ``before`` (the
+    connection's acknowledged bytes when this range began on it: a kept connection's count goes on
+    from its earlier ranges), ``base`` (``acked`` then, less ``before``: ``acked`` is ``base`` plus
+    the connection's count), and ``split`` once an idle stream took its second half.
     """
 
     CONN = "conn"
@@ -328,6 +331,7 @@ class RangeSchedule:
     controller: StreamController | None
     ranges: list[dict]
     running: int
+    stored: list[Stored]
 
     def tcp_info_of(self, conn) -> bytes | None:
         """The kernel's ``TCP_INFO`` of a range's connection, or None."""
@@ -346,7 +350,7 @@ class RangeSchedule:
         if piece is None:
             return None
         r = {"start": piece[0], "end": piece[1], "from": None, "pos": piece[0], "sent": 0, "reply": None,
-             self.CONN: None, "acked": 0, "base": 0}
+             self.CONN: None, "acked": 0, "base": 0, "before": 0}
         self.ranges.append(r)
         return r
 
@@ -354,6 +358,34 @@ class RangeSchedule:
         """A range asked for ahead whose request the server never read: back to the queue, unsent."""
         self.ranges.remove(r)
         self.queue.give_back((r["start"], r["end"]))
+
+    def _assign(self, r: dict, conn, acked_before: int) -> None:
+        """``r`` goes out on ``conn``, whose ``TCP_INFO`` counted ``acked_before`` bytes acknowledged
+        before it (a kept connection counts from its connect): ``_acked`` counts ``r``'s from there."""
+        r[self.CONN], r["base"], r["before"] = conn, r["acked"] - acked_before, acked_before
+
+    def _answered(self, r: dict, reply, sent: int) -> None:
+        """The server answered ``r`` (``DURABLE``, or ``STORED`` for the file) once ``sent`` bytes of it
+        had gone out on its connection: every one of them is at the server."""
+        r["reply"] = "stored" if isinstance(reply, Stored) else "durable"
+        r["acked"] = max(r["acked"], r["base"] + r["before"] + sent)  # in the frame of r's own bytes
+        if isinstance(reply, Stored):
+            self.stored.append(reply)
+
+    def _failed(self, r: dict, exc: FiledockError, reused: bool, answered: bool) -> str | None:
+        """What a failed exchange of ``r`` means before any retry budget: ``"complete"`` (the server
+        has the whole file; ``r`` is marked so), ``"again"`` (send it again at once on a new connection,
+        no failure counted: our own split took the range over, or a kept connection was closed before
+        its request was answered, as an HTTP client resends on a stale kept-alive connection), or None
+        (a failure for the retry budget)."""
+        if isinstance(exc, RefusedByServer) and exc.code is ErrorCode.ALREADY_COMPLETE:
+            r["reply"], r["pos"] = "complete", r["end"]
+            return "complete"
+        if exc.code is ErrorCode.TAKEN_OVER and r.pop("split", False):
+            return "again"
+        if reused and not answered and (not isinstance(exc, RefusedByServer) or exc.code is ErrorCode.IDLE_TIMEOUT):
+            return "again"
+        return None
 
     def _sending(self) -> list[dict]:
         return [r for r in self.ranges if r["reply"] is None and r[self.CONN] is not None and r["from"] is not None]

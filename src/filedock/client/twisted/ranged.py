@@ -36,7 +36,7 @@ from filedock.client.streams_policy import (ControllerTiming, RangeQueue, RangeS
 from filedock.client.twisted import upload
 from filedock.client.twisted.exchange import RequestExchange, StallWatch
 from filedock.client.twisted.streaming import FileStreamer, OrderedHasher
-from filedock.errors import ErrorCode, FiledockError, LocalFileError, RefusedByServer, TransportFailure
+from filedock.errors import ErrorCode, FiledockError, LocalFileError, TransportFailure
 
 log = Logger(namespace="filedock.client")
 
@@ -504,7 +504,7 @@ class TxRangedUpload(RangeSchedule):
             before = 0
             if reused and (info := transport_info(carrier.transport)):  # TCP_INFO counts since the connect
                 before = acked_from_tcp_info(info) or 0
-            r["exchange"], r["base"] = exchange, r["acked"] - before
+            self._assign(r, exchange, before)
             if self.controller is not None:
                 exchange.ahead = ask_ahead
                 d = defer.ensureDeferred(self._carry(exchange, carrier))
@@ -521,14 +521,11 @@ class TxRangedUpload(RangeSchedule):
             except FiledockError as exc:
                 if ahead is not None:  # asked for ahead, perhaps: the server never read it
                     self._give_back(ahead)
-                if isinstance(exc, RefusedByServer) and exc.code is ErrorCode.ALREADY_COMPLETE:
-                    r["reply"], r["pos"] = "complete", r["end"]
+                meaning = self._failed(r, exc, reused, answered[0])
+                if meaning == "complete":
                     return True, None, None
-                if exc.code is ErrorCode.TAKEN_OVER and r.pop("split", False):
-                    continue  # our own split (_steal): send the first half at once, no failure
-                if reused and not answered[0] and (not isinstance(exc, RefusedByServer)
-                                                   or exc.code is ErrorCode.IDLE_TIMEOUT):
-                    continue  # the kept connection was closed meanwhile: a new one at once, as HTTP clients do
+                if meaning == "again":
+                    continue
                 decision = budget.failed(exc, progressed[0])
                 if isinstance(decision, GiveUp) or self.halted:
                     if not self.halted:
@@ -550,11 +547,8 @@ class TxRangedUpload(RangeSchedule):
                 watch.stop()
                 self.in_flight.discard(d)
                 r["exchange"] = None
-            r["reply"] = "stored" if isinstance(reply, wire.Stored) else "durable"
-            r["acked"] = max(r["acked"], r["base"] + exchange.sent)  # all of it is at the server
+            self._answered(r, reply, exchange.sent)
             self.congestion = self.congestion or exchange.congestion
-            if isinstance(reply, wire.Stored):
-                self.stored.append(reply)
             kept = exchange.carrier if exchange.kept else None
             if ahead is not None and exchange.asked_next is None:  # taken, but DONE went without it
                 self._give_back(ahead)
