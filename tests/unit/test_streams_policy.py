@@ -257,13 +257,13 @@ def test_a_range_on_a_kept_connection_counts_its_bytes_from_where_the_connection
     connection counts only what was acknowledged after it began, and its answer makes all of it acked."""
     sched = Schedule([(0, 4 * A), (4 * A, 8 * A)])
     first, second = sched._next_range(), sched._next_range()
-    sched._assign(first, "c", 0)
+    sched._assign(first, "c")
     sched.infos["c"] = tcp_info(1000, 900, acked=3 * A)
     assert sched._acked()[0] == 3 * A
     sched._answered(first, object(), 4 * A)
     assert (first["reply"], first["acked"]) == ("durable", 4 * A) and sched.stored == []
-    sched._assign(first, None, 0)
-    sched._assign(second, "c", 4 * A + 100)  # the connection had carried the first range (and a request)
+    sched._assign(first, None)
+    sched._assign(second, "c", tcp_info(1000, 900, acked=4 * A + 100))  # it carried the first range (and a request)
     sched.infos["c"] = tcp_info(1000, 900, acked=4 * A + 100 + A)
     assert sched._acked()[0] == 4 * A + A
     stored = Stored(8 * A, 0, "0" * 64)

@@ -40,7 +40,7 @@ from filedock.client.pathtune import can_set, choose_congestion_control
 from filedock.client.ranges import MAX_STREAMS, MIN_RANGED_SIZE, auto_streams, plan_ranges
 from filedock.client.retry import REPLY_PATIENCE, RETRYABLE_REFUSALS, GiveUp, RetryBudget
 from filedock.client.streams_policy import (UNSENT_LIMIT, ControllerTiming, RangeQueue, RangeSchedule,
-                                            StreamController, acked_from_tcp_info, chunk_plan, queueing,
+                                            StreamController, chunk_plan, queueing,
                                             rtt_from_tcp_info)
 from filedock.client.transfer import (AwaitDigest, BatchAttempt, Connect, DownloadAttempt, DropPartial, Fail, Finish,
                                       QueryStored, Restart, SendBody, Sleep, UploadAttempt, reply_error)
@@ -1205,8 +1205,8 @@ class RangedUpload(RangeSchedule):
             reused, progressed, answered = kept is not None, False, False
             try:
                 link, kept = (kept, None) if kept is not None else (self._first_link(), None)
-                with self.lock:  # TCP_INFO counts the connection's bytes since it opened, this range's from here
-                    self._assign(r, link, (_link_acked(link.sock) or 0) if reused else 0)
+                with self.lock:
+                    self._assign(r, link, tcp_info(link.sock) if reused else None)
                 if self.controller is not None and not reused:  # the end of the range stays in the file, for _steal
                     limit_unsent(link.sock)
                 if self.congestion is None and hasattr(socket, "TCP_CONGESTION"):
@@ -1321,12 +1321,6 @@ def limit_unsent(sock: socket.socket) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, option, UNSENT_LIMIT)
         except OSError:
             pass
-
-
-def _link_acked(sock: socket.socket) -> int | None:
-    """Bytes the peer acknowledged on a connected TCP socket (``TCP_INFO``, Linux), or None."""
-    info = tcp_info(sock)
-    return acked_from_tcp_info(info) if info else None
 
 
 def _spare_first(client: "DataPortClient", ranged: RangedUpload) -> "DataPortClient":

@@ -359,10 +359,12 @@ class RangeSchedule:
         self.ranges.remove(r)
         self.queue.give_back((r["start"], r["end"]))
 
-    def _assign(self, r: dict, conn, acked_before: int) -> None:
-        """``r`` goes out on ``conn``, whose ``TCP_INFO`` counted ``acked_before`` bytes acknowledged
-        before it (a kept connection counts from its connect): ``_acked`` counts ``r``'s from there."""
-        r[self.CONN], r["base"], r["before"] = conn, r["acked"] - acked_before, acked_before
+    def _assign(self, r: dict, conn, kept_info: bytes | None = None) -> None:
+        """``r`` goes out on ``conn``. ``kept_info``: a kept connection's ``TCP_INFO`` as ``r`` begins on
+        it (None: a new connection): the kernel counts acknowledged bytes since the connect, so
+        ``_acked`` counts ``r``'s from there."""
+        before = (acked_from_tcp_info(kept_info) or 0) if kept_info else 0
+        r[self.CONN], r["base"], r["before"] = conn, r["acked"] - before, before
 
     def _answered(self, r: dict, reply, sent: int) -> None:
         """The server answered ``r`` (``DURABLE``, or ``STORED`` for the file) once ``sent`` bytes of it

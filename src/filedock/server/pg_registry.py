@@ -73,15 +73,14 @@ log = Logger(namespace="filedock.registry")
 class SharedClaim:
     """A claim held in PostgreSQL and in this process's own registry."""
 
-    __slots__ = ("local", "hashed", "claim_id", "took_over", "wanted_by", "asked", "asked_at", "range")
+    __slots__ = ("local", "hashed", "claim_id", "took_over", "wanted_by", "asked_at", "range")
 
     def __init__(self, local: Any, hashed: str, claim_id: int, took_over: bool,
                  byte_range: tuple[int, int] | None = None) -> None:
         self.local, self.hashed, self.claim_id, self.took_over = local, hashed, claim_id, took_over
         self.range = byte_range  # a ranged upload's [start, end); None: the whole file
         self.wanted_by: set[str] = set()  # servers that asked us to let go: told when we did
-        self.asked = False
-        self.asked_at = 0.0  # when (monotonic) the holder was first asked to let go
+        self.asked_at: float | None = None  # when (monotonic) the holder was first asked to let go
 
     @property
     def file_key(self) -> str:
@@ -93,8 +92,8 @@ class SharedClaim:
 
     def request_release(self) -> None:
         """Ask the holder (an upload, a batch, the sweeper) to let go; once is enough."""
-        if not self.asked:
-            self.asked, self.asked_at = True, time.monotonic()
+        if self.asked_at is None:
+            self.asked_at = time.monotonic()
             self.local.request_release()
 
     def overlaps(self, byte_range: tuple[int, int] | None) -> bool:
@@ -507,7 +506,7 @@ class PostgresUploadRegistry:
                 del self._held_ranges[claim.hashed]
 
         def dropped(_: Any) -> None:
-            if claim.wanted_by:
+            if claim.wanted_by and claim.asked_at is not None:
                 # how long the holder took to settle (for a takeover: what the asking server waited on)
                 log.info("upload of {key} let go for server {askers} {seconds} s after it was asked",
                          key=short_key(claim.file_key), askers=",".join(sorted(claim.wanted_by)),

@@ -32,7 +32,7 @@ from filedock.client.model import (DURABLE, SENT, VERIFIED, Cancelled, Outcome, 
 from filedock.client.ranges import MAX_STREAMS, auto_streams, plan_ranges
 from filedock.client.retry import GiveUp, RetryBudget
 from filedock.client.streams_policy import (ControllerTiming, RangeQueue, RangeSchedule, StreamController,
-                                            acked_from_tcp_info, chunk_plan, queueing, rtt_from_tcp_info)
+                                            chunk_plan, queueing, rtt_from_tcp_info)
 from filedock.client.twisted import upload
 from filedock.client.twisted.exchange import RequestExchange, StallWatch
 from filedock.client.twisted.streaming import FileStreamer, OrderedHasher
@@ -501,10 +501,7 @@ class TxRangedUpload(RangeSchedule):
                 ahead = self._next_range(steal=False)
                 return (ahead["start"], ahead["end"]) if ahead is not None else None
 
-            before = 0
-            if reused and (info := transport_info(carrier.transport)):  # TCP_INFO counts since the connect
-                before = acked_from_tcp_info(info) or 0
-            self._assign(r, exchange, before)
+            self._assign(r, exchange, transport_info(carrier.transport) if reused else None)
             if self.controller is not None:
                 exchange.ahead = ask_ahead
                 d = defer.ensureDeferred(self._carry(exchange, carrier))
