@@ -195,9 +195,8 @@ def cmd_upload(args: argparse.Namespace) -> int:
 
     gc.enable()  # off since start-up (filedock.cli.entry, enables_gc): the imports are done
 
-    uploader = JobUploader(api)
+    uploader = JobUploader(api, make_data_client=lambda: _data_client(api, args))
     plan = uploader.prepare(args.job, args.paths, create=args.create, prefix=args.prefix, replace=args.replace)
-    uploader.data_client = _data_client(api, args)
     from filedock.client.blocking import congestion_control
 
     sent_with = {"congestion_control": congestion_control(args.congestion_control)}

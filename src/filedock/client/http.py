@@ -33,6 +33,11 @@ log = logging.getLogger("filedock.client")
 HANDSHAKE_TIMEOUT = 5.0
 """Seconds a TLS handshake may take before the port is asked whether it speaks plain HTTP."""
 
+IDLE_KEPT = 2
+"""Connections kept alive for later requests: the uploader runs at most two requests at once (the
+next step's beside ``prefetch_info`` or the session beside the files), so a request beside another
+finds a connection open instead of paying a connect's round trip."""
+
 
 class ApiError(RefusedByServer):
     """A control-API refusal. ``repeated``: an earlier attempt of the same request may have reached
@@ -100,27 +105,27 @@ class ApiClient:
         self.retry = retry or RetryPolicy()
         self.url_source = url_source
         self._info: dict[str, Any] | None = None
-        self._idle: http.client.HTTPConnection | None = None  # kept alive from the last request
+        self._info_soon: threading.Thread | None = None  # prefetch_info's request, while it runs
+        self._idle: list[http.client.HTTPConnection] = []  # kept alive from earlier requests, newest last
         self._idle_lock = threading.Lock()
 
     def close(self) -> None:
-        """Close the connection kept alive for the next request, if any."""
+        """Close the connections kept alive for the next requests, if any."""
         with self._idle_lock:
-            idle, self._idle = self._idle, None
-        if idle is not None:
-            idle.close()
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
 
     def _take_idle(self) -> http.client.HTTPConnection | None:
         with self._idle_lock:
-            idle, self._idle = self._idle, None
-        return idle
+            return self._idle.pop() if self._idle else None
 
     def _keep(self, conn: http.client.HTTPConnection) -> None:
         with self._idle_lock:
-            if self._idle is None:
-                self._idle, conn = conn, None
-        if conn is not None:  # another thread's request kept its own: one idle connection is enough
-            conn.close()
+            if len(self._idle) < IDLE_KEPT:
+                self._idle.append(conn)
+                return
+        conn.close()  # more threads' requests ended than are likely to run at once again
 
     def _connection(self) -> http.client.HTTPConnection:
         if self.tls:
@@ -289,9 +294,33 @@ class ApiClient:
 
     def info(self, fresh: bool = False) -> dict[str, Any]:
         """``GET /v1/info`` (the data port's address, the limits), asked once per client unless ``fresh``."""
+        soon = self._info_soon
+        if soon is not None and not fresh:
+            soon.join()  # prefetch_info's answer, or nothing: then it is asked here, with its errors
         if fresh or self._info is None:
             self._info = self.get("/v1/info")
         return self._info
+
+    def prefetch_info(self) -> None:
+        """Ask ``GET /v1/info`` now, on a connection of its own, for a later ``info()``.
+
+        The uploader needs the data port's address and the limits only after it has found the
+        job and declared the files: asked beside those requests, the answer costs no round trip
+        of its own (100 ms on a long path), and its connection stays open for the next request
+        that runs beside another (``IDLE_KEPT``). A failure here is forgotten: ``info()`` then
+        asks again and reports it.
+        """
+        if self._info is not None or self._info_soon is not None:
+            return
+
+        def ask() -> None:
+            try:
+                self._info = self.get("/v1/info")
+            except Exception as exc:  # noqa: BLE001 - info() asks again and raises it there
+                log.debug("GET /v1/info ahead: %s", exc)
+
+        self._info_soon = threading.Thread(target=ask, name="filedock-api-info", daemon=True)
+        self._info_soon.start()
 
     def job(self, id_or_name: str) -> dict[str, Any]:
         return self.get(f"/v1/jobs/{quote(id_or_name, safe='')}")

@@ -18,6 +18,7 @@ import logging
 import os
 import ssl
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -65,12 +66,18 @@ def data_client_for(api: ApiClient, *, stall_timeout: float = 60.0, attempts: in
 class JobUploader:
     """Uploads local files and directories into a job through the control API and the data port.
 
-    ``data_client`` defaults to one built from ``GET /v1/info`` when first needed.
+    ``data_client`` defaults to one ``make_data_client()`` builds when first needed (by default
+    ``data_client_for(api)``, from ``GET /v1/info``).
     """
 
-    def __init__(self, api: ApiClient, data_client: DataPortClient | None = None) -> None:
+    def __init__(self, api: ApiClient, data_client: DataPortClient | None = None,
+                 make_data_client: Callable[[], DataPortClient] | None = None) -> None:
         self.api = api
         self.data_client = data_client
+        self.make_data_client = make_data_client or (lambda: data_client_for(api))
+        self._early: _EarlySession | None = None  # opened by prepare beside the declarations, for run
+        self._early_lock = threading.Lock()
+        self._data_lock = threading.Lock()
 
     def upload(self, job: str, paths: list[Path], *, create: bool = False, parallel: int = 1,
                progress: JobProgress | None = None, cancel: threading.Event | None = None,
@@ -99,15 +106,62 @@ class JobUploader:
         has with another size is planned as a ``conflict`` (not sent, the others are), or with ``replace``
         declared as a new version of that file."""
         local = collect_files(paths, prefix)
+        self.api.prefetch_info()  # run needs it; asked beside the job's requests, it costs no round trip
         record = self._resolve_job(job, create)
         conflicts: dict[str, str] = {}
         declared, missing = undeclared(record, local, conflicts)
-        self._declare(record["id"], missing, declared)
-        if replace and conflicts:
-            self._declare(record["id"], [f for f in local if f.name in conflicts], declared, replace=True)
-            conflicts = {}
+        if any(declared.get(f.name, {}).get("state") != "complete" for f in local):
+            # something will be sent: its session opens beside the declaring, and its first data
+            # connection as soon as GET /v1/info says where (round trips a long path would wait for)
+            self._open_session_soon(record["id"])
+            threading.Thread(target=self._preconnect, name="filedock-preconnect", daemon=True).start()
+        try:
+            self._declare(record["id"], missing, declared)
+            if replace and conflicts:
+                self._declare(record["id"], [f for f in local if f.name in conflicts], declared, replace=True)
+                conflicts = {}
+        except BaseException:
+            self._drop_early_session()
+            raise
         files = [planned_file(item, declared[item.name], conflicts.get(item.name)) for item in local]
         return UploadPlan(record, files, replace)
+
+    def _preconnect(self) -> None:
+        try:
+            self._data_client().preconnect()
+        except Exception as exc:  # noqa: BLE001 - run builds the data client again and reports it
+            log.debug("preconnect: %s", exc)
+
+    def _open_session_soon(self, job_id: str) -> None:
+        """Open a session for ``job_id`` on a thread, for ``run`` to take (``_session_for``)."""
+        early = _EarlySession(job_id, lambda: self.api.open_session(job_id))
+        with self._early_lock:
+            early, self._early = self._early, early
+        if early is not None:
+            self._close_early(early)
+
+    def _session_for(self, job_id: str) -> dict[str, Any]:
+        """The session ``prepare`` opened for this job if it is recent, else a new one."""
+        with self._early_lock:
+            early, self._early = self._early, None
+        if early is not None:
+            if early.job_id == job_id and early.fresh():
+                return early.result()  # what open_session raised, if it failed
+            self._close_early(early)
+        return self.api.open_session(job_id)
+
+    def _drop_early_session(self) -> None:
+        with self._early_lock:
+            early, self._early = self._early, None
+        if early is not None:
+            self._close_early(early)
+
+    def _close_early(self, early: "_EarlySession") -> None:
+        try:
+            session = early.result()
+        except FiledockError:
+            return  # it was never opened
+        self._close_session(session["key"])
 
     def _declare(self, job_id: str, files: list[LocalFile], declared: dict[str, dict[str, Any]],
                  replace: bool = False) -> None:
@@ -144,6 +198,13 @@ class JobUploader:
 
     def _run(self, plan: UploadPlan, parallel: int, progress: JobProgress | None, cancel: threading.Event,
              on_result: ResultCallback | None) -> list[UploadResult]:
+        try:
+            return self._run_plan(plan, parallel, progress, cancel, on_result)
+        finally:
+            self._drop_early_session()  # one prepare opened that this run did not need
+
+    def _run_plan(self, plan: UploadPlan, parallel: int, progress: JobProgress | None, cancel: threading.Event,
+                  on_result: ResultCallback | None) -> list[UploadResult]:
         report: JobProgress = progress or (lambda name, stage, done, total: None)
         done: ResultCallback = on_result or (lambda result: None)
         job = JobPlan(plan)  # every file gets its result; the others carry on
@@ -158,9 +219,14 @@ class JobUploader:
             job.declared_new_versions(declared)
         if job.todo:
             plan = job.plan
-            data = self.data_client or self._default_data_client()
+            data = self._data_client()
+            data.preconnect()  # if prepare did not: the first file's connection opens while the session does
             limits = self._limits()
-            session = self.api.open_session(plan.job_id)
+            try:
+                session = self._session_for(plan.job_id)
+            except BaseException:
+                data.close_warm()
+                raise
             try:
                 def run_unit(unit: list[int]) -> dict[int, UploadResult]:
                     if len(unit) > 1:
@@ -185,6 +251,7 @@ class JobUploader:
                 for i, result in got.items():
                     job.finished(i, result)
             finally:
+                data.close_warm()
                 self._close_session(session["key"])
         return job.ordered()
 
@@ -211,9 +278,12 @@ class JobUploader:
         value = limits.get("max_connections_per_session")
         return value if isinstance(value, int) and value > 0 else 1 << 30
 
-    def _default_data_client(self) -> DataPortClient:
-        self.data_client = data_client_for(self.api)
-        return self.data_client
+    def _data_client(self) -> DataPortClient:
+        """The data client given, or one for the address in ``GET /v1/info`` (made once)."""
+        with self._data_lock:
+            if self.data_client is None:
+                self.data_client = self.make_data_client()
+            return self.data_client
 
     @staticmethod
     def _upload_one(data: DataPortClient, session_key: str, planned: PlannedFile, report: JobProgress,
@@ -253,6 +323,33 @@ class JobUploader:
             self.api.close_session(key)
         except FiledockError as exc:  # the uploads' outcome stands; an unclosed session just expires
             log.warning("could not close session: %s", exc)
+
+
+EARLY_SESSION_SECONDS = 60.0
+"""How old a session ``prepare`` opened may be for ``run`` to use it; an older one is closed and a new one
+opened (a caller may run a plan long after preparing it, and sessions expire)."""
+
+
+class _EarlySession:
+    """``POST /v1/jobs/<job>/sessions`` running on a thread; ``result()`` is its answer or its error."""
+
+    def __init__(self, job_id: str, open_session: Callable[[], dict[str, Any]]) -> None:
+        self.job_id = job_id
+        self._started = time.monotonic()
+        self._future: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+        threading.Thread(target=self._run, args=(open_session,), name="filedock-api-session", daemon=True).start()
+
+    def _run(self, open_session: Callable[[], dict[str, Any]]) -> None:
+        try:
+            self._future.set_result(open_session())
+        except BaseException as exc:  # handed to result()
+            self._future.set_exception(exc)
+
+    def fresh(self) -> bool:
+        return time.monotonic() - self._started < EARLY_SESSION_SECONDS
+
+    def result(self) -> dict[str, Any]:
+        return self._future.result()
 
 
 def _run_threads(one: Callable[[list[int]], dict[int, UploadResult]], units: list[list[int]], parallel: int,
