@@ -279,6 +279,7 @@ def test_replace_uploads_new_versions_and_the_old_ones_stay_until_then(server, t
     # a new version cut short: the old one is still what the job has
     uploader = JobUploader(server.api)
     plan = uploader.prepare("rj", [root / "grown.bin"], replace=True)
+    uploader.close()  # this test sends the file itself, below
     (planned,) = plan.files
     assert planned.key != server.api.job("rj")["files"][0]["key"] and planned.state == "pending"
     session = server.api.open_session(plan.job_id)

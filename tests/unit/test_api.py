@@ -178,6 +178,28 @@ def test_create_job_returns_the_job(server):
     assert server.sqlite.find_job(job["id"]).metadata == metadata
 
 
+def test_create_job_exist_ok_finds_or_creates(server):
+    """POST /v1/jobs with exist_ok: 201 with a new job; 200 with an existing one as GET shows it (files
+    included, its metadata unchanged); a job of another name or without exist_ok is not affected."""
+    r = server.call("POST", "/v1/jobs", {"name": "found", "metadata": {"a": 1}, "exist_ok": True})
+    assert r.status == 201 and set(r.body) == {"id", "name", "metadata", "created", "updated", "state"}
+    made = r.body
+    f = server.add_file("found", "a.bin", 10)
+    before = server.everything()
+    r = server.call("POST", "/v1/jobs", {"name": "found", "metadata": {"b": 2}, "exist_ok": True})
+    assert r.status == 200
+    assert r.body == server.call("GET", "/v1/jobs/found").body
+    assert r.body["id"] == made["id"] and r.body["metadata"] == {"a": 1}
+    assert [x["key"] for x in r.body["files"]] == [f["key"]]
+    assert server.everything() == before
+    r = server.call("POST", "/v1/jobs", {"name": "found", "exist_ok": False})
+    assert (r.status, r.code) == (409, "conflict")
+    for bad in ("yes", 1, None):
+        r = server.call("POST", "/v1/jobs", {"name": "other", "exist_ok": bad})
+        assert (r.status, r.code) == (400, "bad-request") and "exist_ok" in r.body["error"]["message"]
+    assert [j["name"] for j in server.jobs()] == ["found"]
+
+
 def test_create_job_without_metadata(server):
     """Metadata is optional and defaults to an empty object."""
     assert server.create_job("plain")["metadata"] == {}

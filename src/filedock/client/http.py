@@ -329,6 +329,12 @@ class ApiClient:
         """``POST /v1/jobs``. A repeat after a lost answer finds the job it made (same name and metadata)."""
         return self.post("/v1/jobs", {"name": name, "metadata": metadata or {}})
 
+    def find_or_create_job(self, name: str) -> dict[str, Any]:
+        """The job named ``name`` with its files, created (with no files) if there is none: one
+        ``POST /v1/jobs`` with ``exist_ok``, one round trip where a lookup and a creation take two."""
+        job = self.post("/v1/jobs", {"name": name, "metadata": {}, "exist_ok": True})
+        return {"files": [], **job}
+
     def add_file(self, job: str, name: str, size: int) -> dict[str, Any]:
         return self.post(f"/v1/jobs/{quote(job, safe='')}/files", {"name": name, "size": size})
 

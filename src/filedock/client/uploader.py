@@ -16,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
+import re
 import ssl
 import threading
 import time
@@ -37,6 +38,9 @@ ResultCallback = Callable[[UploadResult], None]
 """Called once per file as soon as its result is known (from a worker thread when parallel)."""
 
 _ANY_ADDRESS = ("", "0.0.0.0", "::")
+
+_KEY_SHAPE = re.compile(r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}")
+"""A job id (a UUID); job names may not have this shape (``POST /v1/jobs``)."""
 
 
 def data_client_for(api: ApiClient, *, stall_timeout: float = 60.0, attempts: int = 5,
@@ -78,6 +82,7 @@ class JobUploader:
         self._early: _EarlySession | None = None  # opened by prepare beside the declarations, for run
         self._early_lock = threading.Lock()
         self._data_lock = threading.Lock()
+        self._preconnecting: threading.Thread | None = None
 
     def upload(self, job: str, paths: list[Path], *, create: bool = False, parallel: int = 1,
                progress: JobProgress | None = None, cancel: threading.Event | None = None,
@@ -104,7 +109,11 @@ class JobUploader:
                 prefix: str = "", replace: bool = False) -> UploadPlan:
         """Resolve the job, find the local files and declare those the job lacks; a file whose name the job
         has with another size is planned as a ``conflict`` (not sent, the others are), or with ``replace``
-        declared as a new version of that file."""
+        declared as a new version of that file.
+
+        When something will be sent, the session and the first data connection are opened ahead,
+        beside the declaring, for ``run`` to take (docs/client.md, "Round trips before the first
+        byte"); a caller that prepares and does not run calls ``close``."""
         local = collect_files(paths, prefix)
         self.api.prefetch_info()  # run needs it; asked beside the job's requests, it costs no round trip
         record = self._resolve_job(job, create)
@@ -114,7 +123,8 @@ class JobUploader:
             # something will be sent: its session opens beside the declaring, and its first data
             # connection as soon as GET /v1/info says where (round trips a long path would wait for)
             self._open_session_soon(record["id"])
-            threading.Thread(target=self._preconnect, name="filedock-preconnect", daemon=True).start()
+            self._preconnecting = threading.Thread(target=self._preconnect, name="filedock-preconnect", daemon=True)
+            self._preconnecting.start()
         try:
             self._declare(record["id"], missing, declared)
             if replace and conflicts:
@@ -125,6 +135,14 @@ class JobUploader:
             raise
         files = [planned_file(item, declared[item.name], conflicts.get(item.name)) for item in local]
         return UploadPlan(record, files, replace)
+
+    def close(self) -> None:
+        """Close what ``prepare`` opened ahead and no ``run`` took: its session, its data connection."""
+        self._drop_early_session()
+        if self._preconnecting is not None:
+            self._preconnecting.join()  # until it has asked for the connection: closed below
+        if self.data_client is not None:
+            self.data_client.close_warm()
 
     def _preconnect(self) -> None:
         try:
@@ -171,6 +189,13 @@ class JobUploader:
             declared.update((f["name"], f) for f in records)
 
     def _resolve_job(self, job: str, create: bool) -> dict[str, Any]:
+        if create and not _KEY_SHAPE.fullmatch(job):  # a name: found or created in one request
+            try:
+                return self.api.find_or_create_job(job)
+            except FiledockError as exc:
+                # a token that may not create jobs (403), a server from before exist_ok (400): as before
+                if exc.code not in (ErrorCode.FORBIDDEN, ErrorCode.BAD_REQUEST):
+                    raise
         try:
             return self.api.job(job)
         except FiledockError as exc:

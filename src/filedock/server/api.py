@@ -645,10 +645,22 @@ class ControlAPI:
 
     @defer.inlineCallbacks
     def _create_job(self, body: dict[str, Any]):
-        only_fields(body, ("name", "metadata"))
+        only_fields(body, ("name", "metadata", "exist_ok"))
         name = check_job_name(typed_field(body, "name", "a string", required=True))
         metadata = check_metadata(typed_field(body, "metadata", "an object", default={}))
-        job: Job = yield self.store.create_job(name, metadata)
+        exist_ok = body.get("exist_ok", False)
+        if not isinstance(exist_ok, bool):
+            raise _bad("'exist_ok' must be true or false")
+        try:
+            job: Job = yield self.store.create_job(name, metadata)
+        except FiledockError as exc:
+            if not (exist_ok and exc.code is ErrorCode.CONFLICT):
+                raise
+            # the job of that name, as GET /v1/jobs/<name> shows it: a client that creates the job when it is
+            # missing learns in one round trip what it has, instead of a GET, a 404 and then this POST
+            found = yield self._find_job(name)
+            files: list[FileRecord] = yield self.store.list_files(found.id)
+            return 200, job_summary(found, files) | {"files": [f.to_json() for f in files]}
         log.info("job created: {job} {name!r}", job=short_key(job.id), name=name)
         return 201, job.to_json()
 
