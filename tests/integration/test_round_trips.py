@@ -34,7 +34,7 @@ class Relay:
 
     ``events`` gets ``(time, kind, what)``: ``open`` (a connection, ``what`` is the relay's name),
     ``request`` (the first line of an HTTP request or a data-port header), ``answer`` (the request an
-    answer was for, when its first byte reached the client); ``bodies`` maps each request line to its
+    API answer was for, as it is handed to the client); ``bodies`` maps each request line to its
     answer's bytes.
     """
 
@@ -86,9 +86,9 @@ class Relay:
                     line = asked.pop(0) if asked and self.name == "api" and data.startswith(b"HTTP/") else None
                     if line is not None:
                         self.bodies[line] = data
-                dst.sendall(data)
-                if line is not None:
+                if line is not None:  # logged before the client can act on it
                     self._log("answer", line)
+                dst.sendall(data)
         except OSError:
             pass
         finally:
@@ -161,6 +161,29 @@ def test_the_uploader_asks_beside_what_it_waits_for(relayed, tmp_path):
     # one data connection, one session: nothing opened ahead was left over
     assert sum(1 for _, k, what in events if k == "open" and what == "data") == 1
     assert sum(1 for _, k, what in events if k == "request" and what.startswith(sessions)) == 1
+
+
+def test_the_twisted_uploader_asks_beside_what_it_waits_for(relayed, reactor_thread, tmp_path):
+    """``upload_job`` (Twisted) asks in the same order: the job in one request, ``GET /v1/info`` beside it,
+    the session beside the declaration (its data connection goes to the address ``GET /v1/info`` gives)."""
+    from twisted.internet import defer
+
+    from filedock.client.txclient import TxApiClient, upload_job
+    from tests.integration.test_client_twisted import in_reactor
+
+    server, api, data, events, bodies = relayed
+    source = tmp_path / "t.bin"
+    source.write_bytes(b"t" * 2000)
+    tx_api = TxApiClient(reactor_thread, api.url, server.token)
+    results = in_reactor(reactor_thread, lambda: defer.ensureDeferred(upload_job(tx_api, "tx-trips", [source],
+                                                                                  create=True)))
+    assert [r.state for r in results] == ["complete"]
+    job_id = json.loads(bodies["POST /v1/jobs"].split(b"\r\n\r\n", 1)[1])["id"]
+    assert not [what for _, k, what in events if k == "request" and what.startswith("GET /v1/jobs/")]
+    assert when(events, "request", "GET /v1/info") < when(events, "answer", "POST /v1/jobs")
+    assert when(events, "request", f"POST /v1/jobs/{job_id}/sessions") < \
+        when(events, "answer", f"POST /v1/jobs/{job_id}/files")
+    assert when(events, "request", "DELETE /v1/sessions/") > when(events, "answer", f"POST /v1/jobs/{job_id}/files")
 
 
 def test_create_finds_an_existing_job_and_resumes_it_in_one_request(relayed, tmp_path):
@@ -243,3 +266,24 @@ def test_a_preconnect_that_fails_reports_as_the_transfers_own_connect(tmp_path):
         client.upload_file("0" * 32, "1" * 32, source)
     assert caught.value.code is ErrorCode.UNREACHABLE
     assert f"127.0.0.1:{port}" in caught.value.message
+
+
+def test_twisted_a_session_opened_ahead_is_closed_when_the_files_are_refused(relayed, reactor_thread, tmp_path):
+    from twisted.internet import defer
+
+    from filedock.client.txclient import TxApiClient, upload_job
+    from tests.integration.test_client_twisted import in_reactor
+
+    server, api, data, events, bodies = relayed
+    source = tmp_path / "big.bin"
+    with open(source, "wb") as f:
+        f.truncate(2 << 20)  # more than the job quota of 1 MiB
+    tx_api = TxApiClient(reactor_thread, api.url, server.token)
+    with pytest.raises(FiledockError) as caught:
+        in_reactor(reactor_thread, lambda: defer.ensureDeferred(upload_job(tx_api, "tx-over", [source], create=True)))
+    assert caught.value.code is ErrorCode.QUOTA_EXCEEDED
+    job_id = json.loads(bodies["POST /v1/jobs"].split(b"\r\n\r\n", 1)[1])["id"]
+    opened = json.loads(bodies[f"POST /v1/jobs/{job_id}/sessions"].split(b"\r\n\r\n", 1)[1])
+    # closed before the upload's failure was reported
+    assert [1 for _, k, what in events if k == "answer" and what == f"DELETE /v1/sessions/{opened['key']}"]
+    assert server.api.request("DELETE", f"/v1/sessions/{opened['key']}")["closed"] is not None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,6 +172,22 @@ def undeclared(job: dict[str, Any], local: list[LocalFile], conflicts: dict[str,
                 raise FiledockError(ErrorCode.CONFLICT, message)
             conflicts[item.name] = message
     return declared, missing
+
+
+_JOB_ID_SHAPE = re.compile(r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}")
+"""A job id (a UUID); job names may not have this shape (``POST /v1/jobs``)."""
+
+
+def find_or_create(job: str, create: bool) -> bool:
+    """Whether ``job`` is resolved by one ``POST /v1/jobs`` with ``exist_ok`` (a name, to be created if
+    missing) rather than a lookup that may answer 404 and then the creation: one round trip, not two."""
+    return create and not _JOB_ID_SHAPE.fullmatch(job)
+
+
+def will_send(declared: dict[str, dict[str, Any]], local: list[LocalFile]) -> bool:
+    """Whether some local file is not held complete by the job yet (so a session will be needed): the
+    uploaders then open it beside the declaration of the files."""
+    return any(declared.get(item.name, {}).get("state") != "complete" for item in local)
 
 
 def compare_complete(local: LocalFile, key: str, crc32: str | None, digest: str | None, hasher: Any,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
-import re
 import ssl
 import threading
 import time
@@ -28,7 +27,7 @@ from filedock.client.http import ApiClient
 # the planning names are public here since before jobplan.py existed
 from filedock.client.jobplan import (DECLARE_BATCH, JobPlan, JobProgress, LocalFile, PlannedFile,  # noqa: F401
                                      UploadPlan, Verify, batch_units, check_prefix, collect_files, compare_complete,
-                                     planned_file, undeclared)
+                                     find_or_create, planned_file, undeclared, will_send)
 from filedock.client.model import Cancelled, UploadResult
 from filedock.errors import ErrorCode, FiledockError, LocalFileError
 
@@ -38,9 +37,6 @@ ResultCallback = Callable[[UploadResult], None]
 """Called once per file as soon as its result is known (from a worker thread when parallel)."""
 
 _ANY_ADDRESS = ("", "0.0.0.0", "::")
-
-_KEY_SHAPE = re.compile(r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}")
-"""A job id (a UUID); job names may not have this shape (``POST /v1/jobs``)."""
 
 
 def data_client_for(api: ApiClient, *, stall_timeout: float = 60.0, attempts: int = 5,
@@ -119,7 +115,7 @@ class JobUploader:
         record = self._resolve_job(job, create)
         conflicts: dict[str, str] = {}
         declared, missing = undeclared(record, local, conflicts)
-        if any(declared.get(f.name, {}).get("state") != "complete" for f in local):
+        if will_send(declared, local):
             # something will be sent: its session opens beside the declaring, and its first data
             # connection as soon as GET /v1/info says where (round trips a long path would wait for)
             self._open_session_soon(record["id"])
@@ -189,7 +185,7 @@ class JobUploader:
             declared.update((f["name"], f) for f in records)
 
     def _resolve_job(self, job: str, create: bool) -> dict[str, Any]:
-        if create and not _KEY_SHAPE.fullmatch(job):  # a name: found or created in one request
+        if find_or_create(job, create):  # a name: found or created in one request
             try:
                 return self.api.find_or_create_job(job)
             except FiledockError as exc:

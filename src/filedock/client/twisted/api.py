@@ -208,6 +208,12 @@ class TxApiClient:
         """``POST /v1/jobs``."""
         return self.request("POST", "/v1/jobs", {"name": name, "metadata": metadata or {}})
 
+    def find_or_create_job(self, name: str) -> defer.Deferred:
+        """``POST /v1/jobs`` with ``exist_ok`` -> the job named ``name`` with its ``files``, created (with
+        none) if there was no such job: one round trip where a lookup and a creation take two."""
+        d = self.request("POST", "/v1/jobs", {"name": name, "metadata": {}, "exist_ok": True})
+        return d.addCallback(lambda job: {"files": [], **job})
+
     def add_file(self, job: str, name: str, size: int) -> defer.Deferred:
         """``POST /v1/jobs/<job>/files``: declare one file -> its record (with ``key``)."""
         return self.request("POST", f"/v1/jobs/{quote(job, safe='')}/files", {"name": name, "size": size})

@@ -13,7 +13,7 @@ from filedock.client.model import UploadResult
 from filedock.client.twisted.api import TxApiClient
 from filedock.client.twisted.dataport import TxDataPortClient
 from filedock.client.jobplan import (DECLARE_BATCH, JobPlan, JobProgress, UploadPlan, Verify, collect_files,
-                                     compare_complete, planned_file, undeclared)
+                                     compare_complete, find_or_create, planned_file, undeclared, will_send)
 from filedock.errors import ErrorCode, FiledockError
 
 _ANY_ADDRESS = ("", "0.0.0.0", "::")
@@ -49,18 +49,34 @@ async def _upload_job(api: TxApiClient, job: str, paths: Sequence[str | os.PathL
                       progress: JobProgress | None, create: bool, tls_options: Any,
                       prefix: str = "", streams: int | str | None = None) -> list[UploadResult]:
     local = collect_files(paths, prefix)
-    info = await api.info()
-    client = _data_client(api, info, tls_options)
-    client.streams = streams
-    record = await _resolve_job(api, job, create)
-    declared, missing = undeclared(record, local)
-    for start in range(0, len(missing), DECLARE_BATCH):
-        chunk = missing[start:start + DECLARE_BATCH]
-        for entry in await api.add_files(record["id"], [(item.name, item.size) for item in chunk]):
-            declared[entry["name"]] = entry
+    # asked beside what is waited for, as JobUploader does (docs/client.md, "Round trips before the first byte"):
+    # GET /v1/info beside the job's request, the session beside the declaration of the files
+    info_d = api.info()
+    session_d: defer.Deferred | None = None
+    try:
+        record = await _resolve_job(api, job, create)
+        declared, missing = undeclared(record, local)
+        if will_send(declared, local):
+            session_d = api.open_session(record["id"])
+        for start in range(0, len(missing), DECLARE_BATCH):
+            chunk = missing[start:start + DECLARE_BATCH]
+            for entry in await api.add_files(record["id"], [(item.name, item.size) for item in chunk]):
+                declared[entry["name"]] = entry
+        info = await info_d
+        client = _data_client(api, info, tls_options)
+        client.streams = streams
+        session = await (session_d if session_d is not None else api.open_session(record["id"]))
+    except BaseException:
+        info_d.addErrback(lambda _: None)  # nobody waits for it any more
+        if session_d is not None:  # opened ahead for files that will not be sent now: closed before the failure
+            try:
+                opened = await session_d
+                await api.close_session(opened["key"])
+            except Exception:  # noqa: BLE001 - never opened (or awaited above): nothing to close
+                pass
+        raise
     plan = JobPlan(UploadPlan(record, [planned_file(item, declared[item.name]) for item in local]), fail_fast=True)
     report = progress or (lambda name, stage, done, total: None)
-    session = await api.open_session(record["id"])
     try:
         for action in plan.start():  # as in 2007: the first failure fails the job's Deferred
             if isinstance(action, Verify):  # held complete: verified here, not sent again
@@ -110,6 +126,13 @@ def _data_client(api: TxApiClient, info: dict[str, Any], tls_options: Any) -> Tx
 
 
 async def _resolve_job(api: TxApiClient, job: str, create: bool) -> dict[str, Any]:
+    if find_or_create(job, create):  # a name: found or created in one request
+        try:
+            return await api.find_or_create_job(job)
+        except FiledockError as exc:
+            # a token that may not create jobs (403), a server from before exist_ok (400): as before
+            if exc.code not in (ErrorCode.FORBIDDEN, ErrorCode.BAD_REQUEST):
+                raise
     try:
         return await api.job(job)
     except FiledockError as exc:
