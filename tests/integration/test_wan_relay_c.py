@@ -113,11 +113,14 @@ def test_the_same_seed_drops_the_same_packets_in_both_relays(emulator):
 
 def test_the_delay_is_kept_to_well_under_a_millisecond(emulator):
     """The C relay times deliveries with a nanosecond timer: no echo arrives before the set 40 ms, and
-    the fastest is within half a millisecond of it (relay.py's millisecond epoll timeout could not)."""
+    the fastest is within half a millisecond of it (relay.py's millisecond epoll timeout could not).
+    Sixty echoes over 1.2 s: a host that stalls every process for most of a second (seen once on a
+    loaded machine: twenty echoes sent 20 ms apart all came back together, 560-640 ms late) still
+    leaves most of them to time."""
     with Link(rtt_ms=40) as link:
-        result = probe(link.sender, "ping", "--to", link.receiver_address, "--count", "20", "--interval", "0.02")
+        result = probe(link.sender, "ping", "--to", link.receiver_address, "--count", "60", "--interval", "0.02")
     assert link.relay_kind == "c"
-    assert result["received"] == 20
+    assert result["received"] == 60
     assert 40 <= min(result["rtt_ms"]) <= 40.5, result["rtt_ms"]
 
 
