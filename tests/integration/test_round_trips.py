@@ -14,7 +14,9 @@ import json
 import socket
 import threading
 import time
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -60,51 +62,51 @@ class Relay:
             upstream = socket.create_connection(self.target)
             self.sockets += [client, upstream]
             asked: list[str] = []  # this connection's requests not answered yet, in order
-            threading.Thread(target=self._up, args=(client, upstream, asked), daemon=True).start()
-            threading.Thread(target=self._down, args=(upstream, client, asked), daemon=True).start()
+            last: list[str] = []  # the request whose answer is coming
+            threading.Thread(target=self._pump, args=(client, upstream, partial(self._asked, asked=asked)),
+                             daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, partial(self._answer, asked=asked, last=last)),
+                             daemon=True).start()
 
-    def _up(self, src: socket.socket, dst: socket.socket, asked: list[str]) -> None:
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket, seen: Any) -> None:
+        """Bytes from ``src`` to ``dst``, each piece shown to ``seen`` first, until either end closes."""
         try:
             while data := src.recv(1 << 16):
-                first = data.split(b"\r\n", 1)[0].decode("latin-1")
-                if first.split(" ", 1)[0] in ("GET", "POST", "DELETE", "PATCH", "PUT", "FILEDOCK/1"):
-                    line = " ".join(first.split()[:2])
-                    with self.lock:
-                        asked.append(line)
-                    self._log("request", line)
+                seen(data)
                 dst.sendall(data)
         except OSError:
             pass
         finally:
-            _shut(dst)
+            try:
+                dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
 
-    def _down(self, src: socket.socket, dst: socket.socket, asked: list[str]) -> None:
-        try:
-            while data := src.recv(1 << 16):
-                time.sleep(DELAY)
-                with self.lock:
-                    line = asked.pop(0) if asked and self.name == "api" and data.startswith(b"HTTP/") else None
-                    if line is not None:
-                        self.bodies[line] = data
-                if line is not None:  # logged before the client can act on it
-                    self._log("answer", line)
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            _shut(dst)
+    def _asked(self, data: bytes, asked: list[str]) -> None:
+        first = data.split(b"\r\n", 1)[0].decode("latin-1")
+        if first.split(" ", 1)[0] in ("GET", "POST", "DELETE", "PATCH", "PUT", "FILEDOCK/1"):
+            line = " ".join(first.split()[:2])
+            with self.lock:
+                asked.append(line)
+            self._log("request", line)
+
+    def _answer(self, data: bytes, asked: list[str], last: list[str]) -> None:
+        time.sleep(DELAY)
+        with self.lock:
+            line = asked.pop(0) if asked and self.name == "api" and data.startswith(b"HTTP/") else None
+            if line is not None:
+                self.bodies[line] = data
+                last[:] = [line]
+            elif last:  # the rest of the answer, in a later piece
+                self.bodies[last[0]] += data
+        if line is not None:  # logged before the client can act on it
+            self._log("answer", line)
 
     def close(self) -> None:
         self.listener.close()
         for sock in self.sockets:
             sock.close()
-
-
-def _shut(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_WR)
-    except OSError:
-        pass
 
 
 @pytest.fixture
