@@ -184,6 +184,11 @@ def find_or_create(job: str, create: bool) -> bool:
     return create and not _JOB_ID_SHAPE.fullmatch(job)
 
 
+LOOKUP_INSTEAD = (ErrorCode.FORBIDDEN, ErrorCode.BAD_REQUEST)
+"""Refusals of ``POST /v1/jobs`` with ``exist_ok`` after which the uploaders look the job up as before:
+a token that may not create jobs (403), a server from before ``exist_ok`` (400)."""
+
+
 def will_send(declared: dict[str, dict[str, Any]], local: list[LocalFile]) -> bool:
     """Whether some local file is not held complete by the job yet (so a session will be needed): the
     uploaders then open it beside the declaration of the files."""

@@ -27,7 +27,7 @@ from filedock.client.http import ApiClient
 # the planning names are public here since before jobplan.py existed
 from filedock.client.jobplan import (DECLARE_BATCH, JobPlan, JobProgress, LocalFile, PlannedFile,  # noqa: F401
                                      UploadPlan, Verify, batch_units, check_prefix, collect_files, compare_complete,
-                                     find_or_create, planned_file, undeclared, will_send)
+                                     find_or_create, LOOKUP_INSTEAD, planned_file, undeclared, will_send)
 from filedock.client.model import Cancelled, UploadResult
 from filedock.errors import ErrorCode, FiledockError, LocalFileError
 
@@ -189,8 +189,7 @@ class JobUploader:
             try:
                 return self.api.find_or_create_job(job)
             except FiledockError as exc:
-                # a token that may not create jobs (403), a server from before exist_ok (400): as before
-                if exc.code not in (ErrorCode.FORBIDDEN, ErrorCode.BAD_REQUEST):
+                if exc.code not in LOOKUP_INSTEAD:
                     raise
         try:
             return self.api.job(job)

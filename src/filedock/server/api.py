@@ -142,6 +142,14 @@ def typed_field(body: dict[str, Any], name: str, kind: str, required: bool = Fal
     return value
 
 
+def flag_field(body: dict[str, Any], name: str) -> bool:
+    """``body[name]`` if it is true or false; False if absent."""
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise _bad(f"{name!r} must be true or false")
+    return value
+
+
 def check_job_name(name: str) -> str:
     """A job name: 1..200 printable characters, not shaped like a job id."""
     if not 1 <= len(name) <= MAX_JOB_NAME:
@@ -648,9 +656,7 @@ class ControlAPI:
         only_fields(body, ("name", "metadata", "exist_ok"))
         name = check_job_name(typed_field(body, "name", "a string", required=True))
         metadata = check_metadata(typed_field(body, "metadata", "an object", default={}))
-        exist_ok = body.get("exist_ok", False)
-        if not isinstance(exist_ok, bool):
-            raise _bad("'exist_ok' must be true or false")
+        exist_ok = flag_field(body, "exist_ok")
         try:
             job: Job = yield self.store.create_job(name, metadata)
         except FiledockError as exc:
@@ -659,8 +665,8 @@ class ControlAPI:
             # the job of that name, as GET /v1/jobs/<name> shows it: a client that creates the job when it is
             # missing learns in one round trip what it has, instead of a GET, a 404 and then this POST
             found = yield self._find_job(name)
-            files: list[FileRecord] = yield self.store.list_files(found.id)
-            return 200, job_summary(found, files) | {"files": [f.to_json() for f in files]}
+            shown = yield self._job_with_files(found)
+            return 200, shown
         log.info("job created: {job} {name!r}", job=short_key(job.id), name=name)
         return 201, job.to_json()
 
@@ -672,11 +678,17 @@ class ControlAPI:
             return 304, b"", {"ETag": etag}
         job = yield self._find_job(ref)
         if limit == -1 and offset == 0:
-            files: list[FileRecord] = yield self.store.list_files(job.id)
-            return 200, job_summary(job, files) | {"files": [f.to_json() for f in files]}, {"ETag": etag}
+            shown = yield self._job_with_files(job)
+            return 200, shown, {"ETag": etag}
         counts = yield self.store.job_counts(job.id)
         files = yield self.store.files_page(job.id, limit, offset)
         return 200, job_counts_json(job, counts) | {"files": [f.to_json() for f in files]}, {"ETag": etag}
+
+    @defer.inlineCallbacks
+    def _job_with_files(self, job: Job):
+        """The job as ``GET /v1/jobs/<job>`` shows it unpaged: its counts and every file."""
+        files: list[FileRecord] = yield self.store.list_files(job.id)
+        return job_summary(job, files) | {"files": [f.to_json() for f in files]}
 
     @defer.inlineCallbacks
     def _update_job(self, body: dict[str, Any], ref: str):
@@ -723,10 +735,7 @@ class ControlAPI:
         only_fields(entry, ("name", "size", "replace"))
         name = check_file_name(typed_field(entry, "name", "a string", required=True))
         size = check_size(typed_field(entry, "size", "an integer", required=True), self.limits)
-        replace = entry.get("replace", False)
-        if not isinstance(replace, bool):
-            raise _bad("'replace' must be true or false")
-        return name, size, replace
+        return name, size, flag_field(entry, "replace")
 
     def _file_entries(self, body: dict[str, Any]) -> list[tuple[str, int, bool]]:
         only_fields(body, ("files",))

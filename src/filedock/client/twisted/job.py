@@ -13,7 +13,8 @@ from filedock.client.model import UploadResult
 from filedock.client.twisted.api import TxApiClient
 from filedock.client.twisted.dataport import TxDataPortClient
 from filedock.client.jobplan import (DECLARE_BATCH, JobPlan, JobProgress, UploadPlan, Verify, collect_files,
-                                     compare_complete, find_or_create, planned_file, undeclared, will_send)
+                                     compare_complete, find_or_create, LOOKUP_INSTEAD, planned_file, undeclared,
+                                     will_send)
 from filedock.errors import ErrorCode, FiledockError
 
 _ANY_ADDRESS = ("", "0.0.0.0", "::")
@@ -130,8 +131,7 @@ async def _resolve_job(api: TxApiClient, job: str, create: bool) -> dict[str, An
         try:
             return await api.find_or_create_job(job)
         except FiledockError as exc:
-            # a token that may not create jobs (403), a server from before exist_ok (400): as before
-            if exc.code not in (ErrorCode.FORBIDDEN, ErrorCode.BAD_REQUEST):
+            if exc.code not in LOOKUP_INSTEAD:
                 raise
     try:
         return await api.job(job)
