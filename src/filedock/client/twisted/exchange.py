@@ -58,6 +58,12 @@ class RequestExchange(Protocol):
 
     # -- Twisted callbacks
 
+    def makeConnection(self, transport: Any) -> None:
+        no_delay = getattr(transport, "setTcpNoDelay", None)  # TCP, also under TLS; not a test's transport
+        if no_delay is not None:
+            no_delay(True)  # as the blocking client's: DONE never waits for the ACK of the body's last segment
+        super().makeConnection(transport)
+
     def connectionMade(self) -> None:
         self.transport.write(self.request())
 
