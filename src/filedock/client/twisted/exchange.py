@@ -60,8 +60,11 @@ class RequestExchange(Protocol):
 
     def makeConnection(self, transport: Any) -> None:
         no_delay = getattr(transport, "setTcpNoDelay", None)  # TCP, also under TLS; not a test's transport
-        if no_delay is not None:
-            no_delay(True)  # as the blocking client's: DONE never waits for the ACK of the body's last segment
+        if no_delay is not None:  # as the blocking client's: DONE never waits for the ACK of the body's last segment
+            try:
+                no_delay(True)
+            except OSError:  # a peer already gone (some systems refuse the option then): reading says so
+                pass
         super().makeConnection(transport)
 
     def connectionMade(self) -> None:

@@ -212,7 +212,10 @@ class DataPortProtocol(Protocol):
             # every reply is one line written at once; with Nagle's algorithm a reply waited for the
             # client's ACK of the one before (``DURABLE``, then the pipelined ``PUTR``'s ``RANGES``):
             # a delayed ACK (40 ms) on a LAN, a round trip on a long path
-            no_delay(True)
+            try:
+                no_delay(True)
+            except OSError:  # a peer already gone (some systems refuse the option then): reading says so
+                pass
         self.touch()
         self._connected_at = self._last_activity
         self._timer = f.reactor.callLater(f.limits.header_timeout, self._check_idle)
