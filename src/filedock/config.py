@@ -55,7 +55,8 @@ class Limits:
         return Limits(**{**self.__dict__, **values})
 
 
-BLOBS_HELP = ("where file bytes go: file:///dir (default: the data dir) or s3://bucket/prefix?endpoint=URL&region=R"
+BLOBS_HELP = ("where file bytes go: file:///dir (default: the data dir; file:///dir?direct_io=off keeps large uploads "
+              "in the page cache instead of writing them with O_DIRECT) or s3://bucket/prefix?endpoint=URL&region=R"
               "&profile=P (credentials as every S3 tool takes them: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
               "~/.aws/credentials, AWS_PROFILE); else FILEDOCK_BLOBS")
 

@@ -32,6 +32,7 @@ from typing import Callable
 
 from filedock import durability
 from filedock.digest import BLOCK_HASH_SIZE, BLOCK_SIZE, ContentHasher, block_hash, hash_stream
+from filedock.store.direct_io import ALIGN, DirectAppender
 from filedock.errors import ErrorCode, FiledockError
 from filedock.store.work_queue import InlineWorkQueue, Strand, WorkQueue
 
@@ -135,7 +136,9 @@ class PartialWriter(FlowControl):
     work queue takes over the disk writes and the hashing (on the writer's own strand,
     so bytes stay in order), and the caller (the reactor) only queues bytes:
     receiving, writing and hashing overlap on the machine's cores, and a disk that
-    throttles writes never stalls the reactor. ``write`` returns True when the caller
+    throttles writes never stalls the reactor. There the bytes go to the disk through
+    ``O_DIRECT`` where the filesystem allows it (``direct_io.DirectAppender``: no copy into
+    the page cache), unless ``direct_io`` is False. ``write`` returns True when the caller
     is behind (see ``FlowControl``): it should stop reading until ``on_drain`` is
     called (from a queue thread). ``snapshot``,
     ``checkpoint``, ``finish`` and ``seal`` wait for the queue and fsync, so servers
@@ -150,9 +153,13 @@ class PartialWriter(FlowControl):
     """Bytes a queue thread writes for this upload before the other writers get their turn."""
 
     def __init__(self, part: Path, blocks: Path, final: Path, fd: int, blocks_fd: int,
-                 hasher: ContentHasher, new: bool = False, work_queue: WorkQueue | None = None) -> None:
+                 hasher: ContentHasher, new: bool = False, work_queue: WorkQueue | None = None,
+                 direct_io: bool = True) -> None:
         """``work_queue`` runs the writes past ``INLINE_BYTES``; without one they run on the caller's thread."""
         super().__init__()
+        self._direct_io = direct_io  # try O_DIRECT once past the inline phase
+        self._direct: DirectAppender | None = None
+        self._fd_closed = False
         self.part, self.blocks, self.final = part, blocks, final
         self._fd, self._blocks_fd = fd, blocks_fd  # blocks_fd: -1 until a block list is needed
         self._had_blocks = blocks_fd >= 0
@@ -192,27 +199,68 @@ class PartialWriter(FlowControl):
 
     def _run(self, data: bytes | memoryview) -> None:
         """On the writer's strand: write and hash queued bytes."""
-        self._append(data)
+        self._append(data, pooled=True)
+        if self._queued <= len(data):  # caught up with what arrived: into the file now, not when the buffer is full
+            self._flush_direct(rest=False)
         self._written(len(data))
 
-    def _append(self, data: bytes | memoryview) -> None:
+    def _append(self, data: bytes | memoryview, pooled: bool = False) -> None:
         """Write and hash, on whichever thread owns the file now."""
         if self._error is not None:
             return  # the file is broken; keep nothing past the error
         try:
-            _write_hashed(self._fd, self.hasher, data)
-            finished = self.hasher.take_finished_blocks()
-            if finished:
-                if self._blocks_fd < 0:  # files under one block never need a block list
-                    # a writer without one started at 0: whatever an older upload left is stale
-                    self._blocks_fd = os.open(self.blocks, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                os.write(self._blocks_fd, finished)
-            if self.hasher.offset - self._writeback_from >= self.WRITEBACK_BYTES:
+            if pooled and self._direct_io:
+                self._append_direct(data)
+            else:
+                _write_hashed(self._fd, self.hasher, data)
+            self._record_blocks()
+            if self._direct is None and self.hasher.offset - self._writeback_from >= self.WRITEBACK_BYTES:
                 durability.start_writeback(self._fd, self._writeback_from,
                                            self.hasher.offset - self._writeback_from)
                 self._writeback_from = self.hasher.offset
         except BaseException as exc:  # surfaced by the next write, snapshot or seal
             self._error = exc
+
+    def _record_blocks(self) -> None:
+        """Append the hashes of the blocks the hasher finished to the block list."""
+        finished = self.hasher.take_finished_blocks()
+        if finished:
+            if self._blocks_fd < 0:  # files under one block never need a block list
+                # a writer without one started at 0: whatever an older upload left is stale
+                self._blocks_fd = os.open(self.blocks, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.write(self._blocks_fd, finished)
+
+    def _append_direct(self, data: bytes | memoryview) -> None:
+        """On the strand: through the direct appender, opened at the first aligned offset."""
+        if self._direct is None:
+            if self._fd_closed:  # bytes after ``close``: never open the file again for them
+                raise OSError(errno.EBADF, "the partial is closed")
+            head = -self.hasher.offset % ALIGN
+            if head:  # the bytes up to the next aligned offset go the ordinary way
+                view = memoryview(data)
+                _write_hashed(self._fd, self.hasher, view[:head])
+                data = view[head:]
+                if self.hasher.offset % ALIGN:
+                    return
+            self._direct = DirectAppender.open(self.part, self._fd, self.hasher.offset)
+            if self._direct is None:  # not on this filesystem
+                self._direct_io = False
+                _write_hashed(self._fd, self.hasher, data)
+                return
+        self._direct.append(data, self.hasher)
+
+    def _flush_direct(self, rest: bool = True) -> None:
+        """On the strand (or with it idle): the appender's buffered bytes into the file and the hasher
+        (without ``rest``: all but the last, unaligned, few KiB)."""
+        if self._direct is not None and self._error is None:
+            try:
+                if rest:
+                    self._direct.flush(self.hasher)
+                else:
+                    self._direct.settle(self.hasher)
+                self._record_blocks()
+            except BaseException as exc:  # surfaced like a failed write
+                self._error = exc
 
     def _raise_error(self) -> None:
         if self._error is not None:
@@ -230,13 +278,17 @@ class PartialWriter(FlowControl):
             if not pooled:
                 result = self._position()
         if pooled:
-            result = self._strand.wait(self._position)
+            result = self._strand.wait(self._flushed_position)
         if strict:
             self._raise_error()
         return result  # after an error: what did reach the disk, hashed
 
     def _position(self) -> tuple[int, int]:
         return self.hasher.offset, self.hasher.crc32
+
+    def _flushed_position(self) -> tuple[int, int]:
+        self._flush_direct()
+        return self._position()
 
     def checkpoint(self) -> Checkpoint:
         """fsync what is written and hashed; returns what may be recorded as durable."""
@@ -288,6 +340,10 @@ class PartialWriter(FlowControl):
             self.closed = True
             if self._pooled:
                 self.snapshot(strict=False)  # everything queued is handled; the queue is done with us
+            if self._direct is not None:
+                self._direct.close()
+                self._direct = None
+            self._fd_closed = True
             os.close(self._fd)
             if self._blocks_fd >= 0:
                 self._had_blocks = True
@@ -478,8 +534,11 @@ class BlobStore:
     STAGING_LANES = 4
     remote = False
 
-    def __init__(self, root: str | Path, work_queue: WorkQueue | None = None) -> None:
+    def __init__(self, root: str | Path, work_queue: WorkQueue | None = None, direct_io: bool = True) -> None:
         """A store over the data dir ``root``; its writers hand their disk work to ``work_queue``.
+
+        ``direct_io``: large uploads are written through ``O_DIRECT`` where the filesystem
+        allows it (``PartialWriter``); False keeps every write in the page cache.
 
         The server makes the queue, hands it in and stops it at shutdown. Without one
         (tools such as ``fsck``, benchmarks, tests, an embedding script) the store makes
@@ -491,6 +550,7 @@ class BlobStore:
         self.url = self.root.resolve().as_uri()
         self.work_queue = work_queue if work_queue is not None else WorkQueue()
         self._owns_queue = work_queue is None
+        self.direct_io = direct_io
         (self.root / "jobs").mkdir(mode=0o700, parents=True, exist_ok=True)
         self.staging = [self.root / "staging" / str(n) for n in range(self.STAGING_LANES)]
         self._durable_dirs: set[Path] = set()  # job directories whose names are known durable
@@ -559,7 +619,7 @@ class BlobStore:
         recovering = recover and final.exists()
         if not offset and not recovering:  # a new upload: no block list to read, nothing to check
             writer = PartialWriter(part, blocks, final, self._create(directory, part), -1, ContentHasher(), new=True,
-                                   work_queue=self.work_queue)
+                                   work_queue=self.work_queue, direct_io=self.direct_io)
             writer.dir_durable = self.job_dir_made_durable
             return writer
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)  # only once both keys are checked
@@ -592,7 +652,7 @@ class BlobStore:
                 os.close(blocks_fd)
             raise
         writer = PartialWriter(part, blocks, self.final_path(job_id, key), fd, blocks_fd, hasher, new=offset == 0,
-                               work_queue=self.work_queue)
+                               work_queue=self.work_queue, direct_io=self.direct_io)
         writer.dir_durable = self.job_dir_made_durable
         # a prefix hashed again from disk may not be what the record says (changed behind our back)
         writer.needs_record = (hasher.offset, hasher.crc32) != recorded

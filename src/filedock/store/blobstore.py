@@ -140,6 +140,25 @@ class BlobStorage(Protocol):
         """Let go of threads and connections this store made."""
 
 
+def _direct_io_option(query: str) -> bool:
+    """A file URL's query: nothing, or ``direct_io=on|off`` (``BlobStore``'s ``direct_io``)."""
+    from urllib.parse import parse_qs
+
+    from filedock.errors import ErrorCode, FiledockError
+
+    if not query:
+        return True
+    try:
+        options = parse_qs(query, strict_parsing=True)
+    except ValueError:
+        options = {}
+    value = options.pop("direct_io", [""])[-1].lower()
+    if options or value not in ("on", "off"):
+        raise FiledockError(ErrorCode.BAD_BLOBS_URL,
+                            f"--blobs: a file URL takes one option, direct_io=on or direct_io=off, not {query[:100]!r}")
+    return value == "on"
+
+
 def open_blob_store(url: str | None, data_dir, work_queue=None) -> BlobStorage:
     """The blob store a ``--blobs`` URL names: ``file:///dir`` (default: ``data_dir``) or ``s3://bucket/prefix?...``.
 
@@ -158,7 +177,7 @@ def open_blob_store(url: str | None, data_dir, work_queue=None) -> BlobStorage:
         parts = urlsplit(url)
         if parts.netloc not in ("", "localhost") or not parts.path:
             raise FiledockError(ErrorCode.BAD_BLOBS_URL, f"--blobs: a file URL is file:///absolute/dir, not {url[:200]!r}")
-        return BlobStore(parts.path, work_queue)
+        return BlobStore(parts.path, work_queue, direct_io=_direct_io_option(parts.query))
     if scheme == "s3":
         from filedock.store.s3 import S3BlobStore
 
