@@ -242,7 +242,7 @@ class PartialWriter(FlowControl):
                 data = view[head:]
                 if self.hasher.offset % ALIGN:
                     return
-            self._direct = DirectAppender.open(self.part, self._fd, self.hasher.offset)
+            self._direct = DirectAppender.open(self.part, self._fd, self.hasher.offset, self.hasher.crc32)
             if self._direct is None:  # not on this filesystem
                 self._direct_io = False
                 _write_hashed(self._fd, self.hasher, data)
@@ -284,6 +284,8 @@ class PartialWriter(FlowControl):
         return result  # after an error: what did reach the disk, hashed
 
     def _position(self) -> tuple[int, int]:
+        if self._direct is not None and self._error is not None:
+            return self._direct.written  # the hasher may be a buffer ahead of a write that failed
         return self.hasher.offset, self.hasher.crc32
 
     def _flushed_position(self) -> tuple[int, int]:
