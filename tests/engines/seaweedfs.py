@@ -130,19 +130,36 @@ class SeaweedServer:
         self.endpoint = ""
         self._buckets = itertools.count(1)
 
+    PORT_ATTEMPTS = 3
+    """Launches with fresh ports when one chosen free was taken before weed bound it."""
+
     def start(self, timeout: float = 60.0) -> None:
-        ports = _free_ports(12)
-        names = ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
-                 "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc", "webdav.port",
-                 "debug.port"]
-        port = dict(zip(names, ports))
         config = {"identities": [{"name": "filedock", "credentials": [
             {"accessKey": self.access_key, "secretKey": self.secret_key}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
         s3_json = self.root / "s3.json"
         s3_json.write_text(json.dumps(config))
         s3_json.chmod(0o600)
+        last: Exception | None = None
+        for _ in range(self.PORT_ATTEMPTS):
+            ready, last = self._launch(s3_json, timeout)
+            if ready:
+                return
+            if b"Port allocation failed" not in self._log_tail():
+                break
+            self._kill()  # a port went to someone else between choosing and binding: others
+        tail = self._log_tail().decode(errors="replace")
+        self.stop()
+        raise RuntimeError(f"weed mini did not answer S3 within {timeout}s ({last}); its log ends:\n{tail}")
+
+    def _launch(self, s3_json: Path, timeout: float) -> tuple[bool, Exception | None]:
+        """Start ``weed mini`` on fresh ports; (True, None) once S3 answers, else (False, the last error)."""
+        names = ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+                 "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc", "webdav.port",
+                 "debug.port"]
+        port = dict(zip(names, _free_ports(len(names))))
         data = self.root / "data"
+        shutil.rmtree(data, ignore_errors=True)
         data.mkdir()
         args = [self.binary, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.config={s3_json}",
                 "-master.telemetry=false", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0",
@@ -158,7 +175,7 @@ class SeaweedServer:
         deadline = time.monotonic() + timeout
         last: Exception | None = None
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
+            if self.proc.poll() is not None or b"Port allocation failed" in self._log_tail():
                 break
             try:
                 name = f"ready-{secrets.token_hex(4)}"
@@ -166,13 +183,17 @@ class SeaweedServer:
                 client.put_object(Bucket=name, Key="probe", Body=b"x")
                 client.delete_object(Bucket=name, Key="probe")
                 client.delete_bucket(Bucket=name)
-                return
+                return True, None
             except Exception as exc:  # noqa: BLE001 - not up yet
                 last = exc
                 time.sleep(0.25)
-        tail = (self.root / "weed.log").read_bytes()[-3000:].decode(errors="replace")
-        self.stop()
-        raise RuntimeError(f"weed mini did not answer S3 within {timeout}s ({last}); its log ends:\n{tail}")
+        return False, last
+
+    def _log_tail(self) -> bytes:
+        try:
+            return (self.root / "weed.log").read_bytes()[-3000:]
+        except OSError:
+            return b""
 
     def client(self) -> Any:
         return s3_client(self.endpoint, self.access_key, self.secret_key)
@@ -185,6 +206,10 @@ class SeaweedServer:
 
     def stop(self) -> None:
         """Stop the process (its whole group) and remove its directory."""
+        self._kill()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def _kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGTERM)
@@ -195,7 +220,6 @@ class SeaweedServer:
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
         self.proc = None
-        shutil.rmtree(self.root, ignore_errors=True)
 
 
 @contextlib.contextmanager

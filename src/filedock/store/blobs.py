@@ -32,8 +32,8 @@ from typing import Callable
 
 from filedock import durability
 from filedock.digest import BLOCK_HASH_SIZE, BLOCK_SIZE, ContentHasher, block_hash, hash_stream
-from filedock.store.direct_io import ALIGN, DirectAppender
 from filedock.errors import ErrorCode, FiledockError
+from filedock.store.direct_io import ALIGN, DirectAppender
 from filedock.store.work_queue import InlineWorkQueue, Strand, WorkQueue
 
 _KEY_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")

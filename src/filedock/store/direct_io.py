@@ -108,11 +108,6 @@ class DirectAppender:
         self.written = (offset, crc32)
         """(offset, CRC-32) of the bytes known to be in the file, in order."""
 
-    @property
-    def direct(self) -> bool:
-        """Whether buffers still go out through ``O_DIRECT``."""
-        return self._direct_fd >= 0
-
     def append(self, data: bytes | memoryview, hasher: ContentHasher) -> None:
         """Take ``data`` into the buffers, writing each full one (hashed as it is handed to the disk)."""
         view = memoryview(data)
