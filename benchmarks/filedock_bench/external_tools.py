@@ -36,6 +36,23 @@ def ensure_tools() -> dict[str, str | None]:
     return _checked
 
 
+def ensure_sshd() -> str | None:
+    """None if sshd and scp are here (openssh-server installed once with apt-get if missing), else why not.
+    Case 1 (scp, sftp) and case 7 (rsync over ssh, scp) both start a private sshd."""
+    def present() -> bool:
+        return bool((shutil.which("sshd") or os.path.exists("/usr/sbin/sshd")) and shutil.which("scp"))
+
+    if present():
+        return None
+    if shutil.which("apt-get"):
+        say("  sshd missing: trying apt-get install -y openssh-server (once)")
+        subprocess.run(["apt-get", "install", "-y", "-qq", "openssh-server"], capture_output=True,
+                       env=os.environ | {"DEBIAN_FRONTEND": "noninteractive"})
+    if present():
+        return None
+    return "sshd/scp not installed (apt-get install openssh-server openssh-client)"
+
+
 def require(tool: str) -> str:
     reason = ensure_tools()[tool]
     if reason:

@@ -128,8 +128,13 @@ class Variant(Protocol):
         """Undo ``start``; called even when it failed."""
 
 
-def run_interleaved(variants: list[Variant], runs: int) -> list[Figure]:
-    """Start all, then A B C ... ``runs`` times, then stop all. A variant that fails stops running."""
+def run_interleaved(variants: list[Variant], runs: int, alternate: tuple[str, str] | None = None) -> list[Figure]:
+    """Start all, then A B C ... ``runs`` times, then stop all. A variant that fails stops running.
+
+    ``alternate``: the keys of two variants compared with each other run by run; they swap places in
+    every second round (A B, B A, ...), so neither is always the one that runs after the other
+    (with a fixed order, ``1a-auto`` right after ``1a`` was 0.89x of it in a full run on a fresh clone,
+    and 1.00x by pairs when the order alternated: benchmarks/README.md)."""
     live: list[Variant] = []
     try:
         for v in variants:
@@ -140,8 +145,15 @@ def run_interleaved(variants: list[Variant], runs: int) -> list[Figure]:
                 v.figure.skipped = str(exc)
                 say(f"  skip {v.figure.key} {v.figure.title}: {exc}")
         for index in range(runs):
-            for v in list(live):
-                _run_one(v, index, runs, live)
+            order = list(live)
+            if alternate and index % 2:
+                keys = [v.figure.key for v in order]
+                if all(k in keys for k in alternate):
+                    i, j = keys.index(alternate[0]), keys.index(alternate[1])
+                    order[i], order[j] = order[j], order[i]
+            for v in order:
+                if v in live:
+                    _run_one(v, index, runs, live)
     finally:
         for v in variants:
             try:

@@ -14,6 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from filedock_bench.external_tools import ensure_sshd
 from filedock_bench.measure import Sample, Skip
 from filedock_bench.workspace import free_port, is_listening, remove, wait_for
 
@@ -91,9 +92,10 @@ class PrivateSshd:
         self.port = 0
 
     def start(self) -> None:
-        sshd = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None)
-        if sshd is None or shutil.which("scp") is None:
-            raise Skip("sshd/scp missing: apt-get install openssh-server openssh-client")
+        missing = ensure_sshd()
+        if missing:
+            raise Skip(missing)
+        sshd = shutil.which("sshd") or "/usr/sbin/sshd"
         self.dir.mkdir(exist_ok=True)
         for name in ("host", "user"):
             if not (self.dir / name).exists():

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from filedock_bench.measure import MB, Figure, Sample, Skip, human_size, run_interleaved, say
+from filedock_bench.external_tools import ensure_sshd
 from filedock_bench.processes import run_timed
 from filedock_bench.workspace import PYTHON, Workspace, random_file, remove, wait_for
 
@@ -266,19 +267,6 @@ def _check_and_remove(path: Path, size: int) -> None:
 
 
 # -- the servers on the receiving side
-
-
-def ensure_sshd() -> str | None:
-    """None if sshd is here (installed once with apt-get if missing), else why not."""
-    if shutil.which("sshd") or os.path.exists("/usr/sbin/sshd"):
-        return None
-    if shutil.which("apt-get"):
-        say("  sshd missing: trying apt-get install -y openssh-server (once)")
-        subprocess.run(["apt-get", "install", "-y", "-qq", "openssh-server"], capture_output=True,
-                       env=os.environ | {"DEBIAN_FRONTEND": "noninteractive"})
-    if os.path.exists("/usr/sbin/sshd"):
-        return None
-    return "sshd not installed (apt-get install openssh-server)"
 
 
 def start_filedock(setup: WanSetup) -> None:

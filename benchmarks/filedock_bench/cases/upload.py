@@ -372,7 +372,8 @@ def run(size: int, runs: int, only: set[str]) -> list[Figure]:
         try:
             # TLS (no target) runs after the others, in its own round: 3 s of both cores busy with TLS
             # made the host hold back the contender after it (see benchmarks/README.md)
-            figures = run_interleaved([CLASSES[n](setup) for n in names if n not in SEPARATE], runs)
+            figures = run_interleaved([CLASSES[n](setup) for n in names if n not in SEPARATE], runs,
+                                      alternate=("1a", "1a-auto"))
             tls_round = [CLASSES[n](setup) for n in names if n in SEPARATE]
             if tls_round:
                 tls_round.insert(0, RawLimitTlsRound(setup))
