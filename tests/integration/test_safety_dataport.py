@@ -14,6 +14,9 @@ import socket
 import subprocess
 import threading
 import time
+from typing import Iterator
+
+import pytest
 
 from filedock import wire
 from tests.integration.harness import ServerProcess
@@ -92,10 +95,13 @@ def check_true_after_restart(server: ServerProcess, job: dict, key: str, data: b
     return figures
 
 
-def crash_server(tmp_path) -> ServerProcess:
-    """A server whose checkpoints are rare (the defaults), as in the audit."""
+@pytest.fixture
+def crash_server(tmp_path) -> Iterator[ServerProcess]:
+    """A server whose checkpoints are rare (the defaults), as in the audit; stopped after the test,
+    whether it passed or not (a failed assertion used to leave the process running)."""
     server = ServerProcess(tmp_path / "data").start()
-    return server
+    yield server
+    server.stop()
 
 
 def setup_file(server: ServerProcess, size: int) -> tuple[dict, str]:
@@ -104,7 +110,7 @@ def setup_file(server: ServerProcess, size: int) -> tuple[dict, str]:
     return job, files["f"]["key"]
 
 
-def test_2007_upload_over_a_partial_then_sigkill_never_records_wrong_bytes(tmp_path):
+def test_2007_upload_over_a_partial_then_sigkill_never_records_wrong_bytes(crash_server):
     """Client A leaves a recorded partial (5 MiB of 8); a 2007 client uploads other bytes onto the same
     file; the server is SIGKILLed after 7 MiB of them, before that connection's first checkpoint.
     After the restart A resumes with DONE and no digest: the file must be recorded with A's bytes (before
@@ -112,7 +118,7 @@ def test_2007_upload_over_a_partial_then_sigkill_never_records_wrong_bytes(tmp_p
     match neither upload; fsck found a digest-mismatch)."""
     rng = random.Random(11)
     mine, other = rng.randbytes(8 * MiB), rng.randbytes(8 * MiB)
-    server = crash_server(tmp_path)
+    server = crash_server
     job, key = setup_file(server, len(mine))
     leave_partial(server, server.session, key, mine, 5 * MiB)
     sock = server.connect()
@@ -121,14 +127,14 @@ def test_2007_upload_over_a_partial_then_sigkill_never_records_wrong_bytes(tmp_p
     check_true_after_restart(server, job, key, mine, "2007-over-partial-sigkill")
 
 
-def test_put_from_zero_over_a_partial_then_sigkill_never_records_wrong_bytes(tmp_path):
+def test_put_from_zero_over_a_partial_then_sigkill_never_records_wrong_bytes(crash_server):
     """The partial is cut short behind the server's back, so the next versioned PUT starts again at 0;
     that client sends other bytes and the server is SIGKILLed before its first checkpoint. The record
     must not still claim the old prefix (before: it did, and the resume was trusted through the spot
     check)."""
     rng = random.Random(12)
     mine, other = rng.randbytes(8 * MiB), rng.randbytes(8 * MiB)
-    server = crash_server(tmp_path)
+    server = crash_server
     job, key = setup_file(server, len(mine))
     leave_partial(server, server.session, key, mine, 5 * MiB)
     os.truncate(part_path(server, job["id"], key), 4096)
@@ -138,12 +144,12 @@ def test_put_from_zero_over_a_partial_then_sigkill_never_records_wrong_bytes(tmp
     check_true_after_restart(server, job, key, mine, "put-from-zero-over-partial-sigkill")
 
 
-def test_batch_over_a_partial_then_sigkill_keeps_records_true(tmp_path):
+def test_batch_over_a_partial_then_sigkill_keeps_records_true(crash_server):
     """A BATCH stores a small file that has a recorded partial (of other bytes); the server is SIGKILLed
     right after; after the restart the record says complete with the batch's bytes and fsck is clean."""
     rng = random.Random(13)
     first, batch = rng.randbytes(900_000), rng.randbytes(900_000)
-    server = crash_server(tmp_path)
+    server = crash_server
     job, key = setup_file(server, len(first))
     leave_partial(server, server.session, key, first, 600_000)
     events = send_batch(server, server.session, [(key, batch, None)])
