@@ -91,7 +91,7 @@ def test_a_clear_proxy_header_then_tls_on_both_ports(tmp_path):
             f"STORED {len(data)} {zlib.crc32(data):08x} {digest_of(data)}".encode()
         sock.close()
         assert "peer=203.0.113.7" in log_line(server, "upload complete"), server.log()
-        assert "ssl.SSLObject" in server.log() and "after the PROXY header" in server.log(), server.log()
+        assert "pyOpenSSL on memory BIOs" in server.log() and "after the PROXY header" in server.log(), server.log()
         assert server.api.file(key)["state"] == "complete"
 
         raw = socket.create_connection(server.api_addr, timeout=30)

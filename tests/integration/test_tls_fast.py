@@ -1,5 +1,6 @@
 """The data port's own TLS (``filedock.server.tls_fast``): the same ``ssl:`` listener, served through
-``ssl.SSLObject``; uploads, resumes, aborts and both dialects behave as on plain TCP."""
+pyOpenSSL on memory BIOs (``cryptography``'s OpenSSL); uploads, resumes, aborts and both dialects
+behave as on plain TCP."""
 
 from __future__ import annotations
 
@@ -54,14 +55,17 @@ def wait_for(predicate, timeout: float = 20.0, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_the_data_port_serves_tls_itself_not_through_pyopenssl(tls_server):
-    """The ``ssl:`` data listener is the stdlib path (the server says so in its log), and the session
-    is TLS 1.2+ with an AEAD suite."""
+def test_the_data_port_serves_tls_itself_on_cryptographys_openssl(tls_server):
+    """The ``ssl:`` data listener is the module's own path, not Twisted's protocol, on the OpenSSL that
+    ``cryptography`` ships (the server's log names it); the session is TLS 1.2+ with an AEAD suite."""
+    from OpenSSL import SSL
+
     server, cert = tls_server
     with tls_connect(server, cert) as sock:
         assert sock.version() in ("TLSv1.2", "TLSv1.3")
         assert "GCM" in sock.cipher()[0] or "CHACHA20" in sock.cipher()[0]
-    assert "data port: TLS by the standard library's ssl.SSLObject" in server.log()
+    bundled = SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()
+    assert f"data port: TLS by pyOpenSSL on memory BIOs ({bundled})" in server.log()
 
 
 @pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")  # refusing TLS 1.0/1.1 is tested
@@ -275,7 +279,7 @@ def test_extra_cert_chain_is_sent_after_the_leaf(tmp_path):
         ctx = ssl.create_default_context(cafile=str(root))
         with ctx.wrap_socket(server.connect(), server_hostname="127.0.0.1") as sock:
             assert sock.version()
-        assert "data port: TLS by the standard library's ssl.SSLObject" in server.log()
+        assert "data port: TLS by pyOpenSSL on memory BIOs" in server.log()
 
 
 def _rss_kib(pid: int) -> int:

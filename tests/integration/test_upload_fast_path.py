@@ -60,14 +60,58 @@ def test_tls12_data_port_negotiates_aes_128_gcm(tls_server):
         assert sock.cipher()[0] == "ECDHE-ECDSA-AES128-GCM-SHA256"
 
 
-def test_tls13_suites_refused_by_openssl_leave_the_context_as_it_was():
-    """An unknown suite name is refused, logged, and the context keeps OpenSSL's order."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    before = [c["name"] for c in ctx.get_ciphers()]
-    assert tls_fast.set_tls13_suites(ctx, "TLS_NO_SUCH_SUITE") is False
-    assert [c["name"] for c in ctx.get_ciphers()] == before
-    assert tls_fast.set_tls13_suites(ctx, tls_fast.TLS13_SUITES) is True
-    assert ctx.get_ciphers()[0]["name"] == "TLS_AES_128_GCM_SHA256"
+def _memory_pair(tmp_path):
+    """A data-port server context's connection and a client's, both on memory BIOs, handshaken."""
+    from OpenSSL import SSL
+
+    key, cert = tls_files(tmp_path)
+    server = SSL.Connection(tls_fast.server_context(str(key), str(cert)), None)
+    server.set_accept_state()
+    client = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
+    client.set_connect_state()
+    for _ in range(6):
+        for end in (client, server):
+            try:
+                end.do_handshake()
+            except SSL.WantReadError:
+                pass
+        for src, dst in ((client, server), (server, client)):
+            try:
+                dst.bio_write(src.bio_read(1 << 20))
+            except SSL.WantReadError:
+                pass
+    return server, client
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["ssl-read-into-the-view", "pyopenssl-recv-into"])
+def test_the_data_port_decrypts_into_the_callers_buffer_exactly(tmp_path, monkeypatch, fast):
+    """``tls_fast.read_into`` fills the given view with the plaintext, record by record, whether it
+    calls ``SSL_read`` on the view or falls back to pyOpenSSL's ``recv_into``; no whole record: it
+    says so (``WantReadError``); the client's close_notify: ``ZeroReturnError``. The suite is
+    TLS 1.3 AES-128-GCM, the server's preference."""
+    from OpenSSL import SSL
+
+    if not fast:
+        monkeypatch.setattr(tls_fast, "_READ_INTO", None)
+    else:
+        assert tls_fast._READ_INTO is not None  # this pyOpenSSL has the fast path
+    server, client = _memory_pair(tmp_path)
+    assert server.get_cipher_name() == "TLS_AES_128_GCM_SHA256"
+    data = os.urandom(3 * (1 << 20) + 12345)
+    client.sendall(data)
+    server.bio_write(client.bio_read(8 << 20))
+    out = bytearray(len(data) + 100)
+    view, got = memoryview(out), 0
+    with pytest.raises(SSL.WantReadError):
+        while True:
+            n = tls_fast.read_into(server, view[got:])
+            assert 0 < n <= 16384  # one record at most
+            got += n
+    assert got == len(data) and bytes(out[:got]) == data
+    client.shutdown()
+    server.bio_write(client.bio_read(1 << 16))
+    with pytest.raises(SSL.ZeroReturnError):
+        tls_fast.read_into(server, view)
 
 
 class _CountingPreadv:

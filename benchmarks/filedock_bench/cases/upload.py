@@ -127,7 +127,7 @@ class CliUploadTls(CliUpload):
             else:
                 os.environ["FILEDOCK_DATA_TLS"] = saved
         self.cert = cert
-        how = "Twisted's pyOpenSSL" if self.DATA_TLS else "ssl.SSLObject (tls_fast)"
+        how = "Twisted's TLS protocol" if self.DATA_TLS else "pyOpenSSL on memory BIOs (tls_fast)"
         suite = "AES-256-GCM (OpenSSL's default)" if self.DATA_TLS else "AES-128-GCM (the server's preference)"
         self.figure.notes.append(f"TLS 1.3 {suite}, ECDSA P-256 certificate; data port: {how}")
 

@@ -1,15 +1,22 @@
-"""The data port's TLS: the standard library's ``ssl.SSLObject`` on memory BIOs, few copies.
+"""The data port's TLS: OpenSSL through pyOpenSSL on memory BIOs, decrypting into reused buffers.
 
-Twisted's ``ssl:`` endpoint runs TLS through pyOpenSSL (``TLSMemoryBIOProtocol``): every
+Twisted's ``ssl:`` endpoint runs TLS through pyOpenSSL too (``TLSMemoryBIOProtocol``), but every
 32 KiB ``recv`` on the TLS object allocates a fresh buffer and copies out of it, and the
 reactor thread saturated there at 0.28x the raw plaintext limit. Here the same listener
 string (``ssl:PORT:privateKey=KEY:certKey=CERT``, with ``interface=``, ``backlog=``,
 ``extraCertChain=`` and ``dhParameters=``)
 listens on plain TCP, and each connection is wrapped in :class:`FastTLSProtocol`:
-ciphertext from the socket goes into an incoming ``MemoryBIO`` (one copy, in C), and
-``SSLObject.read(n, buffer)`` decrypts straight into a 1 MiB ``bytearray`` that is handed
+ciphertext from the socket goes into the connection's incoming memory BIO (one copy, in C), and
+``SSL_read`` decrypts straight into a 1 MiB ``bytearray`` that is handed
 on in views of disjoint regions, never reused: the upload's writer may keep a view
 queued, and the bytes under it never change. Plaintext is never copied in Python.
+
+Why pyOpenSSL and not the standard library's ``ssl.SSLObject`` (which this module used first):
+the standard library links the system's OpenSSL (3.0 here), whose AES-GCM has no AVX-512 code,
+while ``cryptography`` (pyOpenSSL's engine, already installed for Twisted) ships its own, newer
+OpenSSL with AVX-512 (VAES) AES-GCM. In a profile of a 1 GiB ``filedock upload --tls``, the system
+OpenSSL's AES-GCM was a fifth of both ends' CPU; ``cryptography``'s moved the same bytes in about a
+third of the time (``benchmarks/README.md``, "TLS on the newer OpenSSL").
 
 Only the data port uses this; the control API keeps Twisted's own TLS (its bodies are small).
 An ``ssl:`` listener with options this module does not speak (``sslmethod``, ...) keeps
@@ -21,10 +28,10 @@ from __future__ import annotations
 
 import os
 import re
-import ssl
 import sys
 from typing import Any
 
+from OpenSSL import SSL, crypto
 from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
@@ -60,66 +67,75 @@ _SPOKEN = frozenset({"interface", "backlog", "privateKey", "certKey", "extraCert
 """The ``ssl:`` options this module understands; any other keeps Twisted's own TLS."""
 
 
+def openssl_version() -> str:
+    """The OpenSSL this module's TLS runs on (``cryptography``'s own, not the system's)."""
+    return SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()
+
+
 def server_context(private_key: str, cert: str, extra_chain: str | None = None,
-                   dh_parameters: str | None = None) -> ssl.SSLContext:
+                   dh_parameters: str | None = None) -> SSL.Context:
     """A server context for the data port: TLS 1.2+, AEAD suites, the given PEM key and certificate
     (``extra_chain``: intermediates sent after it, as Twisted's ``extraCertChain``)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_ciphers(TLS12_CIPHERS)
-    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
-    set_tls13_suites(ctx, TLS13_SUITES)
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_cipher_list(TLS12_CIPHERS.encode())
+    ctx.set_tls13_ciphersuites(TLS13_SUITES.encode())
+    ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_RENEGOTIATION)
     try:
         if dh_parameters:
-            ctx.load_dh_params(dh_parameters)
+            ctx.load_tmp_dh(dh_parameters)
+        ctx.use_certificate_chain_file(cert)  # certKey may hold the chain after the leaf, as with Twisted
         if extra_chain:
-            # the stdlib loads a chain from one file only: leaf then intermediates, in a private temporary file
-            import tempfile
-
-            with open(cert, "rb") as leaf, open(extra_chain, "rb") as chain, \
-                    tempfile.NamedTemporaryFile(suffix=".pem") as both:
-                both.write(leaf.read().rstrip(b"\n") + b"\n" + chain.read())
-                both.flush()
-                ctx.load_cert_chain(both.name, private_key)
-        else:
-            ctx.load_cert_chain(cert, private_key)  # certKey may hold the chain after the leaf, as with Twisted
-    except (ssl.SSLError, OSError) as exc:
-        why = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+            for pem in _pem_blocks(open(extra_chain, "rb").read()):
+                ctx.add_extra_chain_cert(crypto.load_certificate(crypto.FILETYPE_PEM, pem))
+        ctx.use_privatekey_file(private_key)
+        ctx.check_privatekey()
+    except (SSL.Error, crypto.Error, OSError) as exc:
         raise ValueError(f"data port TLS: cannot use the certificate {cert} with the private key "
-                         f"{private_key}: {why.lower().replace('_', ' ')}") from None
+                         f"{private_key}: {_reason(exc)}") from None
     return ctx
 
 
-def set_tls13_suites(ctx: ssl.SSLContext, suites: str) -> bool:
-    """Set the TLS 1.3 cipher suites of ``ctx`` (OpenSSL's ``SSL_CTX_set_ciphersuites``); True if done.
+def _pem_blocks(data: bytes) -> list[bytes]:
+    """Each ``-----BEGIN CERTIFICATE-----`` block of a PEM file, in order."""
+    return re.findall(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", data, re.S)
 
-    The standard library has no call for it (``set_ciphers`` covers TLS 1.2 only), so it is
-    reached through ``ctypes``: the context object's first field after
-    the object header is its ``SSL_CTX *`` (CPython's ``PySSLContext``). That pointer is used only
-    once ``SSL_CTX_get_options`` read through it equals ``ctx.options``, and the result is checked
-    with ``ctx.get_ciphers()``; anything unexpected leaves OpenSSL's default order (logged).
+
+def _fast_read_into() -> Any:
+    """``read_into(conn, view) -> n``: ``SSL_read`` straight into ``view``, or None where it cannot be.
+
+    pyOpenSSL's ``recv_into`` decrypts into a temporary C buffer and copies out of it (its comment
+    says why: cffi could not pass a writable memoryview when it was written; it can now). This calls
+    ``SSL_read`` on the view itself, through the same cffi library and the same error mapping as
+    pyOpenSSL's own calls. It reaches pyOpenSSL's private ``_lib``, ``_ffi``, ``_ssl`` and
+    ``_raise_ssl_error``: when any of them is missing (another pyOpenSSL), ``recv_into`` is used
+    and the only cost is the copy (about 0.06 s of CPU per GiB here).
     """
-    try:
-        import ctypes
+    lib, ffi = getattr(SSL, "_lib", None), getattr(SSL, "_ffi", None)
+    raise_error = getattr(SSL.Connection, "_raise_ssl_error", None)
+    if lib is None or ffi is None or raise_error is None or not hasattr(lib, "SSL_read"):
+        return None
+    ssl_read, from_buffer = lib.SSL_read, ffi.from_buffer
 
-        import _ssl
+    def read_into(conn: SSL.Connection, view: memoryview) -> int:
+        with from_buffer(view, require_writable=True) as data:
+            result = ssl_read(conn._ssl, data, len(view))
+        if result <= 0:
+            raise_error(conn, conn._ssl, result)  # WantReadError, ZeroReturnError or an Error
+            raise SSL.Error(f"SSL_read returned {result} without an error")  # never loop on it
+        return result
 
-        lib = ctypes.CDLL(_ssl.__file__)  # its libssl's symbols resolve through it
-        get_options, set_suites = lib.SSL_CTX_get_options, lib.SSL_CTX_set_ciphersuites
-        get_options.argtypes, get_options.restype = [ctypes.c_void_p], ctypes.c_uint64
-        set_suites.argtypes, set_suites.restype = [ctypes.c_void_p, ctypes.c_char_p], ctypes.c_int
-        pointer = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
-        if not pointer or get_options(pointer) != ctx.options:
-            raise LookupError("the SSL_CTX pointer of this Python's SSLContext is not where it was")
-        if set_suites(pointer, suites.encode()) != 1:
-            raise ValueError(f"OpenSSL refused {suites}")
-        first = suites.split(":", 1)[0]
-        if ctx.get_ciphers()[0]["name"] != first:
-            raise ValueError(f"{first} is not first after setting it")
-    except Exception as exc:  # an optimisation only: never a reason not to serve
-        log.info("data port: TLS 1.3 keeps OpenSSL's suite order ({why})", why=exc)
-        return False
-    return True
+    return read_into
+
+
+_READ_INTO = _fast_read_into()
+
+
+def read_into(conn: SSL.Connection, view: memoryview) -> int:
+    """Decrypt what is whole in ``conn``'s BIO into ``view`` (at most one record); the bytes read."""
+    if _READ_INTO is not None and hasattr(conn, "_ssl"):
+        return _READ_INTO(conn, view)
+    return conn.recv_into(view)
 
 
 def parse_ssl_description(description: str) -> tuple[str, dict[str, str]] | None:
@@ -178,19 +194,19 @@ def data_endpoint(reactor: Any, description: str, header_timeout: float) -> Any:
 class FastTLSEndpoint:
     """A TCP server endpoint whose connections speak TLS through :class:`FastTLSProtocol`."""
 
-    def __init__(self, inner: Any, context: ssl.SSLContext, reactor: Any) -> None:
+    def __init__(self, inner: Any, context: SSL.Context, reactor: Any) -> None:
         self.inner, self.context, self.reactor = inner, context, reactor
 
     def listen(self, factory: Any) -> defer.Deferred:
         """Listen on the inner TCP endpoint; the port's ``getHost`` is the real listening one."""
-        log.info("data port: TLS by the standard library's ssl.SSLObject ({openssl})", openssl=ssl.OPENSSL_VERSION)
+        log.info("data port: TLS by pyOpenSSL on memory BIOs ({openssl})", openssl=openssl_version())
         return self.inner.listen(FastTLSFactory(factory, self.context, self.reactor))
 
     def plain_and_tls(self, factory: Any) -> tuple[Any, "FastTLSFactory"]:
         """(the plain TCP endpoint, ``factory`` wrapped in this TLS): for ``haproxy:ssl:``, whose PROXY
         header comes in clear before the handshake (``proxied.tls_after_header``)."""
-        log.info("data port: TLS by the standard library's ssl.SSLObject ({openssl}), after the PROXY header",
-                 openssl=ssl.OPENSSL_VERSION)
+        log.info("data port: TLS by pyOpenSSL on memory BIOs ({openssl}), after the PROXY header",
+                 openssl=openssl_version())
         return self.inner, FastTLSFactory(factory, self.context, self.reactor)
 
 
@@ -199,7 +215,7 @@ class FastTLSFactory(WrappingFactory):
 
     noisy = False  # the wrapped factory already says when it starts listening
 
-    def __init__(self, wrapped: Any, context: ssl.SSLContext, reactor: Any) -> None:
+    def __init__(self, wrapped: Any, context: SSL.Context, reactor: Any) -> None:
         super().__init__(wrapped)
         self.context, self.reactor = context, reactor
 
@@ -209,7 +225,8 @@ class FastTLSFactory(WrappingFactory):
 
 
 class FastTLSProtocol(ProtocolWrapper):
-    """Server-side TLS for one connection, over ``ssl.SSLObject``; the transport of the protocol it wraps.
+    """Server-side TLS for one connection, over a memory-BIO ``SSL.Connection``; the transport of the
+    protocol it wraps.
 
     The wrapped protocol is connected when the TCP connection opens, so its timers (the
     header time-out, the unauthenticated budget) run during the handshake too: a client
@@ -221,9 +238,8 @@ class FastTLSProtocol(ProtocolWrapper):
 
     def __init__(self, factory: FastTLSFactory, wrapped: Any) -> None:
         super().__init__(factory, wrapped)
-        self._incoming = ssl.MemoryBIO()
-        self._outgoing = ssl.MemoryBIO()
-        self._tls = factory.context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        self._tls = SSL.Connection(factory.context, None)  # None: memory BIOs on both sides
+        self._tls.set_accept_state()
         self._handshaking = True
         self._early: list[bytes] = []  # what the wrapped protocol wrote before the handshake finished
         self._paused = False
@@ -263,7 +279,7 @@ class FastTLSProtocol(ProtocolWrapper):
     # -- the socket's side
 
     def dataReceived(self, data: bytes) -> None:
-        self._incoming.write(data)
+        self._tls.bio_write(data)
         if self._handshaking and not self._handshake():
             return
         self._deliver()
@@ -272,10 +288,10 @@ class FastTLSProtocol(ProtocolWrapper):
         """Advance the handshake; True once it is done."""
         try:
             self._tls.do_handshake()
-        except ssl.SSLWantReadError:
+        except SSL.WantReadError:
             self._flush()
             return False
-        except (ssl.SSLError, ValueError) as exc:
+        except SSL.Error as exc:
             self._flush()  # the alert, if OpenSSL made one
             log.info("data port: TLS handshake from {peer} failed: {why}", peer=_peer(self), why=_reason(exc))
             self._handshaking = False
@@ -302,16 +318,12 @@ class FastTLSProtocol(ProtocolWrapper):
             buf = self._buf
             try:
                 while pos < READ_SIZE:
-                    n = tls.read(READ_SIZE - pos, buf[pos:])
-                    if not n:  # the client's close_notify (no data raises SSLWantReadError instead)
-                        self._eof = True
-                        break
-                    pos += n
-            except ssl.SSLWantReadError:
+                    pos += read_into(tls, buf[pos:])
+            except SSL.WantReadError:
                 pass
-            except ssl.SSLZeroReturnError:
+            except SSL.ZeroReturnError:
                 self._eof = True  # close_notify: the client finished cleanly
-            except ssl.SSLError as exc:
+            except SSL.Error as exc:  # SysCallError too: the client closed TCP without close_notify
                 log.info("data port: TLS error from {peer}: {why}", peer=_peer(self), why=_reason(exc))
                 self._eof = True
                 self._flush()
@@ -339,8 +351,8 @@ class FastTLSProtocol(ProtocolWrapper):
             self._early.append(bytes(data))
             return
         try:
-            self._tls.write(data)
-        except ssl.SSLError as exc:
+            self._tls.sendall(data)
+        except SSL.Error as exc:
             log.info("data port: TLS write to {peer} failed: {why}", peer=_peer(self), why=_reason(exc))
             self.transport.abortConnection()
             return
@@ -360,8 +372,8 @@ class FastTLSProtocol(ProtocolWrapper):
 
     def _close_notify(self) -> None:
         try:
-            self._tls.unwrap()
-        except (ssl.SSLWantReadError, ssl.SSLError, ValueError):
+            self._tls.shutdown()
+        except SSL.Error:
             pass  # we do not wait for the client's own close_notify
         self._flush()
         self.transport.loseConnection()
@@ -387,9 +399,17 @@ class FastTLSProtocol(ProtocolWrapper):
         self.transport.stopProducing()
 
     def _flush(self) -> None:
-        pending = self._outgoing.pending
-        if pending:
-            self.transport.write(self._outgoing.read())
+        """Send what OpenSSL wrote into the outgoing BIO (handshake, alerts, replies)."""
+        chunks = []
+        while True:
+            try:
+                chunks.append(self._tls.bio_read(65536))
+            except SSL.WantReadError:  # the BIO is empty
+                break
+            except SSL.Error:
+                break
+        if chunks:
+            self.transport.write(b"".join(chunks))
 
 
 def _peer(proto: FastTLSProtocol) -> str:
@@ -401,4 +421,12 @@ def _peer(proto: FastTLSProtocol) -> str:
 
 
 def _reason(exc: BaseException) -> str:
-    return getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+    """A short human reason: OpenSSL's for an ``SSL.Error`` (its last queued one), else the exception's."""
+    args = getattr(exc, "args", ())
+    if isinstance(exc, (SSL.Error, crypto.Error)) and args and isinstance(args[0], list) and args[0]:
+        last = args[0][-1]  # [(library, function, reason), ...]
+        if isinstance(last, tuple) and last:
+            return str(last[-1]).lower().replace("_", " ")
+    if isinstance(exc, SSL.SysCallError) and len(args) == 2:
+        return str(args[1]).lower()
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
