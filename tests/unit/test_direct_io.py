@@ -306,3 +306,41 @@ def test_a_writer_that_caught_up_has_its_bytes_in_the_file_without_a_checkpoint(
     assert writer.part.read_bytes() == data[:6 << 20]
     assert writer.finish(digest_of(data))[1] == digest_of(data)
     blobs.close()
+
+
+def test_a_settle_hands_its_write_to_the_disk_and_returns_while_it_runs(disk, monkeypatch):
+    """``settle`` (the writer caught up) waits for the write before it, not for its own: while the disk
+    writes one buffer the writer copies and hashes the next. A disk thread held inside its write does
+    not hold ``settle``; the next ``settle`` waits for it; ``flush`` leaves the exact bytes."""
+    import threading
+
+    real_write_out = direct_io.DirectAppender._write_out
+    release, entered = threading.Event(), threading.Event()
+
+    def held_write_out(self, view, length, offset):
+        entered.set()
+        assert release.wait(20)
+        real_write_out(self, view, length, offset)
+
+    monkeypatch.setattr(direct_io.DirectAppender, "_write_out", held_write_out)
+    path = disk / "part"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    appender = direct_io.DirectAppender.open(path, fd, 0, 0)
+    hasher = ContentHasher()
+    data = SOURCE[:(3 << 20) + 5000]
+    appender.append(data[:1 << 20], hasher)
+    appender.settle(hasher)  # returns with its write held on the disk thread
+    assert entered.wait(20)
+    assert hasher.offset == 1 << 20 and appender.written == (0, 0)  # hashed; the file not known to hold it yet
+    appender.append(data[1 << 20:], hasher)  # copied while the first write is held
+    second = threading.Thread(target=appender.settle, args=(hasher,))
+    second.start()
+    second.join(0.3)
+    assert second.is_alive()  # the next settle waits for the held write
+    release.set()
+    second.join(20)
+    appender.flush(hasher)
+    assert appender.written == (len(data), zlib.crc32(data))
+    appender.close()
+    os.close(fd)
+    assert path.read_bytes() == data

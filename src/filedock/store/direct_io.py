@@ -11,9 +11,9 @@ the only copy left is into these buffers, the same 8 MiB every time.
 ``O_DIRECT`` wants the buffer's address, the file offset and the length to be multiples of the
 device's logical block; ``ALIGN`` (4096) covers 512- and 4096-byte sectors. So the buffer being
 filled always starts at an aligned file offset (``base``): a full buffer is written as it is,
-and ``settle`` (whenever the writer has caught up with what arrived) writes the aligned part,
-so that while the disk keeps up, bytes reach the file as they arrive; when it does not, they
-go in whole buffers. ``flush`` (before a checkpoint or the seal) writes the aligned part
+and ``settle`` (whenever the writer has caught up with what arrived) hands the aligned part to
+the disk without waiting for it, so that while the disk keeps up, bytes reach the file as they
+arrive; when it does not, they go in whole buffers. ``flush`` (before a checkpoint or the seal) writes the aligned part
 directly and the rest, under ``ALIGN`` bytes, through the ordinary descriptor, keeping that
 rest at the buffer's front: the next direct write rewrites those bytes, unchanged, from the
 aligned offset.
@@ -120,13 +120,15 @@ class DirectAppender:
                 self._write_front(self.SIZE, hasher)
 
     def settle(self, hasher: ContentHasher) -> None:
-        """The writer has nothing more queued: write the aligned part of what the buffer holds and wait
-        for it, so that while the disk keeps up, bytes reach the file as they arrive (less a rest under
-        ``ALIGN``)."""
+        """The writer has nothing more queued: hand the aligned part of what the buffer holds to the disk
+        once the write before it is done, and return without waiting for this one, so that while the
+        disk keeps up, bytes reach the file as they arrive (less a rest under ``ALIGN``), and the next
+        bytes are copied and hashed while it writes. While the disk is the slower, what arrives during
+        the wait goes into the next write: writes grow to the buffer's size instead of one per chunk
+        (a direct write of 1 MiB at a time moved 0.9-1.1 GB/s here, of 4 MiB 1.4-1.6)."""
         aligned = self._fill - self._fill % ALIGN
         if aligned > self._hashed:
             self._write_front(aligned, hasher)
-        self._wait()
 
     def flush(self, hasher: ContentHasher) -> None:
         """Every byte appended into the file (not fsync'd: the caller does that) and the hasher."""
