@@ -54,9 +54,9 @@ def api_client(args: argparse.Namespace):
     ca = getattr(args, "cacert", None) or os.environ.get("FILEDOCK_CACERT") or conf.get("cacert")
     context = None
     if ca:
-        import ssl
+        from filedock.client.trust import client_context
 
-        context = ssl.create_default_context(cafile=ca)
+        context = client_context(ca)
     if getattr(args, "tls", False) and url.startswith("http://"):
         url = "https://" + url[len("http://"):]
     return ApiClient(url, token, ssl_context=context, retry=RetryPolicy(attempts=getattr(args, "attempts", 5)),

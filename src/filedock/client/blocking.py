@@ -182,7 +182,7 @@ class _Link:
         self.cancel = cancel
         self.stall_timeout = stall_timeout
         self.patience = stall_timeout
-        self.tls = isinstance(sock, ssl.SSLSocket)
+        self.tls = _is_tls(sock)
         self.connect_seconds: float | None = None  # how long its connect and handshake took
         self._last = time.monotonic()
         sock.settimeout(POLL_SECONDS)
@@ -621,13 +621,18 @@ class _WarmLink:
             link.close()
 
 
+def _is_tls(sock: Any) -> bool:
+    """An ``ssl.SSLSocket`` or a ``tls.TLSSocket`` (which wraps a plain socket rather than being one)."""
+    return isinstance(sock, ssl.SSLSocket) or not isinstance(sock, socket.socket)
+
+
 def _unused_and_open(sock: socket.socket) -> bool:
     """True if nothing came on a connection that has sent nothing yet: a closed one reads its end, and
     one the server gave up on its ``ERR`` line. (TLS 1.3 session tickets are not application data.)"""
     try:
         sock.setblocking(False)
         try:
-            sock.recv(1) if isinstance(sock, ssl.SSLSocket) else sock.recv(1, socket.MSG_PEEK)
+            sock.recv(1) if _is_tls(sock) else sock.recv(1, socket.MSG_PEEK)
         finally:
             sock.settimeout(POLL_SECONDS)
     except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
@@ -665,6 +670,8 @@ class DataPortClient:
         self.streams = streams  # connections per large file: a number, "auto", or None (one plain PUT)
         self._warm: _WarmLink | None = None  # preconnect's connection, until a transfer takes it
         self._warm_lock = threading.Lock()
+        self._fast_tls: Any = None  # the pyOpenSSL context for ssl_context, once one is needed (tls.py)
+        self._fast_tls_lock = threading.Lock()
 
     @property
     def policy(self) -> RetryPolicy:
@@ -1039,18 +1046,44 @@ class DataPortClient:
             if self.congestion_control:  # the sender's choice decides how a long, lossy path is used
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, self.congestion_control.encode())
             if self.ssl_context is not None:
-                sock = self.ssl_context.wrap_socket(sock, server_hostname=self.host)
+                fast = self._fast_tls_context()
+                if fast:
+                    from filedock.client.tls import TLSSocket
+
+                    sock = TLSSocket.connect(sock, fast, self.host, min(self.stall_timeout, 30.0))
+                else:
+                    sock = self.ssl_context.wrap_socket(sock, server_hostname=self.host)
         except ssl.SSLCertVerificationError as exc:
             sock.close()
             raise FiledockError(ErrorCode.TLS_FAILED,
                                 data_port_certificate_message(self.host, self.port, exc.verify_code,
                                                               exc.verify_message or str(exc))) from None
+        except FiledockError as exc:  # tls.CertificateRefused
+            sock.close()
+            raise FiledockError(ErrorCode.TLS_FAILED,
+                                data_port_certificate_message(self.host, self.port, getattr(exc, "verify_code", 0),
+                                                              getattr(exc, "why", exc.message))) from None
         except OSError as exc:
             sock.close()
             raise TransportFailure(f"TLS handshake with {self.host}:{self.port} failed: {exc}") from None
         link = _Link(sock, cancel, self.stall_timeout)
         link.connect_seconds = time.monotonic() - started
         return link
+
+    def _fast_tls_context(self) -> Any:
+        """pyOpenSSL's context with ``ssl_context``'s trust where it can be rebuilt (``tls.fast_context``;
+        made once per client: loading the system's roots takes a while), else False."""
+        with self._fast_tls_lock:
+            if self._fast_tls is None:
+                from filedock.client.trust import TrustedContext
+
+                fast = None
+                if type(self.ssl_context) is TrustedContext and os.environ.get("FILEDOCK_CLIENT_TLS") != "stdlib":
+                    from filedock.client.tls import fast_context
+
+                    fast = fast_context(self.ssl_context)
+                self._fast_tls = fast or False
+            return self._fast_tls
 
     def _retrying(self, cancel: threading.Event | None, step: Callable[[_Link], Any],
                   budget: RetryBudget | None = None) -> Any:

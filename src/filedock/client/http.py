@@ -26,6 +26,7 @@ from typing import Any, Callable
 from urllib.parse import quote, unquote, urlsplit
 
 from filedock.client.retry import RETRY_STATUSES, RetryPolicy  # noqa: F401  (RETRY_STATUSES: public here before)
+from filedock.client.trust import client_context
 from filedock.errors import ErrorCode, FiledockError, RefusedByServer
 
 log = logging.getLogger("filedock.client")
@@ -101,7 +102,7 @@ class ApiClient:
         self.port = parts.port or (443 if self.tls else 80)
         self.token = token
         self.timeout = timeout
-        self.ssl_context = ssl_context or (ssl.create_default_context() if self.tls else None)
+        self.ssl_context = ssl_context or (client_context() if self.tls else None)
         self.retry = retry or RetryPolicy()
         self.url_source = url_source
         self._info: dict[str, Any] | None = None

@@ -16,7 +16,6 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
-import ssl
 import threading
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from filedock.client.jobplan import (DECLARE_BATCH, JobPlan, JobProgress, LocalF
                                      UploadPlan, Verify, batch_units, check_prefix, collect_files, compare_complete,
                                      find_or_create, LOOKUP_INSTEAD, planned_file, undeclared, will_send)
 from filedock.client.model import Cancelled, UploadResult
+from filedock.client.trust import client_context
 from filedock.errors import ErrorCode, FiledockError, LocalFileError
 
 log = logging.getLogger("filedock.client")
@@ -57,7 +57,7 @@ def data_client_for(api: ApiClient, *, stall_timeout: float = 60.0, attempts: in
         host = api.host
     context = None
     if port.get("tls"):
-        context = api.ssl_context or ssl.create_default_context()
+        context = api.ssl_context or client_context()
     return DataPortClient(host, int(port["port"]), ssl_context=context, stall_timeout=stall_timeout,
                           attempts=attempts, backoff=backoff, congestion_control=congestion_control,
                           streams=streams)
