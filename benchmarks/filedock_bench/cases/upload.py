@@ -129,7 +129,9 @@ class CliUploadTls(CliUpload):
         self.cert = cert
         how = "Twisted's TLS protocol" if self.DATA_TLS else "pyOpenSSL on memory BIOs (tls_fast)"
         suite = "AES-256-GCM (OpenSSL's default)" if self.DATA_TLS else "AES-128-GCM (the server's preference)"
-        self.figure.notes.append(f"TLS 1.3 {suite}, ECDSA P-256 certificate; data port: {how}")
+        client = "the standard library's ssl" if os.environ.get("FILEDOCK_CLIENT_TLS") == "stdlib" else \
+            "pyOpenSSL on the socket (client/tls.py)"
+        self.figure.notes.append(f"TLS 1.3 {suite}, ECDSA P-256 certificate; data port: {how}; client: {client}")
 
     def stop(self) -> None:
         if self.setup.server:
