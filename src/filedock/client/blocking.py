@@ -44,6 +44,7 @@ from filedock.client.streams_policy import (UNSENT_LIMIT, ControllerTiming, Rang
                                             rtt_from_tcp_info)
 from filedock.client.transfer import (AwaitDigest, BatchAttempt, Connect, DownloadAttempt, DropPartial, Fail, Finish,
                                       QueryStored, Restart, SendBody, Sleep, UploadAttempt, reply_error)
+from filedock.client.trust import CertificateRefused, TrustedContext
 from filedock.digest import ContentHasher
 from filedock.errors import ErrorCode, FiledockError, TransportFailure, short_key
 
@@ -1058,11 +1059,10 @@ class DataPortClient:
             raise FiledockError(ErrorCode.TLS_FAILED,
                                 data_port_certificate_message(self.host, self.port, exc.verify_code,
                                                               exc.verify_message or str(exc))) from None
-        except FiledockError as exc:  # tls.CertificateRefused
+        except CertificateRefused as exc:  # the same, on pyOpenSSL (tls.py)
             sock.close()
             raise FiledockError(ErrorCode.TLS_FAILED,
-                                data_port_certificate_message(self.host, self.port, getattr(exc, "verify_code", 0),
-                                                              getattr(exc, "why", exc.message))) from None
+                                data_port_certificate_message(self.host, self.port, exc.verify_code, exc.why)) from None
         except OSError as exc:
             sock.close()
             raise TransportFailure(f"TLS handshake with {self.host}:{self.port} failed: {exc}") from None
@@ -1075,8 +1075,6 @@ class DataPortClient:
         made once per client: loading the system's roots takes a while), else False."""
         with self._fast_tls_lock:
             if self._fast_tls is None:
-                from filedock.client.trust import TrustedContext
-
                 fast = None
                 if type(self.ssl_context) is TrustedContext and os.environ.get("FILEDOCK_CLIENT_TLS") != "stdlib":
                     from filedock.client.tls import fast_context

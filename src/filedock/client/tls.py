@@ -30,8 +30,7 @@ from typing import Any
 
 from OpenSSL import SSL
 
-from filedock.client.trust import TrustedContext
-from filedock.errors import ErrorCode, FiledockError
+from filedock.client.trust import CertificateRefused, TrustedContext
 
 
 def fast_context(ctx: ssl.SSLContext | None) -> SSL.Context | None:
@@ -69,15 +68,6 @@ def verify_error_string(code: int) -> str:
     except Exception:  # a message only
         return f"certificate verify failed (X.509 error {code})"
     return f"certificate verify failed: {text}"
-
-
-class CertificateRefused(FiledockError):
-    """The data port's certificate failed verification: ``verify_code`` is OpenSSL's (62: host name
-    mismatch, 64: IP address mismatch), ``why`` its words."""
-
-    def __init__(self, verify_code: int, why: str) -> None:
-        super().__init__(ErrorCode.TLS_FAILED, why)
-        self.verify_code, self.why = verify_code, why
 
 
 class TLSSocket:

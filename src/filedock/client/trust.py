@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ssl
 
+from filedock.errors import ErrorCode, FiledockError
+
 
 class TrustedContext(ssl.SSLContext):
     """An ``ssl.SSLContext`` filedock made from ``cafile`` (or the system's roots when None): the
@@ -26,3 +28,12 @@ def client_context(cafile: str | None = None) -> TrustedContext:
         ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
     ctx.cafile = cafile
     return ctx
+
+
+class CertificateRefused(FiledockError):
+    """The data port's certificate failed verification: ``verify_code`` is OpenSSL's (62: host name
+    mismatch, 64: IP address mismatch), ``why`` its words."""
+
+    def __init__(self, verify_code: int, why: str) -> None:
+        super().__init__(ErrorCode.TLS_FAILED, why)
+        self.verify_code, self.why = verify_code, why
