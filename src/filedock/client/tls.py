@@ -3,12 +3,13 @@
 The standard library's ``ssl`` links the system's OpenSSL (3.0 on Debian 12), whose AES-GCM has no
 AVX-512 code; ``cryptography`` (pyOpenSSL's engine, installed with Twisted's TLS) ships a newer
 OpenSSL that has it. Sending 1 GiB over TLS 1.3 to ``socat`` on loopback, the sending thread's CPU
-was 0.80-0.93 s with ``ssl.SSLSocket`` and 0.45-0.73 s with this (median 0.86 against 0.65, six
-runs each), the same bytes on the wire. The server's side is ``server/tls_fast.py``.
+was 0.68-0.92 s with ``ssl.SSLSocket`` and 0.42-0.59 s with :class:`TLSSocket`, the same bytes on
+the wire. The server's side is ``server/tls_fast.py``.
 
 Only a context filedock made itself (``trust.client_context``: a CA file, or the system's roots)
 takes this path, because its trust can be rebuilt exactly: the same CA file or default paths,
-peer verification, and the host name checked by ``service_identity`` (as Twisted's TLS does). A
+peer verification, and the host name checked by OpenSSL during verification, as the standard
+library does (``service_identity`` after the handshake where pyOpenSSL does not reach those calls). A
 library caller's own ``ssl.SSLContext`` (client certificates, pinned suites, a custom verify) keeps
 the standard library's socket, whatever it holds.
 
@@ -79,11 +80,11 @@ class TLSSocket:
     call into pyOpenSSL per record or two, and its Python overhead ate the faster AES-GCM whole.
     """
 
-    def __init__(self, sock: socket.socket, conn: SSL.Connection) -> None:
+    def __init__(self, sock: socket.socket, conn: SSL.Connection, timeout: float | None) -> None:
         self._sock = sock
         self._conn = conn
         self._timeout: float | None = None
-        self.settimeout(sock.gettimeout())
+        self.settimeout(timeout)
 
     @classmethod
     def connect(cls, sock: socket.socket, context: SSL.Context, host: str, timeout: float) -> "TLSSocket":
@@ -96,8 +97,7 @@ class TLSSocket:
         if literal is None:
             conn.set_tlsext_host_name(host.encode("idna"))
         checked_by_openssl = _expect_name(conn, host, literal)
-        tls = cls(sock, conn)
-        tls.settimeout(timeout)
+        tls = cls(sock, conn, timeout)
         deadline = time.monotonic() + timeout
         while True:
             try:
