@@ -308,18 +308,23 @@ def test_a_writer_that_caught_up_has_its_bytes_in_the_file_without_a_checkpoint(
     blobs.close()
 
 
-def test_a_settle_hands_its_write_to_the_disk_and_returns_while_it_runs(disk, monkeypatch):
-    """``settle`` (the writer caught up) waits for the write before it, not for its own: while the disk
-    writes one buffer the writer copies and hashes the next. A disk thread held inside its write does
-    not hold ``settle``; the next ``settle`` waits for it; ``flush`` leaves the exact bytes."""
+def test_settles_keep_two_writes_in_flight_and_the_third_waits(disk, monkeypatch):
+    """``settle`` (the writer caught up) hands its write to the disk and returns: up to ``DEPTH`` (two)
+    writes are in flight while the writer copies and hashes the next bytes. Two disk threads held inside
+    their writes hold no ``settle``; the third waits for the oldest; ``written`` moves only past a write
+    that was waited for, never past one still out; ``flush`` leaves the exact bytes."""
     import threading
 
+    assert direct_io.DEPTH == 2
     real_write_out = direct_io.DirectAppender._write_out
-    release, entered = threading.Event(), threading.Event()
+    releases = [threading.Event() for _ in range(4)]
+    entered = [threading.Event() for _ in range(4)]
+    calls = iter(range(4))
 
     def held_write_out(self, view, length, offset):
-        entered.set()
-        assert release.wait(20)
+        n = next(calls)
+        entered[n].set()
+        assert releases[n].wait(20)
         real_write_out(self, view, length, offset)
 
     monkeypatch.setattr(direct_io.DirectAppender, "_write_out", held_write_out)
@@ -329,18 +334,68 @@ def test_a_settle_hands_its_write_to_the_disk_and_returns_while_it_runs(disk, mo
     hasher = ContentHasher()
     data = SOURCE[:(3 << 20) + 5000]
     appender.append(data[:1 << 20], hasher)
-    appender.settle(hasher)  # returns with its write held on the disk thread
-    assert entered.wait(20)
-    assert hasher.offset == 1 << 20 and appender.written == (0, 0)  # hashed; the file not known to hold it yet
-    appender.append(data[1 << 20:], hasher)  # copied while the first write is held
-    second = threading.Thread(target=appender.settle, args=(hasher,))
-    second.start()
-    second.join(0.3)
-    assert second.is_alive()  # the next settle waits for the held write
-    release.set()
-    second.join(20)
+    appender.settle(hasher)  # returns with its write held on a disk thread
+    appender.append(data[1 << 20:2 << 20], hasher)
+    appender.settle(hasher)  # the second one too
+    assert entered[0].wait(20) and entered[1].wait(20)
+    assert hasher.offset == 2 << 20 and appender.written == (0, 0)  # hashed; the file not known to hold it yet
+    appender.append(data[2 << 20:], hasher)  # copied while both writes are held
+    third = threading.Thread(target=appender.settle, args=(hasher,))
+    third.start()
+    third.join(0.3)
+    assert third.is_alive()  # the third settle waits for the oldest write
+    releases[1].set()  # the second write completing first moves nothing: the first is still out
+    third.join(0.3)
+    assert third.is_alive() and appender.written == (0, 0)
+    releases[0].set()
+    third.join(20)
+    assert not third.is_alive()
+    assert appender.written == (1 << 20, zlib.crc32(data[:1 << 20]))  # the oldest, waited for: in order
+    for release in releases[2:]:
+        release.set()
     appender.flush(hasher)
     assert appender.written == (len(data), zlib.crc32(data))
     appender.close()
     os.close(fd)
     assert path.read_bytes() == data
+
+
+def test_a_failed_write_holds_written_below_it_though_a_later_one_completed(disk, monkeypatch):
+    """Two writes in flight may finish out of order. When the first fails (a full disk) after the second
+    landed, ``written`` stays at the end of the last write whose predecessors all succeeded, the error
+    surfaces, and a resume from a checkpoint then recorded cuts the bytes past it: the file is exact."""
+    import threading
+
+    real_write_out = direct_io.DirectAppender._write_out
+    first_may_fail, second_done = threading.Event(), threading.Event()
+    calls = iter(range(100))
+
+    def out_of_order(self, view, length, offset):
+        if next(calls) == 0:
+            assert second_done.wait(20)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write_out(self, view, length, offset)
+        second_done.set()
+
+    monkeypatch.setattr(direct_io.DirectAppender, "_write_out", out_of_order)
+    blobs = BlobStore(disk / "data")
+    job, key = new_key(), new_key()
+    data = SOURCE[:8 << 20]
+    writer = blobs.open_partial(job, key, 0, 0, None)
+    with pytest.raises(FiledockError) as exc:
+        write_in(writer, data[:6 << 20], [1 << 20])
+        writer.snapshot()
+    assert exc.value.code is ErrorCode.NO_SPACE
+    cp = writer.checkpoint()
+    assert cp.offset == 1 << 20  # the first MiB goes the ordinary way; the first direct write failed
+    assert cp.crc32 == zlib.crc32(data[:cp.offset])
+    on_disk = writer.part.read_bytes()
+    assert len(on_disk) > cp.offset and on_disk[:cp.offset] == data[:cp.offset]  # a later write landed past a hole
+    writer.close()
+    monkeypatch.undo()
+    resumed = blobs.open_partial(job, key, cp.offset, cp.crc32, cp.stamp)
+    assert resumed.part.stat().st_size == cp.offset  # what lies past the recorded offset is cut
+    write_in(resumed, data[cp.offset:], [1 << 20])
+    assert resumed.finish(digest_of(data)) == (zlib.crc32(data), digest_of(data))
+    assert blobs.final_path(job, key).read_bytes() == data
+    blobs.close()
