@@ -272,6 +272,48 @@ def test_commands_run_with_the_garbage_collector_on(monkeypatch):
         gc.enable()
 
 
+def test_cli_upload_hashes_ahead_before_the_api_client_with_a_short_switch_interval(server, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """``filedock upload`` of a plain-TCP upload starts hashing its first file before it builds the API
+    client (whose import is part of the head start), lets the digest thread have the GIL every 0.5 ms
+    while the API is asked, puts the switch interval back before the bytes flow, and reads the file once."""
+    import sys
+
+    from filedock import cli
+    from filedock.client import commands, uploader
+
+    size = 9 * MiB + 3
+    data = os.urandom(size)
+    src = tmp_path / "f.bin"
+    src.write_bytes(data)
+    reads = _CountingPreadv(src, monkeypatch)
+    seen = {}
+    real_api_client, real_prepare = cli.api_client, uploader.JobUploader.prepare
+
+    def api_client(args):
+        seen["ahead"] = [digest._size for digest in blocking._AHEAD.values()]
+        seen["switch at api"] = sys.getswitchinterval()
+        return real_api_client(args)
+
+    def prepare(self, *args, **kwargs):
+        seen["switch at prepare"] = sys.getswitchinterval()
+        return real_prepare(self, *args, **kwargs)
+
+    monkeypatch.setattr(cli, "api_client", api_client)
+    monkeypatch.setattr(uploader.JobUploader, "prepare", prepare)
+    before = sys.getswitchinterval()
+    code = cli.main(["upload", "--job", "ahead-cli", "--create", "--json", "--server", server.url,
+                     "--token", server.token, str(src)])
+    assert code == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["state"] == "complete" and row["digest"] == hash_bytes(data).hexdigest()
+    assert seen["ahead"] == [size]  # hashing had started when the API client was made
+    assert seen["switch at api"] == seen["switch at prepare"] == commands.AHEAD_SWITCH_INTERVAL
+    assert sys.getswitchinterval() == before  # back before the bytes flow
+    assert reads.bytes == size  # the upload took over the digest hashed ahead
+    assert not blocking._AHEAD
+
+
 def test_cli_tls_upload_reads_the_file_once(tls_server, tmp_path, monkeypatch, capsys):
     """``filedock upload`` over TLS does not hash ahead (that digest would leave the sender to read the
     file again): the file is read once in all."""

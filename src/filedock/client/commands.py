@@ -185,18 +185,33 @@ HASH_AHEAD_MIN = 8 << 20
 (``blocking.hash_ahead``): smaller ones are over in a few milliseconds either way."""
 
 
+AHEAD_SWITCH_INTERVAL = 0.0005
+"""Seconds the interpreter lets a thread hold the GIL while another waits (``sys.setswitchinterval``;
+5 ms by default), from the start of hashing ahead until the API has answered. The digest thread
+needs the GIL back after each read and each hash call, and the main thread is importing and
+building requests: at 5 ms it waited up to 15 ms per MiB and hashed next to nothing before the
+first byte went out. At 0.5 ms it hashes alongside, and less hashing is left to compete with
+the server once the bytes flow: ``filedock upload`` of 1 GiB 1.059x faster by pairs (14
+interleaved pairs, medians 1.325 against 1.261 s)."""
+
+
 @_local_errors
 def cmd_upload(args: argparse.Namespace) -> int:
     args.quick_exit = True  # filedock.cli.entry: no interpreter finalization after the last line
-    api = args.services.api_client(args)
-    if not getattr(api, "tls", False):  # under TLS the digest thread reads for the sender too (blocking._SharedChunks)
-        _hash_first_file_ahead(args.paths)
-    from filedock.client.uploader import JobUploader
+    switch = sys.getswitchinterval()
+    # under TLS the digest thread reads for the sender too (blocking._SharedChunks): no hashing ahead
+    if not _tls_named(args) and _hash_first_file_ahead(args.paths):
+        sys.setswitchinterval(AHEAD_SWITCH_INTERVAL)
+    try:
+        api = args.services.api_client(args)
+        from filedock.client.uploader import JobUploader
 
-    gc.enable()  # off since start-up (filedock.cli.entry, enables_gc): the imports are done
+        gc.enable()  # off since start-up (filedock.cli.entry, enables_gc): the imports are done
 
-    uploader = JobUploader(api, make_data_client=lambda: _data_client(api, args))
-    plan = uploader.prepare(args.job, args.paths, create=args.create, prefix=args.prefix, replace=args.replace)
+        uploader = JobUploader(api, make_data_client=lambda: _data_client(api, args))
+        plan = uploader.prepare(args.job, args.paths, create=args.create, prefix=args.prefix, replace=args.replace)
+    finally:
+        sys.setswitchinterval(switch)
     from filedock.client.blocking import congestion_control
 
     sent_with = {"congestion_control": congestion_control(args.congestion_control)}
@@ -216,20 +231,29 @@ def cmd_upload(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else 0
 
 
-def _hash_first_file_ahead(paths: list[Path]) -> None:
+def _tls_named(args: argparse.Namespace) -> bool:
+    """Whether the flags or the environment already say TLS (before the API client is made; a config
+    file's https:// URL is found later: then the digest hashed ahead is used all the same, and the
+    sender reads the file itself)."""
+    return bool(getattr(args, "tls", False)) or (getattr(args, "server", None) or os.environ.get("FILEDOCK_URL")
+                                                  or "").lower().startswith("https:")
+
+
+def _hash_first_file_ahead(paths: list[Path]) -> bool:
     """Start hashing the first file named on the command line while the API is asked (the files
-    are sent in order, so it is the first one sent). Not under TLS: there a digest that starts with
-    the sending reads each chunk for both, which saves more than a head start (the head start is
-    small: while the main thread imports, the digest thread waits for the GIL after every call)."""
+    are sent in order, so it is the first one sent); True if it started. Not under TLS: there a
+    digest that starts with the sending reads each chunk for both, which saves more than a head
+    start. Started before the API client is made (its import is ~15 ms of the head start), with the
+    switch interval at ``AHEAD_SWITCH_INTERVAL`` while the main thread imports and asks the API."""
     try:
         first = Path(paths[0])
         if not first.is_file() or first.stat().st_size < HASH_AHEAD_MIN:
-            return
+            return False
     except (OSError, IndexError, ValueError):
-        return  # reported by the upload itself
+        return False  # reported by the upload itself
     from filedock.client.blocking import hash_ahead
 
-    hash_ahead(first)
+    return hash_ahead(first)
 
 
 class _JsonLines:
