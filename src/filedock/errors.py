@@ -8,6 +8,7 @@ output is the same string.
 from __future__ import annotations
 
 import enum
+import sys
 
 
 class ErrorCode(str, enum.Enum):
@@ -126,3 +127,12 @@ class LocalProtocolError(FiledockError):
 def short_key(key: str) -> str:
     """A key shortened for logs and messages: enough to correlate, not enough to use."""
     return key[:8] + "…" if len(key) > 8 else key
+
+
+def ssl_errors(*names: str) -> tuple[type[BaseException], ...]:
+    """``ssl``'s exception classes of these names if ``ssl`` is loaded, else none: for an ``except``
+    clause in client code that also runs without TLS, where nothing can raise them (no TLS object
+    exists before ``ssl`` is imported) and a plain upload need not import ``ssl`` at all (5-9 ms
+    of a command's start-up)."""
+    module = sys.modules.get("ssl")
+    return tuple(getattr(module, name) for name in names) if module is not None else ()

@@ -238,6 +238,26 @@ def test_cli_upload_prints_everything_and_keeps_its_exit_status(server, tmp_path
     assert "no-such-job" in failed.stderr
 
 
+def test_a_plain_upload_loads_neither_ssl_nor_http_client(server, tmp_path):
+    """``filedock upload`` to a plain-TCP server imports neither ``ssl`` nor ``http.client`` (nor the
+    ``email`` package it brings): 20-25 ms of every command's start-up (``client/http11.py``)."""
+    src = tmp_path / "f.bin"
+    data = os.urandom(9 * MiB + 1)
+    src.write_bytes(data)
+    program = (
+        "import json, sys\n"
+        "from filedock import cli\n"
+        f"code = cli.main(['upload', '--job', 'no-ssl', '--create', '--json', {str(src)!r}])\n"
+        "print(json.dumps({'code': code, 'loaded': sorted(m for m in ('ssl', '_ssl', 'http.client', 'email')"
+        " if m in sys.modules)}))\n")
+    done = subprocess.run([sys.executable, "-c", program], env=server.env(), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    *rows, report = [json.loads(line) for line in done.stdout.strip().splitlines()]
+    assert rows[-1]["state"] == "complete" and rows[-1]["digest"] == hash_bytes(data).hexdigest()
+    assert report == {"code": 0, "loaded": []}
+
+
 def test_commands_run_with_the_garbage_collector_on(monkeypatch):
     """``python -m filedock`` starts with the cyclic GC off (start-up only); a command such as ``serve``
     runs with it on again, and ``upload`` turns it on itself once its imports are done."""

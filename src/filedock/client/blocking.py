@@ -25,13 +25,12 @@ import os
 import queue
 import select
 import socket
-import ssl
 import stat
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
 from filedock import durability, wire
 from filedock.client.model import (DURABLE, SENT, VERIFIED, Cancelled, DownloadResult, Outcome, ProgressCallback,
@@ -44,9 +43,11 @@ from filedock.client.streams_policy import (UNSENT_LIMIT, ControllerTiming, Rang
                                             rtt_from_tcp_info)
 from filedock.client.transfer import (AwaitDigest, BatchAttempt, Connect, DownloadAttempt, DropPartial, Fail, Finish,
                                       QueryStored, Restart, SendBody, Sleep, UploadAttempt, reply_error)
-from filedock.client.trust import CertificateRefused, TrustedContext
 from filedock.digest import ContentHasher
-from filedock.errors import ErrorCode, FiledockError, TransportFailure, short_key
+from filedock.errors import ErrorCode, FiledockError, TransportFailure, short_key, ssl_errors
+
+if TYPE_CHECKING:
+    import ssl
 
 log = logging.getLogger("filedock.client")
 
@@ -309,7 +310,7 @@ class _Link:
         self.sock.setblocking(False)
         try:
             data = self.sock.recv(CHUNK)
-        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        except (BlockingIOError, *ssl_errors("SSLWantReadError", "SSLWantWriteError")):
             return  # e.g. a TLS 1.3 session ticket: no application data
         except OSError as exc:
             raise self._broken(exc) from None
@@ -624,7 +625,8 @@ class _WarmLink:
 
 def _is_tls(sock: Any) -> bool:
     """An ``ssl.SSLSocket`` or a ``tls.TLSSocket`` (which wraps a plain socket rather than being one)."""
-    return isinstance(sock, ssl.SSLSocket) or not isinstance(sock, socket.socket)
+    ssl = sys.modules.get("ssl")  # not loaded: no SSLSocket can exist
+    return not isinstance(sock, socket.socket) or ssl is not None and isinstance(sock, ssl.SSLSocket)
 
 
 def _unused_and_open(sock: socket.socket) -> bool:
@@ -636,7 +638,7 @@ def _unused_and_open(sock: socket.socket) -> bool:
             sock.recv(1) if _is_tls(sock) else sock.recv(1, socket.MSG_PEEK)
         finally:
             sock.settimeout(POLL_SECONDS)
-    except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+    except (BlockingIOError, *ssl_errors("SSLWantReadError", "SSLWantWriteError")):
         return True
     except OSError:
         return False
@@ -1047,13 +1049,28 @@ class DataPortClient:
             if self.congestion_control:  # the sender's choice decides how a long, lossy path is used
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, self.congestion_control.encode())
             if self.ssl_context is not None:
-                fast = self._fast_tls_context()
-                if fast:
-                    from filedock.client.tls import TLSSocket
+                sock = self._handshake(sock)
+        except OSError as exc:
+            sock.close()
+            raise TransportFailure(f"TLS handshake with {self.host}:{self.port} failed: {exc}") from None
+        link = _Link(sock, cancel, self.stall_timeout)
+        link.connect_seconds = time.monotonic() - started
+        return link
 
-                    sock = TLSSocket.connect(sock, fast, self.host, min(self.stall_timeout, 30.0))
-                else:
-                    sock = self.ssl_context.wrap_socket(sock, server_hostname=self.host)
+    def _handshake(self, sock: socket.socket) -> Any:
+        """The TLS connection over ``sock``; a certificate refused is ``tls-failed`` with what to do (``sock``
+        closed), another failure an ``OSError``."""
+        import ssl
+
+        from filedock.client.trust import CertificateRefused
+
+        try:
+            fast = self._fast_tls_context()
+            if fast:
+                from filedock.client.tls import TLSSocket
+
+                return TLSSocket.connect(sock, fast, self.host, min(self.stall_timeout, 30.0))
+            return self.ssl_context.wrap_socket(sock, server_hostname=self.host)
         except ssl.SSLCertVerificationError as exc:
             sock.close()
             raise FiledockError(ErrorCode.TLS_FAILED,
@@ -1063,12 +1080,6 @@ class DataPortClient:
             sock.close()
             raise FiledockError(ErrorCode.TLS_FAILED,
                                 data_port_certificate_message(self.host, self.port, exc.verify_code, exc.why)) from None
-        except OSError as exc:
-            sock.close()
-            raise TransportFailure(f"TLS handshake with {self.host}:{self.port} failed: {exc}") from None
-        link = _Link(sock, cancel, self.stall_timeout)
-        link.connect_seconds = time.monotonic() - started
-        return link
 
     def _fast_tls_context(self) -> Any:
         """pyOpenSSL's context with ``ssl_context``'s trust where it can be rebuilt (``tls.fast_context``;
@@ -1076,6 +1087,8 @@ class DataPortClient:
         with self._fast_tls_lock:
             if self._fast_tls is None:
                 fast = None
+                from filedock.client.trust import TrustedContext
+
                 if type(self.ssl_context) is TrustedContext and os.environ.get("FILEDOCK_CLIENT_TLS") != "stdlib":
                     from filedock.client.tls import fast_context
 

@@ -1,4 +1,4 @@
-"""Blocking client for the control API (http.client; no extra dependency).
+"""Blocking client for the control API (over ``http11.Connection``; no extra dependency).
 
 Used by the CLI and the blocking uploader. Errors come back as ``FiledockError``
 with the server's stable code.
@@ -15,19 +15,20 @@ both say what to check.
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import socket
-import ssl
 import threading
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import quote, unquote, urlsplit
 
+from filedock.client import http11
 from filedock.client.retry import RETRY_STATUSES, RetryPolicy  # noqa: F401  (RETRY_STATUSES: public here before)
-from filedock.client.trust import client_context
-from filedock.errors import ErrorCode, FiledockError, RefusedByServer
+from filedock.errors import ErrorCode, FiledockError, RefusedByServer, ssl_errors
+
+if TYPE_CHECKING:
+    import ssl
 
 log = logging.getLogger("filedock.client")
 
@@ -72,6 +73,8 @@ def unreachable_message(url: str, reason: str, attempts: int, url_source: str | 
 
 def tls_message(url: str, host: str, exc: ssl.SSLError | TimeoutError) -> str:
     """A TLS failure put as what to do about it."""
+    import ssl
+
     if isinstance(exc, ssl.SSLCertVerificationError):
         why = exc.verify_message or str(exc)
         if exc.verify_code in (62, 64):  # hostname mismatch, IP address mismatch
@@ -102,12 +105,16 @@ class ApiClient:
         self.port = parts.port or (443 if self.tls else 80)
         self.token = token
         self.timeout = timeout
-        self.ssl_context = ssl_context or (client_context() if self.tls else None)
+        if ssl_context is None and self.tls:
+            from filedock.client.trust import client_context
+
+            ssl_context = client_context()
+        self.ssl_context = ssl_context
         self.retry = retry or RetryPolicy()
         self.url_source = url_source
         self._info: dict[str, Any] | None = None
         self._info_soon: threading.Thread | None = None  # prefetch_info's request, while it runs
-        self._idle: list[http.client.HTTPConnection] = []  # kept alive from earlier requests, newest last
+        self._idle: list[http11.Connection] = []  # kept alive from earlier requests, newest last
         self._idle_lock = threading.Lock()
 
     def close(self) -> None:
@@ -117,24 +124,24 @@ class ApiClient:
         for conn in idle:
             conn.close()
 
-    def _take_idle(self) -> http.client.HTTPConnection | None:
+    def _take_idle(self) -> http11.Connection | None:
         with self._idle_lock:
             return self._idle.pop() if self._idle else None
 
-    def _keep(self, conn: http.client.HTTPConnection) -> None:
+    def _keep(self, conn: http11.Connection) -> None:
         with self._idle_lock:
             if len(self._idle) < IDLE_KEPT:
                 self._idle.append(conn)
                 return
         conn.close()  # more threads' requests ended than are likely to run at once again
 
-    def _connection(self) -> http.client.HTTPConnection:
+    def _connection(self) -> http11.Connection:
         if self.tls:
             # a plain-HTTP server waits for a request line that a TLS hello never ends: a short handshake
             # timeout finds that out in seconds (then _tls_failure asks in plain HTTP)
-            return http.client.HTTPSConnection(self.host, self.port, timeout=min(self.timeout, HANDSHAKE_TIMEOUT),
-                                               context=self.ssl_context)
-        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            return http11.Connection(self.host, self.port, timeout=min(self.timeout, HANDSHAKE_TIMEOUT),
+                                     context=self.ssl_context)
+        return http11.Connection(self.host, self.port, timeout=self.timeout)
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
         """One JSON request; returns the decoded body or raises ``FiledockError``.
@@ -206,20 +213,20 @@ class ApiClient:
             try:
                 conn.request(method, path, body=data, headers=headers)
                 resp = conn.getresponse()
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
-                    ConnectionAbortedError, ssl.SSLEOFError, ssl.SSLZeroReturnError):
+            except (http11.RemoteDisconnected, ConnectionResetError, BrokenPipeError, ConnectionAbortedError,
+                    *ssl_errors("SSLEOFError", "SSLZeroReturnError")):
                 if kept is not None:
                     raise _Stale() from None
                 raise
             raw = resp.read()
             keep = not resp.will_close
-        except ssl.SSLError as exc:
+        except ssl_errors("SSLError") as exc:
             raise self._tls_failure(exc, sent) from None
-        except http.client.BadStatusLine as exc:
-            line = str(exc.args[0] if exc.args else "").strip()
+        except http11.BadStatusLine as exc:
+            line = exc.line.strip()
             if line.startswith("ERR "):
                 raise FiledockError(ErrorCode.UNREACHABLE, self._data_port_message()) from None
-            if isinstance(exc, http.client.RemoteDisconnected):
+            if isinstance(exc, http11.RemoteDisconnected):
                 raise _Transient("the server closed the connection without answering", sent) from None
             raise FiledockError(ErrorCode.UNREACHABLE,
                                 f"{self.url} did not answer in HTTP ({line[:60]!r}); is that the filedock API's "
@@ -228,7 +235,7 @@ class ApiClient:
             raise FiledockError(ErrorCode.UNREACHABLE, unreachable_message(
                 self.url, f"the host name {self.host!r} does not resolve ({exc.strerror or exc})", 1,
                 self.url_source)) from None
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, http11.HTTPException) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
             raise _Transient(reason, sent) from None
         finally:
@@ -256,6 +263,8 @@ class ApiClient:
 
     def _tls_failure(self, exc: ssl.SSLError | TimeoutError, sent: bool) -> Exception:
         """A certificate problem is final; a failed handshake is either a plain port (said so) or a drop."""
+        import ssl
+
         if isinstance(exc, ssl.SSLCertVerificationError):
             return FiledockError(ErrorCode.TLS_FAILED, tls_message(self.url, self.host, exc))
         plain = self._speaks_plain()

@@ -28,7 +28,6 @@ from filedock.client.jobplan import (DECLARE_BATCH, JobPlan, JobProgress, LocalF
                                      UploadPlan, Verify, batch_units, check_prefix, collect_files, compare_complete,
                                      find_or_create, LOOKUP_INSTEAD, planned_file, undeclared, will_send)
 from filedock.client.model import Cancelled, UploadResult
-from filedock.client.trust import client_context
 from filedock.errors import ErrorCode, FiledockError, LocalFileError
 
 log = logging.getLogger("filedock.client")
@@ -57,6 +56,8 @@ def data_client_for(api: ApiClient, *, stall_timeout: float = 60.0, attempts: in
         host = api.host
     context = None
     if port.get("tls"):
+        from filedock.client.trust import client_context
+
         context = api.ssl_context or client_context()
     return DataPortClient(host, int(port["port"]), ssl_context=context, stall_timeout=stall_timeout,
                           attempts=attempts, backoff=backoff, congestion_control=congestion_control,
