@@ -240,7 +240,8 @@ def test_cli_upload_prints_everything_and_keeps_its_exit_status(server, tmp_path
 
 def test_a_plain_upload_loads_neither_ssl_nor_http_client(server, tmp_path):
     """``filedock upload`` to a plain-TCP server imports neither ``ssl`` nor ``http.client`` (nor the
-    ``email`` package it brings): 20-25 ms of every command's start-up (``client/http11.py``)."""
+    ``email`` package it brings): 20-25 ms of every command's start-up (``client/http11.py``); nor
+    ``shutil`` (``argparse``'s width, ``cli.HelpWithDefaults``) nor the ``idna`` codec (``http11.address``)."""
     src = tmp_path / "f.bin"
     data = os.urandom(9 * MiB + 1)
     src.write_bytes(data)
@@ -248,8 +249,8 @@ def test_a_plain_upload_loads_neither_ssl_nor_http_client(server, tmp_path):
         "import json, sys\n"
         "from filedock import cli\n"
         f"code = cli.main(['upload', '--job', 'no-ssl', '--create', '--json', {str(src)!r}])\n"
-        "print(json.dumps({'code': code, 'loaded': sorted(m for m in ('ssl', '_ssl', 'http.client', 'email')"
-        " if m in sys.modules)}))\n")
+        "print(json.dumps({'code': code, 'loaded': sorted(m for m in ('ssl', '_ssl', 'http.client', 'email', 'shutil',"
+        " 'encodings.idna') if m in sys.modules)}))\n")
     done = subprocess.run([sys.executable, "-c", program], env=server.env(), capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr

@@ -114,3 +114,16 @@ def test_progress_reports_every_percent_of_a_small_file():
     for done in range(1000, total, 1000):
         reports(SENT, done, total)
     assert len(seen) >= 90
+
+
+@pytest.mark.parametrize("columns", ["123", "", "junk", "-5"])
+def test_help_is_as_wide_as_shutil_would_make_it(monkeypatch, columns):
+    """``HelpWithDefaults`` finds the width as ``shutil.get_terminal_size`` does (``COLUMNS``, else the
+    terminal, else 80), without importing ``shutil`` at start-up."""
+    import shutil
+
+    from filedock.cli import HelpWithDefaults
+
+    monkeypatch.setenv("COLUMNS", columns)
+    assert HelpWithDefaults("filedock")._width == shutil.get_terminal_size().columns - 2
+    assert HelpWithDefaults("filedock", width=50)._width == 50

@@ -222,3 +222,15 @@ def test_host_header_leaves_out_the_default_port_and_brackets_ipv6():
     assert http11.Connection("api.example", 80)._host_header == "api.example"
     assert http11.Connection("api.example", 7480)._host_header == "api.example:7480"
     assert http11.Connection("::1", 7480)._host_header == "[::1]:7480"
+
+
+def test_an_ascii_host_is_resolved_without_the_idna_codec(canned):
+    """``address`` hands ``getaddrinfo`` bytes for an ASCII host (what the codec would make of it) and
+    leaves a name beyond ASCII to the codec; a connection by name still finds the server."""
+    assert http11.address("127.0.0.1") == b"127.0.0.1" and http11.address("::1") == b"::1"
+    assert http11.address("bücher.example") == "bücher.example"
+    server = canned(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    conn = http11.Connection("localhost", server.port, timeout=10)
+    conn.request("GET", "/v1/info")
+    assert conn.getresponse().read() == b"ok"
+    conn.close()

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
 from filedock import durability, wire
+from filedock.client import http11
 from filedock.client.model import (DURABLE, SENT, VERIFIED, Cancelled, DownloadResult, Outcome, ProgressCallback,
                                    RetryPolicy, SourceStamp, SourceWatch, UploadResult)
 from filedock.client.pathtune import can_set, choose_congestion_control
@@ -1039,7 +1040,8 @@ class DataPortClient:
     def _open(self, cancel: threading.Event | None) -> _Link:
         started = time.monotonic()
         try:
-            sock = socket.create_connection((self.host, self.port), timeout=min(self.stall_timeout, 30.0))
+            sock = socket.create_connection((http11.address(self.host), self.port),
+                                            timeout=min(self.stall_timeout, 30.0))
         except OSError as exc:
             raise TransportFailure(data_port_unreachable(self.host, self.port, exc.strerror or str(exc)),
                                    ErrorCode.UNREACHABLE) from None

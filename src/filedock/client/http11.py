@@ -27,6 +27,13 @@ MAX_HEADERS = 100
 _NO_BODY = (204, 304)
 
 
+def address(host: str) -> str | bytes:
+    """``host`` as ``getaddrinfo`` takes it without the ``idna`` codec: bytes when it is ASCII (a name or an
+    address literal), which is what that codec would make of it. The codec's import (with ``stringprep``
+    and ``unicodedata``) was 3-4 ms of a command's start-up; a name beyond ASCII still goes through it."""
+    return host.encode("ascii") if host.isascii() else host
+
+
 class HTTPException(Exception):
     """The answer broke HTTP/1.1 (or the connection ended inside it)."""
 
@@ -84,7 +91,7 @@ class Connection:
         self._host_header = name if port == default_port else f"{name}:{port}"
 
     def connect(self) -> None:
-        sock = socket.create_connection((self.host, self.port), self.timeout)
+        sock = socket.create_connection((address(self.host), self.port), self.timeout)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # the request goes in one write
             if self.context is not None:
