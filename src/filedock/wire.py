@@ -41,41 +41,26 @@ _NUM = r"(?:0|[1-9][0-9]{0,18})"
 _HEX = r"[0-9a-f]"
 
 
-class _Pattern:
-    """A regular expression compiled on its first use. A client parses a handful of reply kinds and
-    a server a handful of requests; compiling all seventeen at import cost ~4 ms of every
-    ``filedock`` command's start-up (a third of this module's import)."""
-
-    __slots__ = ("_source", "_compiled")
-
-    def __init__(self, source: str) -> None:
-        self._source = source
-        self._compiled: re.Pattern[str] | None = None
-
-    def fullmatch(self, text: str) -> re.Match[str] | None:
-        compiled = self._compiled
-        if compiled is None:
-            compiled = self._compiled = re.compile(self._source)
-        return compiled.fullmatch(text)
-
-
-_LEGACY_RE = _Pattern(rf"({_UUID}) ({_UUID}) ({_NUM})")
-_PUT_RE = _Pattern(rf"PUT ({_UUID}) ({_UUID}) ({_NUM})")
-_PUTR_RE = _Pattern(rf"PUTR ({_UUID}) ({_UUID}) ({_NUM}) ({_NUM}) ({_NUM})")
-_GET_RE = _Pattern(rf"GET ({_UUID}) ({_UUID}) ({_NUM})")
-_ABORT_RE = _Pattern(rf"ABORT ({_UUID}) ({_UUID})")
-_BATCH_RE = _Pattern(rf"BATCH ({_UUID}) ({_NUM})")
-_ITEM_RE = _Pattern(rf"({_UUID}) ({_NUM}) ({_HEX}{{64}})")
-_ITEM_STORED_RE = _Pattern(rf"STORED ({_UUID}) ({_NUM}) ({_HEX}{{8}}) ({_HEX}{{64}})")
-_ITEM_FAILED_RE = _Pattern(rf"FAILED ({_UUID}) ([a-z][a-z0-9-]{{0,63}})(?: (.*))?")
-_END_RE = _Pattern(rf"END ({_NUM})")
-_DONE_RE = _Pattern(rf"DONE(?: ({_HEX}{{64}}))?")
-_OFFSET_RE = _Pattern(rf"OFFSET ({_NUM})")
-_STORED_RE = _Pattern(rf"STORED ({_NUM}) ({_HEX}{{8}}) ({_HEX}{{64}})")
-_RANGES_RE = _Pattern(rf"RANGES ({_NUM}) (-|{_NUM}-{_NUM}(?:,{_NUM}-{_NUM})*)")
-_DURABLE_RE = _Pattern(rf"DURABLE ({_NUM}) ({_NUM})")
-_DATA_RE = _Pattern(rf"DATA ({_NUM}) ({_NUM}) ({_HEX}{{8}}) ({_HEX}{{64}})")
-_ERR_RE = _Pattern(r"ERR ([a-z][a-z0-9-]{0,63})(?: (.*))?")
+# Patterns, compiled on first use by ``re``'s own cache (``re.fullmatch(pattern, text)``): a client
+# parses a handful of reply kinds and a server a handful of requests, and compiling all seventeen at
+# import cost ~4 ms of every ``filedock`` command's start-up (a third of this module's import).
+_LEGACY_RE = rf"({_UUID}) ({_UUID}) ({_NUM})"
+_PUT_RE = rf"PUT ({_UUID}) ({_UUID}) ({_NUM})"
+_PUTR_RE = rf"PUTR ({_UUID}) ({_UUID}) ({_NUM}) ({_NUM}) ({_NUM})"
+_GET_RE = rf"GET ({_UUID}) ({_UUID}) ({_NUM})"
+_ABORT_RE = rf"ABORT ({_UUID}) ({_UUID})"
+_BATCH_RE = rf"BATCH ({_UUID}) ({_NUM})"
+_ITEM_RE = rf"({_UUID}) ({_NUM}) ({_HEX}{{64}})"
+_ITEM_STORED_RE = rf"STORED ({_UUID}) ({_NUM}) ({_HEX}{{8}}) ({_HEX}{{64}})"
+_ITEM_FAILED_RE = rf"FAILED ({_UUID}) ([a-z][a-z0-9-]{{0,63}})(?: (.*))?"
+_END_RE = rf"END ({_NUM})"
+_DONE_RE = rf"DONE(?: ({_HEX}{{64}}))?"
+_OFFSET_RE = rf"OFFSET ({_NUM})"
+_STORED_RE = rf"STORED ({_NUM}) ({_HEX}{{8}}) ({_HEX}{{64}})"
+_RANGES_RE = rf"RANGES ({_NUM}) (-|{_NUM}-{_NUM}(?:,{_NUM}-{_NUM})*)"
+_DURABLE_RE = rf"DURABLE ({_NUM}) ({_NUM})"
+_DATA_RE = rf"DATA ({_NUM}) ({_NUM}) ({_HEX}{{8}}) ({_HEX}{{64}})"
+_ERR_RE = r"ERR ([a-z][a-z0-9-]{0,63})(?: (.*))?"
 
 
 class Sentinel(enum.Enum):
@@ -763,7 +748,7 @@ class ServerConnection:
                 return self._fail(ErrorCode.MALFORMED_HEADER, f"unsupported protocol version {version[:20]}")
             event = self._parse_versioned(rest)
         else:
-            m = _LEGACY_RE.fullmatch(text)
+            m = re.fullmatch(_LEGACY_RE, text)
             if m and self.served:
                 return self._fail(ErrorCode.MALFORMED_HEADER, "a 2007 header only opens a connection")
             event = m and UploadRequest(m[1].lower(), m[2].lower(), int(m[3]), legacy=True)
@@ -781,15 +766,15 @@ class ServerConnection:
 
     @staticmethod
     def _parse_versioned(rest: str) -> ServerEvent | None:
-        if m := _PUT_RE.fullmatch(rest):
+        if m := re.fullmatch(_PUT_RE, rest):
             return UploadRequest(m[1].lower(), m[2].lower(), int(m[3]))
-        if m := _PUTR_RE.fullmatch(rest):
+        if m := re.fullmatch(_PUTR_RE, rest):
             return RangedUploadRequest(m[1].lower(), m[2].lower(), int(m[3]), int(m[4]), int(m[5]))
-        if m := _GET_RE.fullmatch(rest):
+        if m := re.fullmatch(_GET_RE, rest):
             return DownloadRequest(m[1].lower(), m[2].lower(), int(m[3]))
-        if m := _ABORT_RE.fullmatch(rest):
+        if m := re.fullmatch(_ABORT_RE, rest):
             return AbortRequest(m[1].lower(), m[2].lower())
-        if m := _BATCH_RE.fullmatch(rest):
+        if m := re.fullmatch(_BATCH_RE, rest):
             return BatchRequest(m[1].lower(), int(m[2]))
         return None
 
@@ -799,7 +784,7 @@ class ServerConnection:
             if text == "DONE":
                 return self._advance(Done(None))
             return self._fail(ErrorCode.MALFORMED_HEADER, "expected 'DONE' after the last item of the batch")
-        m = _ITEM_RE.fullmatch(text) if text is not None else None
+        m = re.fullmatch(_ITEM_RE, text) if text is not None else None
         if m is None or int(m[2]) > MAX_SIZE:
             return self._fail(ErrorCode.MALFORMED_HEADER, "expected '<file-key> <size> <digest>' for a batch item")
         self.items_left -= 1
@@ -818,7 +803,7 @@ class ServerConnection:
 
     def _parse_trailer(self, line: bytes) -> ServerEvent:
         text = _decode(line)
-        m = _DONE_RE.fullmatch(text) if text is not None else None
+        m = re.fullmatch(_DONE_RE, text) if text is not None else None
         if m is None:
             return self._fail(ErrorCode.MALFORMED_HEADER, "expected 'DONE [<digest>]' after the body")
         return self._advance(Done(m[1]))
@@ -974,7 +959,7 @@ class ClientConnection:
         if line is None:
             return EndOfStream() if self._input.eof else NEED_DATA
         text = _decode(line) or ""
-        if m := _ERR_RE.fullmatch(text):
+        if m := re.fullmatch(_ERR_RE, text):
             return self._advance(ServerError(m[1], m[2] or ""))
         event = self._parse_reply(text)
         if event is None or (self.state, type(event)) not in CLIENT_TRANSITIONS:
@@ -992,29 +977,29 @@ class ClientConnection:
 
     def _parse_reply(self, text: str) -> ClientEvent | None:
         """The reply ``text`` says, if it is well formed and fits the request; None otherwise."""
-        if m := _OFFSET_RE.fullmatch(text):
+        if m := re.fullmatch(_OFFSET_RE, text):
             offset = int(m[1])
             return Offset(offset) if offset <= self.size and self.range is None else None
-        if m := _RANGES_RE.fullmatch(text):
+        if m := re.fullmatch(_RANGES_RE, text):
             offset, durable = int(m[1]), parse_ranges(m[2])
             if self.range is None or durable is None or not self.range[0] <= offset <= self.range[1] \
                     or (durable and durable[-1][1] > self.size):
                 return None
             return RangeOffset(offset, durable)
-        if m := _DURABLE_RE.fullmatch(text):
+        if m := re.fullmatch(_DURABLE_RE, text):
             return RangeStored(int(m[1]), int(m[2])) if self.range == (int(m[1]), int(m[2])) else None
-        if m := _STORED_RE.fullmatch(text):
+        if m := re.fullmatch(_STORED_RE, text):
             return Stored(int(m[1]), int(m[2], 16), m[3])
-        if m := _DATA_RE.fullmatch(text):
+        if m := re.fullmatch(_DATA_RE, text):
             size, offset = int(m[1]), int(m[2])
             if offset != self.offset or offset > size:
                 return None
             return DownloadStart(size, offset, int(m[3], 16), m[4])
-        if m := _ITEM_STORED_RE.fullmatch(text):
+        if m := re.fullmatch(_ITEM_STORED_RE, text):
             return ItemStored(m[1], int(m[2]), int(m[3], 16), m[4])
-        if m := _ITEM_FAILED_RE.fullmatch(text):
+        if m := re.fullmatch(_ITEM_FAILED_RE, text):
             return ItemFailed(m[1], m[2], m[3] or "")
-        if m := _END_RE.fullmatch(text):
+        if m := re.fullmatch(_END_RE, text):
             return BatchEnd(int(m[1]))
         if text == "ABORTED":
             return Aborted()
