@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from filedock.client import http11
 from filedock.client.blocking import DataPortClient
 from filedock.client.ranges import auto_streams
 from filedock.digest import hash_file
@@ -39,8 +40,10 @@ def count_connections(monkeypatch, address: tuple[str, int]) -> list[tuple[str, 
     opened: list[tuple[str, int]] = []
     connect = socket.create_connection
 
+    wanted = (http11.address(address[0]), address[1])  # the client hands getaddrinfo an ASCII host as bytes
+
     def counting(to, *args, **kwargs):
-        if tuple(to) == tuple(address):
+        if (http11.address(to[0]) if isinstance(to[0], str) else to[0], to[1]) == wanted:
             opened.append(to)
         return connect(to, *args, **kwargs)
 
