@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+
+from filedock.record import field_names, record
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 
 
-@dataclass(frozen=True)
+@record
 class Limits:
     """Every limit has a default fit for a real server; all are configurable."""
 
@@ -40,12 +41,12 @@ class Limits:
     @classmethod
     def names(cls) -> list[str]:
         """Field names, as the CLI's ``--limit NAME=VALUE`` accepts them."""
-        return [f.name for f in fields(cls)]
+        return list(field_names(cls))
 
     def with_overrides(self, pairs: list[str]) -> "Limits":
         """A copy with ``name=value`` overrides (numbers, ``k``/``M``/``G``/``T`` suffixes allowed)."""
         values = {}
-        types = {f.name: f.type for f in fields(self)}
+        types = {name: Limits.__annotations__[name] for name in field_names(self)}
         for pair in pairs:
             name, sep, raw = pair.partition("=")
             name = name.strip().replace("-", "_")

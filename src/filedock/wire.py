@@ -23,10 +23,10 @@ from __future__ import annotations
 import enum
 import re
 from collections import deque
-from dataclasses import dataclass
 
 from filedock.digest import format_crc  # also imported from here by clients
 from filedock.errors import ErrorCode, FiledockError
+from filedock.record import record
 
 MAX_LINE = 4096
 """Longest header or reply line, newline included."""
@@ -77,7 +77,7 @@ PAUSED = Sentinel.PAUSED
 # ---------------------------------------------------------------- events
 
 
-@dataclass(frozen=True)
+@record
 class UploadRequest:
     """A client asks to upload ``size`` bytes of file ``file_key`` under ``session_key``.
 
@@ -126,7 +126,7 @@ def parse_ranges(text: str) -> tuple[tuple[int, int], ...] | None:
     return tuple(out)
 
 
-@dataclass(frozen=True)
+@record
 class RangedUploadRequest:
     """A client sends bytes ``[start, end)`` of the ``size``-byte file ``file_key`` on this connection.
 
@@ -141,7 +141,7 @@ class RangedUploadRequest:
     end: int
 
 
-@dataclass(frozen=True)
+@record
 class DownloadRequest:
     """A client asks for a complete file from ``offset`` on."""
 
@@ -150,7 +150,7 @@ class DownloadRequest:
     offset: int
 
 
-@dataclass(frozen=True)
+@record
 class AbortRequest:
     """A client gives up an upload: the server deletes the partial."""
 
@@ -158,7 +158,7 @@ class AbortRequest:
     file_key: str
 
 
-@dataclass(frozen=True)
+@record
 class BatchRequest:
     """Many small whole files on one connection: ``count`` items follow, then ``DONE``."""
 
@@ -166,7 +166,7 @@ class BatchRequest:
     count: int
 
 
-@dataclass(frozen=True)
+@record
 class BatchItem:
     """One file of a batch: ``size`` body bytes follow; ``digest`` is the client's."""
 
@@ -175,7 +175,7 @@ class BatchItem:
     digest: str
 
 
-@dataclass(frozen=True)
+@record
 class ItemStored:
     """Batch reply: this file is durable (or was complete already, with these values)."""
 
@@ -185,7 +185,7 @@ class ItemStored:
     digest: str
 
 
-@dataclass(frozen=True)
+@record
 class ItemFailed:
     """Batch reply: this file was not stored; the others are unaffected."""
 
@@ -194,50 +194,50 @@ class ItemFailed:
     message: str
 
 
-@dataclass(frozen=True)
+@record
 class BatchEnd:
     """Batch reply: every item has its line; ``count`` of them."""
 
     count: int
 
 
-@dataclass(frozen=True)
+@record
 class BatchAccepted:
     """Server decision on a batch: the items may come. Nothing goes on the wire until the results."""
 
 
-@dataclass(frozen=True)
+@record
 class BatchResults:
     """Server reply to a batch's ``DONE``: one ``ItemStored``/``ItemFailed`` per item, then ``END``."""
 
     results: tuple[ItemStored | ItemFailed, ...]
 
 
-@dataclass(frozen=True)
+@record
 class Data:
     """Body bytes, in order. ``data`` may be a memoryview into the received chunk."""
 
     data: bytes | memoryview
 
 
-@dataclass(frozen=True)
+@record
 class BodyComplete:
     """Every announced body byte has arrived (upload: at the server; download: at the client)."""
 
 
-@dataclass(frozen=True)
+@record
 class Done:
     """Versioned upload trailer: the client has sent everything; ``digest`` is its own, if given."""
 
     digest: str | None
 
 
-@dataclass(frozen=True)
+@record
 class EndOfStream:
     """The peer closed its side. Whether that completes anything depends on the state."""
 
 
-@dataclass(frozen=True)
+@record
 class ProtocolError:
     """The peer broke the protocol. For a server: reply ``error_line`` and close."""
 
@@ -245,14 +245,14 @@ class ProtocolError:
     message: str
 
 
-@dataclass(frozen=True)
+@record
 class Offset:
     """Server reply to PUT: it holds ``offset`` bytes durably; send the rest."""
 
     offset: int
 
 
-@dataclass(frozen=True)
+@record
 class RangeOffset:
     """Server reply to PUTR: it holds this range durably up to ``offset`` (send from there to the
     range's end); ``durable`` lists every range of the file it holds durably, ascending."""
@@ -261,7 +261,7 @@ class RangeOffset:
     durable: tuple[tuple[int, int], ...] = ()
 
 
-@dataclass(frozen=True)
+@record
 class RangeStored:
     """Server reply to a ranged upload's DONE when the file is not complete yet: the range
     ``[start, end)`` is durable (fsync'd and recorded); other ranges are still missing."""
@@ -270,7 +270,7 @@ class RangeStored:
     end: int
 
 
-@dataclass(frozen=True)
+@record
 class Stored:
     """Server reply to DONE: the file is durable (fsync'd, renamed, recorded)."""
 
@@ -279,7 +279,7 @@ class Stored:
     digest: str
 
 
-@dataclass(frozen=True)
+@record
 class DownloadStart:
     """Server reply to GET: ``size - offset`` bytes follow."""
 
@@ -289,12 +289,12 @@ class DownloadStart:
     digest: str
 
 
-@dataclass(frozen=True)
+@record
 class Aborted:
     """Server reply to ABORT: the partial is gone."""
 
 
-@dataclass(frozen=True)
+@record
 class ServerError:
     """The server refused or failed; it closes the connection after this line."""
 

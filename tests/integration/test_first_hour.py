@@ -471,7 +471,7 @@ def test_docs_name_every_limit_and_the_package_metadata_is_current():
     """docs/deploy.md's table and docs/api.md's /v1/info example list every limit; pyproject's
     license is an SPDX string (setuptools >= 77: no deprecation warning at install)."""
     import tomllib
-    from dataclasses import asdict
+    from filedock.record import asdict
 
     from filedock.config import Limits
 

@@ -15,7 +15,7 @@ import time
 import types
 import uuid
 from contextlib import closing
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from http.client import HTTPConnection, HTTPMessage
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.web.server import Site
 
 import filedock
+from filedock import record
 from filedock.config import Limits
 from filedock.server.api import BoundedBody, ControlAPI, access_log_line, hide_keys
 from filedock.store.blobs import BlobStore
@@ -159,7 +160,7 @@ def test_info_merges_the_service_facts(server):
     """GET /v1/info: version, digest scheme, every limit and what info() adds."""
     r = server.call("GET", "/v1/info")
     assert r.status == 200
-    assert r.body == {"version": filedock.__version__, "digest": "blake3-4m", "limits": asdict(LIMITS),
+    assert r.body == {"version": filedock.__version__, "digest": "blake3-4m", "limits": record.asdict(LIMITS),
                       "data_port": {"host": "127.0.0.1", "port": 7481, "tls": False}}
     assert r.headers["Cache-Control"] == "no-store"
 

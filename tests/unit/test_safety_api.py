@@ -114,7 +114,7 @@ def test_client_gone_while_its_token_is_checked(make_server, token, how):
     """The hardened site checks a token before reading the body; a client that leaves meanwhile (or
     whose connection is dropped to make room for a new one) leaves no error behind, and the server
     answers the next request."""
-    import dataclasses
+    from filedock import record
     import socket
     import time
 
@@ -126,7 +126,7 @@ def test_client_gone_while_its_token_is_checked(make_server, token, how):
     globalLogPublisher.addObserver(events.append)
     try:
         gated: list[SlowTokenStore] = []
-        limits = dataclasses.replace(LIMITS, max_api_connections=1 if how != "closes" else 1024)
+        limits = record.replace(LIMITS, max_api_connections=1 if how != "closes" else 1024)
         server: Server = make_server(hardened=True, limits=limits,
                                      wrap=lambda inner: gated.append(SlowTokenStore(inner)) or gated[0])
         port = server.port.getHost().port

@@ -17,7 +17,6 @@ downloads are read in 1 MiB pieces and handled before the next read.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import errno
 import functools
 import logging
@@ -32,7 +31,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
-from filedock import durability, wire
+from filedock import durability, record, wire
 from filedock.client import http11
 from filedock.client.model import (DURABLE, SENT, VERIFIED, Cancelled, DownloadResult, Outcome, ProgressCallback,
                                    RetryPolicy, SourceStamp, SourceWatch, UploadResult)
@@ -728,7 +727,7 @@ class DataPortClient:
                                                    source)
                         finally:
                             ranged.close_spare()
-                        return dataclasses.replace(result, streams=ranged.detail())
+                        return record.replace(result, streams=ranged.detail())
                     return self._upload(session_key, file_key, f, size, name, local, report, cancel, source)
                 finally:
                     local.stop()

@@ -16,12 +16,12 @@ import json
 import os
 import sys
 import threading
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 from filedock.client.model import SENT, VERIFIED, Cancelled, TransferResult
 from filedock.errors import ErrorCode, FiledockError
+from filedock.record import record
 
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
@@ -29,7 +29,7 @@ EXIT_INTERRUPTED = 130
 RESUME_HINT = "cancelled: the server keeps what it received; run the same command again to resume"
 
 
-@dataclass(frozen=True)
+@record
 class CliServices:
     """What these commands take from the CLI around them. ``filedock.cli`` passes them in, so this
     module never imports it (the two used to import each other)."""

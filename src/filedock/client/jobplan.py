@@ -14,12 +14,12 @@ import errno
 import os
 import re
 import stat
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from filedock.client.model import DURABLE, SENT, VERIFIED, Outcome, SourceStamp, UploadResult
 from filedock.errors import ErrorCode, FiledockError
+from filedock.record import field, record
 from filedock.wire import format_crc
 
 JobProgress = Callable[[str, str, int, int], None]
@@ -28,7 +28,7 @@ JobProgress = Callable[[str, str, int, int], None]
 DECLARE_BATCH = 1000
 """Most files declared in one API request (the API's own limit)."""
 
-@dataclass(frozen=True)
+@record
 class LocalFile:
     """A file to upload: where it is here, what it is called in the job, how big it is, and its
     ``SourceStamp`` when found (the upload checks the file is still that version before committing)."""
@@ -39,7 +39,7 @@ class LocalFile:
     stamp: SourceStamp | None = field(default=None, compare=False)
 
 
-@dataclass(frozen=True)
+@record
 class PlannedFile:
     """A local file matched to its declared file on the server, as the server saw it when planned.
 
@@ -55,7 +55,7 @@ class PlannedFile:
     conflict: str | None = None
 
 
-@dataclass(frozen=True)
+@record
 class UploadPlan:
     """A resolved job and the files to put into it, in order."""
 
@@ -251,7 +251,7 @@ def batch_units(sizes: list[int], limits: dict[str, Any], parallel: int = 1) -> 
     return sorted(units, key=lambda unit: unit[0])  # in the order the files were given, as far as can be
 
 
-@dataclass(frozen=True)
+@record
 class Verify:
     """The server holds file ``index`` complete: hash the local file and compare (``compare_complete``),
     then feed the result to ``JobPlan.verified``."""
@@ -259,7 +259,7 @@ class Verify:
     index: int
 
 
-@dataclass(frozen=True)
+@record
 class Reported:
     """File ``index`` has its result already (a conflict): tell the caller's ``on_result``."""
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import enum
 import os
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from filedock.client.retry import MAX_BACKOFF, RetryPolicy  # noqa: F401  (public here since before retry.py)
 from filedock.errors import ErrorCode, FiledockError, RefusedByServer, RemoteProtocolError
+from filedock.record import record
 from filedock.wire import ItemFailed, ItemStored, format_crc
 
 # Progress stages, reported in this order for every file.
@@ -22,7 +22,7 @@ ProgressCallback = Callable[[str, int, int], None]
 """``progress(stage, done_bytes, total_bytes)``."""
 
 
-@dataclass(frozen=True)
+@record
 class SourceStamp:
     """Which version of a local file is being sent: size, modification time, inode and device.
 
@@ -124,7 +124,7 @@ class Outcome(str, enum.Enum):
             return cls.FAILED
 
 
-@dataclass
+@record(frozen=False)
 class TransferResult:
     """What became of one file moved through a filedock server.
 

@@ -10,10 +10,10 @@ transfer and answers each failure with an action: ``Sleep`` (then reconnect) or
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 
 from filedock.errors import (ErrorCode, FiledockError, LocalFileError, LocalProtocolError, RefusedByServer,
                              RemoteProtocolError, TransportFailure)
+from filedock.record import record
 
 MAX_BACKOFF = 30.0
 """Longest wait between two attempts, in seconds."""
@@ -35,7 +35,7 @@ RETRY_STATUSES = frozenset({500, 502, 503, 504})
 """Control-API HTTP statuses a later attempt may cure (``507 no-space`` is not one: it needs a person)."""
 
 
-@dataclass(frozen=True)
+@record
 class RetryPolicy:
     """How a client rides through drops and restarts: ``attempts`` failures in a row before it gives
     up, waiting a jittered exponential backoff (``backoff`` seconds, doubling, at most ``MAX_BACKOFF``)
@@ -71,14 +71,14 @@ class RetryPolicy:
         return False
 
 
-@dataclass(frozen=True)
+@record
 class Sleep:
     """Action: wait ``seconds``, then open a new connection."""
 
     seconds: float
 
 
-@dataclass(frozen=True)
+@record
 class GiveUp:
     """Action: the transfer fails with ``error``."""
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import struct
 from collections import deque
-from dataclasses import dataclass
 
 from filedock.client.ranges import missing
 from filedock.errors import ErrorCode, FiledockError, RefusedByServer
+from filedock.record import record
 from filedock.wire import RANGE_ALIGN, Stored
 
 MiB = 1 << 20
@@ -204,7 +204,7 @@ def best_split(sending: list[tuple[int, int]]) -> tuple[int, int] | None:
     return best
 
 
-@dataclass(frozen=True)
+@record
 class ControllerTiming:
     """How long ``StreamController`` lets a change settle (new streams leave slow start) and how long
     it then measures, in seconds: each at least its floor, and a number of round trips."""

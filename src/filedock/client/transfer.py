@@ -13,7 +13,6 @@ clock or a thread: the blocking client (``blocking.py``) and the Twisted client
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 from filedock import wire
@@ -21,19 +20,20 @@ from filedock.client.model import (DownloadResult, Outcome, SourceStamp, UploadR
                                    changed_during_upload)
 from filedock.client.retry import RETRYABLE_REFUSALS, GiveUp, RetryBudget, RetryPolicy, Sleep
 from filedock.errors import ErrorCode, FiledockError, RefusedByServer, RemoteProtocolError, TransportFailure
+from filedock.record import record
 
 __all__ = ["Connect", "SendBody", "SendDone", "AwaitDigest", "QueryStored", "DropPartial", "Restart", "Sleep",
            "Finish", "Fail", "UploadAttempt", "DownloadAttempt", "BatchAttempt", "reply_error"]
 
 
-@dataclass(frozen=True)
+@record
 class Connect:
     """Open a new connection and send the request (for a download: from ``offset``)."""
 
     offset: int = 0
 
 
-@dataclass(frozen=True)
+@record
 class SendBody:
     """Send ``count`` bytes of the file from ``offset``; report each piece with ``body_sent``."""
 
@@ -41,20 +41,20 @@ class SendBody:
     count: int
 
 
-@dataclass(frozen=True)
+@record
 class SendDone:
     """Check the local file is still the version declared, then send ``DONE <digest>``."""
 
     digest: str
 
 
-@dataclass(frozen=True)
+@record
 class AwaitDigest:
     """The body is out, the local digest is not: close the connection (the server checkpoints what it
     got), wait for the digest, then ``Connect`` (the server then says ``OFFSET <size>``)."""
 
 
-@dataclass(frozen=True)
+@record
 class QueryStored:
     """The server holds the file complete already: ask its values (a ``GET`` of zero bytes at ``size``)
     and feed them to ``stored``."""
@@ -62,7 +62,7 @@ class QueryStored:
     size: int
 
 
-@dataclass(frozen=True)
+@record
 class DropPartial:
     """The partial may mix two versions of the local file: ``ABORT`` it (best effort), then fail with
     ``error``."""
@@ -70,19 +70,19 @@ class DropPartial:
     error: FiledockError
 
 
-@dataclass(frozen=True)
+@record
 class Restart:
     """A download's partial is not a prefix of the server's file: empty it, then ``Connect`` from 0."""
 
 
-@dataclass(frozen=True)
+@record
 class Finish:
     """The transfer is complete and verified."""
 
     result: UploadResult | DownloadResult
 
 
-@dataclass(frozen=True)
+@record
 class Fail:
     """The transfer fails with ``error``; ``discard``: the local partial is wrong, delete it."""
 

@@ -23,7 +23,7 @@ import re
 import secrets
 import time
 import unicodedata
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import parse_qs, quote, unquote_to_bytes
@@ -35,6 +35,7 @@ from twisted.web import http, resource, server
 from twisted.web.iweb import IRequest
 
 import filedock
+from filedock import record
 from filedock.config import Limits
 from filedock.digest import SCHEME
 from filedock.errors import ErrorCode, FiledockError, short_key
@@ -629,7 +630,7 @@ class ControlAPI:
     # ------------------------------------------------------------ info and jobs
 
     def _get_info(self, _body: None) -> tuple[int, dict[str, Any]]:
-        base = {"version": filedock.__version__, "digest": SCHEME, "limits": asdict(self.limits)}
+        base = {"version": filedock.__version__, "digest": SCHEME, "limits": record.asdict(self.limits)}
         return 200, {**base, **self.info()}
 
     @defer.inlineCallbacks
