@@ -62,7 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
                                        "case 1 variants: " + ", ".join(upload.VARIANTS) +
                                        ". (b) 'raw' always runs: every ratio is against it.")
     p.add_argument("--size", default="1G", help="bytes per upload in cases 1, 3, 4 and 6 (K/M/G suffixes; default 1G)")
-    p.add_argument("--runs", type=int, default=3, help="interleaved runs per figure; the median is reported")
+    p.add_argument("--runs", type=int, default=None, help="interleaved runs per figure; the median is reported (default 3)")
+    p.add_argument("--upload-runs", type=int, default=None,
+                   help="interleaved runs per figure of case 1 (default: --runs if given, else 5: its rows are ratios "
+                        "of one another, and one run of a row spreads +-15%% on a shared machine; five cost ~1 min "
+                        "more than three)")
     p.add_argument("--rss-size", default="4G", help="upload size for the memory case (default 4G)")
     p.add_argument("--wan-size", default="64M",
                    help="upload size on the emulated clean 100 ms link in case 7 (default 64M, to keep the case "
@@ -88,12 +92,15 @@ def main(argv: list[str] | None = None) -> int:
         wan_baseline_size = parse_size(args.wan_baseline_size)
     except ValueError as exc:
         raise SystemExit(f"run.py: {exc}")
-    if args.runs < 1:
-        raise SystemExit("run.py: --runs must be at least 1")
+    upload_runs = args.upload_runs if args.upload_runs is not None else args.runs if args.runs is not None else 5
+    args.runs, args.upload_runs = (args.runs if args.runs is not None else 3), upload_runs
+    if args.runs < 1 or upload_runs < 1:
+        raise SystemExit("run.py: --runs and --upload-runs must be at least 1")
     cases, variants = parse_only(args.only)
     started, load_before = time.time(), _load()
     t0 = time.monotonic()
-    say(f"filedock benchmarks: --size {human_size(size)} --runs {args.runs} --rss-size {human_size(rss_size)}; "
+    say(f"filedock benchmarks: --size {human_size(size)} --runs {args.runs} (case 1: {upload_runs}) "
+        f"--rss-size {human_size(rss_size)}; "
         f"cases {', '.join(sorted(cases, key=CASES.get))}; load average {load_before}")
     if cases & {"upload", "small-files"} or variants & {"rsync", "socat"}:
         ensure_tools()
@@ -101,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     figures: list[Figure] = []
     timings: dict[str, float] = {}
     # (b) is the reference for every ratio, so case 1 runs (with (b) alone at least) whatever was chosen
-    for name, run in (("upload", lambda: upload.run(size, args.runs, variants if "upload" in cases else set())),
+    for name, run in (("upload", lambda: upload.run(size, upload_runs, variants if "upload" in cases else set())),
                       ("rss", lambda: memory.run(rss_size)),
                       ("concurrency", lambda: concurrency.run(size, args.runs)),
                       ("resume", lambda: resume.run(size, args.runs)),
@@ -119,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = _meta(args, size, rss_size, started, load_before, time.monotonic() - t0, timings)
     out = write_all(args.out, figures, meta)
     _remove_empty(WORK)
-    print(f"\nfiledock benchmarks, --size {args.size} --runs {args.runs}: "
+    print(f"\nfiledock benchmarks, --size {args.size} --runs {args.runs} (case 1: {args.upload_runs}): "
           f"MB/s (10^6 B/s), medians of interleaved runs; ratios against (b) from this run\n")
     print(markdown_table(figures))
     written = ", ".join(n for n in ("results.json", "results.md", "concurrency.png") if (out / n).exists())
@@ -151,7 +158,7 @@ def _meta(args, size, rss_size, started, load_before, seconds, timings) -> dict:
 
     return {
         "started": time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(started)),
-        "args": {"size": args.size, "size_bytes": size, "runs": args.runs, "rss_size": args.rss_size,
+        "args": {"size": args.size, "size_bytes": size, "runs": args.runs, "upload_runs": args.upload_runs, "rss_size": args.rss_size,
                  "rss_size_bytes": rss_size, "wan_size": args.wan_size, "wan_lossy_size": args.wan_lossy_size,
                  "wan_baseline_size": args.wan_baseline_size, "wan_tools_size": args.wan_tools_size,
                  "only": args.only},

@@ -89,7 +89,8 @@ def _markdown_page(figures: list[Figure], meta: dict[str, Any]) -> str:
     head = [
         "# filedock benchmark results", "",
         f"{meta['started']} on {meta['host']['cpus']} CPUs, {meta['host']['kernel']}; "
-        f"`--size {meta['args']['size']} --runs {meta['args']['runs']} --rss-size {meta['args']['rss_size']}`"
+        f"`--size {meta['args']['size']} --runs {meta['args']['runs']} "
+        f"--upload-runs {meta['args'].get('upload_runs', meta['args']['runs'])} --rss-size {meta['args']['rss_size']}`"
         f"{' --only ' + meta['args']['only'] if meta['args']['only'] else ''}; "
         f"load average {meta['load_before']} before, {meta['load_after']} after; {meta['seconds']:.0f} s in all.", "",
         "MB/s are 10^6 bytes per second, each the median of interleaved runs; ratios are against (b) "
