@@ -98,11 +98,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from twisted.internet import reactor
 
     from filedock.logs import start_logging
+    from filedock.server import allocator
     from filedock.server.service import FiledockServer, ServerOptions, first_run_token, write_ready_file
 
     limits = Limits().with_overrides(args.limit or [])
     metadata = metadata_url(args)
     start_logging(args.log_format)
+    tuned = allocator.tune()  # before the first upload's reads (see server/allocator.py)
+    if tuned:
+        from twisted.logger import Logger
+        Logger(namespace="filedock.server").info(
+            "allocator: {settings}", settings=" ".join(f"{k}={v}" for k, v in tuned.items()))
     # first: the data dir's lock (a second server must not touch the first one's tokens)
     try:
         server = FiledockServer(ServerOptions(args.data_dir, args.api_listen, args.data_listen,
