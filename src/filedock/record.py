@@ -50,12 +50,11 @@ def field(*, default: Any = _MISSING, factory: Callable[[], Any] | None = None, 
 class _Spec:
     """The field table one class's shared methods read."""
 
-    __slots__ = ("names", "index", "defaults", "factories", "compared", "frozen")
+    __slots__ = ("names", "index", "defaults", "factories", "compared")
 
     def __init__(self, names: tuple[str, ...], defaults: dict[str, Any], factories: dict[str, Callable[[], Any]],
-                 compared: tuple[str, ...], frozen: bool) -> None:
-        self.names, self.defaults, self.factories, self.compared, self.frozen = (names, defaults, factories,
-                                                                                 compared, frozen)
+                 compared: tuple[str, ...]) -> None:
+        self.names, self.defaults, self.factories, self.compared = names, defaults, factories, compared
         self.index = {name: i for i, name in enumerate(names)}
 
 
@@ -160,7 +159,7 @@ def _make(cls: type, frozen: bool) -> type:
             seen_default = name
         elif seen_default is not None:
             raise TypeError(f"{cls.__name__}: field {name!r} without a default follows {seen_default!r} with one")
-    cls.__record__ = _Spec(tuple(names), defaults, factories, tuple(n for n in names if n not in uncompared), frozen)
+    cls.__record__ = _Spec(tuple(names), defaults, factories, tuple(n for n in names if n not in uncompared))
     own = cls.__dict__
     methods: dict[str, Any] = {"__init__": _init, "__repr__": _repr, "__eq__": _eq}
     if frozen:
